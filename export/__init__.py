@@ -1,0 +1,1 @@
+"""PyTorch → ONNX. Importing this package is cheap: torch is imported by the submodules that need it."""

@@ -1,0 +1,146 @@
+"""Seeded random SANA-Sprint checkpoints in the real diffusers layout, and the real loading path.
+
+`make_checkpoint(out, arch, seed)` writes model_index.json, scheduler/, text_encoder/, tokenizer/,
+transformer/ and vae/ exactly as `SanaSprintPipeline.save_pretrained` does, so everything downstream
+loads them through `from_pretrained`, the same call that loads a released checkpoint or a hub id.
+
+Architectures: `tiny` (seconds to export and run; the test and demo default) and the released
+`0.6B` / `1.6B` transformers with Gemma2-2B and DC-AE f32c32 (random weights, for scale work). The
+text encoders use the offline tokenizer's small vocabulary instead of Gemma's 256000 rows: the
+embedding is a gather whose cost does not depend on the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from sprintrt.errors import InvalidInputError, ModelLoadError
+
+ARCHS = ("tiny", "0.6B", "1.6B")
+
+# The sprint flags shared by every architecture (spec §6.2).
+_SPRINT_TRANSFORMER = dict(
+    in_channels=32, out_channels=32, mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1,
+    norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None, qk_norm="rms_norm_across_heads",
+    guidance_embeds=True, guidance_embeds_scale=0.1, timestep_scale=1.0,
+)
+
+_TINY_TRANSFORMER = dict(
+    _SPRINT_TRANSFORMER, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+    num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+)
+
+# Same block structure as DC-AE f32c32 (six stages, so a 32x upsampling; ResBlocks then EfficientViT
+# blocks), with narrow channels and one layer per stage. The last stage keeps 32 channels = the
+# latent channels: the decoder's in-shortcut repeats latent channels (width / 32) times.
+_TINY_VAE = dict(
+    in_channels=3, latent_channels=32, attention_head_dim=8,
+    encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    encoder_block_out_channels=[8, 8, 16, 16, 32, 32], decoder_block_out_channels=[8, 8, 16, 16, 32, 32],
+    encoder_layers_per_block=[1] * 6, decoder_layers_per_block=[1] * 6,
+    encoder_qkv_multiscales=[[], [], [], [5], [5], [5]], decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+    upsample_block_type="interpolate", downsample_block_type="Conv",
+    decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+)
+
+_TINY_GEMMA = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=8192, sliding_window=4096,
+    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rms_norm_eps=1e-6, rope_theta=10000.0,
+    hidden_activation="gelu_pytorch_tanh",
+)
+
+
+def real_configs() -> dict:
+    """The released architectures, shipped in export/data/real_configs.json."""
+    text = resources.files("sprintrt.export").joinpath("data/real_configs.json").read_text()
+    return {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in json.loads(text).items()
+            if not k.startswith("_")}
+
+
+def arch_configs(arch: str) -> dict:
+    """Configs (transformer, vae, text_encoder) of an architecture name."""
+    if arch not in ARCHS:
+        raise InvalidInputError(f"arch={arch!r} is not known: expected one of {ARCHS}. Fix: pass --arch tiny, 0.6B or 1.6B")
+    if arch == "tiny":
+        return {"transformer": dict(_TINY_TRANSFORMER), "vae": dict(_TINY_VAE), "text_encoder": dict(_TINY_GEMMA)}
+    real = real_configs()
+    gemma = {k: v for k, v in real["text_encoder_gemma2_2b"].items() if k not in ("vocab_size", "attn_implementation")}
+    return {"transformer": dict(_SPRINT_TRANSFORMER, **real[f"transformer_{arch}"]),
+            "vae": dict(real["vae_dc_ae_f32c32_sana_1_1"]), "text_encoder": gemma}
+
+
+def make_checkpoint(out: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
+    """Write a seeded random checkpoint of `arch` to `out` in the diffusers layout. Returns `out`.
+
+    Args:
+        out: target directory; it must not hold a checkpoint already (nothing is overwritten).
+        arch: "tiny", "0.6B" or "1.6B".
+        seed: torch seed; the same seed gives the same weights.
+    """
+    import torch
+    from diffusers import AutoencoderDC, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+    from transformers import Gemma2Config, Gemma2Model
+
+    from sprintrt.export.tokenizer import build_tokenizer
+
+    cfg = arch_configs(arch)
+    out = Path(out)
+    if (out / "model_index.json").exists():
+        raise InvalidInputError(f"out={str(out)!r} already holds a checkpoint. Fix: choose an empty directory or delete it first")
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(**cfg["transformer"]).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderDC(**cfg["vae"]).eval()
+    torch.manual_seed(seed + 2)
+    gemma_cfg = Gemma2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **cfg["text_encoder"])
+    gemma_cfg._attn_implementation = "eager"  # soft-capping lives only in eager attention (spec §9.3)
+    text_encoder = Gemma2Model(gemma_cfg).eval()
+    _widen_random_init(text_encoder, transformer, seed)
+    scheduler = SCMScheduler(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
+    pipe = SanaSprintPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                              transformer=transformer, scheduler=scheduler)
+    tmp = out.with_name(out.name + ".partial")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)  # a crash mid-write leaves only the .partial directory, never a half checkpoint
+    return out
+
+
+def _widen_random_init(text_encoder, transformer, seed: int) -> None:
+    """Give the random weights real-model magnitudes so parity tests see non-trivial activations.
+
+    Default inits leave Gemma2's RMSNorm weights at 0 (scale 1+w = 1) and SANA's zero-initialised
+    output layers at exactly 0, which would make the transformer output constant and hide errors.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for module in (text_encoder, transformer):
+            for name, p in module.named_parameters():
+                if p.abs().max() == 0 or name.endswith("norm.weight"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (0.0 if p.abs().max() == 0 else p))
+
+
+def load_pipeline(model: str | Path, torch_dtype=None):
+    """Load SanaSprintPipeline through the real from_pretrained path (local dir or hub id)."""
+    import torch
+    from diffusers import SanaSprintPipeline
+
+    try:
+        pipe = SanaSprintPipeline.from_pretrained(str(model), torch_dtype=torch_dtype or torch.float32)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(
+            f"cannot load a SANA-Sprint checkpoint from {str(model)!r}: {e}. Fix: pass a diffusers checkpoint "
+            "directory (with model_index.json) or a hub id, or make one with `sprintrt make-checkpoint`") from e
+    # Gemma2 must run eager attention: SDPA drops the logit soft-capping (spec §9.3).
+    pipe.text_encoder.config._attn_implementation = "eager"
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

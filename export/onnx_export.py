@@ -1,0 +1,227 @@
+"""Export the three SANA-Sprint networks of a checkpoint to ONNX, each validated against PyTorch.
+
+`export_model(model, out_dir)` writes text_encoder.onnx, transformer.onnx, vae_decoder.onnx (with
+`<name>.onnx.data` external data when a graph's weights pass 2 GB), the tokenizer, and
+export_info.json: the model's identity, the numbers that fix its I/O shapes (ModelDims), the
+pipeline constants the runtime needs, and the validation records.
+
+Exporter choices, each guarded by a regression test in tests/export/test_exporter_traps.py:
+- the dynamo exporter (the legacy TorchScript exporter writes negative Transpose perms in the
+  DC-AE decoder, which ONNX Runtime rejects);
+- cross-attention runs BroadcastMaskSanaAttnProcessor (the dynamo exporter fails on diffusers'
+  per-head mask `.view`);
+- `optimize=False`, then Polygraphy's constant folding (`optimize=True` deletes the `+1e-15` of the
+  linear attention's normaliser and the graph silently yields NaN where a column of keys is all zero).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from sprintrt.errors import InvalidInputError, ModelLoadError
+from sprintrt.export import specs as S
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a model over 2 GB; leave headroom
+EXPORT_INFO = "export_info.json"
+
+
+def onnx_filename(component: str) -> str:
+    return f"{component}.onnx"
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id downloaded into the Hugging Face cache."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{str(path)!r} has no model_index.json. Fix: pass the root of a diffusers "
+                                 "SanaSprintPipeline checkpoint, or make one with `sprintrt make-checkpoint`")
+        return path
+    if path.exists() or str(model).count("/") != 1:
+        raise ModelLoadError(f"model={str(model)!r} is neither a checkpoint directory nor a hub id like "
+                             "'Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers'. Fix: check the path")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as e:  # network, auth, missing repo: all mean the same to the user
+        raise ModelLoadError(f"cannot download {str(model)!r} from the hub: {e}. Fix: download it where the hub is "
+                             "reachable and pass the local directory") from e
+
+
+def model_identity(path: Path) -> str:
+    """sha256 over every config and weight file of a checkpoint: equal iff the model is the same."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".model", ".txt")):
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_dims(pipe) -> S.ModelDims:
+    n_chi = len(pipe.tokenizer.encode("\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
+    return S.ModelDims(
+        vocab_size=int(pipe.text_encoder.config.vocab_size),
+        text_hidden=int(pipe.text_encoder.config.hidden_size),
+        latent_channels=int(pipe.transformer.config.in_channels),
+        vae_scale_factor=int(pipe.vae_scale_factor),
+        text_len_max=max(n_chi + S.MAX_SEQUENCE_LENGTH_LIMIT - 2, S.MAX_SEQUENCE_LENGTH_LIMIT),
+    )
+
+
+def pipeline_constants(pipe) -> dict:
+    """The scalars of the checkpoint's configs that the NumPy runtime needs (spec §3-§5)."""
+    return {
+        "sigma_data": float(pipe.scheduler.config.sigma_data),
+        "guidance_embeds_scale": float(pipe.transformer.config.guidance_embeds_scale),
+        "sample_size": int(pipe.transformer.config.sample_size),
+        "latent_channels": int(pipe.transformer.config.in_channels),
+        "vae_scale_factor": int(pipe.vae_scale_factor),
+        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+    }
+
+
+def wrapper_for(pipe, component: str):
+    from sprintrt.export.wrappers import TextEncoderWrapper, TransformerWrapper, VaeDecoderWrapper
+
+    module = {S.TEXT_ENCODER: lambda: TextEncoderWrapper(pipe.text_encoder),
+              S.TRANSFORMER: lambda: TransformerWrapper(pipe.transformer),
+              S.VAE_DECODER: lambda: VaeDecoderWrapper(pipe.vae)}[component]()
+    return module.eval()
+
+
+def trace_to_onnx(module, spec: S.ComponentSpec):
+    """torch module → onnx.ModelProto with the spec's names and dynamic axes, constants folded."""
+    import torch
+    from polygraphy.backend.onnx import fold_constants
+
+    feeds = spec.sample_inputs(spec.sizes("sample"))
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    dims = {n: torch.export.Dim(n, min=d.min, max=d.max) for n, d in spec.dims().items()}
+    dynamic = tuple({axis: dims[d.name] for axis, d in enumerate(t.dims) if isinstance(d, S.Dim)} for t in spec.inputs)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, args, dynamic_shapes=dynamic, dynamo=True, optimize=False, opset_version=OPSET,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs], verbose=False)
+    proto = program.model_proto
+    del program
+    typed_list_constants(proto)
+    # Folding runs on the proto; for graphs over 2 GB polygraphy falls back to its path-based helpers.
+    return fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
+
+
+def typed_list_constants(proto) -> int:
+    """Rewrite `Constant(value_ints=[...])` / `value_floats` as typed tensors, in place. Returns the count.
+
+    onnx-graphsurgeon reads an *empty* value_ints list as a float64 array, so constant folding turns
+    the empty shape of `torch.zeros([])` into a double tensor feeding Expand, which ORT rejects.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    kinds = {"value_ints": np.int64, "value_floats": np.float32}
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name not in kinds:
+            continue
+        attr = node.attribute[0]
+        values = np.array(helper.get_attribute_value(attr), dtype=kinds[attr.name])
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(values)))
+        count += 1
+    return count
+
+
+def save_onnx(proto, path: Path) -> None:
+    """Save, with external data `<name>.onnx.data` when the weights would overflow protobuf."""
+    import onnx
+
+    weight_bytes = sum(len(init.raw_data) for init in proto.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def export_component(pipe, component: str, out_dir: Path, dims: S.ModelDims, validate: bool = True) -> dict:
+    """Export one component to out_dir/<component>.onnx and validate it. Returns its export record."""
+    from sprintrt.export.validate import validate_onnx
+
+    spec = S.SPEC_BUILDERS[component](dims)
+    module = wrapper_for(pipe, component)
+    t0 = time.perf_counter()
+    proto = trace_to_onnx(module, spec)
+    path = out_dir / onnx_filename(component)
+    save_onnx(proto, path)
+    del proto
+    seconds = time.perf_counter() - t0
+    records = validate_onnx(path, module, spec) if validate else []
+    return {"file": path.name, "export_seconds": round(seconds, 2), "validation": records, "spec": spec.to_json()}
+
+
+def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS, validate: bool = True,
+                 progress=None) -> Path:
+    """Export `components` of a checkpoint (dir or hub id) into out_dir. Returns out_dir.
+
+    The files are written into a temporary sibling directory and moved in place only when every
+    export passed validation, so a failure never leaves a half-written ONNX directory behind.
+    """
+    unknown = [c for c in components if c not in S.COMPONENTS]
+    if unknown or not components:
+        raise InvalidInputError(f"components={list(components)!r} is not allowed: expected a non-empty subset of "
+                                f"{list(S.COMPONENTS)}. Fix: name components from that list")
+    from sprintrt.export.checkpoint import load_pipeline
+
+    src = resolve_model(model)
+    pipe = load_pipeline(src)
+    dims = model_dims(pipe)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO).is_file():
+        raise InvalidInputError(f"out_dir={str(out_dir)!r} exists and is not an sprintrt ONNX directory. "
+                                "Fix: choose a new or empty directory (nothing there was touched)")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        info = {
+            "format": 1,
+            "model": {"source": str(model), "identity": model_identity(src)},
+            "model_dims": dims.__dict__,
+            "pipeline": pipeline_constants(pipe),
+            "opset": OPSET,
+            "versions": _versions(),
+            "components": {},
+        }
+        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+        for component in components:
+            if progress:
+                progress(component)
+            info["components"][component] = export_component(pipe, component, tmp, dims, validate)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+        if out_dir.exists():  # an earlier export of ours: replace it whole
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxscript", "polygraphy", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,284 @@
+"""One declarative spec per exported component: tensor names, dtypes and dims with named ranges.
+
+Everything shape-related is derived from these specs: the exporter's dynamic axes, the sample inputs
+used to trace, the validation shapes (always other than the trace shape), the runtime's input checks,
+TensorRT optimization profiles and the manifest's I/O description. No shape formula is written twice.
+
+Pure data: stdlib + numpy only, so the runtime can import it on a box without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import numpy as np
+
+from sprintrt.errors import InvalidInputError
+
+TEXT_ENCODER = "text_encoder"
+TRANSFORMER = "transformer"
+VAE_DECODER = "vae_decoder"
+COMPONENTS = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER)
+
+# diffusers' default complex human instruction (SanaSprintPipeline.__call__), kept here so the
+# runtime has it without diffusers. Joined with "\n" and prepended to every prompt (spec §1.2).
+DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
+    "User Prompt: ",
+)
+# The longest max_sequence_length the exported graphs and engine profiles admit.
+MAX_SEQUENCE_LENGTH_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A named dynamic axis. min/opt/max bound the engine; sample is the trace size; probes validate."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+    # Trace with a size >= 2 so the exporter cannot specialise the axis to 0/1.
+    sample: int
+    # Validation sizes: never the trace size, so a graph that baked in the trace shape fails.
+    probes: tuple[int, ...]
+
+    def __post_init__(self):
+        if not (self.min <= self.opt <= self.max and self.min <= self.sample <= self.max):
+            raise ValueError(f"Dim {self.name}: need min <= opt, sample <= max, got {self}")
+        if self.sample in self.probes or not all(self.min <= p <= self.max for p in self.probes):
+            raise ValueError(f"Dim {self.name}: probes must lie in [min, max] and differ from sample, got {self}")
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """An output axis that is a fixed multiple of an input Dim (the VAE's pixels per latent)."""
+
+    dim: Dim
+    factor: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. `values` says what a realistic sample of this tensor looks like."""
+
+    name: str
+    dtype: str
+    dims: tuple  # each an int, a Dim, or (outputs only) a Scaled
+    values: str = "normal"  # normal | token_ids | padding_mask | unit_interval | guidance
+    high: int = 0  # exclusive upper bound for token_ids
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        out = []
+        for d in self.dims:
+            if isinstance(d, Dim):
+                out.append(sizes[d.name])
+            elif isinstance(d, Scaled):
+                out.append(sizes[d.dim.name] * d.factor)
+            else:
+                out.append(int(d))
+        return tuple(out)
+
+    def dim_names(self) -> list:
+        """JSON-friendly dims: ints stay ints, dynamic axes become their names."""
+        names = []
+        for d in self.dims:
+            if isinstance(d, Dim):
+                names.append(d.name)
+            elif isinstance(d, Scaled):
+                names.append(f"{d.dim.name}*{d.factor}")
+            else:
+                names.append(int(d))
+        return names
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    notes: str = ""
+
+    # ---- derived views -------------------------------------------------------------------
+    def dims(self) -> dict[str, Dim]:
+        """Every dynamic Dim of the inputs, by name, in first-use order."""
+        found: dict[str, Dim] = {}
+        for t in self.inputs:
+            for d in t.dims:
+                if isinstance(d, Dim):
+                    found.setdefault(d.name, d)
+        return found
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def sizes(self, which: str = "sample", **overrides: int) -> dict[str, int]:
+        """A full assignment of dim sizes: 'sample', 'opt', 'min' or 'max', with overrides."""
+        sizes = {n: getattr(d, which) for n, d in self.dims().items()}
+        sizes.update(overrides)
+        return sizes
+
+    def shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape(sizes) for t in self.inputs}
+
+    def output_shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape(sizes) for t in self.outputs}
+
+    def validation_sizes(self) -> list[dict[str, int]]:
+        """Size assignments to validate an export at, none equal to the trace sizes.
+
+        The k-th assignment takes each dim's k-th probe (cycling), so every probe is used and
+        the dims vary together (batch and sequence at once, not one axis at a time)."""
+        dims = self.dims()
+        count = max(len(d.probes) for d in dims.values())
+        return [{n: d.probes[k % len(d.probes)] for n, d in dims.items()} for k in range(count)]
+
+    def sample_inputs(self, sizes: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """Realistic random inputs at the given sizes (right-padded masks, timesteps in [0, 1])."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for t in self.inputs:
+            shape = t.shape(sizes)
+            if t.values == "token_ids":
+                arr = rng.integers(0, t.high, size=shape)
+            elif t.values == "padding_mask":
+                # Right padding as the tokenizer makes it: row i keeps a random prefix of length >= 1.
+                arr = np.zeros(shape)
+                for row in range(shape[0]):
+                    arr[row, : int(rng.integers(1, shape[1] + 1))] = 1
+            elif t.values == "unit_interval":
+                arr = rng.uniform(0.0, 1.0, size=shape)
+            elif t.values == "guidance":
+                arr = rng.uniform(0.3, 0.6, size=shape)
+            else:
+                arr = rng.standard_normal(size=shape)
+            feeds[t.name] = arr.astype(t.dtype)
+        return feeds
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray], limits: Mapping[str, Dim] | None = None) -> None:
+        """Raise InvalidInputError naming the tensor, the axis and the allowed range."""
+        limits = dict(limits or self.dims())
+        seen: dict[str, int] = {}
+        for t in self.inputs:
+            if t.name not in feeds:
+                raise InvalidInputError(f"{self.name}: input '{t.name}' is missing; expected inputs {[i.name for i in self.inputs]}")
+            arr = feeds[t.name]
+            if arr.ndim != len(t.dims):
+                raise InvalidInputError(
+                    f"{self.name}: input '{t.name}' has rank {arr.ndim}, expected {len(t.dims)} with dims {t.dim_names()}")
+            if np.dtype(arr.dtype) != np.dtype(t.dtype):
+                raise InvalidInputError(f"{self.name}: input '{t.name}' has dtype {arr.dtype}, expected {t.dtype}")
+            for axis, (d, size) in enumerate(zip(t.dims, arr.shape)):
+                if isinstance(d, Dim):
+                    lim = limits[d.name]
+                    if not lim.min <= size <= lim.max:
+                        raise InvalidInputError(
+                            f"{self.name}: input '{t.name}' axis {axis} ({d.name}) is {size}, allowed range is "
+                            f"[{lim.min}, {lim.max}]. Fix: stay inside the engine's profile or rebuild it with a wider one.")
+                    if seen.setdefault(d.name, size) != size:
+                        raise InvalidInputError(
+                            f"{self.name}: {d.name} is {seen[d.name]} in one input and {size} in '{t.name}'; they must agree")
+                elif size != d:
+                    raise InvalidInputError(f"{self.name}: input '{t.name}' axis {axis} is {size}, expected {d}")
+
+    def to_json(self) -> dict:
+        def tensor(t: TensorSpec) -> dict:
+            return {"name": t.name, "dtype": t.dtype, "dims": t.dim_names()}
+
+        return {
+            "name": self.name,
+            "inputs": [tensor(t) for t in self.inputs],
+            "outputs": [tensor(t) for t in self.outputs],
+            "dims": {n: {k: v for k, v in asdict(d).items() if k != "name"} for n, d in self.dims().items()},
+        }
+
+
+# ---- the model facts a spec depends on ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The few numbers of a checkpoint that fix its I/O shapes (read from its configs)."""
+
+    vocab_size: int
+    text_hidden: int  # Gemma2 hidden size == transformer caption_channels
+    latent_channels: int
+    vae_scale_factor: int
+    text_len_max: int  # longest tokenized text: CHI tokens + MAX_SEQUENCE_LENGTH_LIMIT - 2
+    max_sequence_length: int = 300
+    max_batch: int = 8
+    latent_min: int = 4
+    latent_max: int = 128  # 4096 px at f32: covers every ASPECT_RATIO_1024_BIN entry (max 2048 px)
+
+
+def _batch(m: ModelDims) -> Dim:
+    return Dim("batch", 1, 1, m.max_batch, sample=2, probes=(1, 3))
+
+
+def _latent(m: ModelDims, name: str, sample: int, probes: tuple[int, ...]) -> Dim:
+    return Dim(name, m.latent_min, 32, m.latent_max, sample=sample, probes=probes)
+
+
+def text_encoder_spec(m: ModelDims) -> ComponentSpec:
+    seq = Dim("text_len", 1, min(300, m.text_len_max), m.text_len_max, sample=16, probes=(7, 37))
+    b = _batch(m)
+    return ComponentSpec(
+        TEXT_ENCODER,
+        inputs=(
+            TensorSpec("input_ids", "int64", (b, seq), values="token_ids", high=m.vocab_size),
+            TensorSpec("attention_mask", "int64", (b, seq), values="padding_mask"),
+        ),
+        outputs=(TensorSpec("last_hidden_state", "float32", (b, seq, m.text_hidden)),),
+        notes="Gemma2Model decoder, eager attention (keeps logit soft-capping); output is after the final RMSNorm.",
+    )
+
+
+def transformer_spec(m: ModelDims) -> ComponentSpec:
+    b = _batch(m)
+    seq = Dim("text_seq", 1, m.max_sequence_length, MAX_SEQUENCE_LENGTH_LIMIT, sample=16, probes=(5, 33))
+    h = _latent(m, "latent_height", sample=8, probes=(5, 12))
+    w = _latent(m, "latent_width", sample=6, probes=(9, 4))
+    return ComponentSpec(
+        TRANSFORMER,
+        inputs=(
+            TensorSpec("hidden_states", "float32", (b, m.latent_channels, h, w)),
+            TensorSpec("encoder_hidden_states", "float32", (b, seq, m.text_hidden)),
+            TensorSpec("encoder_attention_mask", "int64", (b, seq), values="padding_mask"),
+            TensorSpec("timestep", "float32", (b,), values="unit_interval"),
+            TensorSpec("guidance", "float32", (b,), values="guidance"),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", (b, m.latent_channels, h, w)),),
+        notes="SanaTransformer2DModel forward only; the TrigFlow in/out conversion runs in the NumPy scheduler.",
+    )
+
+
+def vae_decoder_spec(m: ModelDims) -> ComponentSpec:
+    b = _batch(m)
+    h = _latent(m, "latent_height", sample=5, probes=(4, 7))
+    w = _latent(m, "latent_width", sample=4, probes=(6, 5))
+    return ComponentSpec(
+        VAE_DECODER,
+        inputs=(TensorSpec("latent", "float32", (b, m.latent_channels, h, w)),),
+        outputs=(TensorSpec("sample", "float32", (b, 3, Scaled(h, m.vae_scale_factor), Scaled(w, m.vae_scale_factor))),),
+        notes="AutoencoderDC.decode; input is latents / scaling_factor, output is in about [-1, 1], unclamped.",
+    )
+
+
+SPEC_BUILDERS = {TEXT_ENCODER: text_encoder_spec, TRANSFORMER: transformer_spec, VAE_DECODER: vae_decoder_spec}
+
+
+def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
+    return {name: build(m) for name, build in SPEC_BUILDERS.items()}
+
+
+def model_dims_from_json(d: Mapping) -> ModelDims:
+    return ModelDims(**{k: v for k, v in d.items() if k in ModelDims.__dataclass_fields__})

@@ -1,0 +1,66 @@
+"""Validation of an exported ONNX graph against the PyTorch module it came from.
+
+Runs both at every validation size of the component spec (never the trace size) and fails loudly:
+exceeding a tolerance raises ExportValidationError, it is never a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sprintrt.errors import ExportValidationError
+from sprintrt.export.specs import ComponentSpec
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """max|onnx - torch| <= atol + rtol * max|torch|, and cosine >= min_cosine."""
+
+    atol: float
+    rtol: float
+    min_cosine: float
+
+
+# fp32 graphs: ORT reorders reductions (fused LayerNorm/attention), so allow a few ulps of the output's
+# scale, relative to the largest reference value; the cosine catches structural errors that stay small.
+FP32 = Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999)
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> dict:
+    out64, ref64 = out.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    denom = np.linalg.norm(out64) * np.linalg.norm(ref64)
+    return {
+        "max_abs": float(np.max(np.abs(out64 - ref64))) if out64.size else 0.0,
+        "ref_max_abs": float(np.max(np.abs(ref64))) if ref64.size else 0.0,
+        "cosine": float(out64 @ ref64 / denom) if denom > 0 else float(np.array_equal(out64, ref64)),
+        "finite": bool(np.isfinite(out64).all()),
+    }
+
+
+def validate_onnx(onnx_path: str | Path, module, spec: ComponentSpec, tol: Tolerance = FP32) -> list[dict]:
+    """Compare ONNX Runtime against `module` at each of spec.validation_sizes(). Returns the records."""
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    records = []
+    for k, sizes in enumerate(spec.validation_sizes()):
+        feeds = spec.sample_inputs(sizes, seed=100 + k)
+        with torch.no_grad():
+            refs = module(*[torch.from_numpy(feeds[t.name]) for t in spec.inputs])
+        outs = sess.run([t.name for t in spec.outputs], feeds)
+        for t, out, ref in zip(spec.outputs, outs, refs):
+            ref = ref.float().numpy()
+            rec = {"component": spec.name, "output": t.name, "sizes": sizes, **compare(out, ref), "tolerance": asdict(tol)}
+            records.append(rec)
+            bound = tol.atol + tol.rtol * rec["ref_max_abs"]
+            if out.shape != ref.shape or not rec["finite"] or rec["max_abs"] > bound or rec["cosine"] < tol.min_cosine:
+                raise ExportValidationError(
+                    f"{spec.name}: ONNX output '{t.name}' disagrees with PyTorch at sizes {sizes}: shape "
+                    f"{out.shape} vs {ref.shape}, max|diff| {rec['max_abs']:.3g} (allowed {bound:.3g}), cosine "
+                    f"{rec['cosine']:.7f} (allowed >= {tol.min_cosine}), finite={rec['finite']}. The export is wrong: "
+                    "do not ship it; report the sizes above with the exporter versions.")
+    return records

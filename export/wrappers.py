@@ -1,0 +1,95 @@
+"""Export wrappers: small nn.Modules with a fixed positional signature that return a tuple.
+
+Their argument order is the component spec's input order (export/specs.py); nothing else about the
+graph's interface is decided here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BroadcastMaskSanaAttnProcessor:
+    """SANA cross-attention with the key-padding bias broadcast over heads instead of repeated.
+
+    diffusers' SanaAttnProcessor2_0 repeats the [B, 1, S] bias per head and `.view`s it to
+    [B, heads, 1, S]; the dynamo exporter cannot trace that view with a symbolic batch. Adding the
+    same [B, 1, 1, S] bias to every head's scores is the identical computation.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        batch = hidden_states.shape[0]
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attention_mask is not None:
+            attention_mask = attention_mask.unsqueeze(1)  # [B, 1, S] -> [B, 1, 1, S], broadcast over heads
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+class TextEncoderWrapper(nn.Module):
+    """Gemma2Model(input_ids, attention_mask) -> last_hidden_state (after the final RMSNorm).
+
+    Inside the graph: embedding x sqrt(hidden), causal + key-padding mask, eager attention with logit
+    soft-capping, final RMSNorm. No KV cache. The select_index slicing stays on the host.
+    """
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids, attention_mask):
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+        return (out.last_hidden_state,)
+
+
+class TransformerWrapper(nn.Module):
+    """SanaTransformer2DModel(hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, guidance).
+
+    Inside the graph: the flow-velocity prediction only (mask → additive -10000 bias, time and
+    guidance embeddings, the blocks, unpatchify). The TrigFlow conversion before and after the call
+    runs in the NumPy scheduler, in float32, exactly as diffusers' pipeline does it.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        for block in transformer.transformer_blocks:
+            block.attn2.set_processor(BroadcastMaskSanaAttnProcessor())
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, guidance):
+        out = self.transformer(
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=timestep,
+            guidance=guidance,
+            return_dict=False,
+        )
+        return (out[0],)
+
+
+class VaeDecoderWrapper(nn.Module):
+    """AutoencoderDC.decode(latent) -> sample. The caller divides by scaling_factor first."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return (self.vae.decode(latent, return_dict=False)[0],)

@@ -1,0 +1,30 @@
+"""Typed errors. Each message says what failed, what was expected, what was given, and the fix."""
+
+
+class SprintError(Exception):
+    """Base class of every error sprintrt raises on purpose."""
+
+
+class InvalidInputError(SprintError, ValueError):
+    """A call argument is out of its allowed range."""
+
+
+class EngineDirError(SprintError):
+    """An engine directory or its manifest is missing, corrupt, stale or from another model."""
+
+
+class ModelLoadError(SprintError):
+    """A checkpoint or ONNX file cannot be read."""
+
+
+class ExportValidationError(SprintError):
+    """An exported ONNX graph disagrees with PyTorch beyond tolerance."""
+
+
+class MissingDependencyError(SprintError, ImportError):
+    """An optional package (torch, TensorRT, ...) is needed for this call but is not installed."""
+
+
+def invalid(name: str, value, allowed: str, fix: str) -> InvalidInputError:
+    """Build an InvalidInputError with the house message format."""
+    return InvalidInputError(f"{name}={value!r} is not allowed: expected {allowed}. Fix: {fix}")
