@@ -134,8 +134,10 @@ def load_pipeline(model: str | Path, torch_dtype=None):
     import torch
     from diffusers import SanaSprintPipeline
 
+    # diffusers >= 0.42 names the argument `dtype` (`torch_dtype` is deprecated); float32 is the default.
+    kwargs = {} if torch_dtype in (None, torch.float32) else {"dtype": torch_dtype}
     try:
-        pipe = SanaSprintPipeline.from_pretrained(str(model), torch_dtype=torch_dtype or torch.float32)
+        pipe = SanaSprintPipeline.from_pretrained(str(model), **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(
             f"cannot load a SANA-Sprint checkpoint from {str(model)!r}: {e}. Fix: pass a diffusers checkpoint "

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from sprintrt.errors import InvalidInputError, ModelLoadError
+from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a model over 2 GB; leave headroom
-EXPORT_INFO = "export_info.json"
 
 
 def onnx_filename(component: str) -> str:
@@ -60,9 +60,7 @@ def model_identity(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".model", ".txt")):
         h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
+        sha256_file(f, h)
     return h.hexdigest()
 
 
@@ -165,7 +163,7 @@ def export_component(pipe, component: str, out_dir: Path, dims: S.ModelDims, val
     del proto
     seconds = time.perf_counter() - t0
     records = validate_onnx(path, module, spec) if validate else []
-    return {"file": path.name, "export_seconds": round(seconds, 2), "validation": records, "spec": spec.to_json()}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "export_seconds": round(seconds, 2), "validation": records, "spec": spec.to_json()}
 
 
 def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS, validate: bool = True,
@@ -185,7 +183,7 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     pipe = load_pipeline(src)
     dims = model_dims(pipe)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO).is_file():
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / S.EXPORT_INFO).is_file():
         raise InvalidInputError(f"out_dir={str(out_dir)!r} exists and is not an sprintrt ONNX directory. "
                                 "Fix: choose a new or empty directory (nothing there was touched)")
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -206,7 +204,7 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
             if progress:
                 progress(component)
             info["components"][component] = export_component(pipe, component, tmp, dims, validate)
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+        write_text_atomic(tmp / S.EXPORT_INFO, json.dumps(info, indent=1))
         if out_dir.exists():  # an earlier export of ours: replace it whole
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -33,6 +33,8 @@ DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
     "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
     "User Prompt: ",
 )
+# Written by `sprintrt export` beside the ONNX files; read by `sprintrt build`.
+EXPORT_INFO = "export_info.json"
 # The longest max_sequence_length the exported graphs and engine profiles admit.
 MAX_SEQUENCE_LENGTH_LIMIT = 512
 

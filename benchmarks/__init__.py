@@ -1,0 +1,1 @@
+"""Latency, memory and image-agreement measurement against the PyTorch baselines."""

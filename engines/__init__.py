@@ -1,0 +1,1 @@
+"""ONNX → engines: precision policy, shape profiles, builders per backend, the engine manifest."""

@@ -1,0 +1,151 @@
+"""ONNX directory → engine directory: validate the sources, build each component, write the manifest.
+
+The steps every backend shares live here (reading the export, checking the ONNX files, the cache
+key, reuse of an up-to-date engine, the lock, atomic writes, the manifest); a backend module only
+turns one ONNX file into one engine file (`engines/ort_build.py`, later `engines/trt_build.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from sprintrt.engines import manifest as M
+from sprintrt.engines.precision import Precision, check_supported
+from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
+from sprintrt.files import sha256_file
+from sprintrt.export import specs as S
+
+BACKENDS = ("onnxruntime",)
+
+
+def read_export_info(onnx_dir: Path) -> dict:
+    path = onnx_dir / S.EXPORT_INFO
+    if not onnx_dir.is_dir() or not path.is_file():
+        raise ModelLoadError(f"{str(onnx_dir)!r} is not an sprintrt ONNX directory (no {S.EXPORT_INFO}). "
+                             f"Fix: create it with `sprintrt export MODEL -o {onnx_dir}`")
+    return json.loads(path.read_text())
+
+
+def check_onnx_file(onnx_dir: Path, component: str, record: dict) -> Path:
+    """The ONNX file must be exactly the one the export wrote (size and sha256): catches truncation."""
+    path = onnx_dir / record["file"]
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing. Fix: re-run `sprintrt export` into {onnx_dir}")
+    size = path.stat().st_size
+    if size != record["bytes"] or sha256_file(path) != record["sha256"]:
+        raise ModelLoadError(f"{path} has {size} bytes and a different sha256 than the export wrote "
+                             f"({record['bytes']} bytes): it is truncated or was modified. Fix: re-run `sprintrt "
+                             f"export` into {onnx_dir}")
+    return path
+
+
+def _backend_module(backend: str):
+    if backend == "onnxruntime":
+        from sprintrt.engines import ort_build
+        return ort_build
+    raise InvalidInputError(f"backend={backend!r} is not known: expected one of {list(BACKENDS)}. "
+                            "Fix: pass --backend onnxruntime")
+
+
+def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",
+                  precision: str | Precision = "fp32", components=S.COMPONENTS, rebuild: bool = False,
+                  progress: Callable[[str, str], None] | None = None) -> Path:
+    """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
+
+    An engine whose key (target, library version, precision, profile, source ONNX hash) matches and
+    whose file is intact is reused unless `rebuild`; anything else is rebuilt. Files are written under
+    new names and the manifest is switched atomically, so an interrupted build leaves the previous
+    engine directory usable and no half-written engine file is ever referenced.
+    """
+    from filelock import FileLock
+
+    onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
+    precision = Precision.parse(precision)
+    backend_mod = _backend_module(backend)
+    check_supported(backend, precision)
+    info = read_export_info(onnx_dir)
+    missing = [c for c in components if c not in info["components"]]
+    if missing:
+        raise ModelLoadError(f"{onnx_dir} has no export of {missing}. Fix: `sprintrt export MODEL -o {onnx_dir}`")
+    sources = {c: check_onnx_file(onnx_dir, c, info["components"][c]) for c in components}
+
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(engine_dir / ".build.lock")):
+        old = _read_existing(engine_dir, info)
+        target, versions = backend_mod.target(), backend_mod.versions()
+        entries = {}
+        for comp in components:
+            record = info["components"][comp]
+            dims = record["spec"]["dims"]
+            key = M.cache_key(target, backend, versions[backend_mod.LIBRARY], precision.value, dims, record["sha256"])
+            prev = old.get(comp) if old else None
+            if not rebuild and prev and prev["key"] == key and _intact(engine_dir, prev):
+                if progress:
+                    progress(comp, "reused")
+                entries[comp] = prev
+                continue
+            if progress:
+                progress(comp, "building")
+            file_name = f"{comp}-{hashlib.sha256(key.encode()).hexdigest()[:12]}{backend_mod.SUFFIX}"
+            t0 = time.perf_counter()
+            build_info = backend_mod.build_component(sources[comp], engine_dir / file_name, precision)
+            path = engine_dir / file_name
+            entries[comp] = {
+                "file": file_name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                "backend": backend, "precision": precision.value, **build_info,
+                "key": key, "target": target, "libraries": versions,
+                "source_onnx": {"file": record["file"], "sha256": record["sha256"]},
+                "model_identity": info["model"]["identity"],
+                "io": record["spec"], "build_seconds": round(time.perf_counter() - t0, 2),
+            }
+        if old:  # keep engines of components not rebuilt this time, if they belong to the same model
+            for comp, entry in old.items():
+                entries.setdefault(comp, entry)
+        _copy_tokenizer(onnx_dir, engine_dir)
+        manifest = M.Manifest(engine_dir / M.MANIFEST, {
+            "format": M.FORMAT,
+            "model": info["model"], "model_dims": info["model_dims"], "pipeline": info["pipeline"],
+            "tokenizer": "tokenizer", "components": entries,
+        })
+        manifest.write()
+        _remove_unreferenced(engine_dir, entries)
+    return engine_dir
+
+
+def _read_existing(engine_dir: Path, info: dict) -> dict | None:
+    """Components of an existing manifest of the same model, or None (another model: all rebuilt)."""
+    try:
+        old = M.read_manifest(engine_dir)
+    except EngineDirError:
+        return None
+    if old.data["model"]["identity"] != info["model"]["identity"]:
+        return None
+    return dict(old.components)
+
+
+def _intact(engine_dir: Path, entry: dict) -> bool:
+    path = engine_dir / entry["file"]
+    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+
+
+def _copy_tokenizer(onnx_dir: Path, engine_dir: Path) -> None:
+    tmp = engine_dir / f".tokenizer.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(onnx_dir / "tokenizer", tmp)
+    shutil.rmtree(engine_dir / "tokenizer", ignore_errors=True)
+    tmp.rename(engine_dir / "tokenizer")
+
+
+def _remove_unreferenced(engine_dir: Path, entries: dict) -> None:
+    keep = {e["file"] for e in entries.values()}
+    keep |= {f + ".data" for f in keep}
+    for comp in S.COMPONENTS:
+        for f in engine_dir.glob(f"{comp}-*"):
+            if f.name not in keep:
+                f.unlink()

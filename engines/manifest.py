@@ -1,0 +1,129 @@
+"""The engine directory's manifest.json: what each engine file is, what built it, and for what.
+
+One manifest describes every backend (ONNX Runtime today, TensorRT next): per component the engine
+file and its sha256, backend, precision, execution provider, the I/O spec with its dim ranges (the
+shape profile), the sha256 of the source ONNX, the library versions, the model's identity, the
+target machine and a readable cache key made of all of them. Loading refuses, with the reason and
+the fix, any engine whose manifest does not match the files, the model or the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sprintrt.errors import EngineDirError
+from sprintrt.files import sha256_file, write_text_atomic
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def cpu_target() -> dict:
+    """The CPU this process runs on: what an ORT-optimized graph was specialised for."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    # The ISA features that change which kernels and layouts ORT / OpenVINO pick.
+    isa = sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                                          "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve"})
+    return {"kind": "cpu", "arch": platform.machine(), "name": name, "isa": isa}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def cache_key(target: dict, backend: str, library_version: str, precision: str, dims: dict, onnx_sha256: str) -> str:
+    """Readable, complete key: device + backend version + precision + profile + source ONNX hash.
+
+    Every field that changes what the engine computes or where it may run is in the key, so a
+    cached engine is reused only for exactly the same inputs (demoDiffusion's omits GPU and profile).
+    """
+    if target["kind"] == "cpu":
+        device = f"{target['arch']}-{'.'.join(target['isa']) or 'baseline'}"
+    else:
+        device = f"{target['name']}-sm{target['compute_capability']}"
+    profile = "_".join(f"{n}{d['min']}-{d['opt']}-{d['max']}" for n, d in sorted(dims.items()))
+    return "__".join(_slug(p) for p in (device, f"{backend}{library_version}", precision, profile, onnx_sha256[:16]))
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def components(self) -> dict:
+        return self.data["components"]
+
+    def component_file(self, name: str) -> Path:
+        return self.root / self.components[name]["file"]
+
+    def write(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.data, indent=1))
+
+
+def read_manifest(engine_dir: str | Path) -> Manifest:
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise EngineDirError(f"engine directory {str(engine_dir)!r} does not exist. Fix: build it with "
+                             f"`sprintrt build ONNX_DIR -o {engine_dir}`")
+    path = engine_dir / MANIFEST
+    if not path.is_file():
+        raise EngineDirError(f"{str(engine_dir)!r} has no {MANIFEST}, so it is not an sprintrt engine directory "
+                             f"(or its build did not finish). Fix: `sprintrt build ONNX_DIR -o {engine_dir}`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EngineDirError(f"{path} is not valid JSON ({e}). Fix: rebuild with `sprintrt build ... --rebuild`") from e
+    if data.get("format") != FORMAT or not isinstance(data.get("components"), dict):
+        raise EngineDirError(f"{path} has format {data.get('format')!r}, this sprintrt reads format {FORMAT}. "
+                             "Fix: rebuild the engines with this version of sprintrt")
+    return Manifest(path, data)
+
+
+def check_loadable(manifest: Manifest, components, *, expect_model: str | None = None, verify_sha256: bool = False,
+                   here: dict | None = None, library_versions: dict | None = None) -> None:
+    """Raise EngineDirError if any engine may not be loaded here, naming the field, both values and the fix."""
+    rebuild = "Fix: rebuild with `sprintrt build ONNX_DIR -o ENGINE_DIR --rebuild` on this machine"
+    identities = {c["model_identity"] for c in manifest.components.values()}
+    model = manifest.data["model"]["identity"]
+    if identities != {model}:
+        raise EngineDirError(f"{manifest.path}: components come from different models ({sorted(identities)}); "
+                             f"the manifest names model {model}. {rebuild}")
+    if expect_model is not None and expect_model != model:
+        raise EngineDirError(f"{manifest.path} was built from model {model[:16]}… ({manifest.data['model']['source']}), "
+                             f"not the expected {expect_model[:16]}…. Fix: point at the engines of this model, or build them")
+    for name in components:
+        if name not in manifest.components:
+            raise EngineDirError(f"{manifest.path} has no '{name}' engine (it has {sorted(manifest.components)}). {rebuild}")
+        comp = manifest.components[name]
+        path = manifest.component_file(name)
+        if not path.is_file():
+            raise EngineDirError(f"engine file {path} listed in the manifest is missing. {rebuild}")
+        size = path.stat().st_size
+        if size != comp["bytes"]:
+            raise EngineDirError(f"engine file {path} has {size} bytes, the manifest says {comp['bytes']}: it is "
+                                 f"truncated or was replaced. {rebuild}")
+        if verify_sha256 and sha256_file(path) != comp["sha256"]:
+            raise EngineDirError(f"engine file {path} does not match its sha256 in the manifest. {rebuild}")
+        if here is not None and comp["target"] != here:
+            raise EngineDirError(f"'{name}' was built for {comp['target']}, this machine is {here}. {rebuild}")
+        for lib, built_with in comp.get("libraries", {}).items():
+            have = (library_versions or {}).get(lib)
+            if have is not None and have != built_with:
+                raise EngineDirError(f"'{name}' was built with {lib} {built_with}, this process has {lib} {have}. {rebuild}")

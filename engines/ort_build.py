@@ -1,0 +1,58 @@
+"""ONNX Runtime "engines": the source graph optimised by ORT for this CPU and saved.
+
+ORT's full optimisation level (ORT_ENABLE_ALL) fuses attention/LayerNorm/GELU and rewrites
+convolutions into the blocked NCHWc layout of this CPU's vector width, so the saved graph is tied to
+the CPU's ISA and to the ORT version, which the manifest records and the loader checks. Loading a
+saved graph then skips optimisation, which is most of ORT's session start-up time on big graphs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sprintrt.engines.manifest import cpu_target
+from sprintrt.engines.precision import Precision
+
+LIBRARY = "onnxruntime"
+SUFFIX = ".ort.onnx"
+PROVIDER = "CPUExecutionProvider"
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def target() -> dict:
+    return cpu_target()
+
+
+def versions() -> dict:
+    import onnxruntime as ort
+
+    return {LIBRARY: ort.__version__}
+
+
+def build_component(source: Path, out: Path, precision: Precision) -> dict:
+    """Optimise `source` for this CPU into `out` (written under a temporary name, then renamed)."""
+    import onnxruntime as ort
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp)
+    opts.log_severity_level = 3  # ORT warns that an ENABLE_ALL graph is hardware-specific: the manifest says so
+    external = _source_bytes(source) > EXTERNAL_DATA_BYTES
+    if external:
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        # External weights go straight to their final name (the model file refers to it by that
+        # name); the model file itself appears only by the rename, so it is never seen half-written.
+        ort.InferenceSession(str(source), opts, providers=[PROVIDER])
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"execution_provider": PROVIDER, "graph_optimization": "ORT_ENABLE_ALL (saved); loaded with optimisation off"}
+
+
+def _source_bytes(source: Path) -> int:
+    data = source.with_name(source.name + ".data")
+    return source.stat().st_size + (data.stat().st_size if data.exists() else 0)

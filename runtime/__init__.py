@@ -1,0 +1,1 @@
+"""The thin runtime: engine backends, the NumPy TrigFlow scheduler, SprintPipeline. Imports no torch."""

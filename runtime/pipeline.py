@@ -1,0 +1,241 @@
+"""SprintPipeline: encode → denoise → decode over engines, a drop-in for diffusers' SanaSprintPipeline.
+
+Its call takes SanaSprintPipeline.__call__'s arguments with the same defaults and gives the same
+images for the same weights and noise (pass a torch.Generator to replay diffusers' noise exactly).
+Everything between the engine calls is NumPy float32 in diffusers' operation order (spec §1-§5).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sprintrt.engines.manifest import check_loadable, cpu_target, read_manifest
+from sprintrt.errors import InvalidInputError, invalid
+from sprintrt.export import specs as S
+from sprintrt.runtime import image as I
+from sprintrt.runtime.backends import default_threads, library_versions, load_engine
+from sprintrt.runtime.noise import noise_source
+from sprintrt.runtime.prompt import PromptTokenizer, preprocess, select_index
+from sprintrt.runtime.scheduler import DEFAULT_INTERMEDIATE_TIMESTEPS, DEFAULT_MAX_TIMESTEPS, SCMScheduler
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class SprintPipelineOutput:
+    images: object  # list of PIL images, NHWC float32 array, or NCHW latents
+    timings: dict = field(default_factory=dict)  # seconds per stage; transformer is a list, one per step
+
+
+class _Stopwatch:
+    def __init__(self):
+        self.timings: dict = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        if stage == "transformer":
+            self.timings.setdefault(stage, []).append(seconds)
+        else:
+            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    def run(self, stage: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.add(stage, time.perf_counter() - t0)
+        return out
+
+
+class SprintPipeline:
+    def __init__(self, engines: dict, tokenizer: PromptTokenizer, manifest):
+        self.text_encoder = engines.get(S.TEXT_ENCODER)
+        self.transformer = engines[S.TRANSFORMER]
+        self.vae_decoder = engines.get(S.VAE_DECODER)
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        c = manifest.data["pipeline"]
+        self.sigma_data = np.float32(c["sigma_data"])
+        self.guidance_embeds_scale = np.float32(c["guidance_embeds_scale"])
+        self.latent_channels = int(c["latent_channels"])
+        self.vae_scale_factor = int(c["vae_scale_factor"])
+        self.vae_scaling_factor = np.float32(c["vae_scaling_factor"])
+        self.sample_size = int(c["sample_size"])
+        self.model_dims = S.model_dims_from_json(manifest.data["model_dims"])
+
+    @classmethod
+    def from_engines(cls, engine_dir: str | Path, threads: int | None = None, expect_model: str | None = None,
+                     verify_sha256: bool = False, components=S.COMPONENTS) -> "SprintPipeline":
+        """Load an engine directory written by `sprintrt build`.
+
+        Args:
+            engine_dir: the directory with manifest.json.
+            threads: intra-op threads per engine (default: the backend's choice, or $SPRINTRT_THREADS).
+            expect_model: the model identity (sha256) the engines must come from; None skips the check.
+            verify_sha256: hash every engine file against the manifest (size is always checked).
+            components: load a subset (e.g. without the VAE for output_type="latent").
+        """
+        manifest = read_manifest(engine_dir)
+        check_loadable(manifest, components, expect_model=expect_model, verify_sha256=verify_sha256,
+                       here=cpu_target(), library_versions=library_versions())
+        threads = threads or default_threads()
+        engines = {c: load_engine(manifest, c, threads) for c in components}
+        tokenizer = PromptTokenizer(manifest.root / manifest.data["tokenizer"])
+        return cls(engines, tokenizer, manifest)
+
+    # ---- the call -------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        num_inference_steps: int = 2,
+        timesteps: list[float] | None = None,
+        max_timesteps: float | None = DEFAULT_MAX_TIMESTEPS,
+        intermediate_timesteps: float | None = DEFAULT_INTERMEDIATE_TIMESTEPS,
+        guidance_scale: float = 4.5,
+        num_images_per_prompt: int = 1,
+        height: int = 1024,
+        width: int = 1024,
+        eta: float = 0.0,
+        generator=None,
+        latents=None,
+        prompt_embeds=None,
+        prompt_attention_mask=None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clean_caption: bool = False,
+        use_resolution_binning: bool = True,
+        max_sequence_length: int = 300,
+        complex_human_instruction: list[str] | None = list(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION),
+    ):
+        """Generate images. Arguments and defaults are SanaSprintPipeline.__call__'s; `eta` is ignored
+        there too. Returns SprintPipelineOutput(images, timings), or (images,) if return_dict is False."""
+        clock = _Stopwatch()
+        t_start = time.perf_counter()
+        self._check_scalars(guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption)
+        if use_resolution_binning:
+            if self.sample_size != 32:
+                raise InvalidInputError(f"use_resolution_binning needs a transformer with sample_size 32, this model has "
+                                        f"{self.sample_size}. Fix: pass use_resolution_binning=False")
+            orig_height, orig_width = self._check_size(height, width, binned=True)
+            height, width = I.classify_height_width_bin(height, width)
+        self._check_size(height, width, binned=False)
+        scheduler = SCMScheduler(self.sigma_data)
+        scheduler.set_timesteps(num_inference_steps, timesteps, max_timesteps, intermediate_timesteps)
+
+        embeds, mask = self.encode_prompt(prompt, num_images_per_prompt, prompt_embeds, prompt_attention_mask,
+                                          max_sequence_length, complex_human_instruction, clock)
+        batch = embeds.shape[0]
+        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        draw = noise_source(generator, batch)
+        if latents is None:
+            x = clock.run("noise", draw, shape)
+        else:
+            x = self._check_latents(latents, shape)
+        x = x * self.sigma_data
+        guidance = np.full((batch,), np.float32(guidance_scale), dtype=np.float32) * self.guidance_embeds_scale
+
+        x0 = x
+        for step in scheduler.steps():
+            t0 = time.perf_counter()
+            x_in = scheduler.model_input(x, step)
+            timestep = np.full((batch,), step.sflow, dtype=np.float32)
+            clock.add("scheduler", time.perf_counter() - t0)
+            flow = clock.run("transformer", self.transformer, hidden_states=x_in, encoder_hidden_states=embeds,
+                             encoder_attention_mask=mask, timestep=timestep, guidance=guidance)["noise_pred"]
+            noise = clock.run("noise", draw, shape)
+            x, x0 = clock.run("scheduler", scheduler.step, x, x_in, flow, step, noise)
+
+        out_latents = x0 / self.sigma_data
+        if output_type == "latent":
+            images = out_latents
+        else:
+            if self.vae_decoder is None:
+                raise InvalidInputError("output_type needs the VAE decoder, which was not loaded. Fix: load the "
+                                        "pipeline with the vae_decoder component, or pass output_type='latent'")
+            decoded = clock.run("vae_decoder", self.vae_decoder, latent=out_latents / self.vae_scaling_factor)["sample"]
+            t0 = time.perf_counter()
+            if use_resolution_binning:
+                decoded = I.resize_and_crop(decoded, orig_height, orig_width)
+            images = I.postprocess(decoded, output_type)
+            clock.add("postprocess", time.perf_counter() - t0)
+        clock.timings["total"] = time.perf_counter() - t_start
+        if not return_dict:
+            return (images,)
+        return SprintPipelineOutput(images=images, timings=clock.timings)
+
+    def encode_prompt(self, prompt, num_images_per_prompt=1, prompt_embeds=None, prompt_attention_mask=None,
+                      max_sequence_length=300, complex_human_instruction=None, clock: _Stopwatch | None = None):
+        """Prompt → (embeddings [B·n, N, D] float32, mask [B·n, N] int64), as diffusers' encode_prompt."""
+        clock = clock or _Stopwatch()
+        if prompt is not None and prompt_embeds is not None:
+            raise InvalidInputError("pass either prompt or prompt_embeds, not both. Fix: drop one of them")
+        if prompt_embeds is not None:
+            if prompt_attention_mask is None:
+                raise InvalidInputError("prompt_embeds needs prompt_attention_mask. Fix: pass the mask returned with them")
+            embeds = np.asarray(prompt_embeds, dtype=np.float32)
+            mask = np.asarray(prompt_attention_mask).astype(np.int64)
+        else:
+            if self.text_encoder is None:
+                raise InvalidInputError("prompt needs the text encoder, which was not loaded. Fix: load it or pass "
+                                        "prompt_embeds")
+            prompts = preprocess(prompt)
+            chi = "\n".join(complex_human_instruction) if complex_human_instruction else None
+            length = self.tokenizer.text_length(max_sequence_length, chi)
+            if length > self.model_dims.text_len_max:
+                raise invalid("max_sequence_length", max_sequence_length,
+                              f"a length whose tokenized text (here {length}) fits the engine's {self.model_dims.text_len_max}",
+                              "lower max_sequence_length or rebuild the engines with a longer text profile")
+            ids, mask = clock.run("tokenize", self.tokenizer, prompts, max_sequence_length, chi)
+            hidden = clock.run("text_encoder", self.text_encoder, input_ids=ids, attention_mask=mask)["last_hidden_state"]
+            index = select_index(max_sequence_length)
+            embeds, mask = hidden[:, index], mask[:, index]
+        embeds = np.repeat(embeds, num_images_per_prompt, axis=0) if num_images_per_prompt > 1 else embeds
+        # diffusers repeats the mask with .repeat(n, 1): the whole batch n times, not each row n times.
+        mask = np.tile(mask, (num_images_per_prompt, 1))
+        return embeds, mask
+
+    # ---- input checks -----------------------------------------------------------------------
+    def _check_scalars(self, guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption):
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(guidance_scale):
+            raise invalid("guidance_scale", guidance_scale, "a finite number (default 4.5)", "pass e.g. 4.5")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) \
+                or not 1 <= num_images_per_prompt <= self.model_dims.max_batch:
+            raise invalid("num_images_per_prompt", num_images_per_prompt, f"an integer in [1, {self.model_dims.max_batch}]",
+                          "ask for fewer images per call")
+        if output_type not in OUTPUT_TYPES:
+            raise invalid("output_type", output_type, f"one of {OUTPUT_TYPES}", "pass output_type='pil' or 'np'")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, (int, np.integer)) \
+                or not 1 <= max_sequence_length <= S.MAX_SEQUENCE_LENGTH_LIMIT:
+            raise invalid("max_sequence_length", max_sequence_length, f"an integer in [1, {S.MAX_SEQUENCE_LENGTH_LIMIT}]",
+                          "use the default 300")
+        if clean_caption:
+            raise invalid("clean_caption", clean_caption, "False (the runtime does not bundle bs4/ftfy)",
+                          "clean captions before calling, or pass clean_caption=False")
+
+    def _check_size(self, height, width, binned: bool) -> tuple[int, int]:
+        f = self.vae_scale_factor
+        lo, hi = self.model_dims.latent_min * f, self.model_dims.latent_max * f
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise invalid(name, v, "a positive integer number of pixels", "pass e.g. 1024")
+            if binned:
+                continue
+            if v % 32 or v % f:
+                raise invalid(name, v, f"a multiple of {max(32, f)} when use_resolution_binning=False",
+                              f"round it to {max(32, f) * round(v / max(32, f)) or max(32, f)} or turn binning on")
+            if not lo <= v <= hi:
+                raise invalid(name, v, f"[{lo}, {hi}] pixels (the engines' latent profile)",
+                              "pick a size inside the profile or rebuild the engines with a wider one")
+        return int(height), int(width)
+
+    def _check_latents(self, latents, shape) -> np.ndarray:
+        if type(latents).__module__.startswith("torch"):
+            latents = latents.detach().cpu().float().numpy()
+        arr = np.asarray(latents, dtype=np.float32)
+        if arr.shape != shape:
+            raise invalid("latents", f"array of shape {arr.shape}", f"shape {shape} (batch, channels, height/"
+                          f"{self.vae_scale_factor}, width/{self.vae_scale_factor})", "draw latents of that shape")
+        return arr

@@ -1,0 +1,84 @@
+"""Prompt → token ids and mask, exactly as SanaSprintPipeline prepares them (spec §1), with `tokenizers`.
+
+Lowercase + strip, the complex human instruction (CHI) prepended with no separator, right padding to
+L = n_chi + max_sequence_length - 2 (or max_sequence_length without CHI), truncation on the right,
+`<bos>` prepended by the tokenizer's post-processor, no `<eos>`. After the text encoder the rows are
+sliced with select_index = [0, -(N-1), ..., -1].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sprintrt.errors import EngineDirError, InvalidInputError
+
+
+def preprocess(prompts) -> list[str]:
+    """Validate and normalise prompts: a non-empty str or a non-empty list of them."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InvalidInputError(f"prompt={prompts!r} is not allowed: expected a non-empty string or a non-empty list "
+                                "of strings. Fix: pass e.g. prompt='a cat sleeping on a windowsill'")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise InvalidInputError(f"prompt[{i}]={p!r} is a {type(p).__name__}, expected a string. Fix: pass text")
+        if not p.strip():
+            raise InvalidInputError(f"prompt[{i}]={p!r} is empty: expected text with at least one non-space character. "
+                                    "Fix: describe the image to generate")
+    return [p.lower().strip() for p in prompts]
+
+
+def select_index(max_sequence_length: int) -> list[int]:
+    """diffusers keeps the <bos> position and the last N-1 positions (paper §3.1)."""
+    return [0] + list(range(-max_sequence_length + 1, 0))
+
+
+class PromptTokenizer:
+    """The checkpoint's tokenizer.json run by the `tokenizers` library (no transformers needed)."""
+
+    def __init__(self, tokenizer_dir: str | Path):
+        from tokenizers import Tokenizer
+
+        tokenizer_dir = Path(tokenizer_dir)
+        path = tokenizer_dir / "tokenizer.json"
+        if not path.is_file():
+            raise EngineDirError(f"{path} is missing: the engine directory has no tokenizer. Fix: rebuild it with "
+                                 "`sprintrt build ONNX_DIR -o ENGINE_DIR`")
+        self._tok = Tokenizer.from_file(str(path))
+        config_path = tokenizer_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.pad_token = config.get("pad_token", "<pad>")
+        if isinstance(self.pad_token, dict):
+            self.pad_token = self.pad_token["content"]
+        self.pad_id = self._tok.token_to_id(self.pad_token)
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self._chi_len: dict[str, int] = {}
+
+    def count(self, text: str) -> int:
+        """len(tokenizer.encode(text)) with special tokens, untruncated (how diffusers counts the CHI)."""
+        if text not in self._chi_len:
+            self._chi_len[text] = len(self._tok.encode(text, add_special_tokens=True).ids)
+        return self._chi_len[text]
+
+    def text_length(self, max_sequence_length: int, chi: str | None) -> int:
+        return max_sequence_length if not chi else self.count(chi) + max_sequence_length - 2
+
+    def __call__(self, prompts: list[str], max_sequence_length: int, chi: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (input_ids, attention_mask), int64 [B, L]."""
+        length = self.text_length(max_sequence_length, chi)
+        texts = [chi + p for p in prompts] if chi else list(prompts)
+        self._tok.enable_truncation(max_length=length)
+        self._tok.enable_padding(direction="right", length=length, pad_id=self.pad_id, pad_token=self.pad_token)
+        try:
+            encs = self._tok.encode_batch(texts, add_special_tokens=True)
+        finally:
+            self._tok.no_padding()
+            self._tok.no_truncation()
+        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+        return ids, mask
