@@ -16,7 +16,9 @@ Exporter choices, each guarded by a regression test in tests/export/test_exporte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -100,12 +102,17 @@ def trace_to_onnx(module, spec: S.ComponentSpec):
     """torch module → onnx.ModelProto with the spec's names and dynamic axes, constants folded."""
     import torch
     from polygraphy.backend.onnx import fold_constants
+    from polygraphy.logger import G_LOGGER
 
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    _quiet_exporter_logs()
     feeds = spec.sample_inputs(spec.sizes("sample"))
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     dims = {n: torch.export.Dim(n, min=d.min, max=d.max) for n, d in spec.dims().items()}
     dynamic = tuple({axis: dims[d.name] for axis, d in enumerate(t.dims) if isinstance(d, S.Dim)} for t in spec.inputs)
-    with torch.no_grad():
+    # The exporter prints its progress to stdout; keep it for the error message if it fails.
+    log = io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stdout(log):
         program = torch.onnx.export(
             module, args, dynamic_shapes=dynamic, dynamo=True, optimize=False, opset_version=OPSET,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs], verbose=False)
@@ -114,6 +121,17 @@ def trace_to_onnx(module, spec: S.ComponentSpec):
     typed_list_constants(proto)
     # Folding runs on the proto; for graphs over 2 GB polygraphy falls back to its path-based helpers.
     return fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
+
+
+def _quiet_exporter_logs() -> None:
+    """The exporter logs a warning per missing torchvision op and ORT (used by the folding) one per
+    node it cannot simplify; neither is actionable, and they bury the validation report."""
+    import logging
+
+    import onnxruntime as ort
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
 
 
 def typed_list_constants(proto) -> int:

@@ -1,0 +1,26 @@
+# The two commands of README.md. Both create .venv and install what they need on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sprintrt-installed
+# CPU machines take torch's CPU wheel first, so nothing pulls a multi-GB CUDA build.
+TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "" || echo "torch==2.13.0")
+
+.PHONY: demo test install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/sprintrt demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	test -z "$(TORCH)" || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[export,bench,dev]"
+	touch $(STAMP)
+
+clean:
+	rm -rf out .pytest_cache

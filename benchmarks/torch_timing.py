@@ -1,0 +1,46 @@
+"""Per-stage timing of diffusers' SanaSprintPipeline, by forward hooks on its three networks.
+
+Used for the PyTorch baseline column of `sprintrt demo` and `sprintrt bench`: the pipeline runs
+unmodified; hooks only read the clock around the text encoder, each transformer call and the VAE
+decoder, so the stage names line up with SprintPipelineOutput.timings.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+
+@contextmanager
+def stage_hooks(pipe, timings: dict):
+    modules = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "vae_decoder": pipe.vae.decoder}
+    handles, starts = [], {}
+    for stage, module in modules.items():
+        def pre(_m, _args, stage=stage):
+            starts[stage] = time.perf_counter()
+
+        def post(_m, _args, _out, stage=stage):
+            seconds = time.perf_counter() - starts.pop(stage)
+            if stage == "transformer":
+                timings.setdefault(stage, []).append(seconds)
+            else:
+                timings[stage] = timings.get(stage, 0.0) + seconds
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield timings
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_timed(pipe, **kwargs):
+    """Call the diffusers pipeline once; returns (output, timings) with 'total' and per-stage seconds."""
+    import torch
+
+    timings: dict = {}
+    with stage_hooks(pipe, timings), torch.inference_mode():
+        t0 = time.perf_counter()
+        out = pipe(**kwargs)
+        timings["total"] = time.perf_counter() - t0
+    return out, timings

@@ -1,0 +1,176 @@
+"""The `sprintrt` command: a thin layer over the library, one subcommand per stage.
+
+Each subcommand imports its stage inside the handler, so `sprintrt generate` on a production box
+loads neither torch nor diffusers. Typed errors print as one line (what, expected, fix) and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from sprintrt.errors import SprintError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _quiet_libraries() -> None:
+    """Silence third-party progress bars and warnings that would bury our own output."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# ---- subcommands ---------------------------------------------------------------------------------
+
+def cmd_make_checkpoint(args) -> None:
+    _quiet_libraries()
+    from sprintrt.export.checkpoint import make_checkpoint
+
+    with _console().status(f"writing a seeded random {args.arch} checkpoint"):
+        out = make_checkpoint(args.out, args.arch, args.seed)
+    print(f"checkpoint ({args.arch}, seed {args.seed}) written to {out}")
+
+
+def cmd_export(args) -> None:
+    _quiet_libraries()
+    from sprintrt.export.onnx_export import export_model
+
+    console = _console()
+    components = args.components.split(",") if args.components else None
+    with console.status("exporting") as status:
+        out = export_model(args.model, args.output, **({"components": components} if components else {}),
+                           validate=not args.no_validate,
+                           progress=lambda c: status.update(f"exporting and validating {c}"))
+    info = json.loads((out / "export_info.json").read_text())
+    for name, rec in info["components"].items():
+        worst = max((r["max_abs"] for r in rec["validation"]), default=float("nan"))
+        console.print(f"  {name}: {out / rec['file']}  ({rec['export_seconds']} s; max |onnx - torch| "
+                      f"{worst:.2e} over {len(rec['validation'])} validation shapes)")
+    print(f"ONNX files written to {out}")
+
+
+def cmd_build(args) -> None:
+    from sprintrt.engines.build import build_engines
+
+    console = _console()
+    with console.status("building engines") as status:
+        out = build_engines(args.onnx_dir, args.output, backend=args.backend, precision=args.precision,
+                            rebuild=args.rebuild, progress=lambda c, what: status.update(f"{c}: {what}"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, entry in manifest["components"].items():
+        console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
+    print(f"engines and manifest written to {out}")
+
+
+def cmd_generate(args) -> None:
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    pipe = SprintPipeline.from_engines(args.engine_dir, threads=args.threads)
+    out = pipe(prompt=args.prompt, num_inference_steps=args.steps, intermediate_timesteps=1.3 if args.steps == 2 else None,
+               guidance_scale=args.guidance_scale, height=args.height, width=args.width, generator=args.seed,
+               use_resolution_binning=not args.no_binning, output_type="pil")
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.images[0].save(path)
+    print(f"image written to {path} ({out.timings['total']:.2f} s end to end)")
+
+
+def cmd_demo(args) -> None:
+    _quiet_libraries()
+    from sprintrt.benchmarks.demo import run_demo
+
+    run_demo(Path(args.workdir), prompt=args.prompt, steps=args.steps, size=args.size, runs=args.runs,
+             console=_console())
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sprintrt", description="Deployment compiler for SANA-Sprint: "
+                                "checkpoint → ONNX → engines → images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint in the diffusers layout")
+    s.add_argument("out")
+    s.add_argument("--arch", default="tiny", choices=["tiny", "0.6B", "1.6B"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_make_checkpoint)
+
+    s = sub.add_parser("export", help="export text encoder, transformer and VAE decoder to validated ONNX")
+    s.add_argument("model", help="checkpoint directory or hub id")
+    s.add_argument("-o", "--output", required=True, help="ONNX directory to write")
+    s.add_argument("--components", help="comma-separated subset of text_encoder,transformer,vae_decoder")
+    s.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("build", help="build engines from an ONNX directory")
+    s.add_argument("onnx_dir")
+    s.add_argument("-o", "--output", required=True, help="engine directory to write")
+    s.add_argument("--backend", default="onnxruntime")
+    s.add_argument("--precision", default="fp32")
+    s.add_argument("--rebuild", action="store_true", help="rebuild even if an up-to-date engine exists")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("generate", help="generate an image with built engines")
+    s.add_argument("engine_dir")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("-o", "--output", required=True, help="PNG file to write")
+    s.add_argument("--steps", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--height", type=int, default=1024)
+    s.add_argument("--width", type=int, default=1024)
+    s.add_argument("--guidance-scale", type=float, default=4.5)
+    s.add_argument("--no-binning", action="store_true", help="use height/width as given (multiples of 32)")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("demo", help="tiny checkpoint → export → build → generate, timed against diffusers")
+    s.add_argument("--workdir", default="out/demo")
+    s.add_argument("--prompt", default="a small fluffy white cat asleep on a sunny windowsill")
+    s.add_argument("--steps", type=int, default=2)
+    s.add_argument("--size", type=int, default=512)
+    s.add_argument("--runs", type=int, default=3)
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        args.fn(args)
+    except SprintError as e:
+        print(f"sprintrt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sprintrt {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+    if args.command == "demo":
+        print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

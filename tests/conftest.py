@@ -1,0 +1,73 @@
+"""Shared fixtures: one seeded tiny checkpoint, exported and built once per test session.
+
+Tests that need an NVIDIA GPU with TensorRT are marked `gpu` and skip here with the reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _gpu_missing_reason()
+    if reason is None:
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _gpu_missing_reason():
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return "needs TensorRT and an NVIDIA GPU; neither is on this machine"
+    if shutil.which("nvidia-smi") is None:
+        return "needs an NVIDIA GPU; nvidia-smi is not on this machine"
+    return None
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from sprintrt.export.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tiny_checkpoint, tmp_path_factory):
+    from sprintrt.export.onnx_export import export_model
+
+    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "onnx")
+
+
+@pytest.fixture(scope="session")
+def engine_dir(onnx_dir, tmp_path_factory):
+    from sprintrt.engines.build import build_engines
+
+    return build_engines(onnx_dir, tmp_path_factory.mktemp("engines") / "ort")
+
+
+@pytest.fixture(scope="session")
+def reference_pipe(tiny_checkpoint):
+    """diffusers' own SanaSprintPipeline on the tiny checkpoint (fp32, CPU)."""
+    from sprintrt.export.checkpoint import load_pipeline
+
+    return load_pipeline(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def sprint_pipe(engine_dir):
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    return SprintPipeline.from_engines(engine_dir)
+
+
+@pytest.fixture
+def copy_engine_dir(engine_dir, tmp_path):
+    """A private copy of the built engine directory, for tests that damage it."""
+    dst = tmp_path / "engines"
+    shutil.copytree(engine_dir, dst)
+    return dst

@@ -1,0 +1,105 @@
+"""ONNX Runtime engine builds: manifest contents, reuse by cache key, refusal of bad sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from sprintrt.engines import manifest as M
+from sprintrt.engines.build import build_engines
+from sprintrt.errors import InvalidInputError, ModelLoadError
+from sprintrt.export.specs import COMPONENTS
+from sprintrt.files import sha256_file
+
+
+def _manifest(d):
+    return json.loads((d / "manifest.json").read_text())
+
+
+def test_manifest_describes_every_engine(engine_dir, onnx_dir):
+    m = _manifest(engine_dir)
+    info = json.loads((onnx_dir / "export_info.json").read_text())
+    assert set(m["components"]) == set(COMPONENTS)
+    for name, c in m["components"].items():
+        assert (engine_dir / c["file"]).stat().st_size == c["bytes"]
+        assert sha256_file(engine_dir / c["file"]) == c["sha256"]
+        assert c["backend"] == "onnxruntime" and c["precision"] == "fp32"
+        assert c["execution_provider"] == "CPUExecutionProvider"
+        assert c["source_onnx"]["sha256"] == sha256_file(onnx_dir / f"{name}.onnx")
+        assert c["model_identity"] == info["model"]["identity"] == m["model"]["identity"]
+        assert c["libraries"]["onnxruntime"]
+        assert c["target"] == M.cpu_target()
+        assert [t["name"] for t in c["io"]["inputs"]] == [t["name"] for t in info["components"][name]["spec"]["inputs"]]
+        assert c["key"].endswith(c["source_onnx"]["sha256"][:16])
+    assert (engine_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_rebuild_reuses_up_to_date_engines(onnx_dir, tmp_path):
+    out = tmp_path / "e"
+    build_engines(onnx_dir, out, components=("transformer",))
+    first = _manifest(out)["components"]["transformer"]
+    mtime = os.stat(out / first["file"]).st_mtime_ns
+    events = []
+    build_engines(onnx_dir, out, components=("transformer",), progress=lambda c, what: events.append(what))
+    assert events == ["reused"]
+    assert os.stat(out / first["file"]).st_mtime_ns == mtime
+    build_engines(onnx_dir, out, components=("transformer",), rebuild=True, progress=lambda c, what: events.append(what))
+    assert events[-1] == "building"
+
+
+def test_damaged_engine_is_rebuilt_not_reused(onnx_dir, tmp_path):
+    out = tmp_path / "e"
+    build_engines(onnx_dir, out, components=("vae_decoder",))
+    entry = _manifest(out)["components"]["vae_decoder"]
+    (out / entry["file"]).write_bytes(b"junk")
+    events = []
+    build_engines(onnx_dir, out, components=("vae_decoder",), progress=lambda c, what: events.append(what))
+    assert events == ["building"]
+    rebuilt = _manifest(out)["components"]["vae_decoder"]
+    assert (out / rebuilt["file"]).read_bytes() != b"junk"
+    assert sha256_file(out / rebuilt["file"]) == rebuilt["sha256"]
+
+
+def test_truncated_onnx_is_refused_and_nothing_written(onnx_dir, tmp_path):
+    src = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, src)
+    data = (src / "transformer.onnx").read_bytes()
+    (src / "transformer.onnx").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "e"
+    with pytest.raises(ModelLoadError, match="transformer.onnx.*truncated"):
+        build_engines(src, out)
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.onnx")) if out.exists() else True
+
+
+def test_not_an_onnx_dir(tmp_path):
+    with pytest.raises(ModelLoadError, match="not an sprintrt ONNX directory"):
+        build_engines(tmp_path, tmp_path / "e")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(backend="tvm"), "backend='tvm'"),
+    (dict(precision="int4"), "precision='int4'"),
+    (dict(precision="fp8"), "precision='fp8' is not available on backend 'onnxruntime'"),
+])
+def test_bad_build_options(onnx_dir, tmp_path, kw, match):
+    with pytest.raises(InvalidInputError, match=match):
+        build_engines(onnx_dir, tmp_path / "e", **kw)
+    assert not (tmp_path / "e").exists()
+
+
+def test_cache_key_changes_with_every_field():
+    target = M.cpu_target()
+    dims = {"batch": {"min": 1, "opt": 1, "max": 8}}
+    base = M.cache_key(target, "onnxruntime", "1.0", "fp32", dims, "a" * 64)
+    variants = [
+        M.cache_key({**target, "isa": ["avx2"]}, "onnxruntime", "1.0", "fp32", dims, "a" * 64),
+        M.cache_key(target, "onnxruntime", "1.1", "fp32", dims, "a" * 64),
+        M.cache_key(target, "onnxruntime", "1.0", "int8", dims, "a" * 64),
+        M.cache_key(target, "onnxruntime", "1.0", "fp32", {"batch": {"min": 1, "opt": 2, "max": 8}}, "a" * 64),
+        M.cache_key(target, "onnxruntime", "1.0", "fp32", dims, "b" * 64),
+    ]
+    assert len({base, *variants}) == 6

@@ -1,0 +1,114 @@
+"""Each exported ONNX graph matches the real diffusers/transformers module at shapes other than the trace shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from sprintrt.errors import ExportValidationError, InvalidInputError
+from sprintrt.export import specs as S
+from sprintrt.export.onnx_export import export_model, model_dims, wrapper_for
+from sprintrt.export.validate import FP32, validate_onnx
+
+
+def _spec(reference_pipe, name):
+    return S.SPEC_BUILDERS[name](model_dims(reference_pipe))
+
+
+@pytest.mark.parametrize("name", S.COMPONENTS)
+def test_export_validation_records(onnx_dir, name):
+    info = json.loads((onnx_dir / "export_info.json").read_text())
+    rec = info["components"][name]
+    sample = {n: d["sample"] for n, d in rec["spec"]["dims"].items()}
+    assert len(rec["validation"]) >= 2
+    for r in rec["validation"]:
+        assert all(r["sizes"][d] != sample[d] for d in sample)
+        assert r["finite"] and r["cosine"] >= FP32.min_cosine
+        assert r["max_abs"] <= FP32.atol + FP32.rtol * r["ref_max_abs"]
+
+
+def _ort(onnx_dir, name):
+    return ort.InferenceSession(str(onnx_dir / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_text_encoder_matches_gemma2(onnx_dir, reference_pipe):
+    """Against Gemma2Model itself, on real tokenized prompts of two batch sizes and lengths."""
+    tok = reference_pipe.tokenizer
+    for prompts, length in ((["a cat"], 9), (["a red fox in snow", "a lighthouse", "x"], 23)):
+        enc = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        out = _ort(onnx_dir, "text_encoder").run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        with torch.no_grad():
+            ref = reference_pipe.text_encoder(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0].numpy()
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_transformer_matches_diffusers_with_its_own_attention(onnx_dir, reference_pipe):
+    """Against SanaTransformer2DModel with diffusers' own processors (not our export processor)."""
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel.from_config(reference_pipe.transformer.config).eval()
+    model.load_state_dict(reference_pipe.transformer.state_dict())
+    spec = _spec(reference_pipe, "transformer")
+    for sizes in ({"batch": 1, "latent_height": 7, "latent_width": 3, "text_seq": 19},
+                  {"batch": 4, "latent_height": 4, "latent_width": 10, "text_seq": 300}):
+        feeds = spec.sample_inputs(sizes, seed=3)
+        out = _ort(onnx_dir, "transformer").run(None, feeds)[0]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(feeds["hidden_states"]),
+                        encoder_hidden_states=torch.from_numpy(feeds["encoder_hidden_states"]),
+                        encoder_attention_mask=torch.from_numpy(feeds["encoder_attention_mask"]),
+                        timestep=torch.from_numpy(feeds["timestep"]), guidance=torch.from_numpy(feeds["guidance"]),
+                        return_dict=False)[0].numpy()
+        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_vae_decoder_matches_autoencoder_dc(onnx_dir, reference_pipe):
+    for shape in ((1, 32, 4, 9), (2, 32, 6, 4)):
+        z = np.random.default_rng(shape[2]).standard_normal(shape).astype(np.float32)
+        out = _ort(onnx_dir, "vae_decoder").run(None, {"latent": z})[0]
+        with torch.no_grad():
+            ref = reference_pipe.vae.decode(torch.from_numpy(z), return_dict=False)[0].numpy()
+        assert out.shape == (shape[0], 3, shape[2] * 32, shape[3] * 32) == ref.shape
+        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_validation_fails_loudly_on_a_wrong_graph(onnx_dir, reference_pipe):
+    module = wrapper_for(reference_pipe, "vae_decoder")
+    spec = _spec(reference_pipe, "vae_decoder")
+
+    class Shifted(torch.nn.Module):  # what a subtly broken export would compute
+        def forward(self, latent):
+            return (module(latent)[0] + 1e-3,)
+
+    validate_onnx(onnx_dir / "vae_decoder.onnx", module, spec)  # the real graph passes
+    with pytest.raises(ExportValidationError, match="vae_decoder.*disagrees"):
+        validate_onnx(onnx_dir / "vae_decoder.onnx", Shifted(), spec)
+
+
+def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    import sprintrt.export.validate as V
+
+    def broken(*a, **k):
+        raise ExportValidationError("planted")
+
+    monkeypatch.setattr(V, "validate_onnx", broken)
+    out = tmp_path / "onnx"
+    with pytest.raises(ExportValidationError, match="planted"):
+        export_model(tiny_checkpoint, out, components=("transformer",))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_foreign_directory_and_bad_components(tiny_checkpoint, tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(InvalidInputError, match="not an sprintrt ONNX directory"):
+        export_model(tiny_checkpoint, tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    with pytest.raises(InvalidInputError, match="components="):
+        export_model(tiny_checkpoint, tmp_path / "x", components=("unet",))
