@@ -28,6 +28,7 @@ from pathlib import Path
 from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
+from sprintrt.export.graph_passes import castlike_constants, sequences_to_split, typed_list_constants
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a model over 2 GB; leave headroom
@@ -120,7 +121,10 @@ def trace_to_onnx(module, spec: S.ComponentSpec):
     del program
     typed_list_constants(proto)
     # Folding runs on the proto; for graphs over 2 GB polygraphy falls back to its path-based helpers.
-    return fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
+    proto = fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
+    sequences_to_split(proto)
+    castlike_constants(proto)
+    return proto
 
 
 def _quiet_exporter_logs() -> None:
@@ -132,28 +136,6 @@ def _quiet_exporter_logs() -> None:
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     ort.set_default_logger_severity(3)
-
-
-def typed_list_constants(proto) -> int:
-    """Rewrite `Constant(value_ints=[...])` / `value_floats` as typed tensors, in place. Returns the count.
-
-    onnx-graphsurgeon reads an *empty* value_ints list as a float64 array, so constant folding turns
-    the empty shape of `torch.zeros([])` into a double tensor feeding Expand, which ORT rejects.
-    """
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    kinds = {"value_ints": np.int64, "value_floats": np.float32}
-    count = 0
-    for node in proto.graph.node:
-        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name not in kinds:
-            continue
-        attr = node.attribute[0]
-        values = np.array(helper.get_attribute_value(attr), dtype=kinds[attr.name])
-        del node.attribute[:]
-        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(values)))
-        count += 1
-    return count
 
 
 def save_onnx(proto, path: Path) -> None:
@@ -181,7 +163,11 @@ def export_component(pipe, component: str, out_dir: Path, dims: S.ModelDims, val
     del proto
     seconds = time.perf_counter() - t0
     records = validate_onnx(path, module, spec) if validate else []
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "export_seconds": round(seconds, 2), "validation": records, "spec": spec.to_json()}
+    from sprintrt.export.trt_lint import lint
+
+    findings = [str(f) for f in lint(path)]
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "export_seconds": round(seconds, 2), "validation": records,
+            "trt_lint": findings, "spec": spec.to_json()}
 
 
 def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS, validate: bool = True,

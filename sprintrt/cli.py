@@ -68,6 +68,8 @@ def cmd_export(args) -> None:
         worst = max((r["max_abs"] for r in rec["validation"]), default=float("nan"))
         console.print(f"  {name}: {out / rec['file']}  ({rec['export_seconds']} s; max |onnx - torch| "
                       f"{worst:.2e} over {len(rec['validation'])} validation shapes)")
+        for finding in rec.get("trt_lint", []):
+            console.print(f"    TensorRT lint: {finding}")
     print(f"ONNX files written to {out}")
 
 

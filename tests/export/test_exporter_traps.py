@@ -11,7 +11,8 @@ from diffusers.models.attention_processor import Attention, SanaLinearAttnProces
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 
 from sprintrt.export import specs as S
-from sprintrt.export.onnx_export import trace_to_onnx, typed_list_constants
+from sprintrt.export.graph_passes import typed_list_constants
+from sprintrt.export.onnx_export import trace_to_onnx
 from sprintrt.export.wrappers import BroadcastMaskSanaAttnProcessor, TransformerWrapper
 
 
@@ -109,3 +110,14 @@ def test_empty_int_list_constants_stay_int64():
     folded = fold_constants(model, fold_shapes=True)
     sess = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"x": np.ones(2, np.float32)})[0].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", S.COMPONENTS)
+def test_exports_are_tensorrt_ready(onnx_dir, name):
+    """Trap 5: optimize=False leaves SplitToSequence/SequenceAt (TensorRT rejects them) and a DOUBLE
+    CastLike from F.pad(value=1.0); the export's graph passes must remove both."""
+    from sprintrt.export.trt_lint import lint
+
+    assert [str(f) for f in lint(onnx_dir / f"{name}.onnx")] == []
+    info = __import__("json").loads((onnx_dir / "export_info.json").read_text())
+    assert info["components"][name]["trt_lint"] == []

@@ -1,0 +1,133 @@
+"""In-place clean-ups of an exported ONNX graph, each fixing one measured problem.
+
+- typed_list_constants: onnx-graphsurgeon reads `Constant(value_ints=[])` as float64, so constant
+  folding feeds a double shape to Expand and ONNX Runtime refuses the graph.
+- castlike_constants: `F.pad(..., value=1.0)` in the linear attention exports as
+  CastLike(double 1.0, x); TensorRT has no DOUBLE CastLike, and the cast of a constant is a constant.
+- sequences_to_split: the dynamo exporter with optimize=False writes torch.chunk/split as
+  SplitToSequence + SequenceAt, which TensorRT's ONNX parser does not support; a plain Split with
+  the same sizes is the same computation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def typed_list_constants(proto: onnx.ModelProto) -> int:
+    """Rewrite `Constant(value_ints=[...])` / `value_floats` as typed tensors. Returns the count."""
+    kinds = {"value_ints": np.int64, "value_floats": np.float32}
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name not in kinds:
+            continue
+        attr = node.attribute[0]
+        values = np.array(helper.get_attribute_value(attr), dtype=kinds[attr.name])
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(values)))
+        count += 1
+    return count
+
+
+def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return values
+
+
+def _static_dim(proto: onnx.ModelProto, tensor: str, axis: int) -> int | None:
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        if vi.name == tensor:
+            dims = vi.type.tensor_type.shape.dim
+            if axis < 0:
+                axis += len(dims)
+            return dims[axis].dim_value if 0 <= axis < len(dims) and dims[axis].HasField("dim_value") else None
+    return None
+
+
+def sequences_to_split(proto: onnx.ModelProto) -> int:
+    """Replace SplitToSequence(+SequenceAt with constant indices) by Split. Returns how many were replaced.
+
+    Left alone (and reported by the TensorRT lint) when the split sizes or the split axis are not
+    static, or a sequence is used by anything but SequenceAt.
+    """
+    consts = _constants(proto)
+    users: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    replaced, drop, rename = 0, set(), {}
+    new_nodes = {}
+    for node in proto.graph.node:
+        if node.op_type != "SplitToSequence" or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis, seq = int(attrs.get("axis", 0)), node.output[0]
+        readers = users.get(seq, [])
+        if not readers or any(r.op_type != "SequenceAt" or r.input[1] not in consts for r in readers):
+            continue
+        split = consts[node.input[1]].astype(np.int64)
+        if split.ndim == 0:
+            total = _static_dim(proto, node.input[0], axis)
+            if total is None:
+                continue
+            chunk = int(split)
+            sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
+        else:
+            sizes = split.tolist()
+        outputs = [f"{node.name}_part{i}" for i in range(len(sizes))]
+        sizes_name = f"{node.name}_sizes"
+        new_nodes[node.name] = [
+            helper.make_node("Constant", [], [sizes_name], value=numpy_helper.from_array(np.array(sizes, np.int64))),
+            helper.make_node("Split", [node.input[0], sizes_name], outputs, name=node.name, axis=axis),
+        ]
+        for r in readers:
+            index = int(consts[r.input[1]])
+            rename[r.output[0]] = outputs[index]
+            drop.add(id(r))
+        replaced += 1
+    if not replaced:
+        return 0
+    nodes = []
+    for n in proto.graph.node:
+        if id(n) in drop:
+            continue
+        if n.name in new_nodes and n.op_type == "SplitToSequence":
+            nodes.extend(new_nodes[n.name])
+            continue
+        nodes.append(n)
+    for n in nodes:
+        for k, name in enumerate(n.input):
+            if name in rename:
+                n.input[k] = rename[name]
+    for out in proto.graph.output:
+        if out.name in rename:  # a graph output fed straight by SequenceAt: keep its name with an Identity
+            nodes.append(helper.make_node("Identity", [rename[out.name]], [out.name]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return replaced
+
+
+def castlike_constants(proto: onnx.ModelProto) -> int:
+    """Replace CastLike(constant, x) by a constant of x's type, when that type is known. Returns the count."""
+    from onnx import helper as h
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    consts = _constants(proto)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info)
+             + list(inferred.graph.input) if vi.type.HasField("tensor_type")}
+    count = 0
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type != "CastLike" or node.input[0] not in consts or not types.get(node.input[1]):
+            continue
+        value = consts[node.input[0]].astype(tensor_dtype_to_np_dtype(types[node.input[1]]))
+        proto.graph.node[i].CopyFrom(h.make_node("Constant", [], [node.output[0]], name=node.name,
+                                                 value=numpy_helper.from_array(value)))
+        count += 1
+    return count
