@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 from sprintrt.engines import manifest as M
-from sprintrt.engines.precision import Precision, check_supported
+from sprintrt.engines.precision import resolve_precisions
+from sprintrt.engines.profiles import ProfileOptions, full_profile, input_shapes, tensorrt_profile
 from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file
 from sprintrt.export import specs as S
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def read_export_info(onnx_dir: Path) -> dict:
@@ -49,41 +50,56 @@ def _backend_module(backend: str):
     if backend == "onnxruntime":
         from sprintrt.engines import ort_build
         return ort_build
+    if backend == "tensorrt":
+        from sprintrt.engines import trt_build
+        return trt_build
     raise InvalidInputError(f"backend={backend!r} is not known: expected one of {list(BACKENDS)}. "
-                            "Fix: pass --backend onnxruntime")
+                            "Fix: pass --backend onnxruntime (CPU) or --backend tensorrt (NVIDIA GPU)")
 
 
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",
-                  precision: str | Precision = "fp32", components=S.COMPONENTS, rebuild: bool = False,
+                  precision=None, components=S.COMPONENTS, rebuild: bool = False,
+                  profile: ProfileOptions | None = None,
                   progress: Callable[[str, str], None] | None = None) -> Path:
     """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
 
-    An engine whose key (target, library version, precision, profile, source ONNX hash) matches and
-    whose file is intact is reused unless `rebuild`; anything else is rebuilt. Files are written under
-    new names and the manifest is switched atomically, so an interrupted build leaves the previous
-    engine directory usable and no half-written engine file is ever referenced.
+    Args:
+        precision: None (the backend's per-component defaults), one precision for all, a dict, or
+            "transformer=fp16,vae_decoder=fp32".
+        profile: TensorRT shape-profile options (ONNX Runtime engines accept the spec's full ranges).
+
+    Everything that can fail without building (arguments, sources, the backend's presence) is checked
+    before anything is written. An engine whose key (target, library version, precision, profile,
+    source ONNX hash) matches and whose file is intact is reused unless `rebuild`. Files are written
+    under new names and the manifest is switched atomically, so an interrupted build leaves the
+    previous engine directory usable and no half-written engine file is ever referenced.
     """
     from filelock import FileLock
 
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
-    precision = Precision.parse(precision)
     backend_mod = _backend_module(backend)
-    check_supported(backend, precision)
+    precisions = resolve_precisions(precision, backend, components)
     info = read_export_info(onnx_dir)
     missing = [c for c in components if c not in info["components"]]
     if missing:
         raise ModelLoadError(f"{onnx_dir} has no export of {missing}. Fix: `sprintrt export MODEL -o {onnx_dir}`")
     sources = {c: check_onnx_file(onnx_dir, c, info["components"][c]) for c in components}
+    model = S.model_dims_from_json(info["model_dims"])
+    specs = {c: S.SPEC_BUILDERS[c](model) for c in components}
+    if backend == "tensorrt":
+        _refuse_unready(info, components)
+        profiles = {c: tensorrt_profile(specs[c], model, profile or ProfileOptions()) for c in components}
+    else:
+        profiles = {c: full_profile(specs[c]) for c in components}
+    target, versions = backend_mod.target(), backend_mod.versions()  # raise before anything is written
 
     engine_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(engine_dir / ".build.lock")):
         old = _read_existing(engine_dir, info)
-        target, versions = backend_mod.target(), backend_mod.versions()
         entries = {}
         for comp in components:
-            record = info["components"][comp]
-            dims = record["spec"]["dims"]
-            key = M.cache_key(target, backend, versions[backend_mod.LIBRARY], precision.value, dims, record["sha256"])
+            record, prec = info["components"][comp], precisions[comp]
+            key = M.cache_key(target, backend, versions[backend_mod.LIBRARY], prec.value, profiles[comp], record["sha256"])
             prev = old.get(comp) if old else None
             if not rebuild and prev and prev["key"] == key and _intact(engine_dir, prev):
                 if progress:
@@ -92,17 +108,18 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
                 continue
             if progress:
                 progress(comp, "building")
-            file_name = f"{comp}-{hashlib.sha256(key.encode()).hexdigest()[:12]}{backend_mod.SUFFIX}"
+            path = engine_dir / f"{comp}-{hashlib.sha256(key.encode()).hexdigest()[:12]}{backend_mod.SUFFIX}"
             t0 = time.perf_counter()
-            build_info = backend_mod.build_component(sources[comp], engine_dir / file_name, precision)
-            path = engine_dir / file_name
+            build_info = backend_mod.build_component(sources[comp], path, comp, prec,
+                                                     input_shapes(specs[comp], profiles[comp]), target, versions)
+            io = dict(record["spec"], dims=profiles[comp])
             entries[comp] = {
-                "file": file_name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
-                "backend": backend, "precision": precision.value, **build_info,
+                "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                "backend": backend, "precision": prec.value, **build_info,
                 "key": key, "target": target, "libraries": versions,
                 "source_onnx": {"file": record["file"], "sha256": record["sha256"]},
                 "model_identity": info["model"]["identity"],
-                "io": record["spec"], "build_seconds": round(time.perf_counter() - t0, 2),
+                "io": io, "build_seconds": round(time.perf_counter() - t0, 2),
             }
         if old:  # keep engines of components not rebuilt this time, if they belong to the same model
             for comp, entry in old.items():
@@ -116,6 +133,15 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
         manifest.write()
         _remove_unreferenced(engine_dir, entries)
     return engine_dir
+
+
+def _refuse_unready(info: dict, components) -> None:
+    for comp in components:
+        findings = info["components"][comp].get("trt_lint", [])
+        if findings:
+            raise ModelLoadError(f"{comp}.onnx is not ready for TensorRT: {findings[0]}"
+                                 f"{f' (and {len(findings) - 1} more)' if len(findings) > 1 else ''}. "
+                                 "Fix: re-export with this sprintrt version, whose graph passes remove these ops")
 
 
 def _read_existing(engine_dir: Path, info: dict) -> dict | None:

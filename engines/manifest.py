@@ -97,8 +97,10 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
 
 
 def check_loadable(manifest: Manifest, components, *, expect_model: str | None = None, verify_sha256: bool = False,
-                   here: dict | None = None, library_versions: dict | None = None) -> None:
-    """Raise EngineDirError if any engine may not be loaded here, naming the field, both values and the fix."""
+                   machine=None) -> None:
+    """Raise EngineDirError if any engine may not be loaded here, naming the field, both values and the fix.
+
+    `machine(backend) -> (target, library_versions)` describes this machine; None skips those checks."""
     rebuild = "Fix: rebuild with `sprintrt build ONNX_DIR -o ENGINE_DIR --rebuild` on this machine"
     identities = {c["model_identity"] for c in manifest.components.values()}
     model = manifest.data["model"]["identity"]
@@ -121,9 +123,12 @@ def check_loadable(manifest: Manifest, components, *, expect_model: str | None =
                                  f"truncated or was replaced. {rebuild}")
         if verify_sha256 and sha256_file(path) != comp["sha256"]:
             raise EngineDirError(f"engine file {path} does not match its sha256 in the manifest. {rebuild}")
-        if here is not None and comp["target"] != here:
+        if machine is None:
+            continue
+        here, library_versions = machine(comp["backend"])
+        if comp["target"] != here:
             raise EngineDirError(f"'{name}' was built for {comp['target']}, this machine is {here}. {rebuild}")
         for lib, built_with in comp.get("libraries", {}).items():
-            have = (library_versions or {}).get(lib)
+            have = library_versions.get(lib)
             if have is not None and have != built_with:
                 raise EngineDirError(f"'{name}' was built with {lib} {built_with}, this process has {lib} {have}. {rebuild}")

@@ -30,8 +30,11 @@ def versions() -> dict:
     return {LIBRARY: ort.__version__}
 
 
-def build_component(source: Path, out: Path, precision: Precision) -> dict:
-    """Optimise `source` for this CPU into `out` (written under a temporary name, then renamed)."""
+def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict,
+                    target_info: dict, library_versions: dict) -> dict:
+    """Optimise `source` for this CPU into `out` (written under a temporary name, then renamed).
+
+    ORT sessions take any shape in the spec's ranges, so `shapes` only goes into the manifest."""
     import onnxruntime as ort
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -1,10 +1,17 @@
-"""Precision of an engine component, and which backend can build which."""
+"""Precision of an engine component: the enum, safe per-component defaults, and user overrides.
+
+Defaults follow what SANA-Sprint is known to tolerate (spec §9): Gemma2 in bf16 (its (1+w) RMSNorm
+and GeGLU overflow fp16, and the docs say it "must stay in bf16"), the transformer in bf16 (fp16
+allowed: its linear-attention matmuls, normaliser division and epsilon are pinned to fp32), the DC-AE
+decoder in bf16 (fp32 allowed). ONNX Runtime's CPU backend builds fp32 only.
+"""
 
 from __future__ import annotations
 
 from enum import Enum
 
 from sprintrt.errors import InvalidInputError
+from sprintrt.export.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER
 
 
 class Precision(str, Enum):
@@ -18,22 +25,54 @@ class Precision(str, Enum):
     @classmethod
     def parse(cls, value: "str | Precision") -> "Precision":
         try:
-            return cls(str(value.value if isinstance(value, Precision) else value).lower())
+            return cls(str(value.value if isinstance(value, Precision) else value).strip().lower())
         except ValueError:
             raise InvalidInputError(
                 f"precision={value!r} is not known: expected one of {[p.value for p in cls]}. "
                 "Fix: pass e.g. --precision fp32") from None
 
 
-# What each backend builds today. TensorRT's entry is filled by its builder module.
-SUPPORTED = {
-    "onnxruntime": (Precision.FP32,),
+P = Precision
+DEFAULTS = {
+    "onnxruntime": {c: P.FP32 for c in COMPONENTS},
+    "tensorrt": {TEXT_ENCODER: P.BF16, TRANSFORMER: P.BF16, VAE_DECODER: P.BF16},
 }
+# What each backend can build, per component. INT8/FP8 need Q/DQ ONNX (the quantization step).
+ALLOWED = {
+    "onnxruntime": {c: (P.FP32,) for c in COMPONENTS},
+    "tensorrt": {
+        TEXT_ENCODER: (P.FP32, P.TF32, P.BF16),
+        TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16),
+        VAE_DECODER: (P.FP32, P.TF32, P.BF16, P.FP16),
+    },
+}
+WHY_NOT = {(TEXT_ENCODER, P.FP16): "Gemma2 overflows fp16 (its docs: the text encoder must stay in bf16)"}
 
 
-def check_supported(backend: str, precision: Precision) -> None:
-    allowed = SUPPORTED.get(backend, ())
-    if precision not in allowed:
-        raise InvalidInputError(
-            f"precision={precision.value!r} is not available on backend {backend!r}: it builds "
-            f"{[p.value for p in allowed]}. Fix: choose one of those, or another backend")
+def resolve_precisions(value, backend: str, components=COMPONENTS) -> dict[str, Precision]:
+    """Per-component precisions from None (defaults), one precision for all, a dict, or a string like
+    "transformer=fp16,text_encoder=bf16" (unnamed components keep their defaults)."""
+    if backend not in DEFAULTS:
+        raise InvalidInputError(f"backend={backend!r} is not known: expected one of {sorted(DEFAULTS)}. "
+                                "Fix: pass --backend onnxruntime or tensorrt")
+    chosen = dict(DEFAULTS[backend])
+    if isinstance(value, dict):
+        chosen.update({k: Precision.parse(v) for k, v in value.items()})
+    elif value is not None and "=" in str(value):
+        for part in str(value).split(","):
+            name, _, prec = part.partition("=")
+            name = name.strip()
+            if name not in COMPONENTS:
+                raise InvalidInputError(f"--precision names component {name!r}: expected one of {list(COMPONENTS)}. "
+                                        "Fix: e.g. --precision transformer=fp16,vae_decoder=fp32")
+            chosen[name] = Precision.parse(prec)
+    elif value is not None:
+        one = Precision.parse(value)
+        chosen = {c: one for c in COMPONENTS}
+    for comp in components:
+        p = chosen[comp]
+        if p not in ALLOWED[backend][comp]:
+            why = WHY_NOT.get((comp, p), f"backend {backend!r} builds {[a.value for a in ALLOWED[backend][comp]]} for it")
+            raise InvalidInputError(f"precision={p.value!r} is not available for {comp} on backend {backend!r}: {why}. "
+                                    f"Fix: choose one of {[a.value for a in ALLOWED[backend][comp]]}")
+    return {c: chosen[c] for c in components}

@@ -75,6 +75,7 @@ def model_dims(pipe) -> S.ModelDims:
         latent_channels=int(pipe.transformer.config.in_channels),
         vae_scale_factor=int(pipe.vae_scale_factor),
         text_len_max=max(n_chi + S.MAX_SEQUENCE_LENGTH_LIMIT - 2, S.MAX_SEQUENCE_LENGTH_LIMIT),
+        chi_tokens=n_chi,
     )
 
 

@@ -10,7 +10,7 @@ Pure data: stdlib + numpy only, so the runtime can import it on a box without to
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
@@ -33,6 +33,20 @@ DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
     "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
     "User Prompt: ",
 )
+# diffusers' ASPECT_RATIO_1024_BIN (pipelines/pixart_alpha): aspect ratio h/w → [height, width].
+ASPECT_RATIO_1024_BIN = {
+    "0.25": (512, 2048), "0.28": (512, 1856), "0.32": (576, 1792), "0.33": (576, 1728), "0.35": (576, 1664),
+    "0.4": (640, 1600), "0.42": (640, 1536), "0.48": (704, 1472), "0.5": (704, 1408), "0.52": (704, 1344),
+    "0.57": (768, 1344), "0.6": (768, 1280), "0.68": (832, 1216), "0.72": (832, 1152), "0.78": (896, 1152),
+    "0.82": (896, 1088), "0.88": (960, 1088), "0.94": (960, 1024), "1.0": (1024, 1024), "1.07": (1024, 960),
+    "1.13": (1088, 960), "1.21": (1088, 896), "1.29": (1152, 896), "1.38": (1152, 832), "1.46": (1216, 832),
+    "1.67": (1280, 768), "1.75": (1344, 768), "2.0": (1408, 704), "2.09": (1472, 704), "2.4": (1536, 640),
+    "2.5": (1600, 640), "3.0": (1728, 576), "4.0": (2048, 512),
+}
+
+# diffusers' ASPECT_RATIO_512_BIN is the 1024 table halved, entry by entry.
+ASPECT_RATIO_512_BIN = {k: (h // 2, w // 2) for k, (h, w) in ASPECT_RATIO_1024_BIN.items()}
+
 # Written by `sprintrt export` beside the ONNX files; read by `sprintrt build`.
 EXPORT_INFO = "export_info.json"
 # The longest max_sequence_length the exported graphs and engine profiles admit.
@@ -57,6 +71,14 @@ class Dim:
             raise ValueError(f"Dim {self.name}: need min <= opt, sample <= max, got {self}")
         if self.sample in self.probes or not all(self.min <= p <= self.max for p in self.probes):
             raise ValueError(f"Dim {self.name}: probes must lie in [min, max] and differ from sample, got {self}")
+
+
+class Bounds(NamedTuple):
+    """The (min, opt, max) of one dim in a built engine's profile."""
+
+    min: int
+    opt: int
+    max: int
 
 
 @dataclass(frozen=True)
@@ -167,7 +189,7 @@ class ComponentSpec:
             feeds[t.name] = arr.astype(t.dtype)
         return feeds
 
-    def check_feeds(self, feeds: Mapping[str, np.ndarray], limits: Mapping[str, Dim] | None = None) -> None:
+    def check_feeds(self, feeds: Mapping[str, np.ndarray], limits: Mapping[str, "Dim | Bounds"] | None = None) -> None:
         """Raise InvalidInputError naming the tensor, the axis and the allowed range."""
         limits = dict(limits or self.dims())
         seen: dict[str, int] = {}
@@ -216,6 +238,7 @@ class ModelDims:
     latent_channels: int
     vae_scale_factor: int
     text_len_max: int  # longest tokenized text: CHI tokens + MAX_SEQUENCE_LENGTH_LIMIT - 2
+    chi_tokens: int = 0  # tokens of the default complex human instruction, <bos> included
     max_sequence_length: int = 300
     max_batch: int = 8
     latent_min: int = 4

@@ -17,10 +17,10 @@ from sprintrt.errors import EngineDirError, MissingDependencyError
 from sprintrt.export import specs as S
 
 
-def profile_limits(manifest: Manifest, component: str) -> dict[str, S.Dim]:
+def profile_limits(manifest: Manifest, component: str) -> dict[str, S.Bounds]:
     """The engine's dim ranges as built (its shape profile), from the manifest."""
     dims = manifest.components[component]["io"]["dims"]
-    return {name: S.Dim(name, **d) for name, d in dims.items()}
+    return {name: S.Bounds(d["min"], d["opt"], d["max"]) for name, d in dims.items()}
 
 
 def component_spec(manifest: Manifest, component: str) -> S.ComponentSpec:
@@ -69,10 +69,15 @@ class OrtEngine:
         self.release()
 
 
-def load_engine(manifest: Manifest, component: str, threads: int | None = None):
+def load_engine(manifest: Manifest, component: str, threads: int | None = None, stream=None,
+                cuda_graph: bool = False):
     backend = manifest.components[component]["backend"]
     if backend == "onnxruntime":
         return OrtEngine(manifest, component, threads)
+    if backend == "tensorrt":
+        from sprintrt.runtime.trt_backend import TrtEngine
+
+        return TrtEngine(manifest, component, stream=stream, cuda_graph=cuda_graph)
     raise EngineDirError(f"'{component}' in {manifest.path} uses backend {backend!r}, which this sprintrt cannot "
                          "load. Fix: upgrade sprintrt, or rebuild with --backend onnxruntime")
 
@@ -83,9 +88,16 @@ def default_threads() -> int | None:
     return int(value) if value else None
 
 
-def library_versions() -> Mapping[str, str]:
+def machine_for(backend: str) -> tuple[dict, Mapping[str, str]]:
+    """(target, library versions) of this machine for a backend, to check engines against."""
+    if backend == "tensorrt":
+        from sprintrt.engines import trt_build
+
+        return trt_build.target(), trt_build.versions()
+    from sprintrt.engines import ort_build
+
     try:
-        import onnxruntime as ort
-    except ImportError:
-        return {}
-    return {"onnxruntime": ort.__version__}
+        return ort_build.target(), ort_build.versions()
+    except ImportError as e:
+        raise MissingDependencyError("the onnxruntime backend needs the 'onnxruntime' package. Fix: pip install "
+                                     "onnxruntime") from e

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sprintrt.engines.manifest import check_loadable, cpu_target, read_manifest
+from sprintrt.engines.manifest import check_loadable, read_manifest
 from sprintrt.errors import InvalidInputError, invalid
 from sprintrt.export import specs as S
 from sprintrt.runtime import image as I
-from sprintrt.runtime.backends import default_threads, library_versions, load_engine
+from sprintrt.runtime.backends import default_threads, load_engine, machine_for
 from sprintrt.runtime.noise import noise_source
 from sprintrt.runtime.prompt import PromptTokenizer, preprocess, select_index
 from sprintrt.runtime.scheduler import DEFAULT_INTERMEDIATE_TIMESTEPS, DEFAULT_MAX_TIMESTEPS, SCMScheduler
@@ -67,7 +67,8 @@ class SprintPipeline:
 
     @classmethod
     def from_engines(cls, engine_dir: str | Path, threads: int | None = None, expect_model: str | None = None,
-                     verify_sha256: bool = False, components=S.COMPONENTS) -> "SprintPipeline":
+                     verify_sha256: bool = False, components=S.COMPONENTS,
+                     cuda_graph: bool = False) -> "SprintPipeline":
         """Load an engine directory written by `sprintrt build`.
 
         Args:
@@ -76,12 +77,18 @@ class SprintPipeline:
             expect_model: the model identity (sha256) the engines must come from; None skips the check.
             verify_sha256: hash every engine file against the manifest (size is always checked).
             components: load a subset (e.g. without the VAE for output_type="latent").
+            cuda_graph: TensorRT engines replay CUDA graphs at repeated shapes (static-profile engines).
         """
         manifest = read_manifest(engine_dir)
         check_loadable(manifest, components, expect_model=expect_model, verify_sha256=verify_sha256,
-                       here=cpu_target(), library_versions=library_versions())
+                       machine=machine_for)
         threads = threads or default_threads()
-        engines = {c: load_engine(manifest, c, threads) for c in components}
+        stream = None
+        if any(manifest.components[c]["backend"] == "tensorrt" for c in components):
+            from polygraphy import cuda
+
+            stream = cuda.Stream()  # one stream for every TensorRT engine of the pipeline
+        engines = {c: load_engine(manifest, c, threads, stream=stream, cuda_graph=cuda_graph) for c in components}
         tokenizer = PromptTokenizer(manifest.root / manifest.data["tokenizer"])
         return cls(engines, tokenizer, manifest)
 

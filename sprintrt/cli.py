@@ -75,15 +75,37 @@ def cmd_export(args) -> None:
 
 def cmd_build(args) -> None:
     from sprintrt.engines.build import build_engines
+    from sprintrt.engines.profiles import ProfileOptions
 
     console = _console()
+    profile = ProfileOptions(max_batch=args.max_batch, max_sequence_length=args.max_sequence_length,
+                             complex_human_instruction=not args.no_chi, static=_parse_static(args.static))
     with console.status("building engines") as status:
         out = build_engines(args.onnx_dir, args.output, backend=args.backend, precision=args.precision,
-                            rebuild=args.rebuild, progress=lambda c, what: status.update(f"{c}: {what}"))
+                            rebuild=args.rebuild, profile=profile,
+                            progress=lambda c, what: status.update(f"{c}: {what}"))
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["components"].items():
         console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
     print(f"engines and manifest written to {out}")
+
+
+def _parse_static(value):
+    if not value:
+        return None
+    from sprintrt.errors import InvalidInputError
+
+    try:
+        batch, height, width = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise InvalidInputError(f"--static {value!r} is not BATCHxHEIGHTxWIDTH. Fix: e.g. --static 1x1024x1024") from None
+    return batch, height, width
+
+
+def cmd_doctor(args) -> None:
+    from sprintrt.engines.doctor import report
+
+    print(report())
 
 
 def cmd_generate(args) -> None:
@@ -130,10 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="build engines from an ONNX directory")
     s.add_argument("onnx_dir")
     s.add_argument("-o", "--output", required=True, help="engine directory to write")
-    s.add_argument("--backend", default="onnxruntime")
-    s.add_argument("--precision", default="fp32")
+    s.add_argument("--backend", default="onnxruntime", help="onnxruntime (CPU) or tensorrt (NVIDIA GPU)")
+    s.add_argument("--precision", default=None,
+                   help="one precision for all (fp32, tf32, bf16, fp16) or per component, e.g. "
+                        "transformer=fp16,vae_decoder=fp32; default: the backend's safe per-component choice")
     s.add_argument("--rebuild", action="store_true", help="rebuild even if an up-to-date engine exists")
+    s.add_argument("--max-batch", type=int, default=4, help="TensorRT profile: largest batch (default 4)")
+    s.add_argument("--max-sequence-length", type=int, default=300, help="TensorRT profile: prompt tokens (default 300)")
+    s.add_argument("--no-chi", action="store_true", help="TensorRT profile: prompts without the complex human instruction")
+    s.add_argument("--static", help="TensorRT profile: one shape BATCHxHEIGHTxWIDTH, e.g. 1x1024x1024 (CUDA graphs)")
     s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("doctor", help="what this machine has (GPU, CUDA driver, TensorRT, ONNX Runtime) and can build")
+    s.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("generate", help="generate an image with built engines")
     s.add_argument("engine_dir")

@@ -83,7 +83,8 @@ def test_not_an_onnx_dir(tmp_path):
 @pytest.mark.parametrize("kw,match", [
     (dict(backend="tvm"), "backend='tvm'"),
     (dict(precision="int4"), "precision='int4'"),
-    (dict(precision="fp8"), "precision='fp8' is not available on backend 'onnxruntime'"),
+    (dict(precision="fp8"), "precision='fp8' is not available for text_encoder on backend 'onnxruntime'"),
+    (dict(backend="tensorrt", precision="text_encoder=fp16"), "Gemma2 overflows fp16"),
 ])
 def test_bad_build_options(onnx_dir, tmp_path, kw, match):
     with pytest.raises(InvalidInputError, match=match):

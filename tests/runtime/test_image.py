@@ -12,8 +12,13 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_
 from sprintrt.runtime import image as I
 
 
-def test_bin_table_is_diffusers_table():
-    assert {k: tuple(int(x) for x in v) for k, v in ASPECT_RATIO_1024_BIN.items()} == I.ASPECT_RATIO_1024_BIN
+def test_bin_tables_are_diffusers_tables():
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN
+
+    from sprintrt.export import specs as S
+
+    assert {k: tuple(int(x) for x in v) for k, v in ASPECT_RATIO_1024_BIN.items()} == S.ASPECT_RATIO_1024_BIN
+    assert {k: tuple(int(x) for x in v) for k, v in ASPECT_RATIO_512_BIN.items()} == S.ASPECT_RATIO_512_BIN
 
 
 @pytest.mark.parametrize("h,w", [(1024, 1024), (300, 200), (200, 300), (512, 2048), (4000, 100), (100, 4000),

@@ -1,0 +1,200 @@
+"""TensorRT engines, built with Polygraphy's loaders.
+
+The build is a composition of Polygraphy loaders (network from the ONNX path → builder config with
+the profile, precision flags, optimisation level, workspace and a timing cache → serialized engine),
+so TensorRT is imported only when the composition runs; constructing it needs no TensorRT, which is
+how the CPU tests check it.
+
+Precision: the exported ONNX is float32. fp32 builds are plain float32 networks (TF32 off); tf32,
+bf16 and fp16 builds set the builder's precision flag and pin the layers that must stay float32 —
+the linear attention's matmuls, normaliser division and epsilon in the transformer (spec §9.2: the
+1e-15 flushes to 0 and the sums pass 65504 in fp16; diffusers computes them in fp32 too), and the
+VAE's Resize — with `precision_constraints="obey"`. A pin that matches no TensorRT layer is an
+error, never a silent fp16 layer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from sprintrt.engines.precision import Precision
+from sprintrt.errors import MissingDependencyError
+
+LIBRARY = "tensorrt"
+SUFFIX = ".plan"
+WORKSPACE_BYTES = 8 << 30
+BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT's default; 5 searches longer for a few % more
+INSTALL = ("Fix: run the TensorRT build on a machine with an NVIDIA GPU and driver, with TensorRT installed "
+           "(pip install tensorrt-cu12, or the NVIDIA container); `sprintrt doctor` shows what this machine has. "
+           "On a CPU machine use --backend onnxruntime")
+
+
+def _gpus() -> list[dict]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, cc, driver = (p.strip() for p in line.split(","))
+        gpus.append({"kind": "gpu", "name": name, "compute_capability": cc, "driver": driver})
+    return gpus
+
+
+def target() -> dict:
+    """The GPU engines are built for (device 0 or $CUDA_VISIBLE_DEVICES' first). Raises if there is none."""
+    gpus = _gpus()
+    if not gpus:
+        raise MissingDependencyError(f"no NVIDIA GPU is visible (nvidia-smi is missing or lists none). {INSTALL}")
+    gpu = gpus[0]
+    return {"kind": "gpu", "name": gpu["name"], "compute_capability": gpu["compute_capability"]}
+
+
+def versions() -> dict:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise MissingDependencyError(f"TensorRT is not installed ({e}). {INSTALL}") from e
+    return {LIBRARY: trt.__version__}
+
+
+def timing_cache_path(gpu: dict, trt_version: str) -> Path:
+    """One timing cache per GPU model and TensorRT version, shared by every build on the machine.
+    Polygraphy locks it while it merges a build's timings in."""
+    root = Path(os.environ.get("SPRINTRT_CACHE_DIR", Path.home() / ".cache" / "sprintrt"))
+    slug = "".join(ch if ch.isalnum() else "-" for ch in f"{gpu['name']}-sm{gpu['compute_capability']}-trt{trt_version}")
+    return root / "timing" / f"{slug}.cache"
+
+
+# ---- which layers stay float32 -----------------------------------------------------------------------
+
+_LINEAR_ATTENTION_OPS = {"Slice", "Add", "Div", "MatMul", "Cast", "Transpose", "Reshape", "Unsqueeze", "Pad"}
+
+
+def fp32_pinned_nodes(model, component: str) -> list[str]:
+    """ONNX node names whose TensorRT layers must run in float32 for reduced-precision builds."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    nodes = list(model.graph.node)
+    if component == "vae_decoder":
+        return [n.name for n in nodes if n.op_type == "Resize"]
+    if component != "transformer":
+        return []
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    pinned: list[str] = []
+    for add in nodes:
+        is_eps = add.op_type == "Add" and any(
+            i in consts and consts[i].size == 1 and np.isclose(float(consts[i].ravel()[0]), 1e-15, rtol=1e-3, atol=0)
+            for i in add.input)
+        if not is_eps:
+            continue
+        # Walk back from the normaliser division through the two matmuls (v·kᵀ, then ·q).
+        stack = [(n, 0) for n in consumers.get(add.output[0], []) if n.op_type == "Div"]
+        seen = set()
+        while stack:
+            node, matmuls = stack.pop()
+            if node.name in seen or node.op_type not in _LINEAR_ATTENTION_OPS:
+                continue
+            seen.add(node.name)
+            pinned.append(node.name)
+            matmuls += node.op_type == "MatMul"
+            if matmuls >= 2:
+                continue
+            stack.extend((producer[i], matmuls) for i in node.input if i in producer)
+    return pinned
+
+
+# ---- the Polygraphy composition ---------------------------------------------------------------------
+
+def build_loaders(source: Path, out: Path, precision: Precision, shapes: dict, pinned: list[str],
+                  timing_cache: Path | None):
+    """The loader chain that builds and saves one engine; calling the returned loader runs the build.
+
+    Constructed without importing TensorRT: Polygraphy loaders import it when they run.
+    """
+    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, PostprocessConfig,
+                                        PostprocessNetwork, Profile, SaveEngine)
+
+    trt_profile = Profile()
+    for name, s in shapes.items():
+        trt_profile.add(name, min=s["min"], opt=s["opt"], max=s["max"])
+    network = NetworkFromOnnxPath(str(source))
+    if pinned:
+        network = PostprocessNetwork(network, func=lambda net: _pin_fp32(net, pinned), name="pin float32 layers")
+    config = CreateConfig(
+        tf32=precision == Precision.TF32,
+        fp16=precision == Precision.FP16,
+        bf16=precision == Precision.BF16,
+        profiles=[trt_profile],
+        precision_constraints="obey" if pinned else None,
+        builder_optimization_level=BUILDER_OPTIMIZATION_LEVEL,
+        load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,
+    )
+    config = PostprocessConfig(config, func=_limit_workspace)
+    engine = EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None)
+    return SaveEngine(engine, path=str(out))
+
+
+def _limit_workspace(builder, network, config):
+    import tensorrt as trt
+
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+
+
+def _pin_fp32(network, pinned: list[str]):
+    import tensorrt as trt
+
+    wanted, hit = set(pinned), set()
+    for layer in network:
+        # The ONNX parser names a layer after its node, with a suffix when one node becomes several layers.
+        base = next((p for p in wanted if layer.name == p or layer.name.startswith(p + "_")), None)
+        if base is None:
+            continue
+        hit.add(base)
+        layer.precision = trt.float32
+        for k in range(layer.num_outputs):
+            if layer.get_output(k).dtype in (trt.float16, trt.bfloat16, trt.float32):
+                layer.set_output_type(k, trt.float32)
+    missed = wanted - hit
+    if missed:
+        raise MissingDependencyError(f"{len(missed)} layers that must stay float32 were not found in the TensorRT "
+                                     f"network (e.g. {sorted(missed)[:3]}); refusing to build a reduced-precision "
+                                     "engine that could overflow. Fix: build with --precision fp32 and report this")
+    return network
+
+
+def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict,
+                    target_info: dict, library_versions: dict) -> dict:
+    """Build one engine into `out` (written under a temporary name, then renamed).
+
+    `shapes` maps each input to its min/opt/max shapes (engines.profiles.input_shapes)."""
+    pinned = fp32_pinned_nodes(source, component) if precision != Precision.FP32 else []
+    cache = timing_cache_path(target_info, library_versions[LIBRARY])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        build_loaders(source, tmp, precision, shapes, pinned, cache)()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"execution_provider": "TensorRT", "fp32_pinned_layers": len(pinned),
+            "builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL, "timing_cache": str(cache)}
