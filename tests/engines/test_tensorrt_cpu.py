@@ -1,0 +1,126 @@
+"""The TensorRT layer, checked on a CPU: what can be checked without TensorRT or a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from sprintrt.engines import manifest as M
+from sprintrt.engines import trt_build
+from sprintrt.engines.build import build_engines
+from sprintrt.engines.precision import Precision
+from sprintrt.errors import EngineDirError, MissingDependencyError
+
+pytestmark = pytest.mark.skipif(trt_build._gpus() != [], reason="these check the behaviour on a machine without a GPU")
+
+
+def test_tensorrt_build_on_cpu_is_a_typed_error_and_writes_nothing(onnx_dir, tmp_path):
+    out = tmp_path / "trt"
+    with pytest.raises(MissingDependencyError, match="(no NVIDIA GPU|TensorRT is not installed).*--backend onnxruntime"):
+        build_engines(onnx_dir, out, backend="tensorrt")
+    assert not out.exists()
+
+
+def test_tensorrt_build_cli_has_no_traceback(onnx_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sprintrt.cli", "build", str(onnx_dir), "-o", str(tmp_path / "trt"),
+                        "--backend", "tensorrt"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "sprintrt build: error:" in r.stderr and "sprintrt doctor" in r.stderr
+    assert not (tmp_path / "trt").exists()
+
+
+def test_loader_composition_is_built_without_tensorrt(onnx_dir, tmp_path):
+    code = f"""
+import sys
+from pathlib import Path
+from sprintrt.engines.trt_build import build_loaders
+from sprintrt.engines.precision import Precision
+loader = build_loaders(Path({str(onnx_dir / 'transformer.onnx')!r}), Path('/tmp/x.plan'), Precision.BF16,
+    {{'hidden_states': {{'min': (1, 32, 8, 8), 'opt': (1, 32, 32, 32), 'max': (4, 32, 64, 64)}}}},
+    ['node_a'], Path({str(tmp_path / 't.cache')!r}))
+engine = loader._engine
+config = engine._config._config
+assert type(loader).__name__ == 'SaveEngine' and loader.path == '/tmp/x.plan'
+assert type(engine).__name__ == 'EngineFromNetwork' and engine.timing_cache_path.endswith('t.cache')
+assert config.bf16 and not config.fp16 and not config.tf32 and config.precision_constraints == 'obey'
+assert config.builder_optimization_level == 3
+prof = config.profiles[0]['hidden_states']
+assert tuple(prof.min) == (1, 32, 8, 8) and tuple(prof.max) == (4, 32, 64, 64)
+assert type(engine._network).__name__ == 'PostprocessNetwork'
+assert 'tensorrt' not in sys.modules
+print('ok')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "ok", r.stdout + r.stderr
+
+
+def test_fp32_pins_cover_the_linear_attention_normaliser(onnx_dir):
+    model = onnx.load(str(onnx_dir / "transformer.onnx"))
+    by_name = {n.name: n for n in model.graph.node}
+    pinned = trt_build.fp32_pinned_nodes(model, "transformer")
+    ops = [by_name[p].op_type for p in pinned]
+    blocks = 2
+    assert ops.count("Div") == blocks and ops.count("MatMul") == 2 * blocks and ops.count("Add") >= blocks
+    assert trt_build.fp32_pinned_nodes(model, "text_encoder") == []
+    vae = onnx.load(str(onnx_dir / "vae_decoder.onnx"))
+    resizes = [n.name for n in vae.graph.node if n.op_type == "Resize"]
+    assert resizes and trt_build.fp32_pinned_nodes(vae, "vae_decoder") == resizes
+
+
+def test_gpu_cache_key_names_gpu_capability_version_precision_profile_and_onnx():
+    gpu = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    dims = {"batch": {"min": 1, "opt": 1, "max": 4}}
+    key = M.cache_key(gpu, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32)
+    assert key.startswith("NVIDIA-H100-80GB-HBM3-sm9.0__tensorrt10.13.0__bf16__batch1-1-4__abababab")
+    others = [M.cache_key({**gpu, "name": "NVIDIA A100"}, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32),
+              M.cache_key({**gpu, "compute_capability": "8.0"}, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32),
+              M.cache_key(gpu, "tensorrt", "10.12.0", "bf16", dims, "ab" * 32),
+              M.cache_key(gpu, "tensorrt", "10.13.0", "fp16", dims, "ab" * 32),
+              M.cache_key(gpu, "tensorrt", "10.13.0", "bf16", {"batch": {"min": 1, "opt": 1, "max": 8}}, "ab" * 32),
+              M.cache_key(gpu, "tensorrt", "10.13.0", "bf16", dims, "cd" * 32)]
+    assert len({key, *others}) == 7
+    # canonical: dim order does not matter
+    two = {"b": {"min": 1, "opt": 1, "max": 2}, "a": {"min": 1, "opt": 2, "max": 3}}
+    assert M.cache_key(gpu, "tensorrt", "1", "bf16", two, "0" * 64) == \
+        M.cache_key(gpu, "tensorrt", "1", "bf16", dict(reversed(two.items())), "0" * 64)
+
+
+def _fake_tensorrt_manifest(engine_dir):
+    """The ORT engine dir relabelled as TensorRT engines built on an H100 (for the load checks)."""
+    path = engine_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    for c in m["components"].values():
+        c.update(backend="tensorrt", target={"kind": "gpu", "name": "NVIDIA H100", "compute_capability": "9.0"},
+                 libraries={"tensorrt": "10.13.0"})
+    path.write_text(json.dumps(m))
+    return M.read_manifest(engine_dir)
+
+
+@pytest.mark.parametrize("machine,match", [
+    (({"kind": "gpu", "name": "NVIDIA A100", "compute_capability": "8.0"}, {"tensorrt": "10.13.0"}), "built for"),
+    (({"kind": "gpu", "name": "NVIDIA H100", "compute_capability": "9.0"}, {"tensorrt": "10.12.0"}), "tensorrt 10.13.0"),
+])
+def test_stale_tensorrt_engines_are_refused(copy_engine_dir, machine, match):
+    manifest = _fake_tensorrt_manifest(copy_engine_dir)
+    with pytest.raises(EngineDirError, match=match + ".*--rebuild"):
+        M.check_loadable(manifest, ["transformer"], machine=lambda backend: machine)
+    same = ({"kind": "gpu", "name": "NVIDIA H100", "compute_capability": "9.0"}, {"tensorrt": "10.13.0"})
+    M.check_loadable(manifest, ["transformer"], machine=lambda backend: same)  # the matching machine loads
+
+
+def test_loading_tensorrt_engines_on_a_cpu_is_a_typed_error(copy_engine_dir):
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    _fake_tensorrt_manifest(copy_engine_dir)
+    with pytest.raises(MissingDependencyError, match="no NVIDIA GPU|TensorRT is not installed"):
+        SprintPipeline.from_engines(copy_engine_dir)
+
+
+def test_doctor_reports_this_machine():
+    r = subprocess.run([sys.executable, "-m", "sprintrt.cli", "doctor"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    assert "CPU" in r.stdout and "GPU          none visible" in r.stdout and "can build    onnxruntime fp32" in r.stdout

@@ -1,0 +1,109 @@
+"""TensorRT on a GPU: run with `pytest -m gpu` on a machine with an NVIDIA GPU and TensorRT.
+
+Each test skips on a CPU machine with the reason (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+COSINE = 0.999  # bf16/fp16 engines vs fp32 ONNX Runtime, per component output
+PSNR_DB = 35.0  # final image of the bf16 TensorRT pipeline vs the fp32 ONNX Runtime pipeline
+
+
+@pytest.fixture(scope="module")
+def trt_engine_dir(onnx_dir, tmp_path_factory):
+    from sprintrt.engines.build import build_engines
+
+    return build_engines(onnx_dir, tmp_path_factory.mktemp("trt") / "engines", backend="tensorrt")
+
+
+def _cosine(a, b):
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_builds_every_component(trt_engine_dir):
+    m = json.loads((trt_engine_dir / "manifest.json").read_text())
+    assert {c["backend"] for c in m["components"].values()} == {"tensorrt"}
+    assert {c["precision"] for c in m["components"].values()} == {"bf16"}
+    assert m["components"]["transformer"]["fp32_pinned_layers"] > 0
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "transformer", "vae_decoder"])
+def test_tensorrt_matches_onnxruntime(trt_engine_dir, engine_dir, component):
+    from sprintrt.engines.manifest import read_manifest
+    from sprintrt.runtime.backends import OrtEngine, component_spec
+    from sprintrt.runtime.trt_backend import TrtEngine
+
+    trt_m, ort_m = read_manifest(trt_engine_dir), read_manifest(engine_dir)
+    spec = component_spec(trt_m, component)
+    prof = trt_m.components[component]["io"]["dims"]
+    sizes = {n: d["opt"] for n, d in prof.items()}
+    sizes.update({n: min(d["max"], d["opt"] + 1) for n, d in prof.items() if n == "batch"})
+    feeds = spec.sample_inputs(sizes, seed=7)
+    with TrtEngine(trt_m, component) as trt_engine:
+        out = trt_engine(**feeds)
+    ref = OrtEngine(ort_m, component)(**feeds)
+    for name in out:
+        assert _cosine(out[name], ref[name]) >= COSINE
+
+
+def test_pipeline_image_psnr_vs_onnxruntime(trt_engine_dir, sprint_pipe):
+    from sprintrt.benchmarks.demo import psnr
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    kw = dict(prompt="a red fox in snow", num_inference_steps=2, height=512, width=512,
+              use_resolution_binning=False, output_type="np")
+    pipe = SprintPipeline.from_engines(trt_engine_dir)
+    ours = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    ref = sprint_pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert psnr(ours, ref) >= PSNR_DB
+
+
+def test_cuda_graph_equals_plain_path(onnx_dir, tmp_path):
+    from sprintrt.engines.build import build_engines
+    from sprintrt.engines.profiles import ProfileOptions
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    static = build_engines(onnx_dir, tmp_path / "static", backend="tensorrt",
+                           profile=ProfileOptions(max_batch=1, static=(1, 512, 512)))
+    kw = dict(prompt="a koi pond", num_inference_steps=2, height=512, width=512, use_resolution_binning=False,
+              output_type="np")
+    plain = SprintPipeline.from_engines(static)(**kw, generator=0).images
+    graphed = SprintPipeline.from_engines(static, cuda_graph=True)
+    for _ in range(3):  # run 1 plain, run 2 captures, run 3 replays
+        img = graphed(**kw, generator=0).images
+        assert np.array_equal(img, plain)
+
+
+def test_engines_are_reused_across_processes(onnx_dir, trt_engine_dir):
+    code = (f"from sprintrt.engines.build import build_engines; ev = []; "
+            f"build_engines({str(onnx_dir)!r}, {str(trt_engine_dir)!r}, backend='tensorrt', "
+            f"progress=lambda c, w: ev.append(w)); print(ev)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(["reused"] * 3)
+
+
+def test_stale_engine_is_refused(trt_engine_dir, tmp_path):
+    import shutil
+
+    from sprintrt.errors import EngineDirError
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    copy = tmp_path / "stale"
+    shutil.copytree(trt_engine_dir, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["components"]["transformer"]["libraries"]["tensorrt"] = "9.0.0"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineDirError, match="tensorrt 9.0.0.*--rebuild"):
+        SprintPipeline.from_engines(copy)
