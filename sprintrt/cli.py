@@ -121,6 +121,48 @@ def cmd_generate(args) -> None:
     print(f"image written to {path} ({out.timings['total']:.2f} s end to end)")
 
 
+def cmd_bench(args) -> None:
+    from sprintrt.benchmarks import bench as B
+
+    if args.report:
+        doc = json.loads(Path(args.report).read_text())
+        try:
+            B.validate(doc)
+        except ValueError as e:
+            from sprintrt.errors import InvalidInputError
+
+            raise InvalidInputError(f"{args.report}: {e}. Fix: pass a JSON written by `sprintrt bench`") from None
+        md, png = Path(args.report).with_suffix(".md"), Path(args.report).with_suffix(".png")
+        md.write_text(B.report(doc))
+        B.plot(doc, png)
+        print(f"report written to {md} and {png}")
+        return
+    _quiet_libraries()
+    config = B.BenchConfig(
+        model=args.model, arch=None if args.model else args.arch, seed=args.seed,
+        resolutions=[B.parse_resolution(r) for r in args.resolutions.split(",")],
+        batches=[_int_list_item(v, "--batches") for v in args.batches.split(",")],
+        steps=[_int_list_item(v, "--steps") for v in args.steps.split(",")],
+        candidates=[B.Candidate.parse(c) for c in args.candidates.split(",")],
+        baselines=args.baselines.split(","), warmup=args.warmup, runs=args.runs, workdir=Path(args.workdir),
+        prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads)
+    config.check()
+    console = _console()
+    doc = B.run_bench(config, say=console.print)
+    paths = B.write_outputs(doc, args.output)
+    print(B.report(doc))
+    print(f"results written to {', '.join(str(p) for p in paths)}")
+
+
+def _int_list_item(value: str, flag: str) -> int:
+    from sprintrt.errors import InvalidInputError
+
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInputError(f"{flag} item {value!r} is not an integer. Fix: e.g. {flag} 1,2") from None
+
+
 def cmd_demo(args) -> None:
     _quiet_libraries()
     from sprintrt.benchmarks.demo import run_demo
@@ -178,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-binning", action="store_true", help="use height/width as given (multiples of 32)")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("bench", help="latency, memory and image agreement vs diffusers (JSON + Markdown + PNG)")
+    s.add_argument("--model", help="checkpoint directory or hub id (default: a seeded random --arch checkpoint)")
+    s.add_argument("--arch", default="tiny", choices=["tiny", "0.6B", "1.6B"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resolutions", default="512", help="comma-separated HEIGHT or HEIGHTxWIDTH, e.g. 512,768x1280")
+    s.add_argument("--batches", default="1")
+    s.add_argument("--steps", default="1", help="comma-separated step counts, e.g. 1,2")
+    s.add_argument("--candidates", default="ort:fp32", help="comma-separated backend:precision, e.g. ort:fp32,trt:bf16")
+    s.add_argument("--baselines", default="torch-fp32,torch-bf16", help="torch-fp32, torch-bf16, torch-compile-bf16")
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--runs", type=int, default=3)
+    s.add_argument("--prompt", default="a small fluffy white cat asleep on a sunny windowsill")
+    s.add_argument("--no-chi", action="store_true", help="prompts without the complex human instruction")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--workdir", default="out/bench", help="where checkpoints, ONNX and engines are cached")
+    s.add_argument("-o", "--output", default="out/bench/results.json")
+    s.add_argument("--report", help="only turn a stored results JSON into Markdown + PNG beside it")
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("demo", help="tiny checkpoint → export → build → generate, timed against diffusers")
     s.add_argument("--workdir", default="out/demo")

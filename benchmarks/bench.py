@@ -1,0 +1,479 @@
+"""`sprintrt bench`: latency, memory and image agreement of sprintrt engines against PyTorch baselines.
+
+Honest by construction: one process, one checkpoint, the same prompt, sizes and torch noise for every
+system; warm-up runs, then timed runs (min / median / p90); the diffusers baselines (eager fp32 and
+bf16) timed in the same process; every image compared with the diffusers fp32 image.
+
+Results are JSON (schema SCHEMA, tagged with the machine, library versions and engine keys);
+`report(json) ` turns a stored JSON into Markdown and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sprintrt.errors import InvalidInputError
+
+SCHEMA = "sprintrt-bench/1"
+ENGINE_STAGES = ("text_encoder", "transformer", "vae_decoder")
+STAGES = ("tokenize", "text_encoder", "transformer", "scheduler", "noise", "vae_decoder", "postprocess")
+BASELINES = ("torch-fp32", "torch-bf16", "torch-compile-bf16")
+BACKENDS = ("onnxruntime", "tensorrt")
+REFERENCE = "torch-fp32"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: str
+    precision: str
+
+    @property
+    def name(self) -> str:
+        return f"sprintrt {self.backend} {self.precision}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Candidate":
+        backend, _, precision = text.partition(":")
+        backend = {"ort": "onnxruntime", "trt": "tensorrt"}.get(backend, backend)
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"candidate {text!r} names backend {backend!r}: expected one of {list(BACKENDS)} "
+                                    "(or ort / trt). Fix: e.g. --candidates ort:fp32,trt:bf16")
+        return cls(backend, precision or "fp32")
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None  # checkpoint dir or hub id; None with arch → a seeded random checkpoint
+    arch: str | None = "tiny"
+    seed: int = 0
+    resolutions: list = field(default_factory=lambda: [(512, 512)])  # (height, width)
+    batches: list = field(default_factory=lambda: [1])
+    steps: list = field(default_factory=lambda: [1])
+    candidates: list = field(default_factory=lambda: [Candidate("onnxruntime", "fp32")])
+    baselines: list = field(default_factory=lambda: ["torch-fp32", "torch-bf16"])
+    warmup: int = 1
+    runs: int = 3
+    workdir: Path = Path("out/bench")
+    prompt: str = "a small fluffy white cat asleep on a sunny windowsill"
+    complex_human_instruction: bool = True
+    threads: int | None = None
+
+    def check(self) -> None:
+        """Refuse nonsense before any work is done."""
+        if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
+            raise InvalidInputError(f"runs={self.runs!r} is not allowed: expected an integer >= 1. Fix: --runs 3")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise InvalidInputError(f"warmup={self.warmup!r} is not allowed: expected an integer >= 0. Fix: --warmup 1")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise InvalidInputError(f"baseline {b!r} is not known: expected some of {list(BASELINES)}. "
+                                        "Fix: e.g. --baselines torch-fp32,torch-bf16")
+        if REFERENCE not in self.baselines:
+            raise InvalidInputError(f"baselines={self.baselines} lack {REFERENCE!r}, the reference every image is "
+                                    f"compared with. Fix: add {REFERENCE}")
+        for h, w in self.resolutions:
+            if h % 32 or w % 32 or h < 32 or w < 32:
+                raise InvalidInputError(f"resolution {h}x{w} is not allowed: expected multiples of 32. Fix: e.g. 512 "
+                                        "or 768x1280")
+        for b in self.batches:
+            if not isinstance(b, int) or b < 1:
+                raise InvalidInputError(f"batch {b!r} is not allowed: expected an integer >= 1. Fix: --batches 1,2")
+        for s in self.steps:
+            if not isinstance(s, int) or s < 1:
+                raise InvalidInputError(f"steps {s!r} is not allowed: expected an integer >= 1. Fix: --steps 1,2")
+        if not self.candidates:
+            raise InvalidInputError("no candidates: expected at least one backend:precision. Fix: --candidates ort:fp32")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise InvalidInputError(f"resolution {text!r} is not HEIGHT or HEIGHTxWIDTH. Fix: e.g. 512 or 768x1280") from None
+    if len(parts) not in (1, 2):
+        raise InvalidInputError(f"resolution {text!r} is not HEIGHT or HEIGHTxWIDTH. Fix: e.g. 512 or 768x1280")
+    return (parts[0], parts[-1])
+
+
+# ---- measurement helpers ----------------------------------------------------------------------
+
+class PeakRss:
+    """Samples this process's resident memory every 10 ms while active; `peak` is the largest seen."""
+
+    def __init__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def stats(values) -> dict:
+    values = sorted(values)
+    p90 = values[min(len(values) - 1, int(np.ceil(0.9 * len(values))) - 1)]
+    return {"min": values[0], "median": statistics.median(values), "p90": p90}
+
+
+def stage_seconds(timings: dict, stage: str) -> float:
+    v = timings.get(stage, 0.0)
+    return float(sum(v) if isinstance(v, list) else v)
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {"stages": {}, "end_to_end": stats([t["total"] for t in runs])}
+    for stage in STAGES:
+        if any(stage in t for t in runs):
+            out["stages"][stage] = stats([stage_seconds(t, stage) for t in runs])
+    steps = max((len(t.get("transformer", [])) for t in runs), default=0)
+    out["transformer_steps"] = [stats([t["transformer"][i] for t in runs]) for i in range(steps)]
+    engine = [sum(stage_seconds(t, s) for s in ENGINE_STAGES) for t in runs]
+    overhead = [t["total"] - e for t, e in zip(runs, engine)]
+    out["engine_sum"] = stats(engine)
+    med_total = out["end_to_end"]["median"]
+    out["overhead"] = {"seconds": statistics.median(overhead), "fraction": statistics.median(overhead) / med_total}
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+# ---- systems under test -------------------------------------------------------------------------
+
+def _torch_system(ckpt: Path, name: str, threads: int | None):
+    import torch
+
+    from sprintrt.benchmarks.torch_timing import run_timed
+    from sprintrt.export.checkpoint import load_pipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if "bf16" in name else torch.float32
+    pipe = load_pipeline(ckpt, torch_dtype=dtype)
+    if "compile" in name:
+        pipe.transformer = torch.compile(pipe.transformer)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+
+    def run(call, seed):
+        out, timings = run_timed(pipe, **call, generator=torch.Generator().manual_seed(seed))
+        return np.asarray(out.images, dtype=np.float32), timings
+
+    return pipe, run
+
+
+def _sprint_system(engine_dir: Path, threads: int | None):
+    import torch
+
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    pipe = SprintPipeline.from_engines(engine_dir, threads=threads)
+
+    def run(call, seed):
+        out = pipe(**call, generator=torch.Generator().manual_seed(seed))
+        return out.images, out.timings
+
+    return pipe, run
+
+
+def _measure(run, call, warmup: int, runs: int, seed: int, progress):
+    for _ in range(warmup):
+        run(call, seed)
+        progress()
+    timings, image = [], None
+    for i in range(runs):
+        img, t = run(call, seed)
+        timings.append(t)
+        image = img if image is None else image
+        progress()
+    return image, timings
+
+
+def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate, Path]]:
+    """Checkpoint → ONNX → one engine directory per candidate, all cached in the workdir."""
+    from sprintrt.engines.build import build_engines
+    from sprintrt.export.checkpoint import make_checkpoint
+    from sprintrt.export.onnx_export import export_model, model_identity, resolve_model
+
+    work = Path(config.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if config.model:
+        ckpt = resolve_model(config.model)
+    else:
+        ckpt = work / f"checkpoint-{config.arch}-seed{config.seed}"
+        if not (ckpt / "model_index.json").exists():
+            say(f"making a seeded random {config.arch} checkpoint in {ckpt}")
+            make_checkpoint(ckpt, config.arch, config.seed)
+    identity = model_identity(ckpt)
+    onnx_dir = work / f"onnx-{identity[:12]}"
+    if not (onnx_dir / "export_info.json").exists():
+        say(f"exporting {ckpt} to {onnx_dir}")
+        export_model(ckpt, onnx_dir, progress=lambda c: say(f"  exporting + validating {c}"))
+    engines = {}
+    for cand in config.candidates:
+        engine_dir = work / f"engines-{identity[:12]}-{cand.backend}-{cand.precision}"
+        say(f"building {cand.name} engines in {engine_dir}")
+        engines[cand] = build_engines(onnx_dir, engine_dir, backend=cand.backend, precision=cand.precision)
+        _check_profile(engines[cand], cand, config)
+    return ckpt, onnx_dir, engines
+
+
+def _check_profile(engine_dir: Path, cand: Candidate, config: BenchConfig) -> None:
+    from sprintrt.engines.manifest import read_manifest
+
+    manifest = read_manifest(engine_dir)
+    f = manifest.data["pipeline"]["vae_scale_factor"]
+    for comp, entry in manifest.components.items():
+        dims = entry["io"]["dims"]
+        for h, w in config.resolutions:
+            for name, px in (("latent_height", h), ("latent_width", w)):
+                if name in dims and not dims[name]["min"] <= px // f <= dims[name]["max"]:
+                    lo, hi = dims[name]["min"] * f, dims[name]["max"] * f
+                    raise InvalidInputError(f"resolution {h}x{w} is outside the {cand.name} {comp} engine's profile "
+                                            f"({name.split('_')[1]} {lo}..{hi} px). Fix: benchmark inside it or "
+                                            "rebuild the engines with a wider profile")
+        for b in config.batches:
+            if "batch" in dims and not dims["batch"]["min"] <= b <= dims["batch"]["max"]:
+                raise InvalidInputError(f"batch {b} is outside the {cand.name} {comp} engine's profile "
+                                        f"({dims['batch']['min']}..{dims['batch']['max']}). Fix: smaller --batches")
+
+
+def run_bench(config: BenchConfig, say=print) -> dict:
+    """Run the benchmark; returns the results document (see SCHEMA)."""
+    from rich.progress import Progress
+
+    from sprintrt.engines.manifest import read_manifest
+    from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
+
+    config.check()
+    ckpt, onnx_dir, engines = prepare(config, say)
+    info = json.loads((onnx_dir / "export_info.json").read_text())
+    chi = list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION) if config.complex_human_instruction else None
+    systems = [(b, "baseline") for b in config.baselines] + [(c, "candidate") for c in config.candidates]
+    shapes = [(r, b, s) for r in config.resolutions for b in config.batches for s in config.steps]
+    results = {(r, b, s): [] for r, b, s in shapes}
+    total = len(systems) * len(shapes) * (config.warmup + config.runs)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("benchmarking", total=total)
+        for system, kind in systems:
+            name = system if kind == "baseline" else system.name
+            bar.update(task, description=f"loading {name}")
+            with PeakRss() as mem:
+                t0 = time.perf_counter()
+                if kind == "baseline":
+                    pipe, run = _torch_system(ckpt, system, config.threads)
+                else:
+                    pipe, run = _sprint_system(engines[system], config.threads)
+                load_seconds = time.perf_counter() - t0
+                for (h, w), batch, steps in shapes:
+                    bar.update(task, description=f"{name} {h}x{w} batch {batch} steps {steps}")
+                    call = dict(prompt=[config.prompt] * batch, num_inference_steps=steps,
+                                intermediate_timesteps=1.3 if steps == 2 else None, height=h, width=w,
+                                use_resolution_binning=False, output_type="np", complex_human_instruction=chi)
+                    image, timings = _measure(run, call, config.warmup, config.runs, config.seed,
+                                              lambda: bar.advance(task))
+                    entry = {"name": name, "kind": kind, **summarise(timings), "_image": image}
+                    if kind == "baseline":
+                        entry.update(backend="pytorch", precision="bf16" if "bf16" in system else "fp32")
+                    else:
+                        m = read_manifest(engines[system])
+                        entry.update(backend=system.backend, precision=system.precision, engine_dir=str(engines[system]),
+                                     engine_keys={c: e["key"] for c, e in m.components.items()},
+                                     engine_bytes={c: e["bytes"] for c, e in m.components.items()})
+                    results[((h, w), batch, steps)].append(entry)
+            for entry in (e for rs in results.values() for e in rs if e["name"] == name):
+                entry.update(peak_rss_gb=round(mem.peak / 2**30, 2), load_seconds=round(load_seconds, 2))
+            del pipe, run
+            gc.collect()
+    doc = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "versions": versions(),
+        "model": {"source": config.model or f"seeded random {config.arch} (seed {config.seed})", "arch": config.arch,
+                  "identity": info["model"]["identity"]},
+        "settings": {"warmup": config.warmup, "runs": config.runs, "prompt": config.prompt,
+                     "complex_human_instruction": config.complex_human_instruction,
+                     "text_length": _text_length(info, config), "threads": config.threads,
+                     "reference": REFERENCE, "binning": False},
+        "onnx_bytes": {c: r["bytes"] for c, r in info["components"].items()},
+        "results": [],
+    }
+    for ((h, w), batch, steps), entries in results.items():
+        ref = next(e["_image"] for e in entries if e["name"] == REFERENCE)
+        for e in entries:
+            img = e.pop("_image")
+            e["image_vs_reference"] = {"max_abs": float(np.abs(img - ref).max()), "psnr_db": psnr(img, ref)}
+        doc["results"].append({"height": h, "width": w, "batch": batch, "steps": steps, "systems": entries})
+    validate(doc)
+    return doc
+
+
+def _text_length(info: dict, config: BenchConfig) -> int:
+    dims = info["model_dims"]
+    return dims["chi_tokens"] + 298 if config.complex_human_instruction else 300
+
+
+def machine() -> dict:
+    from sprintrt.engines import trt_build
+    from sprintrt.engines.manifest import cpu_target
+
+    try:
+        import psutil
+
+        mem = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        mem = None
+    return {"cpu": cpu_target(), "cores": os.cpu_count(), "memory_gb": mem, "gpus": trt_build._gpus(),
+            "os": platform.platform()}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("sprintrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt", "openvino", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# ---- schema, report, plot -------------------------------------------------------------------------
+
+_STATS = {"min", "median", "p90"}
+
+
+def validate(doc: dict) -> None:
+    """Raise ValueError naming the first field that breaks the schema."""
+    def need(cond, what):
+        if not cond:
+            raise ValueError(f"benchmark JSON does not follow {SCHEMA}: {what}")
+
+    need(doc.get("schema") == SCHEMA, f"schema is {doc.get('schema')!r}")
+    for key in ("created", "machine", "versions", "model", "settings", "onnx_bytes", "results"):
+        need(key in doc, f"missing '{key}'")
+    need(doc["results"], "no results")
+    for r in doc["results"]:
+        for key in ("height", "width", "batch", "steps", "systems"):
+            need(key in r, f"result lacks '{key}'")
+        need(sum(s["name"] == doc["settings"]["reference"] for s in r["systems"]) == 1, "reference system missing")
+        for s in r["systems"]:
+            for key in ("name", "kind", "backend", "precision", "stages", "end_to_end", "engine_sum", "overhead",
+                        "transformer_steps", "peak_rss_gb", "image_vs_reference"):
+                need(key in s, f"system {s.get('name')!r} lacks '{key}'")
+            need(set(s["end_to_end"]) == _STATS, f"{s['name']} end_to_end needs {sorted(_STATS)}")
+            need(all(set(v) == _STATS for v in s["stages"].values()), f"{s['name']} stage stats")
+            need(len(s["transformer_steps"]) == r["steps"], f"{s['name']} has {len(s['transformer_steps'])} step timings")
+            need(s["engine_sum"]["median"] <= s["end_to_end"]["median"] * 1.001, f"{s['name']} stages exceed end to end")
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def report(doc: dict) -> str:
+    """Markdown tables, one per (resolution, batch, steps)."""
+    validate(doc)
+    m, st = doc["machine"], doc["settings"]
+    lines = [f"# sprintrt benchmark — {doc['model']['source']}", "",
+             f"Machine: {m['cpu']['name']} ({m['cores']} cores, {m['memory_gb']} GB"
+             f"{', ' + ', '.join(g['name'] for g in m['gpus']) if m['gpus'] else ', no GPU'}); "
+             f"{', '.join(f'{k} {v}' for k, v in doc['versions'].items())}.",
+             f"Median of {st['runs']} runs after {st['warmup']} warm-up; text length {st['text_length']} "
+             f"({'with' if st['complex_human_instruction'] else 'without'} the complex human instruction); "
+             f"images compared with {st['reference']}. Created {doc['created']}.", ""]
+    for r in doc["results"]:
+        lines += [f"## {r['height']}x{r['width']}, batch {r['batch']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}",
+                  "", "| system | end to end s (min / median / p90) | text encoder s | transformer s | VAE decoder s "
+                  "| overhead | speed-up vs fp32 | peak RSS GB | PSNR dB | max abs |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        ref = next(s for s in r["systems"] if s["name"] == st["reference"])["end_to_end"]["median"]
+        for s in r["systems"]:
+            e, g = s["end_to_end"], s["stages"].get
+            q = s["image_vs_reference"]
+            ps = "identical" if q["psnr_db"] == float("inf") else f"{q['psnr_db']:.1f}"
+            lines.append(
+                f"| {s['name']} | {_fmt_s(e['min'])} / **{_fmt_s(e['median'])}** / {_fmt_s(e['p90'])} | "
+                f"{_fmt_s(g('text_encoder', {'median': 0})['median'])} | {_fmt_s(g('transformer', {'median': 0})['median'])} | "
+                f"{_fmt_s(g('vae_decoder', {'median': 0})['median'])} | {100 * s['overhead']['fraction']:.1f}% | "
+                f"{ref / e['median']:.2f}x | {s['peak_rss_gb']} | {ps} | {q['max_abs']:.2g} |")
+        lines.append("")
+    lines.append("Overhead = end to end − (text encoder + transformer + VAE decoder): tokenizing, scheduling, noise, "
+                 "post-processing and the runtime itself. Peak RSS is the process's largest resident set while that "
+                 "system was loaded and run (systems run one after another, each freed before the next).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: str | Path) -> Path:
+    """Stacked horizontal bars of median stage times, one panel per (resolution, batch, steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    validate(doc)
+    n = len(doc["results"])
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.2 + 0.55 * max(len(r["systems"]) for r in doc["results"])) if n == 1
+                             else (9, 2.5 * n), squeeze=False)
+    colours = {"text_encoder": "#4c72b0", "transformer": "#dd8452", "vae_decoder": "#55a868", "other": "#b0b0b0"}
+    for ax, r in zip(axes[:, 0], doc["results"]):
+        names = [s["name"] for s in r["systems"]]
+        left = np.zeros(len(names))
+        for stage in ("text_encoder", "transformer", "vae_decoder", "other"):
+            if stage == "other":
+                vals = np.array([s["end_to_end"]["median"] for s in r["systems"]]) - left
+            else:
+                vals = np.array([s["stages"].get(stage, {"median": 0})["median"] for s in r["systems"]])
+            ax.barh(names, vals, left=left, color=colours[stage], label=stage.replace("_", " "))
+            left += vals
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds (median)")
+        ax.set_title(f"{r['height']}x{r['width']}, batch {r['batch']}, {r['steps']} step(s)", fontsize=10)
+    axes[0, 0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(doc: dict, json_path: str | Path) -> tuple[Path, Path, Path]:
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=1))
+    md = json_path.with_suffix(".md")
+    md.write_text(report(doc))
+    png = plot(doc, json_path.with_suffix(".png"))
+    return json_path, md, png
+
+
+def config_to_json(config: BenchConfig) -> dict:
+    d = asdict(config)
+    d["candidates"] = [f"{c.backend}:{c.precision}" for c in config.candidates]
+    d["workdir"] = str(config.workdir)
+    return d

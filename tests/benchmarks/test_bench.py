@@ -1,0 +1,108 @@
+"""sprintrt bench: the JSON schema, report and plot from a stored JSON, stage sums, refusal of nonsense.
+
+No timing assertions: speed goals live in the benchmark's own output, not in tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sprintrt.benchmarks import bench as B
+from sprintrt.errors import InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tiny_checkpoint, tmp_path_factory):
+    """A real (tiny, fast) benchmark run: two sizes, 1 and 2 steps, fp32 and bf16 baselines."""
+    work = tmp_path_factory.mktemp("bench")
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128), (160, 224)], steps=[1, 2],
+                           warmup=0, runs=2, workdir=work, baselines=["torch-fp32", "torch-bf16"])
+    doc = B.run_bench(config, say=lambda *a: None)
+    return doc, work
+
+
+def test_results_follow_the_schema(tiny_results):
+    doc, _ = tiny_results
+    B.validate(doc)
+    assert len(doc["results"]) == 4
+    names = [s["name"] for s in doc["results"][0]["systems"]]
+    assert names == ["torch-fp32", "torch-bf16", "sprintrt onnxruntime fp32"]
+    json.dumps(doc)  # serialisable
+
+
+def test_stage_times_sum_to_at_most_end_to_end(tiny_results):
+    doc, _ = tiny_results
+    for r in doc["results"]:
+        for s in r["systems"]:
+            stages = sum(v["median"] for k, v in s["stages"].items() if k in B.ENGINE_STAGES)
+            assert stages <= s["end_to_end"]["median"] * 1.001
+            assert s["end_to_end"]["min"] <= s["end_to_end"]["median"] <= s["end_to_end"]["p90"]
+            assert len(s["transformer_steps"]) == r["steps"]
+
+
+def test_agreement_with_the_reference(tiny_results):
+    doc, _ = tiny_results
+    for r in doc["results"]:
+        by = {s["name"]: s for s in r["systems"]}
+        assert by["torch-fp32"]["image_vs_reference"]["max_abs"] == 0
+        assert by["sprintrt onnxruntime fp32"]["image_vs_reference"]["max_abs"] <= 1e-4
+        assert 0 < by["torch-bf16"]["image_vs_reference"]["max_abs"] < 0.5  # bf16 drifts, but stays an image
+        assert by["sprintrt onnxruntime fp32"]["engine_keys"]["transformer"]
+
+
+def test_report_and_plot_from_stored_json(tiny_results, tmp_path):
+    doc, _ = tiny_results
+    stored = tmp_path / "results.json"
+    stored.write_text(json.dumps(doc))
+    r = subprocess.run([sys.executable, "-m", "sprintrt.cli", "bench", "--report", str(stored)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| sprintrt onnxruntime fp32 |") == 4 and "## 160x224, batch 1, 2 steps" in md
+    png = (tmp_path / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_schema_violations_are_named(tiny_results):
+    doc, _ = tiny_results
+    broken = copy.deepcopy(doc)
+    broken["results"][0]["systems"][0]["engine_sum"]["median"] = 1e9
+    with pytest.raises(ValueError, match="stages exceed end to end"):
+        B.validate(broken)
+    broken = copy.deepcopy(doc)
+    del broken["results"][0]["systems"][2]["peak_rss_gb"]
+    with pytest.raises(ValueError, match="lacks 'peak_rss_gb'"):
+        B.validate(broken)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(runs=0), "runs=0"),
+    (dict(warmup=-1), "warmup=-1"),
+    (dict(baselines=["torch-fp64"]), "baseline 'torch-fp64'"),
+    (dict(baselines=["torch-bf16"]), "lack 'torch-fp32'"),
+    (dict(resolutions=[(500, 512)]), "resolution 500x512"),
+    (dict(batches=[0]), "batch 0"),
+    (dict(candidates=[]), "no candidates"),
+])
+def test_nonsense_options_are_refused(kw, match):
+    with pytest.raises(InvalidInputError, match=match):
+        B.BenchConfig(**kw).check()
+
+
+def test_unknown_backend_and_bad_resolution_text():
+    with pytest.raises(InvalidInputError, match="backend 'cuda'"):
+        B.Candidate.parse("cuda:fp16")
+    with pytest.raises(InvalidInputError, match="HEIGHTxWIDTH"):
+        B.parse_resolution("big")
+
+
+def test_resolution_outside_the_engine_profile_is_refused_before_timing(tiny_results, tiny_checkpoint):
+    _, work = tiny_results  # the same workdir: the export and engines are reused, only the check runs
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(8192, 512)], workdir=work)
+    with pytest.raises(InvalidInputError, match="8192x512 is outside.*profile"):
+        B.prepare(config, say=lambda *a: None)
