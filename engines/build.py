@@ -38,11 +38,15 @@ def check_onnx_file(onnx_dir: Path, component: str, record: dict) -> Path:
     path = onnx_dir / record["file"]
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing. Fix: re-run `sprintrt export` into {onnx_dir}")
-    size = path.stat().st_size
-    if size != record["bytes"] or sha256_file(path) != record["sha256"]:
-        raise ModelLoadError(f"{path} has {size} bytes and a different sha256 than the export wrote "
-                             f"({record['bytes']} bytes): it is truncated or was modified. Fix: re-run `sprintrt "
-                             f"export` into {onnx_dir}")
+    for entry in (record, record.get("external_data")):
+        if not entry:
+            continue
+        f = onnx_dir / entry["file"]
+        size = f.stat().st_size if f.is_file() else 0
+        if size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
+            raise ModelLoadError(f"{f} has {size} bytes and a different sha256 than the export wrote "
+                                 f"({entry['bytes']} bytes): it is truncated, missing or was modified. Fix: re-run "
+                                 f"`sprintrt export` into {onnx_dir}")
     return path
 
 

@@ -146,3 +146,48 @@ def load_pipeline(model: str | Path, torch_dtype=None):
     pipe.text_encoder.config._attn_implementation = "eager"
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+COMPONENT_FOLDERS = {"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae"}
+
+
+def load_component(src: str | Path, component: str, torch_dtype=None):
+    """One network of a checkpoint directory, loaded alone through its from_pretrained (export loads
+    the components one at a time, so peak memory is one network, not the whole pipeline)."""
+    import torch
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import Gemma2Model
+
+    src, dtype = Path(src), torch_dtype or torch.float32
+    try:
+        if component == "text_encoder":
+            # eager attention: SDPA drops Gemma2's logit soft-capping (spec §9.3)
+            model = Gemma2Model.from_pretrained(src / "text_encoder", dtype=dtype, attn_implementation="eager")
+        elif component == "transformer":
+            model = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
+        elif component == "vae_decoder":
+            model = AutoencoderDC.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
+        else:
+            raise InvalidInputError(f"component={component!r} is not known: expected one of "
+                                    f"{list(COMPONENT_FOLDERS)}. Fix: name one of those")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {component} from {str(src)!r}: {e}. Fix: pass a complete diffusers "
+                             "SanaSprintPipeline checkpoint") from e
+    return model.eval()
+
+
+def read_config(src: str | Path, folder: str, name: str = "config.json") -> dict:
+    path = Path(src) / folder / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}. Fix: pass a complete diffusers checkpoint") from e
+
+
+def load_tokenizer(src: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(src) / "tokenizer"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {str(src)!r}: {e}") from e

@@ -4,6 +4,7 @@
   folding feeds a double shape to Expand and ONNX Runtime refuses the graph.
 - castlike_constants: `F.pad(..., value=1.0)` in the linear attention exports as
   CastLike(double 1.0, x); TensorRT has no DOUBLE CastLike, and the cast of a constant is a constant.
+- prune_unused: the rewrites above leave constants nobody reads (ORT warns about each one).
 - sequences_to_split: the dynamo exporter with optimize=False writes torch.chunk/split as
   SplitToSequence + SequenceAt, which TensorRT's ONNX parser does not support; a plain Split with
   the same sizes is the same computation.
@@ -39,8 +40,21 @@ def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _static_dim(proto: onnx.ModelProto, tensor: str, axis: int) -> int | None:
-    inferred = onnx.shape_inference.infer_shapes(proto)
+def inferred_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape/type inference on the graph without its weights.
+
+    onnx's inference serialises the model, which protobuf cannot do past 2 GB (the real Gemma2 and
+    1.6B transformer are bigger); it needs only the weights' types and shapes, so the skeleton has
+    the nodes and declares every initializer as a typed graph input instead of carrying its bytes.
+    """
+    weights = [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in proto.graph.initializer]
+    graph = helper.make_graph(list(proto.graph.node), proto.graph.name, list(proto.graph.input) + weights,
+                              list(proto.graph.output), value_info=list(proto.graph.value_info))
+    skeleton = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    return onnx.shape_inference.infer_shapes(skeleton)
+
+
+def _static_dim(inferred: onnx.ModelProto, tensor: str, axis: int) -> int | None:
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
         if vi.name == tensor:
             dims = vi.type.tensor_type.shape.dim
@@ -62,7 +76,7 @@ def sequences_to_split(proto: onnx.ModelProto) -> int:
         for i in n.input:
             users.setdefault(i, []).append(n)
     replaced, drop, rename = 0, set(), {}
-    new_nodes = {}
+    new_nodes, inferred = {}, None
     for node in proto.graph.node:
         if node.op_type != "SplitToSequence" or len(node.input) < 2 or node.input[1] not in consts:
             continue
@@ -73,7 +87,8 @@ def sequences_to_split(proto: onnx.ModelProto) -> int:
             continue
         split = consts[node.input[1]].astype(np.int64)
         if split.ndim == 0:
-            total = _static_dim(proto, node.input[0], axis)
+            inferred = inferred or inferred_skeleton(proto)  # once per pass: inference of a big graph is slow
+            total = _static_dim(inferred, node.input[0], axis)
             if total is None:
                 continue
             chunk = int(split)
@@ -119,7 +134,7 @@ def castlike_constants(proto: onnx.ModelProto) -> int:
     from onnx.helper import tensor_dtype_to_np_dtype
 
     consts = _constants(proto)
-    inferred = onnx.shape_inference.infer_shapes(proto)
+    inferred = inferred_skeleton(proto)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info)
              + list(inferred.graph.input) if vi.type.HasField("tensor_type")}
     count = 0
@@ -131,3 +146,19 @@ def castlike_constants(proto: onnx.ModelProto) -> int:
                                                  value=numpy_helper.from_array(value)))
         count += 1
     return count
+
+
+def prune_unused(proto: onnx.ModelProto) -> int:
+    """Drop initializers and Constant nodes that no node or graph output reads. Returns the count."""
+    removed = 0
+    while True:
+        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+        dead = [n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] not in used]
+        dead_inits = [i for i in proto.graph.initializer if i.name not in used]
+        if not dead and not dead_inits:
+            return removed
+        for n in dead:
+            proto.graph.node.remove(n)
+        for i in dead_inits:
+            proto.graph.initializer.remove(i)
+        removed += len(dead) + len(dead_inits)

@@ -17,6 +17,7 @@ Exporter choices, each guarded by a regression test in tests/export/test_exporte
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ from pathlib import Path
 from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
-from sprintrt.export.graph_passes import castlike_constants, sequences_to_split, typed_list_constants
+from sprintrt.export.graph_passes import castlike_constants, prune_unused, sequences_to_split, typed_list_constants
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a model over 2 GB; leave headroom
@@ -67,37 +68,35 @@ def model_identity(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_dims(pipe) -> S.ModelDims:
-    n_chi = len(pipe.tokenizer.encode("\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
-    return S.ModelDims(
-        vocab_size=int(pipe.text_encoder.config.vocab_size),
-        text_hidden=int(pipe.text_encoder.config.hidden_size),
-        latent_channels=int(pipe.transformer.config.in_channels),
-        vae_scale_factor=int(pipe.vae_scale_factor),
-        text_len_max=max(n_chi + S.MAX_SEQUENCE_LENGTH_LIMIT - 2, S.MAX_SEQUENCE_LENGTH_LIMIT),
-        chi_tokens=n_chi,
-    )
+def model_facts(src: Path) -> tuple[S.ModelDims, dict]:
+    """(ModelDims, pipeline constants) of a checkpoint directory, from its configs and tokenizer only."""
+    from sprintrt.export.checkpoint import load_tokenizer, read_config
 
-
-def pipeline_constants(pipe) -> dict:
-    """The scalars of the checkpoint's configs that the NumPy runtime needs (spec §3-§5)."""
-    return {
-        "sigma_data": float(pipe.scheduler.config.sigma_data),
-        "guidance_embeds_scale": float(pipe.transformer.config.guidance_embeds_scale),
-        "sample_size": int(pipe.transformer.config.sample_size),
-        "latent_channels": int(pipe.transformer.config.in_channels),
-        "vae_scale_factor": int(pipe.vae_scale_factor),
-        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+    te, tr, vae = read_config(src, "text_encoder"), read_config(src, "transformer"), read_config(src, "vae")
+    sched = read_config(src, "scheduler", "scheduler_config.json")
+    n_chi = len(load_tokenizer(src).encode("\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
+    vae_scale_factor = 2 ** (len(vae["encoder_block_out_channels"]) - 1)  # as SanaSprintPipeline computes it
+    dims = S.ModelDims(
+        vocab_size=int(te["vocab_size"]), text_hidden=int(te["hidden_size"]),
+        latent_channels=int(tr.get("in_channels", 32)), vae_scale_factor=vae_scale_factor,
+        text_len_max=max(n_chi + S.MAX_SEQUENCE_LENGTH_LIMIT - 2, S.MAX_SEQUENCE_LENGTH_LIMIT), chi_tokens=n_chi)
+    constants = {
+        "sigma_data": float(sched.get("sigma_data", 0.5)),
+        "guidance_embeds_scale": float(tr.get("guidance_embeds_scale", 0.1)),
+        "sample_size": int(tr.get("sample_size", 32)),
+        "latent_channels": int(tr.get("in_channels", 32)),
+        "vae_scale_factor": vae_scale_factor,
+        "vae_scaling_factor": float(vae.get("scaling_factor", 1.0)),
     }
+    return dims, constants
 
 
-def wrapper_for(pipe, component: str):
+def wrapper_for(component: str, module):
+    """The export wrapper of one loaded network (see export/wrappers.py)."""
     from sprintrt.export.wrappers import TextEncoderWrapper, TransformerWrapper, VaeDecoderWrapper
 
-    module = {S.TEXT_ENCODER: lambda: TextEncoderWrapper(pipe.text_encoder),
-              S.TRANSFORMER: lambda: TransformerWrapper(pipe.transformer),
-              S.VAE_DECODER: lambda: VaeDecoderWrapper(pipe.vae)}[component]()
-    return module.eval()
+    cls = {S.TEXT_ENCODER: TextEncoderWrapper, S.TRANSFORMER: TransformerWrapper, S.VAE_DECODER: VaeDecoderWrapper}
+    return cls[component](module).eval()
 
 
 def trace_to_onnx(module, spec: S.ComponentSpec):
@@ -125,6 +124,7 @@ def trace_to_onnx(module, spec: S.ComponentSpec):
     proto = fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
     sequences_to_split(proto)
     castlike_constants(proto)
+    prune_unused(proto)
     return proto
 
 
@@ -151,12 +151,13 @@ def save_onnx(proto, path: Path) -> None:
         onnx.save_model(proto, str(path))
 
 
-def export_component(pipe, component: str, out_dir: Path, dims: S.ModelDims, validate: bool = True) -> dict:
+def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims, validate: bool = True) -> dict:
     """Export one component to out_dir/<component>.onnx and validate it. Returns its export record."""
+    from sprintrt.export.checkpoint import load_component
     from sprintrt.export.validate import validate_onnx
 
     spec = S.SPEC_BUILDERS[component](dims)
-    module = wrapper_for(pipe, component)
+    module = wrapper_for(component, load_component(src, component))
     t0 = time.perf_counter()
     proto = trace_to_onnx(module, spec)
     path = out_dir / onnx_filename(component)
@@ -167,7 +168,12 @@ def export_component(pipe, component: str, out_dir: Path, dims: S.ModelDims, val
     from sprintrt.export.trt_lint import lint
 
     findings = [str(f) for f in lint(path)]
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "export_seconds": round(seconds, 2), "validation": records,
+    del module
+    gc.collect()  # free this network before the next one is loaded
+    data = path.with_name(path.name + ".data")
+    sidecar = {"file": data.name, "bytes": data.stat().st_size, "sha256": sha256_file(data)} if data.exists() else None
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "external_data": sidecar,
+            "export_seconds": round(seconds, 2), "validation": records,
             "trt_lint": findings, "spec": spec.to_json()}
 
 
@@ -182,11 +188,10 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     if unknown or not components:
         raise InvalidInputError(f"components={list(components)!r} is not allowed: expected a non-empty subset of "
                                 f"{list(S.COMPONENTS)}. Fix: name components from that list")
-    from sprintrt.export.checkpoint import load_pipeline
+    from sprintrt.export.checkpoint import load_tokenizer
 
     src = resolve_model(model)
-    pipe = load_pipeline(src)
-    dims = model_dims(pipe)
+    dims, constants = model_facts(src)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / S.EXPORT_INFO).is_file():
         raise InvalidInputError(f"out_dir={str(out_dir)!r} exists and is not an sprintrt ONNX directory. "
@@ -199,16 +204,16 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
             "format": 1,
             "model": {"source": str(model), "identity": model_identity(src)},
             "model_dims": dims.__dict__,
-            "pipeline": pipeline_constants(pipe),
+            "pipeline": constants,
             "opset": OPSET,
             "versions": _versions(),
             "components": {},
         }
-        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+        load_tokenizer(src).save_pretrained(tmp / "tokenizer")
         for component in components:
             if progress:
                 progress(component)
-            info["components"][component] = export_component(pipe, component, tmp, dims, validate)
+            info["components"][component] = export_component(src, component, tmp, dims, validate)
         write_text_atomic(tmp / S.EXPORT_INFO, json.dumps(info, indent=1))
         if out_dir.exists():  # an earlier export of ours: replace it whole
             shutil.rmtree(out_dir)

@@ -81,11 +81,13 @@ def lint(model: onnx.ModelProto | str | Path) -> list[Finding]:
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    from sprintrt.export.graph_passes import inferred_skeleton
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a model over 2 GB cannot be inferred in memory; lint ops only
+        inferred = inferred_skeleton(model)
+    except Exception:  # e.g. an op of an unknown domain: the op findings still stand, dtypes go unchecked
         inferred = model
-    types = {i.name: i.data_type for i in inferred.graph.initializer}
+    types = {i.name: i.data_type for i in model.graph.initializer}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if vi.type.HasField("tensor_type"):
             types[vi.name] = vi.type.tensor_type.elem_type

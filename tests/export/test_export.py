@@ -11,12 +11,12 @@ import torch
 
 from sprintrt.errors import ExportValidationError, InvalidInputError
 from sprintrt.export import specs as S
-from sprintrt.export.onnx_export import export_model, model_dims, wrapper_for
+from sprintrt.export.onnx_export import export_model, model_facts, wrapper_for
 from sprintrt.export.validate import FP32, validate_onnx
 
 
-def _spec(reference_pipe, name):
-    return S.SPEC_BUILDERS[name](model_dims(reference_pipe))
+def _spec(checkpoint, name):
+    return S.SPEC_BUILDERS[name](model_facts(checkpoint)[0])
 
 
 @pytest.mark.parametrize("name", S.COMPONENTS)
@@ -48,13 +48,13 @@ def test_text_encoder_matches_gemma2(onnx_dir, reference_pipe):
         assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
-def test_transformer_matches_diffusers_with_its_own_attention(onnx_dir, reference_pipe):
+def test_transformer_matches_diffusers_with_its_own_attention(onnx_dir, reference_pipe, tiny_checkpoint):
     """Against SanaTransformer2DModel with diffusers' own processors (not our export processor)."""
     from diffusers import SanaTransformer2DModel
 
     model = SanaTransformer2DModel.from_config(reference_pipe.transformer.config).eval()
     model.load_state_dict(reference_pipe.transformer.state_dict())
-    spec = _spec(reference_pipe, "transformer")
+    spec = _spec(tiny_checkpoint, "transformer")
     for sizes in ({"batch": 1, "latent_height": 7, "latent_width": 3, "text_seq": 19},
                   {"batch": 4, "latent_height": 4, "latent_width": 10, "text_seq": 300}):
         feeds = spec.sample_inputs(sizes, seed=3)
@@ -78,9 +78,9 @@ def test_vae_decoder_matches_autoencoder_dc(onnx_dir, reference_pipe):
         assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
-def test_validation_fails_loudly_on_a_wrong_graph(onnx_dir, reference_pipe):
-    module = wrapper_for(reference_pipe, "vae_decoder")
-    spec = _spec(reference_pipe, "vae_decoder")
+def test_validation_fails_loudly_on_a_wrong_graph(onnx_dir, reference_pipe, tiny_checkpoint):
+    module = wrapper_for("vae_decoder", reference_pipe.vae)
+    spec = _spec(tiny_checkpoint, "vae_decoder")
 
     class Shifted(torch.nn.Module):  # what a subtly broken export would compute
         def forward(self, latent):
@@ -112,3 +112,12 @@ def test_export_refuses_foreign_directory_and_bad_components(tiny_checkpoint, tm
     assert (tmp_path / "mine.txt").read_text() == "keep me"
     with pytest.raises(InvalidInputError, match="components="):
         export_model(tiny_checkpoint, tmp_path / "x", components=("unet",))
+
+
+def test_model_facts_agree_with_the_loaded_pipeline(tiny_checkpoint, reference_pipe):
+    dims, constants = model_facts(tiny_checkpoint)
+    assert dims.vae_scale_factor == reference_pipe.vae_scale_factor == constants["vae_scale_factor"]
+    assert dims.text_hidden == reference_pipe.text_encoder.config.hidden_size
+    assert dims.chi_tokens == len(reference_pipe.tokenizer.encode("\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
+    assert constants["vae_scaling_factor"] == reference_pipe.vae.config.scaling_factor
+    assert constants["sigma_data"] == reference_pipe.scheduler.config.sigma_data
