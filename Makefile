@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	test -z "$(TORCH)" || $(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[export,bench,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[export,bench,dev,openvino]"
 	touch $(STAMP)
 
 clean:

@@ -28,7 +28,7 @@ SCHEMA = "sprintrt-bench/1"
 ENGINE_STAGES = ("text_encoder", "transformer", "vae_decoder")
 STAGES = ("tokenize", "text_encoder", "transformer", "scheduler", "noise", "vae_decoder", "postprocess")
 BASELINES = ("torch-fp32", "torch-bf16", "torch-compile-bf16")
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 REFERENCE = "torch-fp32"
 
 
@@ -44,7 +44,7 @@ class Candidate:
     @classmethod
     def parse(cls, text: str) -> "Candidate":
         backend, _, precision = text.partition(":")
-        backend = {"ort": "onnxruntime", "trt": "tensorrt"}.get(backend, backend)
+        backend = {"ort": "onnxruntime", "trt": "tensorrt", "ov": "openvino"}.get(backend, backend)
         if backend not in BACKENDS:
             raise InvalidInputError(f"candidate {text!r} names backend {backend!r}: expected one of {list(BACKENDS)} "
                                     "(or ort / trt). Fix: e.g. --candidates ort:fp32,trt:bf16")

@@ -22,7 +22,7 @@ from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file
 from sprintrt.export import specs as S
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 
 def read_export_info(onnx_dir: Path) -> dict:
@@ -57,6 +57,9 @@ def _backend_module(backend: str):
     if backend == "tensorrt":
         from sprintrt.engines import trt_build
         return trt_build
+    if backend == "openvino":
+        from sprintrt.engines import ov_build
+        return ov_build
     raise InvalidInputError(f"backend={backend!r} is not known: expected one of {list(BACKENDS)}. "
                             "Fix: pass --backend onnxruntime (CPU) or --backend tensorrt (NVIDIA GPU)")
 
@@ -117,8 +120,9 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
             build_info = backend_mod.build_component(sources[comp], path, comp, prec,
                                                      input_shapes(specs[comp], profiles[comp]), target, versions)
             io = dict(record["spec"], dims=profiles[comp])
+            sidecars = [_file_entry(p) for p in build_info.pop("_sidecars", [])]
             entries[comp] = {
-                "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                **_file_entry(path), "sidecars": sidecars,
                 "backend": backend, "precision": prec.value, **build_info,
                 "key": key, "target": target, "libraries": versions,
                 "source_onnx": {"file": record["file"], "sha256": record["sha256"]},
@@ -159,9 +163,16 @@ def _read_existing(engine_dir: Path, info: dict) -> dict | None:
     return dict(old.components)
 
 
+def _file_entry(path: Path) -> dict:
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 def _intact(engine_dir: Path, entry: dict) -> bool:
-    path = engine_dir / entry["file"]
-    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+    for e in (entry, *entry.get("sidecars", [])):
+        path = engine_dir / e["file"]
+        if not (path.is_file() and path.stat().st_size == e["bytes"] and sha256_file(path) == e["sha256"]):
+            return False
+    return True
 
 
 def _copy_tokenizer(onnx_dir: Path, engine_dir: Path) -> None:
@@ -173,7 +184,7 @@ def _copy_tokenizer(onnx_dir: Path, engine_dir: Path) -> None:
 
 
 def _remove_unreferenced(engine_dir: Path, entries: dict) -> None:
-    keep = {e["file"] for e in entries.values()}
+    keep = {e["file"] for e in entries.values()} | {s["file"] for e in entries.values() for s in e.get("sidecars", [])}
     keep |= {f + ".data" for f in keep}
     for comp in S.COMPONENTS:
         for f in engine_dir.glob(f"{comp}-*"):

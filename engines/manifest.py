@@ -114,15 +114,16 @@ def check_loadable(manifest: Manifest, components, *, expect_model: str | None =
         if name not in manifest.components:
             raise EngineDirError(f"{manifest.path} has no '{name}' engine (it has {sorted(manifest.components)}). {rebuild}")
         comp = manifest.components[name]
-        path = manifest.component_file(name)
-        if not path.is_file():
-            raise EngineDirError(f"engine file {path} listed in the manifest is missing. {rebuild}")
-        size = path.stat().st_size
-        if size != comp["bytes"]:
-            raise EngineDirError(f"engine file {path} has {size} bytes, the manifest says {comp['bytes']}: it is "
-                                 f"truncated or was replaced. {rebuild}")
-        if verify_sha256 and sha256_file(path) != comp["sha256"]:
-            raise EngineDirError(f"engine file {path} does not match its sha256 in the manifest. {rebuild}")
+        for entry in (comp, *comp.get("sidecars", [])):
+            path = manifest.root / entry["file"]
+            if not path.is_file():
+                raise EngineDirError(f"engine file {path} listed in the manifest is missing. {rebuild}")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise EngineDirError(f"engine file {path} has {size} bytes, the manifest says {entry['bytes']}: it "
+                                     f"is truncated or was replaced. {rebuild}")
+            if verify_sha256 and sha256_file(path) != entry["sha256"]:
+                raise EngineDirError(f"engine file {path} does not match its sha256 in the manifest. {rebuild}")
         if machine is None:
             continue
         here, library_versions = machine(comp["backend"])

@@ -3,7 +3,8 @@
 Defaults follow what SANA-Sprint is known to tolerate (spec §9): Gemma2 in bf16 (its (1+w) RMSNorm
 and GeGLU overflow fp16, and the docs say it "must stay in bf16"), the transformer in bf16 (fp16
 allowed: its linear-attention matmuls, normaliser division and epsilon are pinned to fp32), the DC-AE
-decoder in bf16 (fp32 allowed). ONNX Runtime's CPU backend builds fp32 only.
+decoder in bf16 (fp32 allowed). ONNX Runtime's CPU backend builds fp32 only; OpenVINO fp32 or bf16
+(its default where the CPU has bf16 instructions).
 """
 
 from __future__ import annotations
@@ -33,13 +34,22 @@ class Precision(str, Enum):
 
 
 P = Precision
+def _cpu_has_bf16() -> bool:
+    from sprintrt.engines.manifest import cpu_target
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_target()["isa"]))
+
+
 DEFAULTS = {
     "onnxruntime": {c: P.FP32 for c in COMPONENTS},
+    # bf16 where the CPU has bf16 instructions (OpenVINO would silently run f32 elsewhere).
+    "openvino": {c: (P.BF16 if _cpu_has_bf16() else P.FP32) for c in COMPONENTS},
     "tensorrt": {TEXT_ENCODER: P.BF16, TRANSFORMER: P.BF16, VAE_DECODER: P.BF16},
 }
 # What each backend can build, per component. INT8/FP8 need Q/DQ ONNX (the quantization step).
 ALLOWED = {
     "onnxruntime": {c: (P.FP32,) for c in COMPONENTS},
+    "openvino": {c: (P.FP32, P.BF16) for c in COMPONENTS},
     "tensorrt": {
         TEXT_ENCODER: (P.FP32, P.TF32, P.BF16),
         TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16),

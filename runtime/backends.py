@@ -69,11 +69,50 @@ class OrtEngine:
         self.release()
 
 
+class OvEngine:
+    """An OpenVINO compiled model (CPU plugin), with the precision hint the engine was built for."""
+
+    def __init__(self, manifest: Manifest, component: str, threads: int | None = None):
+        from sprintrt.engines import ov_build
+        from sprintrt.engines.precision import Precision
+
+        ov = ov_build._ov()
+        self.name = component
+        self.spec = component_spec(manifest, component)
+        self.limits = profile_limits(manifest, component)
+        entry = manifest.components[component]
+        config = ov_build.compile_config(Precision.parse(entry["precision"]), manifest.root / ov_build.CACHE, threads)
+        try:
+            self.compiled = ov.Core().compile_model(str(manifest.component_file(component)), "CPU", config)
+        except RuntimeError as e:
+            raise EngineDirError(f"OpenVINO cannot load {manifest.component_file(component)}: {e}. Fix: rebuild with "
+                                 "`sprintrt build ONNX_DIR -o ENGINE_DIR --backend openvino --rebuild`") from e
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [t.name for t in self.spec.outputs]
+
+    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        self.spec.check_feeds(feeds, self.limits)
+        self.request.infer({t.name: feeds[t.name] for t in self.spec.inputs})
+        # Copies: the request's output tensors are overwritten by its next inference.
+        return {n: self.request.get_tensor(n).data.copy() for n in self.output_names}
+
+    def release(self) -> None:
+        self.request = self.compiled = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def load_engine(manifest: Manifest, component: str, threads: int | None = None, stream=None,
                 cuda_graph: bool = False):
     backend = manifest.components[component]["backend"]
     if backend == "onnxruntime":
         return OrtEngine(manifest, component, threads)
+    if backend == "openvino":
+        return OvEngine(manifest, component, threads)
     if backend == "tensorrt":
         from sprintrt.runtime.trt_backend import TrtEngine
 
@@ -94,6 +133,10 @@ def machine_for(backend: str) -> tuple[dict, Mapping[str, str]]:
         from sprintrt.engines import trt_build
 
         return trt_build.target(), trt_build.versions()
+    if backend == "openvino":
+        from sprintrt.engines import ov_build
+
+        return ov_build.target(), ov_build.versions()
     from sprintrt.engines import ort_build
 
     try:

@@ -1,0 +1,64 @@
+"""OpenVINO "engines" for CPUs: the ONNX converted to OpenVINO IR, compiled for this CPU and cached.
+
+OpenVINO's CPU plugin runs bf16 kernels (AVX512-BF16 / AMX) when its inference-precision hint says
+bf16, which ONNX Runtime's CPU provider does not: measured on the real DC-AE decoder at 512², bf16
+took 6.1 s against 12.0 s for ONNX Runtime fp32. The IR (.xml + .bin) is portable; the compiled
+blob in `ov_cache/` is specific to the CPU's ISA and the OpenVINO version, which the manifest
+records and the loader checks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sprintrt.engines.manifest import cpu_target
+from sprintrt.engines.precision import Precision
+from sprintrt.errors import MissingDependencyError
+
+LIBRARY = "openvino"
+SUFFIX = ".xml"
+CACHE = "ov_cache"
+HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16"}
+
+
+def _ov():
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise MissingDependencyError(f"the openvino backend needs the 'openvino' package ({e}). Fix: pip install "
+                                     "openvino, or use --backend onnxruntime") from e
+    return ov
+
+
+def target() -> dict:
+    return cpu_target()
+
+
+def versions() -> dict:
+    return {LIBRARY: _ov().__version__}
+
+
+def compile_config(precision: Precision, cache_dir: Path, threads: int | None = None) -> dict:
+    config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache_dir)}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
+def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict,
+                    target_info: dict, library_versions: dict) -> dict:
+    """Convert `source` to IR at `out` (+ .bin) and compile it once to fill the blob cache."""
+    ov = _ov()
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
+    try:
+        model = ov.Core().read_model(str(source))
+        ov.save_model(model, str(tmp), compress_to_fp16=False)  # keep fp32 weights: precision is a run-time hint
+        os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    ov.Core().compile_model(str(out), "CPU", compile_config(precision, out.parent / CACHE))
+    return {"execution_provider": "OpenVINO CPU", "inference_precision": HINTS[precision],
+            "_sidecars": [out.with_suffix(".bin")]}
