@@ -33,7 +33,9 @@ def typed_list_constants(proto: onnx.ModelProto) -> int:
 
 
 def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    # Weights left in an external file (large models) are never split sizes or pad values: skip them.
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer
+              if i.data_location != onnx.TensorProto.EXTERNAL}
     for n in proto.graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)

@@ -99,10 +99,9 @@ def wrapper_for(component: str, module):
     return cls[component](module).eval()
 
 
-def trace_to_onnx(module, spec: S.ComponentSpec):
-    """torch module → onnx.ModelProto with the spec's names and dynamic axes, constants folded."""
+def _trace(module, spec: S.ComponentSpec):
+    """torch module → torch.onnx.ONNXProgram with the spec's names and dynamic axes (not yet folded)."""
     import torch
-    from polygraphy.backend.onnx import fold_constants
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
@@ -114,18 +113,46 @@ def trace_to_onnx(module, spec: S.ComponentSpec):
     # The exporter prints its progress to stdout; keep it for the error message if it fails.
     log = io.StringIO()
     with torch.no_grad(), contextlib.redirect_stdout(log):
-        program = torch.onnx.export(
+        return torch.onnx.export(
             module, args, dynamic_shapes=dynamic, dynamo=True, optimize=False, opset_version=OPSET,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs], verbose=False)
-    proto = program.model_proto
-    del program
+
+
+def finish_graph(proto, fold: bool = True):
+    """The graph passes every export gets (export/graph_passes.py), with Polygraphy's constant folding."""
+    from polygraphy.backend.onnx import fold_constants
+
     typed_list_constants(proto)
-    # Folding runs on the proto; for graphs over 2 GB polygraphy falls back to its path-based helpers.
-    proto = fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
+    if fold:
+        proto = fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
     sequences_to_split(proto)
     castlike_constants(proto)
     prune_unused(proto)
     return proto
+
+
+def trace_to_onnx(module, spec: S.ComponentSpec):
+    """torch module → folded onnx.ModelProto, in memory (models whose weights fit in protobuf's 2 GB)."""
+    program = _trace(module, spec)
+    proto = program.model_proto
+    del program
+    return finish_graph(proto)
+
+
+def trace_to_onnx_file(module, spec: S.ComponentSpec, path: Path) -> None:
+    """Large models: the exporter streams the weights straight from the torch tensors into
+    `<path>.data`; the graph passes then run on the graph alone. No protobuf copy of the weights is
+    ever made, and no constant folding (it would load every weight again): shape subgraphs stay,
+    which ONNX Runtime, OpenVINO and TensorRT fold themselves."""
+    import onnx
+
+    program = _trace(module, spec)
+    program.save(str(path), external_data=True)
+    del program
+    gc.collect()
+    proto = onnx.load(str(path), load_external_data=False)
+    finish_graph(proto, fold=False)
+    onnx.save_model(proto, str(path))  # the initializers still point into <path>.data
 
 
 def _quiet_exporter_logs() -> None:
@@ -158,11 +185,14 @@ def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims
 
     spec = S.SPEC_BUILDERS[component](dims)
     module = wrapper_for(component, load_component(src, component))
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     t0 = time.perf_counter()
-    proto = trace_to_onnx(module, spec)
     path = out_dir / onnx_filename(component)
-    save_onnx(proto, path)
-    del proto
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        trace_to_onnx_file(module, spec, path)
+    else:
+        save_onnx(trace_to_onnx(module, spec), path)
+    gc.collect()
     seconds = time.perf_counter() - t0
     records = validate_onnx(path, module, spec) if validate else []
     from sprintrt.export.trt_lint import lint
