@@ -50,6 +50,26 @@ def check_onnx_file(onnx_dir: Path, component: str, record: dict) -> Path:
     return path
 
 
+def auto_backend() -> str:
+    """The backend that wins on this machine: TensorRT with an NVIDIA GPU and TensorRT; else OpenVINO
+    where it is installed and the CPU has bf16 instructions (bf16 kernels, which ONNX Runtime's CPU
+    provider lacks); else ONNX Runtime."""
+    from sprintrt.engines import ov_build, trt_build
+    from sprintrt.errors import MissingDependencyError
+
+    try:
+        trt_build.target(), trt_build.versions()
+        return "tensorrt"
+    except MissingDependencyError:
+        pass
+    try:
+        ov_build.versions()
+    except MissingDependencyError:
+        return "onnxruntime"
+    isa = set(M.cpu_target()["isa"])
+    return "openvino" if {"avx512_bf16", "amx_bf16"} & isa else "onnxruntime"
+
+
 def _backend_module(backend: str):
     if backend == "onnxruntime":
         from sprintrt.engines import ort_build
@@ -60,8 +80,8 @@ def _backend_module(backend: str):
     if backend == "openvino":
         from sprintrt.engines import ov_build
         return ov_build
-    raise InvalidInputError(f"backend={backend!r} is not known: expected one of {list(BACKENDS)}. "
-                            "Fix: pass --backend onnxruntime (CPU) or --backend tensorrt (NVIDIA GPU)")
+    raise InvalidInputError(f"backend={backend!r} is not known: expected one of {list(BACKENDS) + ['auto']}. "
+                            "Fix: pass --backend auto, onnxruntime or openvino (CPU), or tensorrt (NVIDIA GPU)")
 
 
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",
@@ -84,6 +104,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
     from filelock import FileLock
 
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
+    if backend == "auto":
+        backend = auto_backend()
     backend_mod = _backend_module(backend)
     precisions = resolve_precisions(precision, backend, components)
     info = read_export_info(onnx_dir)

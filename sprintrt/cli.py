@@ -86,6 +86,8 @@ def cmd_build(args) -> None:
                             progress=lambda c, what: status.update(f"{c}: {what}"))
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["components"].items():
+        if args.backend == "auto" and name == next(iter(manifest["components"])):
+            console.print(f"  --backend auto chose {entry['backend']} on this machine")
         console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
     print(f"engines and manifest written to {out}")
 
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="build engines from an ONNX directory")
     s.add_argument("onnx_dir")
     s.add_argument("-o", "--output", required=True, help="engine directory to write")
-    s.add_argument("--backend", default="onnxruntime", help="onnxruntime (CPU) or tensorrt (NVIDIA GPU)")
+    s.add_argument("--backend", default="onnxruntime",
+                   help="onnxruntime or openvino (CPU), tensorrt (NVIDIA GPU), or auto (what wins on this machine)")
     s.add_argument("--precision", default=None,
                    help="one precision for all (fp32, tf32, bf16, fp16) or per component, e.g. "
                         "transformer=fp16,vae_decoder=fp32; default: the backend's safe per-component choice")

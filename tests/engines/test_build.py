@@ -104,3 +104,13 @@ def test_cache_key_changes_with_every_field():
         M.cache_key(target, "onnxruntime", "1.0", "fp32", dims, "b" * 64),
     ]
     assert len({base, *variants}) == 6
+
+
+def test_auto_backend_picks_what_wins_here(onnx_dir, tmp_path):
+    from sprintrt.engines.build import auto_backend
+    from sprintrt.engines.manifest import cpu_target
+
+    expected = "openvino" if {"avx512_bf16", "amx_bf16"} & set(cpu_target()["isa"]) else "onnxruntime"
+    assert auto_backend() == expected  # this CPU box has no GPU; OpenVINO is installed by the Makefile
+    out = build_engines(onnx_dir, tmp_path / "auto", backend="auto", components=("transformer",))
+    assert _manifest(out)["components"]["transformer"]["backend"] == expected
