@@ -13,25 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from sprintrt.benchmarks.bench import psnr, stage_seconds
+
 ROWS = (("text encoder (+ tokenize)", ("tokenize", "text_encoder")), ("transformer, all steps", ("transformer",)),
         ("VAE decoder", ("vae_decoder",)), ("end to end", ("total",)))
 
 
-def stage_seconds(timings: dict, keys) -> float:
-    total = 0.0
-    for k in keys:
-        v = timings.get(k, 0.0)
-        total += sum(v) if isinstance(v, list) else v
-    return total
-
-
 def median_timings(runs: list[dict]) -> dict:
-    return {label: statistics.median(stage_seconds(t, keys) for t in runs) for label, keys in ROWS}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    return {label: statistics.median(sum(stage_seconds(t, k) for k in keys) for t in runs) for label, keys in ROWS}
 
 
 def run_demo(workdir: Path, prompt: str, steps: int = 2, size: int = 512, runs: int = 3, console=None) -> dict:

@@ -58,7 +58,7 @@ def test_tensorrt_matches_onnxruntime(trt_engine_dir, engine_dir, component):
 
 
 def test_pipeline_image_psnr_vs_onnxruntime(trt_engine_dir, sprint_pipe):
-    from sprintrt.benchmarks.demo import psnr
+    from sprintrt.benchmarks.bench import psnr
     from sprintrt.runtime.pipeline import SprintPipeline
 
     kw = dict(prompt="a red fox in snow", num_inference_steps=2, height=512, width=512,
