@@ -305,8 +305,11 @@ def run_bench(config: BenchConfig, say=print) -> dict:
                                      engine_keys={c: e["key"] for c, e in m.components.items()},
                                      engine_bytes={c: e["bytes"] for c, e in m.components.items()})
                     results[((h, w), batch, steps)].append(entry)
+            gpu_gb = _gpu_memory_used_gb() if kind == "candidate" and system.backend == "tensorrt" else None
             for entry in (e for rs in results.values() for e in rs if e["name"] == name):
                 entry.update(peak_rss_gb=round(mem.peak / 2**30, 2), load_seconds=round(load_seconds, 2))
+                if gpu_gb is not None:
+                    entry["gpu_memory_used_gb"] = gpu_gb
             del pipe, run
             gc.collect()
     doc = {
@@ -331,6 +334,23 @@ def run_bench(config: BenchConfig, say=print) -> dict:
         doc["results"].append({"height": h, "width": w, "batch": batch, "steps": steps, "systems": entries})
     validate(doc)
     return doc
+
+
+def _gpu_memory_used_gb() -> float | None:
+    """Device memory in use (cudaMemGetInfo: total - free) while the TensorRT engines are loaded.
+
+    TensorRT stage times need no CUDA events here: every engine call synchronises its stream before
+    returning, so the host clock around it measures the GPU work."""
+    import ctypes
+
+    try:
+        from polygraphy import cuda
+
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        cuda.wrapper().check(cuda.wrapper().handle.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)))
+        return round((total.value - free.value) / 2**30, 2)
+    except Exception:  # no CUDA runtime: nothing to report
+        return None
 
 
 def _text_length(info: dict, config: BenchConfig) -> int:
