@@ -303,7 +303,8 @@ def run_bench(config: BenchConfig, say=print) -> dict:
                         m = read_manifest(engines[system])
                         entry.update(backend=system.backend, precision=system.precision, engine_dir=str(engines[system]),
                                      engine_keys={c: e["key"] for c, e in m.components.items()},
-                                     engine_bytes={c: e["bytes"] for c, e in m.components.items()})
+                                     engine_bytes={c: e["bytes"] + sum(x["bytes"] for x in e.get("sidecars", []))
+                                                   for c, e in m.components.items()})
                     results[((h, w), batch, steps)].append(entry)
             gpu_gb = _gpu_memory_used_gb() if kind == "candidate" and system.backend == "tensorrt" else None
             for entry in (e for rs in results.values() for e in rs if e["name"] == name):
@@ -323,7 +324,8 @@ def run_bench(config: BenchConfig, say=print) -> dict:
                      "complex_human_instruction": config.complex_human_instruction,
                      "text_length": _text_length(info, config), "threads": config.threads,
                      "reference": REFERENCE, "binning": False},
-        "onnx_bytes": {c: r["bytes"] for c, r in info["components"].items()},
+        "onnx_bytes": {c: r["bytes"] + (r.get("external_data") or {}).get("bytes", 0)
+                       for c, r in info["components"].items()},
         "results": [],
     }
     for ((h, w), batch, steps), entries in results.items():
