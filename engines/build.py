@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from sprintrt.engines import manifest as M
-from sprintrt.engines.precision import resolve_precisions
+from sprintrt.engines.precision import Precision, resolve_precisions
 from sprintrt.engines.profiles import ProfileOptions, full_profile, input_shapes, tensorrt_profile
 from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file
@@ -86,7 +86,7 @@ def _backend_module(backend: str):
 
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",
                   precision=None, components=S.COMPONENTS, rebuild: bool = False,
-                  profile: ProfileOptions | None = None,
+                  profile: ProfileOptions | None = None, calibration: dict | None = None,
                   progress: Callable[[str, str], None] | None = None) -> Path:
     """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
 
@@ -94,6 +94,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
         precision: None (the backend's per-component defaults), one precision for all, a dict, or
             "transformer=fp16,vae_decoder=fp32".
         profile: TensorRT shape-profile options (ONNX Runtime engines accept the spec's full ranges).
+        calibration: for int8 components, {component: (description, list of input feeds)}; the
+            description (prompts, count, size) goes into the engine key.
 
     Everything that can fail without building (arguments, sources, the backend's presence) is checked
     before anything is written. An engine whose key (target, library version, precision, profile,
@@ -120,6 +122,11 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
         profiles = {c: tensorrt_profile(specs[c], model, profile or ProfileOptions()) for c in components}
     else:
         profiles = {c: full_profile(specs[c]) for c in components}
+    for comp, prec in precisions.items():
+        if prec == Precision.INT8 and not (calibration or {}).get(comp):
+            raise InvalidInputError(f"precision int8 for {comp} needs calibration data. Fix: build with the CLI "
+                                    f"(`sprintrt build ... --precision {comp}=int8` calibrates on a prompt file) or pass "
+                                    "calibration={component: (description, feeds)}")
     target, versions = backend_mod.target(), backend_mod.versions()  # raise before anything is written
 
     engine_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +135,10 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
         entries = {}
         for comp in components:
             record, prec = info["components"][comp], precisions[comp]
-            key = M.cache_key(target, backend, versions[backend_mod.LIBRARY], prec.value, profiles[comp], record["sha256"])
+            label = prec.value
+            if prec == Precision.INT8:  # the calibration set is part of what the engine computes
+                label += "-" + hashlib.sha256(calibration[comp][0].encode()).hexdigest()[:8]
+            key = M.cache_key(target, backend, versions[backend_mod.LIBRARY], label, profiles[comp], record["sha256"])
             prev = old.get(comp) if old else None
             if not rebuild and prev and prev["key"] == key and _intact(engine_dir, prev):
                 if progress:
@@ -139,8 +149,20 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
                 progress(comp, "building")
             path = engine_dir / f"{comp}-{hashlib.sha256(key.encode()).hexdigest()[:12]}{backend_mod.SUFFIX}"
             t0 = time.perf_counter()
-            build_info = backend_mod.build_component(sources[comp], path, comp, prec,
-                                                     input_shapes(specs[comp], profiles[comp]), target, versions)
+            source, quant_info = sources[comp], {}
+            if prec == Precision.INT8:
+                from sprintrt.engines.quantize import quantize_int8
+
+                source = path.with_name(path.name + ".qdq.onnx")
+                quant_info = quantize_int8(sources[comp], source, calibration[comp][1])
+                quant_info["calibration"] = calibration[comp][0]
+            try:
+                build_info = backend_mod.build_component(source, path, comp, prec,
+                                                         input_shapes(specs[comp], profiles[comp]), target, versions)
+            finally:
+                if source != sources[comp]:
+                    source.unlink(missing_ok=True)  # the Q/DQ graph lives on inside the built engine
+            build_info.update(quant_info)
             io = dict(record["spec"], dims=profiles[comp])
             sidecars = [_file_entry(p) for p in build_info.pop("_sidecars", [])]
             entries[comp] = {

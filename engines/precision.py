@@ -48,7 +48,8 @@ DEFAULTS = {
 }
 # What each backend can build, per component. INT8/FP8 need Q/DQ ONNX (the quantization step).
 ALLOWED = {
-    "onnxruntime": {c: (P.FP32,) for c in COMPONENTS},
+    # int8: static Q/DQ of the transformer, calibrated on recorded inputs (engines/quantize.py)
+    "onnxruntime": {TEXT_ENCODER: (P.FP32,), TRANSFORMER: (P.FP32, P.INT8), VAE_DECODER: (P.FP32,)},
     "openvino": {c: (P.FP32, P.BF16) for c in COMPONENTS},
     "tensorrt": {
         TEXT_ENCODER: (P.FP32, P.TF32, P.BF16),

@@ -4,6 +4,9 @@
   folding feeds a double shape to Expand and ONNX Runtime refuses the graph.
 - castlike_constants: `F.pad(..., value=1.0)` in the linear attention exports as
   CastLike(double 1.0, x); TensorRT has no DOUBLE CastLike, and the cast of a constant is a constant.
+- module_scopes / restore_module_scopes: the exporter tags each node with the PyTorch module it
+  came from (`pkg.torch.onnx.name_scopes`); constant folding drops node metadata, and quantization
+  needs it to keep whole modules (time embedding, caption projection, ...) in higher precision.
 - prune_unused: the rewrites above leave constants nobody reads (ORT warns about each one).
 - sequences_to_split: the dynamo exporter with optimize=False writes torch.chunk/split as
   SplitToSequence + SequenceAt, which TensorRT's ONNX parser does not support; a plain Split with
@@ -164,3 +167,29 @@ def prune_unused(proto: onnx.ModelProto) -> int:
         for i in dead_inits:
             proto.graph.initializer.remove(i)
         removed += len(dead) + len(dead_inits)
+
+
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def module_scopes(proto: onnx.ModelProto) -> dict[str, str]:
+    """First output name → the module path of the node that computes it, e.g. 'transformer.time_embed'."""
+    import ast
+
+    scopes = {}
+    for n in proto.graph.node:
+        for prop in n.metadata_props:
+            if prop.key == SCOPE_KEY and n.output:
+                parts = [p for p in ast.literal_eval(prop.value) if p]
+                scopes[n.output[0]] = ".".join(parts)
+    return scopes
+
+
+def restore_module_scopes(proto: onnx.ModelProto, scopes: dict[str, str]) -> int:
+    """Put the module paths back on the nodes that survived folding (matched by output name)."""
+    count = 0
+    for n in proto.graph.node:
+        if n.output and n.output[0] in scopes and not any(p.key == SCOPE_KEY for p in n.metadata_props):
+            n.metadata_props.add(key=SCOPE_KEY, value=repr([""] + scopes[n.output[0]].split(".")))
+            count += 1
+    return count

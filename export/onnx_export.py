@@ -29,7 +29,8 @@ from pathlib import Path
 from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
-from sprintrt.export.graph_passes import castlike_constants, prune_unused, sequences_to_split, typed_list_constants
+from sprintrt.export.graph_passes import (castlike_constants, module_scopes, prune_unused, restore_module_scopes,
+                                          sequences_to_split, typed_list_constants)
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a model over 2 GB; leave headroom
@@ -124,7 +125,9 @@ def finish_graph(proto, fold: bool = True):
 
     typed_list_constants(proto)
     if fold:
+        scopes = module_scopes(proto)
         proto = fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
+        restore_module_scopes(proto, scopes)
     sequences_to_split(proto)
     castlike_constants(proto)
     prune_unused(proto)

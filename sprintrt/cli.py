@@ -81,8 +81,9 @@ def cmd_build(args) -> None:
     profile = ProfileOptions(max_batch=args.max_batch, max_sequence_length=args.max_sequence_length,
                              complex_human_instruction=not args.no_chi, static=_parse_static(args.static))
     with console.status("building engines") as status:
+        calibration = _calibrate(args, profile, status) if args.precision and "int8" in args.precision else None
         out = build_engines(args.onnx_dir, args.output, backend=args.backend, precision=args.precision,
-                            rebuild=args.rebuild, profile=profile,
+                            rebuild=args.rebuild, profile=profile, calibration=calibration,
                             progress=lambda c, what: status.update(f"{c}: {what}"))
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["components"].items():
@@ -90,6 +91,32 @@ def cmd_build(args) -> None:
             console.print(f"  --backend auto chose {entry['backend']} on this machine")
         console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
     print(f"engines and manifest written to {out}")
+
+
+def _calibrate(args, profile, status) -> dict:
+    """int8: build fp32 engines first, record the transformer's inputs while they generate from the
+    calibration prompts, and hand those to the int8 build (which then replaces the fp32 transformer)."""
+    from sprintrt.engines.build import build_engines
+    from sprintrt.runtime.calibration import read_prompts, transformer_calibration
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    from sprintrt.engines.quantize import quantizable_nodes
+
+    if args.calibration_count < 1:
+        from sprintrt.errors import InvalidInputError
+
+        raise InvalidInputError(f"--calibration-count {args.calibration_count} is not allowed: expected >= 1. "
+                                "Fix: e.g. --calibration-count 32")
+    quantizable_nodes(Path(args.onnx_dir) / "transformer.onnx")  # fails early on an export without module paths
+    prompts = read_prompts(args.calibration_prompts)[: args.calibration_count]
+    status.update("fp32 engines for calibration")
+    build_engines(args.onnx_dir, args.output, backend=args.backend, precision="fp32", profile=profile)
+    status.update(f"calibrating on {len(prompts)} prompts at {args.calibration_size}²")
+    feeds = transformer_calibration(SprintPipeline.from_engines(args.output), prompts, args.calibration_size,
+                                    args.calibration_size)
+    source = args.calibration_prompts or "shipped prompts"
+    description = f"{source}; {len(prompts)} prompts; {args.calibration_size}px; steps 1,2; minmax"
+    return {"transformer": (description, feeds)}
 
 
 def _parse_static(value):
@@ -206,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sequence-length", type=int, default=300, help="TensorRT profile: prompt tokens (default 300)")
     s.add_argument("--no-chi", action="store_true", help="TensorRT profile: prompts without the complex human instruction")
     s.add_argument("--static", help="TensorRT profile: one shape BATCHxHEIGHTxWIDTH, e.g. 1x1024x1024 (CUDA graphs)")
+    s.add_argument("--calibration-prompts", help="int8: prompt file, one per line (default: the shipped 68 prompts)")
+    s.add_argument("--calibration-count", type=int, default=32, help="int8: how many prompts (default 32)")
+    s.add_argument("--calibration-size", type=int, default=512, help="int8: image size to calibrate at (default 512)")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("doctor", help="what this machine has (GPU, CUDA driver, TensorRT, ONNX Runtime) and can build")

@@ -1,0 +1,98 @@
+"""INT8 Q/DQ ONNX from an fp32 export, with ONNX Runtime's static quantization and real calibration data.
+
+What is quantized (QDQ format: QuantizeLinear/DequantizeLinear around each quantized op, which both
+ONNX Runtime and TensorRT consume): the MatMul/Gemm/Conv layers whose second input is a weight, with
+per-channel symmetric int8 weights and per-tensor symmetric int8 activations (min/max calibration).
+
+What stays in higher precision, as NVIDIA ModelOpt's diffusion recipes keep it: the time and
+guidance embeddings and the patch embedding (a timestep error shifts every token), the caption
+projection and norm (its input is the text encoder's unnormalised output), the final norm and
+projection (they write the velocity the scheduler integrates), and every activation-by-activation
+matmul: the linear attention's v·kᵀ and ·q with its normaliser division and epsilon, and the
+cross-attention scores. Layers are recognised by the PyTorch module path the exporter recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from sprintrt.errors import InvalidInputError
+
+KEEP_HIGH_PRECISION = (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".proj_out",
+                       ".norm_out")
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+# Calibration keeps at most this many samples' intermediate outputs in memory before folding them
+# into running min/max ranges: ORT's default keeps all of them (13 GB for the real decoder at 512²).
+CALIBRATION_CHUNK = 4
+
+
+def _stride(n: int) -> int:
+    """The largest divisor of n up to CALIBRATION_CHUNK (ORT needs the strides to tile the data)."""
+    return max(d for d in range(1, min(n, CALIBRATION_CHUNK) + 1) if n % d == 0)
+
+
+def quantizable_nodes(model) -> tuple[list[str], list[str]]:
+    """(nodes to quantize, weight-bearing nodes kept in higher precision) of an exported graph."""
+    import onnx
+
+    from sprintrt.export.graph_passes import module_scopes
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    weights |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    scopes = module_scopes(model)
+    quantize, keep = [], []
+    for n in model.graph.node:
+        if n.op_type not in QUANTIZED_OPS or len(n.input) < 2 or n.input[1] not in weights:
+            continue
+        scope = scopes.get(n.output[0])
+        if scope is None:
+            raise InvalidInputError(f"node '{n.name}' carries no module path, so sprintrt cannot tell which layers "
+                                    "must stay in higher precision. Fix: re-export with this sprintrt version")
+        (keep if any(k in scope + "." for k in KEEP_HIGH_PRECISION) else quantize).append(n.name)
+    return quantize, keep
+
+
+class _Feeds:
+    """ONNX Runtime's CalibrationDataReader over a list of feed dicts, readable in strides (ORT's
+    CalibStridedMinMax folds each stride into running min/max ranges, which bounds memory)."""
+
+    def __init__(self, feeds: list[dict]):
+        self._feeds, self._it = feeds, iter(feeds)
+
+    def __len__(self):
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int):
+        self._it = iter(self._feeds[start_index:end_index])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantize_int8(source: Path, out: Path, feeds: list[dict]) -> dict:
+    """Write the int8 Q/DQ version of `source` to `out` (temp name, then rename). Returns what was done."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not feeds:
+        raise InvalidInputError("calibration produced no samples: expected at least one prompt. Fix: pass a "
+                                "non-empty calibration prompt file")
+    quantize, keep = quantizable_nodes(source)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT logs a generic "consider pre-processing" warning on the root logger
+    try:
+        quantize_static(
+            str(source), str(tmp), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=quantize,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": _stride(len(feeds))},
+        )
+        os.replace(tmp, out)
+    finally:
+        root.setLevel(level)
+        tmp.unlink(missing_ok=True)
+    return {"quantized_nodes": len(quantize), "kept_high_precision": keep, "calibration_samples": len(feeds)}

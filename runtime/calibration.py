@@ -1,0 +1,57 @@
+"""Calibration data made the way the model is used: the transformer's real inputs, recorded while an
+fp32 SprintPipeline generates from a prompt file at the timesteps actually run (t = max for 1 step,
+plus the intermediate step for 2 steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sprintrt.errors import InvalidInputError
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """Prompts, one per line; None gives the shipped file (68 varied prompts)."""
+    if path is None:
+        from importlib import resources
+
+        text = resources.files("sprintrt.export").joinpath("data/prompts.txt").read_text()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInputError(f"calibration prompt file {str(path)!r} does not exist. Fix: pass a text file "
+                                    "with one prompt per line, or omit it to use the shipped prompts")
+        text = path.read_text()
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InvalidInputError(f"calibration prompt file {str(path)!r} has no prompts. Fix: one prompt per line")
+    return prompts
+
+
+class _Recorder:
+    """Wraps an engine; keeps a copy of every call's inputs."""
+
+    def __init__(self, engine):
+        self.engine, self.feeds = engine, []
+
+    def __call__(self, **feeds):
+        self.feeds.append({k: v.copy() for k, v in feeds.items()})
+        return self.engine(**feeds)
+
+
+def transformer_calibration(pipe, prompts: list[str], height: int = 512, width: int = 512, steps=(1, 2),
+                            count: int | None = None, seed: int = 0) -> list[dict]:
+    """Transformer input feeds recorded from `pipe` (an fp32 SprintPipeline) over the prompts."""
+    if count is not None:
+        if count < 1:
+            raise InvalidInputError(f"calibration count={count} is not allowed: expected >= 1. Fix: e.g. 32")
+        prompts = prompts[:count]
+    recorder = _Recorder(pipe.transformer)
+    pipe.transformer = recorder
+    try:
+        for i, prompt in enumerate(prompts):
+            for n in steps:
+                pipe(prompt, num_inference_steps=n, intermediate_timesteps=1.3 if n == 2 else None, height=height,
+                     width=width, use_resolution_binning=False, generator=seed + i, output_type="latent")
+    finally:
+        pipe.transformer = recorder.engine
+    return recorder.feeds
