@@ -67,6 +67,7 @@ class BenchConfig:
     prompt: str = "a small fluffy white cat asleep on a sunny windowsill"
     complex_human_instruction: bool = True
     threads: int | None = None
+    calibration_count: int = 16  # int8 candidates: calibration prompts (shipped file)
 
     def check(self) -> None:
         """Refuse nonsense before any work is done."""
@@ -237,7 +238,14 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
     for cand in config.candidates:
         engine_dir = work / f"engines-{identity[:12]}-{cand.backend}-{cand.precision}"
         say(f"building {cand.name} engines in {engine_dir}")
-        engines[cand] = build_engines(onnx_dir, engine_dir, backend=cand.backend, precision=cand.precision)
+        if cand.precision == "int8" and cand.backend == "onnxruntime":
+            from sprintrt.runtime.calibration import build_int8_engines
+
+            size = max(max(r) for r in config.resolutions)
+            engines[cand] = build_int8_engines(onnx_dir, engine_dir, count=config.calibration_count, size=size,
+                                               progress=lambda msg: say(f"  {msg}"))
+        else:
+            engines[cand] = build_engines(onnx_dir, engine_dir, backend=cand.backend, precision=cand.precision)
         _check_profile(engines[cand], cand, config)
     return ckpt, onnx_dir, engines
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sprintrt.errors import InvalidInputError
+from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 
 
 def read_prompts(path: str | Path | None) -> list[str]:
@@ -49,9 +50,36 @@ def transformer_calibration(pipe, prompts: list[str], height: int = 512, width: 
     pipe.transformer = recorder
     try:
         for i, prompt in enumerate(prompts):
+            # Encode once per prompt (the text encoder is the slow part at real size), run every schedule.
+            embeds, mask = pipe.encode_prompt(prompt, complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
             for n in steps:
-                pipe(prompt, num_inference_steps=n, intermediate_timesteps=1.3 if n == 2 else None, height=height,
-                     width=width, use_resolution_binning=False, generator=seed + i, output_type="latent")
+                pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
+                     intermediate_timesteps=1.3 if n == 2 else None, height=height, width=width,
+                     use_resolution_binning=False, generator=seed + i, output_type="latent")
     finally:
         pipe.transformer = recorder.engine
     return recorder.feeds
+
+
+def build_int8_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,
+                       count: int = 32, size: int = 512, profile=None, progress=None) -> Path:
+    """ONNX Runtime engines with an int8 transformer: fp32 engines first, then the transformer's inputs
+    recorded while they generate from the calibration prompts, then the int8 build that replaces the
+    fp32 transformer. Returns engine_dir."""
+    from sprintrt.engines.build import build_engines
+    from sprintrt.engines.quantize import quantizable_nodes
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    say = progress or (lambda msg: None)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidInputError(f"calibration count={count!r} is not allowed: expected an integer >= 1. Fix: e.g. 32")
+    quantizable_nodes(Path(onnx_dir) / "transformer.onnx")  # fail before any work on an export without module paths
+    prompts = read_prompts(prompts_file)[:count]
+    say("fp32 engines for calibration")
+    build_engines(onnx_dir, engine_dir, backend="onnxruntime", precision="fp32", profile=profile)
+    say(f"calibrating on {len(prompts)} prompts at {size}x{size}")
+    feeds = transformer_calibration(SprintPipeline.from_engines(engine_dir), prompts, size, size)
+    description = f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps 1,2; minmax"
+    say("quantizing the transformer")
+    return build_engines(onnx_dir, engine_dir, backend="onnxruntime", precision="transformer=int8", profile=profile,
+                         calibration={"transformer": (description, feeds)})

@@ -80,43 +80,29 @@ def cmd_build(args) -> None:
     console = _console()
     profile = ProfileOptions(max_batch=args.max_batch, max_sequence_length=args.max_sequence_length,
                              complex_human_instruction=not args.no_chi, static=_parse_static(args.static))
+    int8 = args.precision and "int8" in args.precision
+    if int8 and (args.backend != "onnxruntime" or args.precision.replace(" ", "") not in ("int8", "transformer=int8")):
+        from sprintrt.errors import InvalidInputError
+
+        raise InvalidInputError(f"--precision {args.precision} with --backend {args.backend}: int8 engines are built "
+                                "for the transformer on onnxruntime. Fix: --backend onnxruntime --precision "
+                                "transformer=int8")
     with console.status("building engines") as status:
-        calibration = _calibrate(args, profile, status) if args.precision and "int8" in args.precision else None
-        out = build_engines(args.onnx_dir, args.output, backend=args.backend, precision=args.precision,
-                            rebuild=args.rebuild, profile=profile, calibration=calibration,
-                            progress=lambda c, what: status.update(f"{c}: {what}"))
+        if int8:
+            from sprintrt.runtime.calibration import build_int8_engines
+
+            out = build_int8_engines(args.onnx_dir, args.output, args.calibration_prompts, args.calibration_count,
+                                     args.calibration_size, profile, progress=status.update)
+        else:
+            out = build_engines(args.onnx_dir, args.output, backend=args.backend, precision=args.precision,
+                                rebuild=args.rebuild, profile=profile,
+                                progress=lambda c, what: status.update(f"{c}: {what}"))
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["components"].items():
         if args.backend == "auto" and name == next(iter(manifest["components"])):
             console.print(f"  --backend auto chose {entry['backend']} on this machine")
         console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
     print(f"engines and manifest written to {out}")
-
-
-def _calibrate(args, profile, status) -> dict:
-    """int8: build fp32 engines first, record the transformer's inputs while they generate from the
-    calibration prompts, and hand those to the int8 build (which then replaces the fp32 transformer)."""
-    from sprintrt.engines.build import build_engines
-    from sprintrt.runtime.calibration import read_prompts, transformer_calibration
-    from sprintrt.runtime.pipeline import SprintPipeline
-
-    from sprintrt.engines.quantize import quantizable_nodes
-
-    if args.calibration_count < 1:
-        from sprintrt.errors import InvalidInputError
-
-        raise InvalidInputError(f"--calibration-count {args.calibration_count} is not allowed: expected >= 1. "
-                                "Fix: e.g. --calibration-count 32")
-    quantizable_nodes(Path(args.onnx_dir) / "transformer.onnx")  # fails early on an export without module paths
-    prompts = read_prompts(args.calibration_prompts)[: args.calibration_count]
-    status.update("fp32 engines for calibration")
-    build_engines(args.onnx_dir, args.output, backend=args.backend, precision="fp32", profile=profile)
-    status.update(f"calibrating on {len(prompts)} prompts at {args.calibration_size}²")
-    feeds = transformer_calibration(SprintPipeline.from_engines(args.output), prompts, args.calibration_size,
-                                    args.calibration_size)
-    source = args.calibration_prompts or "shipped prompts"
-    description = f"{source}; {len(prompts)} prompts; {args.calibration_size}px; steps 1,2; minmax"
-    return {"transformer": (description, feeds)}
 
 
 def _parse_static(value):
@@ -174,7 +160,8 @@ def cmd_bench(args) -> None:
         steps=[_int_list_item(v, "--steps") for v in args.steps.split(",")],
         candidates=[B.Candidate.parse(c) for c in args.candidates.split(",")],
         baselines=args.baselines.split(","), warmup=args.warmup, runs=args.runs, workdir=Path(args.workdir),
-        prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads)
+        prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads,
+        calibration_count=args.calibration_count)
     config.check()
     console = _console()
     doc = B.run_bench(config, say=console.print)
@@ -268,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="a small fluffy white cat asleep on a sunny windowsill")
     s.add_argument("--no-chi", action="store_true", help="prompts without the complex human instruction")
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--calibration-count", type=int, default=16, help="int8 candidates: calibration prompts")
     s.add_argument("--workdir", default="out/bench", help="where checkpoints, ONNX and engines are cached")
     s.add_argument("-o", "--output", default="out/bench/results.json")
     s.add_argument("--report", help="only turn a stored results JSON into Markdown + PNG beside it")
