@@ -53,6 +53,8 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        if not out.exists():  # failed (e.g. disk full): drop the half-written weights file too
+            out.with_name(out.name + ".data").unlink(missing_ok=True)
     return {"execution_provider": PROVIDER, "graph_optimization": "ORT_ENABLE_ALL (saved); loaded with optimisation off"}
 
 
