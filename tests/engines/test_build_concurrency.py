@@ -62,12 +62,14 @@ def test_interrupted_build_leaves_previous_directory_intact(onnx_dir, tmp_path, 
 def test_real_builder_cleans_its_temp_file_on_failure(onnx_dir, tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    def crash(*a, **k):
+    out = tmp_path / "e"
+    out.mkdir()
+
+    def crash(*a, **k):  # ORT writes external weights under their final name before it fails (disk full)
+        (out / "t.ort.onnx.data").write_bytes(b"half of the weights")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ort, "InferenceSession", crash)
-    out = tmp_path / "e"
-    out.mkdir()
     from sprintrt.engines.precision import Precision
 
     with pytest.raises(KeyboardInterrupt):
