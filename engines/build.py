@@ -160,8 +160,9 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
                 build_info = backend_mod.build_component(source, path, comp, prec,
                                                          input_shapes(specs[comp], profiles[comp]), target, versions)
             finally:
-                if source != sources[comp]:
-                    source.unlink(missing_ok=True)  # the Q/DQ graph lives on inside the built engine
+                if source != sources[comp]:  # the Q/DQ graph lives on inside the built engine
+                    source.unlink(missing_ok=True)
+                    source.with_name(source.name + ".data").unlink(missing_ok=True)
             build_info.update(quant_info)
             io = dict(record["spec"], dims=profiles[comp])
             sidecars = [_file_entry(p) for p in build_info.pop("_sidecars", [])]

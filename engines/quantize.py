@@ -80,6 +80,8 @@ def quantize_int8(source: Path, out: Path, feeds: list[dict]) -> dict:
         raise InvalidInputError("calibration produced no samples: expected at least one prompt. Fix: pass a "
                                 "non-empty calibration prompt file")
     quantize, keep = quantizable_nodes(source)
+    # Over 2 GB (the real transformers) the calibration graph and the result need external weights.
+    external = source.with_name(source.name + ".data").exists()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     root = logging.getLogger()
     level = root.level
@@ -88,11 +90,28 @@ def quantize_int8(source: Path, out: Path, feeds: list[dict]) -> dict:
         quantize_static(
             str(source), str(tmp), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=quantize,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": _stride(len(feeds))},
         )
+        if external:  # the graph names its weights file; keep that name valid after the rename
+            _move_external_data(tmp, out)
         os.replace(tmp, out)
     finally:
         root.setLevel(level)
         tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
     return {"quantized_nodes": len(quantize), "kept_high_precision": keep, "calibration_samples": len(feeds)}
+
+
+def _move_external_data(tmp: Path, out: Path) -> None:
+    """Point the graph at `<out>.data` and move the weights there (ORT wrote them beside `tmp`)."""
+    import onnx
+
+    model = onnx.load(str(tmp), load_external_data=False)
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = out.name + ".data"
+    src = next(tmp.parent.glob(tmp.name + "*.data"), None) or tmp.with_name(tmp.name + ".data")
+    os.replace(src, out.with_name(out.name + ".data"))
+    onnx.save_model(model, str(tmp))
