@@ -42,7 +42,9 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.optimized_model_filepath = str(tmp)
     opts.log_severity_level = 3  # ORT warns that an ENABLE_ALL graph is hardware-specific: the manifest says so
-    external = _source_bytes(source) > EXTERNAL_DATA_BYTES
+    # A source with external weights always gets its own weights file: otherwise ORT's saved graph keeps
+    # pointing into the source's .data file (a temporary one, for int8 Q/DQ graphs).
+    external = _source_bytes(source) > EXTERNAL_DATA_BYTES or source.with_name(source.name + ".data").exists()
     if external:
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")

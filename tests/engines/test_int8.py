@@ -114,3 +114,25 @@ def test_cli_refuses_empty_calibration_file_and_fp8_on_cpu(onnx_dir, tmp_path):
                         "--precision", "transformer=fp8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "precision='fp8' is not available for transformer" in r.stderr
     assert not (tmp_path / "f").exists()
+
+
+def test_engine_from_an_external_data_source_is_self_contained(onnx_dir, tmp_path):
+    """Real transformers have external weights; their int8 Q/DQ graph is temporary. The built engine must
+    carry its own weights file, not point into the deleted source's (measured on the real 0.6B)."""
+    import shutil
+
+    from sprintrt.engines import ort_build
+    from sprintrt.engines.precision import Precision
+
+    src = tmp_path / "src" / "transformer.onnx"
+    src.parent.mkdir()
+    onnx.save_model(onnx.load(str(onnx_dir / "transformer.onnx")), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="transformer.onnx.data", size_threshold=1024)
+    out = tmp_path / "engine" / "t.ort.onnx"
+    out.parent.mkdir()
+    ort_build.build_component(src, out, "transformer", Precision.FP32, {}, {}, {})
+    shutil.rmtree(src.parent)
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # loads without the source
+    assert (out.parent / "t.ort.onnx.data").exists()
