@@ -17,7 +17,7 @@ import platform
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -502,9 +502,3 @@ def write_outputs(doc: dict, json_path: str | Path) -> tuple[Path, Path, Path]:
     png = plot(doc, json_path.with_suffix(".png"))
     return json_path, md, png
 
-
-def config_to_json(config: BenchConfig) -> dict:
-    d = asdict(config)
-    d["candidates"] = [f"{c.backend}:{c.precision}" for c in config.candidates]
-    d["workdir"] = str(config.workdir)
-    return d

@@ -35,21 +35,22 @@ def ov_engines(onnx_dir, tmp_path_factory):
     return {p: build_engines(onnx_dir, root / p, backend="openvino", precision=p) for p in ("fp32", "bf16")}
 
 
+def _images(engine_dir, reference_pipe, kw):
+    ref = reference_pipe(**kw, generator=torch.Generator().manual_seed(1), output_type="np").images
+    ours = SprintPipeline.from_engines(engine_dir)(**kw, generator=torch.Generator().manual_seed(1),
+                                                   output_type="np").images
+    return ref, ours
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_fp32_matches_diffusers(ov_engines, reference_pipe, case):
-    kw = CASES[case]
-    ref = reference_pipe(**kw, generator=torch.Generator().manual_seed(1), output_type="np").images
-    ours = SprintPipeline.from_engines(ov_engines["fp32"])(**kw, generator=torch.Generator().manual_seed(1),
-                                                           output_type="np").images
+    ref, ours = _images(ov_engines["fp32"], reference_pipe, CASES[case])
     assert np.abs(ours - ref).max() <= FP32_TOL
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_bf16_drift_is_bounded(ov_engines, reference_pipe, case):
-    kw = CASES[case]
-    ref = reference_pipe(**kw, generator=torch.Generator().manual_seed(1), output_type="np").images
-    ours = SprintPipeline.from_engines(ov_engines["bf16"])(**kw, generator=torch.Generator().manual_seed(1),
-                                                           output_type="np").images
+    ref, ours = _images(ov_engines["bf16"], reference_pipe, CASES[case])
     assert np.abs(ours - ref).max() > 0  # bf16 really ran
     assert psnr(ours, ref) >= BF16_PSNR_DB
 
