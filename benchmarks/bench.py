@@ -383,15 +383,10 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from sprintrt.files import installed_versions
 
-    out = {}
-    for pkg in ("sprintrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt", "openvino", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    return installed_versions(("sprintrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt",
+                               "openvino", "numpy"))
 
 
 # ---- schema, report, plot -------------------------------------------------------------------------

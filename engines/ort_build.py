@@ -13,11 +13,11 @@ from pathlib import Path
 
 from sprintrt.engines.manifest import cpu_target
 from sprintrt.engines.precision import Precision
+from sprintrt.files import EXTERNAL_DATA_BYTES
 
 LIBRARY = "onnxruntime"
 SUFFIX = ".ort.onnx"
 PROVIDER = "CPUExecutionProvider"
-EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def target() -> dict:
@@ -44,7 +44,7 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     opts.log_severity_level = 3  # ORT warns that an ENABLE_ALL graph is hardware-specific: the manifest says so
     # A source with external weights always gets its own weights file: otherwise ORT's saved graph keeps
     # pointing into the source's .data file (a temporary one, for int8 Q/DQ graphs).
-    external = _source_bytes(source) > EXTERNAL_DATA_BYTES or source.with_name(source.name + ".data").exists()
+    external = source.with_name(source.name + ".data").exists() or source.stat().st_size > EXTERNAL_DATA_BYTES
     if external:
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
@@ -59,7 +59,3 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
             out.with_name(out.name + ".data").unlink(missing_ok=True)
     return {"execution_provider": PROVIDER, "graph_optimization": "ORT_ENABLE_ALL (saved); loaded with optimisation off"}
 
-
-def _source_bytes(source: Path) -> int:
-    data = source.with_name(source.name + ".data")
-    return source.stat().st_size + (data.stat().st_size if data.exists() else 0)

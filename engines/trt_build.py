@@ -83,7 +83,8 @@ _LINEAR_ATTENTION_OPS = {"Slice", "Add", "Div", "MatMul", "Cast", "Transpose", "
 def fp32_pinned_nodes(model, component: str) -> list[str]:
     """ONNX node names whose TensorRT layers must run in float32 for reduced-precision builds."""
     import onnx
-    from onnx import numpy_helper
+
+    from sprintrt.export.graph_passes import constant_values
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
@@ -92,9 +93,7 @@ def fp32_pinned_nodes(model, component: str) -> list[str]:
         return [n.name for n in nodes if n.op_type == "Resize"]
     if component != "transformer":
         return []
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    consts = constant_values(model)
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list] = {}
     for n in nodes:

@@ -35,7 +35,7 @@ def typed_list_constants(proto: onnx.ModelProto) -> int:
     return count
 
 
-def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+def constant_values(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     # Weights left in an external file (large models) are never split sizes or pad values: skip them.
     values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer
               if i.data_location != onnx.TensorProto.EXTERNAL}
@@ -75,7 +75,7 @@ def sequences_to_split(proto: onnx.ModelProto) -> int:
     Left alone (and reported by the TensorRT lint) when the split sizes or the split axis are not
     static, or a sequence is used by anything but SequenceAt.
     """
-    consts = _constants(proto)
+    consts = constant_values(proto)
     users: dict[str, list] = {}
     for n in proto.graph.node:
         for i in n.input:
@@ -138,7 +138,7 @@ def castlike_constants(proto: onnx.ModelProto) -> int:
     from onnx import helper as h
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    consts = _constants(proto)
+    consts = constant_values(proto)
     inferred = inferred_skeleton(proto)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info)
              + list(inferred.graph.input) if vi.type.HasField("tensor_type")}

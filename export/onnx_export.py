@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 from sprintrt.errors import InvalidInputError, ModelLoadError
+from sprintrt import files
 from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
 from sprintrt.export.graph_passes import (castlike_constants, module_scopes, prune_unused, restore_module_scopes,
                                           sequences_to_split, typed_list_constants)
 
 OPSET = 18
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a model over 2 GB; leave headroom
 
 
 def onnx_filename(component: str) -> str:
@@ -174,7 +174,7 @@ def save_onnx(proto, path: Path) -> None:
     import onnx
 
     weight_bytes = sum(len(init.raw_data) for init in proto.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_BYTES:
+    if weight_bytes > files.EXTERNAL_DATA_BYTES:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
     else:
@@ -191,7 +191,7 @@ def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims
     weight_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     t0 = time.perf_counter()
     path = out_dir / onnx_filename(component)
-    if weight_bytes > EXTERNAL_DATA_BYTES:
+    if weight_bytes > files.EXTERNAL_DATA_BYTES:
         trace_to_onnx_file(module, spec, path)
     else:
         save_onnx(trace_to_onnx(module, spec), path)
@@ -239,7 +239,8 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
             "model_dims": dims.__dict__,
             "pipeline": constants,
             "opset": OPSET,
-            "versions": _versions(),
+            "versions": files.installed_versions(("torch", "diffusers", "transformers", "onnx", "onnxscript",
+                                                  "polygraphy", "onnxruntime")),
             "components": {},
         }
         load_tokenizer(src).save_pretrained(tmp / "tokenizer")
@@ -255,14 +256,3 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxscript", "polygraphy", "onnxruntime"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out

@@ -1,10 +1,27 @@
-"""File helpers shared by export/ and engines/: content hashes and atomic replacement."""
+"""Helpers shared by export/, engines/ and benchmarks/: content hashes, atomic replacement, versions."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+
+
+# protobuf cannot serialise a model over 2 GB; past this much weight, models keep it in a .data file
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def installed_versions(packages) -> dict:
+    """{package: version} for those of `packages` that are installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def sha256_file(path: str | Path, h=None) -> str:
