@@ -3,8 +3,9 @@
 A profile gives each dynamic dim of a component a (min, opt, max). ONNX Runtime engines take the
 spec's full ranges. TensorRT engines are tuned for a profile, so theirs is as narrow as the use:
 batch 1..max_batch (opt 1); latent sizes spanning every ASPECT_RATIO_1024_BIN entry (and the 512
-bins); the text length fixed by max_sequence_length and the complex-human-instruction choice, since
-the pipeline always pads to it. A static profile (one batch, one size) is what CUDA graphs need.
+bins); the text length of the transformer fixed by max_sequence_length (the pipeline pads to it), the
+text encoder's from one token up to that padded length (the pipeline runs the encoder on the real
+tokens only). A static profile (one batch, one size) is what CUDA graphs need.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def text_length(model: S.ModelDims, opts: ProfileOptions) -> int:
     return opts.max_sequence_length
 
 
+# A typical prompt's token count, where the text-encoder profile is tuned (opt).
+TYPICAL_PROMPT_TOKENS = 48
+
+
+def _text_len_range(model: S.ModelDims, opts: ProfileOptions) -> tuple[int, int, int]:
+    """The text encoder sees the padded length at most, and as little as one token: the pipeline runs it
+    on the real tokens only (the padding cannot change the images), so the length varies per call."""
+    longest = text_length(model, opts)
+    chi = model.chi_tokens if opts.complex_human_instruction else 0
+    return 1, min(longest, chi + TYPICAL_PROMPT_TOKENS), longest
+
+
 def full_profile(spec: S.ComponentSpec) -> dict[str, dict]:
     """The spec's own ranges (what ONNX Runtime accepts)."""
     return {n: {"min": d.min, "opt": d.opt, "max": d.max} for n, d in spec.dims().items()}
@@ -53,7 +66,7 @@ def tensorrt_profile(spec: S.ComponentSpec, model: S.ModelDims, opts: ProfileOpt
     lo, hi = bin_latent_range(model, opts.resolutions)
     opt = 1024 // model.vae_scale_factor  # the pipeline's default 1024 x 1024
     ranges = {"batch": (1, 1, opts.max_batch), "latent_height": (lo, opt, hi), "latent_width": (lo, opt, hi),
-              "text_len": (text_length(model, opts),) * 3, "text_seq": (opts.max_sequence_length,) * 3}
+              "text_len": _text_len_range(model, opts), "text_seq": (opts.max_sequence_length,) * 3}
     if opts.static is not None:
         batch, height, width = opts.static
         f = model.vae_scale_factor

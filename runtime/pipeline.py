@@ -64,6 +64,8 @@ class SprintPipeline:
         self.vae_scaling_factor = np.float32(c["vae_scaling_factor"])
         self.sample_size = int(c["sample_size"])
         self.model_dims = S.model_dims_from_json(manifest.data["model_dims"])
+        # Run the text encoder on the real tokens only (see _encode_tokens); False feeds it the padding too.
+        self.trim_padding = True
 
     @classmethod
     def from_engines(cls, engine_dir: str | Path, threads: int | None = None, expect_model: str | None = None,
@@ -195,13 +197,35 @@ class SprintPipeline:
                               f"a length whose tokenized text (here {length}) fits the engine's {self.model_dims.text_len_max}",
                               "lower max_sequence_length or rebuild the engines with a longer text profile")
             ids, mask = clock.run("tokenize", self.tokenizer, prompts, max_sequence_length, chi)
-            hidden = clock.run("text_encoder", self.text_encoder, input_ids=ids, attention_mask=mask)["last_hidden_state"]
+            hidden = clock.run("text_encoder", self._encode_tokens, ids, mask)
             index = select_index(max_sequence_length)
             embeds, mask = hidden[:, index], mask[:, index]
         embeds = np.repeat(embeds, num_images_per_prompt, axis=0) if num_images_per_prompt > 1 else embeds
         # diffusers repeats the mask with .repeat(n, 1): the whole batch n times, not each row n times.
         mask = np.tile(mask, (num_images_per_prompt, 1))
         return embeds, mask
+
+    def _encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Gemma2 hidden states [B, L, D] of right-padded tokens.
+
+        With trim_padding (the default) the encoder runs only up to the longest real row, and the
+        padded tail is zeros instead of Gemma's hidden states of <pad>. The images do not change:
+        Gemma2 is causal, so no real token sees the padding, and the transformer reads text only
+        through cross-attention, where padded keys get a -10000 bias, i.e. softmax weight exactly 0.
+        """
+        length = ids.shape[1]
+        if self.trim_padding:
+            used = int(mask.sum(axis=1).max())  # the tokenizer pads on the right
+            limits = getattr(self.text_encoder, "limits", {}).get("text_len")
+            n = min(max(used, limits.min), length) if limits else used
+        else:
+            n = length
+        hidden = self.text_encoder(input_ids=ids[:, :n], attention_mask=mask[:, :n])["last_hidden_state"]
+        if n == length:
+            return hidden
+        full = np.zeros((ids.shape[0], length, hidden.shape[2]), dtype=hidden.dtype)
+        full[:, :n] = hidden
+        return full
 
     # ---- input checks -----------------------------------------------------------------------
     def _check_scalars(self, guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption):

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from sprintrt.export import specs as S
+
 TOL = 1e-4
+CHI = S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 
 CASES = {
     "1 step": dict(prompt="A cat sleeping on a windowsill", num_inference_steps=1, intermediate_timesteps=None,
@@ -103,3 +106,57 @@ def test_timings_cover_every_stage(sprint_pipe):
     stages = t["tokenize"] + t["text_encoder"] + sum(t["transformer"]) + t["scheduler"] + t["noise"] + \
         t["vae_decoder"] + t["postprocess"]
     assert 0 < stages <= t["total"]
+
+
+class _Recorder:
+    """Wraps an engine and records the input shapes it is called with."""
+
+    def __init__(self, engine):
+        self.engine, self.limits, self.shapes = engine, engine.limits, []
+
+    def __call__(self, **feeds):
+        self.shapes.append(feeds["input_ids"].shape)
+        return self.engine(**feeds)
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_trimmed_text_padding_gives_diffusers_images(trim, reference_pipe, sprint_pipe, monkeypatch):
+    """The encoder runs on the real tokens only (trim) or on the full padded text; both give diffusers'
+    images (TOL), and trimming really shortens the encoder's input: 2 prompts of different lengths
+    run at the longer one's token count."""
+    recorder = _Recorder(sprint_pipe.text_encoder)
+    monkeypatch.setattr(sprint_pipe, "text_encoder", recorder)
+    monkeypatch.setattr(sprint_pipe, "trim_padding", trim)
+    prompts = ["a koi pond", "a steaming cup of coffee next to an open notebook on a wooden desk"]
+    kw = dict(prompt=prompts, num_inference_steps=2, height=128, width=128, use_resolution_binning=False)
+    ref, ours = _run_both(reference_pipe, sprint_pipe, **kw)
+    assert np.abs(ours - ref).max() <= TOL
+    chi = "\n".join(CHI)
+    padded = sprint_pipe.tokenizer.text_length(300, chi)
+    _, mask = sprint_pipe.tokenizer([p.lower() for p in prompts], 300, chi)
+    longest = int(mask.sum(1).max())
+    assert mask.sum(1).min() < longest < padded  # the case has padding, unequal rows
+    assert recorder.shapes == [(2, longest if trim else padded)]
+
+
+def test_trimmed_embeddings_equal_diffusers_on_real_tokens(reference_pipe, sprint_pipe):
+    """encode_prompt's embeddings equal diffusers' wherever the mask is 1; positions past the longest
+    prompt are zeros (never read: the transformer masks them out)."""
+    prompts = ["a lighthouse on a rocky cliff", "an owl"]
+    ref_embeds, ref_mask = reference_pipe.encode_prompt(prompts, device="cpu",
+                                                        complex_human_instruction=list(CHI))
+    embeds, mask = sprint_pipe.encode_prompt(prompts, complex_human_instruction=list(CHI))
+    ref_embeds, ref_mask = ref_embeds.detach().numpy(), ref_mask.numpy()
+    assert np.array_equal(mask, ref_mask)
+    real = mask.astype(bool)
+    assert np.abs(embeds[real] - ref_embeds[real]).max() <= TOL * np.abs(ref_embeds[real]).max()
+    longest = real.sum(1).max()  # right padding: past the longest row no row has a real token
+    assert not np.any(embeds[:, longest:]) and longest < mask.shape[1]
+
+
+def test_a_truncated_prompt_uses_the_full_length(sprint_pipe, monkeypatch):
+    """A prompt longer than max_sequence_length has no padding left to trim."""
+    recorder = _Recorder(sprint_pipe.text_encoder)
+    monkeypatch.setattr(sprint_pipe, "text_encoder", recorder)
+    sprint_pipe.encode_prompt("a very long prompt " * 40, max_sequence_length=32, complex_human_instruction=None)
+    assert recorder.shapes == [(1, 32)]
