@@ -30,8 +30,8 @@ from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt import files
 from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
-from sprintrt.export.graph_passes import (castlike_constants, module_scopes, prune_unused, restore_module_scopes,
-                                          sequences_to_split, typed_list_constants)
+from sprintrt.export.graph_passes import (cancel_transpose_pairs, castlike_constants, module_scopes, prune_unused,
+                                          restore_module_scopes, sequences_to_split, typed_list_constants)
 
 OPSET = 18
 
@@ -130,6 +130,7 @@ def finish_graph(proto, fold: bool = True):
         restore_module_scopes(proto, scopes)
     sequences_to_split(proto)
     castlike_constants(proto)
+    cancel_transpose_pairs(proto)
     prune_unused(proto)
     return proto
 

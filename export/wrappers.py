@@ -84,12 +84,50 @@ class TransformerWrapper(nn.Module):
         return (out[0],)
 
 
+class ChannelsFirstRMSNorm(nn.Module):
+    """diffusers' RMSNorm over the last axis of a 4-D tensor, computed over axis 1 between two transposes.
+
+    DC-AE's blocks move channels last (`x.movedim(1, -1)`), normalise and move them back. Doing the
+    same here puts an inverse transpose right after each of theirs, and the export's graph pass
+    (cancel_transpose_pairs) deletes both: the graph normalises NCHW tensors in place. Measured on
+    the real decoder at 512² in OpenVINO bf16, those transposes took 1.3 s of 5.2 s.
+    """
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        if x.ndim != 4:
+            return self.norm(x)
+        n = self.norm
+        y = x.movedim(-1, 1)
+        y = y * torch.rsqrt(y.pow(2).mean(1, keepdim=True) + n.eps)
+        if n.weight is not None:
+            y = y * n.weight.view(1, -1, 1, 1)
+            if n.bias is not None:
+                y = y + n.bias.view(1, -1, 1, 1)
+        return y.movedim(1, -1)
+
+
+def channels_first_rms_norms(module: nn.Module) -> int:
+    """Wrap every diffusers RMSNorm under `module` in ChannelsFirstRMSNorm. Returns the count."""
+    from diffusers.models.normalization import RMSNorm
+
+    targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+               if isinstance(child, RMSNorm)]
+    for parent, name, child in targets:
+        setattr(parent, name, ChannelsFirstRMSNorm(child))
+    return len(targets)
+
+
 class VaeDecoderWrapper(nn.Module):
     """AutoencoderDC.decode(latent) -> sample. The caller divides by scaling_factor first."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
+        channels_first_rms_norms(vae.decoder)
 
     def forward(self, latent):
         return (self.vae.decode(latent, return_dict=False)[0],)

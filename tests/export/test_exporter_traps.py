@@ -121,3 +121,38 @@ def test_exports_are_tensorrt_ready(onnx_dir, name):
     assert [str(f) for f in lint(onnx_dir / f"{name}.onnx")] == []
     info = __import__("json").loads((onnx_dir / "export_info.json").read_text())
     assert info["components"][name]["trt_lint"] == []
+
+
+def _transpose_chain(perms, extra_reader: bool = False) -> onnx.ModelProto:
+    h = onnx.helper
+    nodes, prev = [], "x"
+    for i, perm in enumerate(perms):
+        nodes.append(h.make_node("Transpose", [prev], [f"t{i}"], perm=perm, name=f"T{i}"))
+        prev = f"t{i}"
+    nodes.append(h.make_node("Relu", [prev], ["y"]))
+    outputs = [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None] * 4)]
+    if extra_reader:  # someone else reads the first transpose too
+        nodes.append(h.make_node("Neg", ["t0"], ["z"]))
+        outputs.append(h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [None] * 4))
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4, 5])], outputs)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=10)
+
+
+@pytest.mark.parametrize("perms, extra_reader, left", [
+    (([0, 2, 3, 1], [0, 3, 1, 2]), False, 0),  # NCHW -> NHWC -> NCHW: both go
+    (([0, 2, 3, 1], [0, 3, 1, 2]), True, 1),  # the first stays for its other reader
+    (([0, 2, 3, 1], [0, 2, 3, 1]), False, 2),  # not inverse: kept
+    (([0, 1, 3, 2], [0, 1, 3, 2]), False, 0),  # a self-inverse swap
+    (([0, 3, 1, 2], [0, 2, 3, 1], [0, 3, 1, 2]), False, 1),  # a chain of three: one is the net effect
+])
+def test_cancel_transpose_pairs_keeps_the_computation(perms, extra_reader, left):
+    from sprintrt.export.graph_passes import cancel_transpose_pairs
+
+    proto = _transpose_chain(perms, extra_reader)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    before = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    cancel_transpose_pairs(proto)
+    onnx.checker.check_model(proto)
+    assert sum(n.op_type == "Transpose" for n in proto.graph.node) == left
+    after = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
