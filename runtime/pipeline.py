@@ -18,9 +18,11 @@ from sprintrt.engines.manifest import check_loadable, read_manifest
 from sprintrt.errors import InvalidInputError, invalid
 from sprintrt.export import specs as S
 from sprintrt.runtime import image as I
+from sprintrt.runtime import vae_decode as V
 from sprintrt.runtime.backends import default_threads, load_engine, machine_for
 from sprintrt.runtime.noise import noise_source
 from sprintrt.runtime.prompt import PromptTokenizer, preprocess, select_index
+from sprintrt.runtime.prompt_cache import PromptEmbeddingCache
 from sprintrt.runtime.scheduler import DEFAULT_INTERMEDIATE_TIMESTEPS, DEFAULT_MAX_TIMESTEPS, SCMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -64,13 +66,19 @@ class SprintPipeline:
         self.vae_scaling_factor = np.float32(c["vae_scaling_factor"])
         self.sample_size = int(c["sample_size"])
         self.model_dims = S.model_dims_from_json(manifest.data["model_dims"])
-        # Run the text encoder on the real tokens only (see _encode_tokens); False feeds it the padding too.
+        # Run the text encoder on the real tokens only (see _run_text_encoder); False feeds it the padding too.
         self.trim_padding = True
+        self.prompt_cache: PromptEmbeddingCache | None = None  # opt-in: from_engines(prompt_cache=...)
+        self.vae_slicing = False
+        self.vae_tiling: V.Tiling | None = None
+        te = manifest.components.get(S.TEXT_ENCODER, {})
+        self._encoder_id = f"{te.get('key', '')}:{te.get('sha256', '')}"
 
     @classmethod
     def from_engines(cls, engine_dir: str | Path, threads: int | None = None, expect_model: str | None = None,
                      verify_sha256: bool = False, components=S.COMPONENTS,
-                     cuda_graph: bool = False) -> "SprintPipeline":
+                     cuda_graph: bool = False,
+                     prompt_cache: "PromptEmbeddingCache | int | None" = None) -> "SprintPipeline":
         """Load an engine directory written by `sprintrt build`.
 
         Args:
@@ -80,7 +88,11 @@ class SprintPipeline:
             verify_sha256: hash every engine file against the manifest (size is always checked).
             components: load a subset (e.g. without the VAE for output_type="latent").
             cuda_graph: TensorRT engines replay CUDA graphs at repeated shapes (static-profile engines).
+            prompt_cache: reuse text-encoder outputs of repeated prompts: a PromptEmbeddingCache (may be
+                shared between pipelines) or its size in prompts. Off by default.
         """
+        if prompt_cache is not None and not isinstance(prompt_cache, PromptEmbeddingCache):
+            prompt_cache = PromptEmbeddingCache(prompt_cache)
         manifest = read_manifest(engine_dir)
         check_loadable(manifest, components, expect_model=expect_model, verify_sha256=verify_sha256,
                        machine=machine_for)
@@ -92,7 +104,33 @@ class SprintPipeline:
             stream = cuda.Stream()  # one stream for every TensorRT engine of the pipeline
         engines = {c: load_engine(manifest, c, threads, stream=stream, cuda_graph=cuda_graph) for c in components}
         tokenizer = PromptTokenizer(manifest.root / manifest.data["tokenizer"])
-        return cls(engines, tokenizer, manifest)
+        pipe = cls(engines, tokenizer, manifest)
+        pipe.prompt_cache = prompt_cache
+        return pipe
+
+    # ---- VAE memory switches (diffusers: pipe.vae.enable_slicing() / enable_tiling()) ---------------
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time: the decoder's memory is one image's."""
+        self.vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self.vae_slicing = False
+
+    def enable_vae_tiling(self, tile_sample_min_height: int | None = None, tile_sample_min_width: int | None = None,
+                          tile_sample_stride_height: int | None = None,
+                          tile_sample_stride_width: int | None = None) -> None:
+        """Decode large images in overlapping tiles, blended as AutoencoderDC.enable_tiling() does (defaults
+        512 px tiles, 448 px stride). Each tile must fit the VAE engine's latent profile."""
+        d = V.Tiling()
+        tiling = V.Tiling(tile_sample_min_height or d.tile_sample_min_height,
+                          tile_sample_min_width or d.tile_sample_min_width,
+                          tile_sample_stride_height or d.tile_sample_stride_height,
+                          tile_sample_stride_width or d.tile_sample_stride_width)
+        tiling.check(self.vae_scale_factor)
+        self.vae_tiling = tiling
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = None
 
     # ---- the call -------------------------------------------------------------------------
     def __call__(
@@ -163,7 +201,8 @@ class SprintPipeline:
             if self.vae_decoder is None:
                 raise InvalidInputError("output_type needs the VAE decoder, which was not loaded. Fix: load the "
                                         "pipeline with the vae_decoder component, or pass output_type='latent'")
-            decoded = clock.run("vae_decoder", self.vae_decoder, latent=out_latents / self.vae_scaling_factor)["sample"]
+            decoded = clock.run("vae_decoder", V.decode, self.vae_decoder, out_latents / self.vae_scaling_factor,
+                                self.vae_scale_factor, self.vae_slicing, self.vae_tiling)
             t0 = time.perf_counter()
             if use_resolution_binning:
                 decoded = I.resize_and_crop(decoded, orig_height, orig_width)
@@ -206,6 +245,24 @@ class SprintPipeline:
         return embeds, mask
 
     def _encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Gemma2 hidden states [B, L, D] of right-padded tokens, through the prompt cache if there is one."""
+        cache = self.prompt_cache
+        if cache is None:
+            return self._run_text_encoder(ids, mask)
+        keys = [cache.key(self._encoder_id, ids[r], mask[r]) for r in range(len(ids))]
+        rows = [cache.get(k) for k in keys]
+        missing = [r for r, row in enumerate(rows) if row is None]
+        if missing:
+            hidden = self._run_text_encoder(ids[missing], mask[missing])
+            for i, r in enumerate(missing):
+                rows[r] = hidden[i, :int(mask[r].sum())]  # the real tokens; the rest is never read
+                cache.put(keys[r], rows[r])
+        full = np.zeros((len(ids), ids.shape[1], self.model_dims.text_hidden), dtype=np.float32)
+        for r, row in enumerate(rows):
+            full[r, :len(row)] = row
+        return full
+
+    def _run_text_encoder(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Gemma2 hidden states [B, L, D] of right-padded tokens.
 
         With trim_padding (the default) the encoder runs only up to the longest real row, and the
