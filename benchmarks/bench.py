@@ -11,6 +11,7 @@ Results are JSON (schema SCHEMA, tagged with the machine, library versions and e
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -68,6 +69,8 @@ class BenchConfig:
     complex_human_instruction: bool = True
     threads: int | None = None
     calibration_count: int = 16  # int8 candidates: calibration prompts (shipped file)
+    vae: str | None = None  # a drop-in AutoencoderDC for every system (export --vae), e.g. DC-AE-Lite
+    prompt_cache: bool = False  # also time sprintrt systems on a repeated prompt with the embedding cache
 
     def check(self) -> None:
         """Refuse nonsense before any work is done."""
@@ -166,7 +169,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---- systems under test -------------------------------------------------------------------------
 
-def _torch_system(ckpt: Path, name: str, threads: int | None):
+def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | None = None):
     import torch
 
     from sprintrt.benchmarks.torch_timing import run_timed
@@ -176,6 +179,10 @@ def _torch_system(ckpt: Path, name: str, threads: int | None):
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if "bf16" in name else torch.float32
     pipe = load_pipeline(ckpt, torch_dtype=dtype)
+    if vae_dir is not None:
+        from diffusers import AutoencoderDC
+
+        pipe.vae = AutoencoderDC.from_pretrained(vae_dir, torch_dtype=dtype).eval()
     if "compile" in name:
         pipe.transformer = torch.compile(pipe.transformer)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
@@ -218,7 +225,7 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
     """Checkpoint → ONNX → one engine directory per candidate, all cached in the workdir."""
     from sprintrt.engines.build import build_engines
     from sprintrt.export.checkpoint import make_checkpoint
-    from sprintrt.export.onnx_export import export_model, model_identity, resolve_model
+    from sprintrt.export.onnx_export import export_model, model_identity, resolve_model, resolve_vae
 
     work = Path(config.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -230,10 +237,13 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
             say(f"making a seeded random {config.arch} checkpoint in {ckpt}")
             make_checkpoint(ckpt, config.arch, config.seed)
     identity = model_identity(ckpt)
+    vae_dir = resolve_vae(config.vae) if config.vae else None
+    if vae_dir is not None:  # the ONNX (and engines) of another decoder live apart
+        identity = hashlib.sha256((identity + model_identity(vae_dir)).encode()).hexdigest()
     onnx_dir = work / f"onnx-{identity[:12]}"
     if not (onnx_dir / "export_info.json").exists():
         say(f"exporting {ckpt} to {onnx_dir}")
-        export_model(ckpt, onnx_dir, progress=lambda c: say(f"  exporting + validating {c}"))
+        export_model(ckpt, onnx_dir, progress=lambda c: say(f"  exporting + validating {c}"), vae=config.vae)
     engines = {}
     for cand in config.candidates:
         engine_dir = work / f"engines-{identity[:12]}-{cand.backend}-{cand.precision}"
@@ -270,11 +280,27 @@ def _check_profile(engine_dir: Path, cand: Candidate, config: BenchConfig) -> No
                                         f"({dims['batch']['min']}..{dims['batch']['max']}). Fix: smaller --batches")
 
 
+def _cached_prompt_timings(pipe, run, call, config: BenchConfig) -> dict:
+    """The same call with the prompt-embedding cache on and the prompt already in it: what a service
+    that sees repeated prompts gets. Reported apart from the cold-prompt numbers."""
+    from sprintrt.runtime.prompt_cache import PromptEmbeddingCache
+
+    pipe.prompt_cache = PromptEmbeddingCache(8)
+    try:
+        run(call, config.seed)  # fills the cache
+        timings = [run(call, config.seed)[1] for _ in range(config.runs)]
+    finally:
+        pipe.prompt_cache = None
+    return {"end_to_end": stats([t["total"] for t in timings]),
+            "text_encoder": stats([stage_seconds(t, "text_encoder") for t in timings])}
+
+
 def run_bench(config: BenchConfig, say=print) -> dict:
     """Run the benchmark; returns the results document (see SCHEMA)."""
     from rich.progress import Progress
 
     from sprintrt.engines.manifest import read_manifest
+    from sprintrt.export.onnx_export import resolve_vae
     from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 
     config.check()
@@ -293,7 +319,8 @@ def run_bench(config: BenchConfig, say=print) -> dict:
             with PeakRss() as mem:
                 t0 = time.perf_counter()
                 if kind == "baseline":
-                    pipe, run = _torch_system(ckpt, system, config.threads)
+                    vae_dir = resolve_vae(config.vae) if config.vae else None
+                    pipe, run = _torch_system(ckpt, system, config.threads, vae_dir)
                 else:
                     pipe, run = _sprint_system(engines[system], config.threads)
                 load_seconds = time.perf_counter() - t0
@@ -305,6 +332,8 @@ def run_bench(config: BenchConfig, say=print) -> dict:
                     image, timings = _measure(run, call, config.warmup, config.runs, config.seed,
                                               lambda: bar.advance(task))
                     entry = {"name": name, "kind": kind, **summarise(timings), "_image": image}
+                    if config.prompt_cache and kind == "candidate":
+                        entry["cached_prompt"] = _cached_prompt_timings(pipe, run, call, config)
                     if kind == "baseline":
                         entry.update(backend="pytorch", precision="bf16" if "bf16" in system else "fp32")
                     else:
@@ -447,6 +476,13 @@ def report(doc: dict) -> str:
                 f"{_fmt_s(g('text_encoder', {'median': 0})['median'])} | {_fmt_s(g('transformer', {'median': 0})['median'])} | "
                 f"{_fmt_s(g('vae_decoder', {'median': 0})['median'])} | {100 * s['overhead']['fraction']:.1f}% | "
                 f"{ref / e['median']:.2f}x | {s['peak_rss_gb']} | {ps} | {q['max_abs']:.2g} |")
+        cached = [s for s in r["systems"] if "cached_prompt" in s]
+        if cached:
+            lines += ["Repeated prompt, with the prompt-embedding cache (`from_engines(prompt_cache=...)`), apart from "
+                      "the cold-prompt numbers above:", "", "| system | end to end s (median) | text encoder s |",
+                      "|---|---:|---:|"]
+            lines += [f"| {s['name']} | {_fmt_s(s['cached_prompt']['end_to_end']['median'])} | "
+                      f"{_fmt_s(s['cached_prompt']['text_encoder']['median'])} |" for s in cached]
         lines.append("")
     lines.append("Overhead = end to end − (text encoder + transformer + VAE decoder): tokenizing, scheduling, noise, "
                  "post-processing and the runtime itself. Peak RSS is the process's largest resident set while that "

@@ -151,9 +151,10 @@ def load_pipeline(model: str | Path, torch_dtype=None):
 COMPONENT_FOLDERS = {"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae"}
 
 
-def load_component(src: str | Path, component: str, torch_dtype=None):
+def load_component(src: str | Path, component: str, torch_dtype=None, vae_dir: str | Path | None = None):
     """One network of a checkpoint directory, loaded alone through its from_pretrained (export loads
-    the components one at a time, so peak memory is one network, not the whole pipeline)."""
+    the components one at a time, so peak memory is one network, not the whole pipeline). `vae_dir`
+    is a replacement AutoencoderDC directory for the VAE decoder."""
     import torch
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import Gemma2Model
@@ -165,6 +166,8 @@ def load_component(src: str | Path, component: str, torch_dtype=None):
             model = Gemma2Model.from_pretrained(src / "text_encoder", dtype=dtype, attn_implementation="eager")
         elif component == "transformer":
             model = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
+        elif component == "vae_decoder" and vae_dir is not None:
+            model = AutoencoderDC.from_pretrained(vae_dir, torch_dtype=dtype)
         elif component == "vae_decoder":
             model = AutoencoderDC.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
         else:

@@ -69,11 +69,52 @@ def model_identity(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_facts(src: Path) -> tuple[S.ModelDims, dict]:
-    """(ModelDims, pipeline constants) of a checkpoint directory, from its configs and tokenizer only."""
+def resolve_vae(vae: str | Path) -> Path:
+    """The directory of a drop-in AutoencoderDC (its config.json + weights): a local directory, the
+    root of a pipeline checkpoint (its vae/ folder is used), or a hub id such as
+    'mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers'."""
+    path = Path(vae)
+    if path.is_dir():
+        for candidate in (path, path / "vae"):
+            if (candidate / "config.json").is_file():
+                return candidate
+        raise ModelLoadError(f"vae={str(vae)!r} has no config.json (nor vae/config.json). Fix: pass a directory saved "
+                             "by AutoencoderDC.save_pretrained, or a hub id")
+    if path.exists() or str(vae).count("/") != 1:
+        raise ModelLoadError(f"vae={str(vae)!r} is neither a directory nor a hub id like "
+                             "'mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers'. Fix: check the path")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(vae), allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:
+        raise ModelLoadError(f"cannot download {str(vae)!r} from the hub: {e}. Fix: download it where the hub is "
+                             "reachable and pass the local directory") from e
+
+
+def _check_drop_in_vae(own: dict, other: dict, where: Path) -> None:
+    """A replacement decoder must read the transformer's latents and upsample them as much."""
+    def shape(c: dict) -> tuple:
+        return (c.get("latent_channels"), len(c.get("encoder_block_out_channels", [])),
+                len(c.get("decoder_block_out_channels", [])))
+
+    if shape(own) != shape(other):
+        raise InvalidInputError(
+            f"vae={str(where)!r} has (latent channels, encoder stages, decoder stages) = {shape(other)}, the model's "
+            f"own VAE {shape(own)}: the transformer's latents would not fit it. Fix: pass a drop-in decoder for this "
+            "model (same latent channels and 32x compression), e.g. DC-AE-Lite for SANA 1.1 / Sprint")
+
+
+def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, dict]:
+    """(ModelDims, pipeline constants) of a checkpoint directory (and a replacement VAE), from their
+    configs and tokenizer only."""
     from sprintrt.export.checkpoint import load_tokenizer, read_config
 
     te, tr, vae = read_config(src, "text_encoder"), read_config(src, "transformer"), read_config(src, "vae")
+    if vae_dir is not None:
+        replacement = json.loads((vae_dir / "config.json").read_text())
+        _check_drop_in_vae(vae, replacement, vae_dir)
+        vae = replacement
     sched = read_config(src, "scheduler", "scheduler_config.json")
     n_chi = len(load_tokenizer(src).encode("\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
     vae_scale_factor = 2 ** (len(vae["encoder_block_out_channels"]) - 1)  # as SanaSprintPipeline computes it
@@ -182,13 +223,14 @@ def save_onnx(proto, path: Path) -> None:
         onnx.save_model(proto, str(path))
 
 
-def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims, validate: bool = True) -> dict:
+def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims, validate: bool = True,
+                     vae_dir: Path | None = None) -> dict:
     """Export one component to out_dir/<component>.onnx and validate it. Returns its export record."""
     from sprintrt.export.checkpoint import load_component
     from sprintrt.export.validate import validate_onnx
 
     spec = S.SPEC_BUILDERS[component](dims)
-    module = wrapper_for(component, load_component(src, component))
+    module = wrapper_for(component, load_component(src, component, vae_dir=vae_dir))
     weight_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     t0 = time.perf_counter()
     path = out_dir / onnx_filename(component)
@@ -212,8 +254,11 @@ def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims
 
 
 def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS, validate: bool = True,
-                 progress=None) -> Path:
+                 progress=None, vae: str | Path | None = None) -> Path:
     """Export `components` of a checkpoint (dir or hub id) into out_dir. Returns out_dir.
+
+    `vae` replaces the checkpoint's VAE decoder with a drop-in AutoencoderDC (e.g. DC-AE-Lite), as
+    `SanaSprintPipeline.from_pretrained(model, vae=AutoencoderDC.from_pretrained(vae))` would.
 
     The files are written into a temporary sibling directory and moved in place only when every
     export passed validation, so a failure never leaves a half-written ONNX directory behind.
@@ -225,7 +270,8 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     from sprintrt.export.checkpoint import load_tokenizer
 
     src = resolve_model(model)
-    dims, constants = model_facts(src)
+    vae_dir = resolve_vae(vae) if vae is not None else None
+    dims, constants = model_facts(src, vae_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / S.EXPORT_INFO).is_file():
         raise InvalidInputError(f"out_dir={str(out_dir)!r} exists and is not an sprintrt ONNX directory. "
@@ -236,7 +282,8 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     try:
         info = {
             "format": 1,
-            "model": {"source": str(model), "identity": model_identity(src)},
+            "model": {"source": str(model), "identity": model_identity(src),
+                      **({"vae": {"source": str(vae), "identity": model_identity(vae_dir)}} if vae_dir else {})},
             "model_dims": dims.__dict__,
             "pipeline": constants,
             "opset": OPSET,
@@ -248,7 +295,7 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
         for component in components:
             if progress:
                 progress(component)
-            info["components"][component] = export_component(src, component, tmp, dims, validate)
+            info["components"][component] = export_component(src, component, tmp, dims, validate, vae_dir)
         write_text_atomic(tmp / S.EXPORT_INFO, json.dumps(info, indent=1))
         if out_dir.exists():  # an earlier export of ours: replace it whole
             shutil.rmtree(out_dir)

@@ -61,7 +61,7 @@ def cmd_export(args) -> None:
     components = args.components.split(",") if args.components else None
     with console.status("exporting") as status:
         out = export_model(args.model, args.output, **({"components": components} if components else {}),
-                           validate=not args.no_validate,
+                           validate=not args.no_validate, vae=args.vae,
                            progress=lambda c: status.update(f"exporting and validating {c}"))
     info = json.loads((out / "export_info.json").read_text())
     for name, rec in info["components"].items():
@@ -161,7 +161,7 @@ def cmd_bench(args) -> None:
         candidates=[B.Candidate.parse(c) for c in args.candidates.split(",")],
         baselines=args.baselines.split(","), warmup=args.warmup, runs=args.runs, workdir=Path(args.workdir),
         prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads,
-        calibration_count=args.calibration_count)
+        calibration_count=args.calibration_count, vae=args.vae, prompt_cache=args.prompt_cache)
     config.check()
     console = _console()
     doc = B.run_bench(config, say=console.print)
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="ONNX directory to write")
     s.add_argument("--components", help="comma-separated subset of text_encoder,transformer,vae_decoder")
     s.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
+    s.add_argument("--vae", default=None, metavar="PATH_OR_ID",
+                   help="a drop-in AutoencoderDC to export instead of the checkpoint's VAE decoder, e.g. "
+                        "mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers (a lighter decoder)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("build", help="build engines from an ONNX directory")
@@ -256,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-chi", action="store_true", help="prompts without the complex human instruction")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--calibration-count", type=int, default=16, help="int8 candidates: calibration prompts")
+    s.add_argument("--vae", default=None, metavar="PATH_OR_ID", help="a drop-in AutoencoderDC for every system")
+    s.add_argument("--prompt-cache", action="store_true",
+                   help="also time sprintrt systems on a repeated prompt with the prompt-embedding cache")
     s.add_argument("--workdir", default="out/bench", help="where checkpoints, ONNX and engines are cached")
     s.add_argument("-o", "--output", default="out/bench/results.json")
     s.add_argument("--report", help="only turn a stored results JSON into Markdown + PNG beside it")

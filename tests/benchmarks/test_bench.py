@@ -21,7 +21,7 @@ def tiny_results(tiny_checkpoint, tmp_path_factory):
     """A real (tiny, fast) benchmark run: two sizes, 1 and 2 steps, fp32 and bf16 baselines."""
     work = tmp_path_factory.mktemp("bench")
     config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128), (160, 224)], steps=[1, 2],
-                           warmup=0, runs=2, workdir=work, baselines=["torch-fp32", "torch-bf16"])
+                           warmup=0, runs=2, workdir=work, baselines=["torch-fp32", "torch-bf16"], prompt_cache=True)
     doc = B.run_bench(config, say=lambda *a: None)
     return doc, work
 
@@ -33,6 +33,17 @@ def test_results_follow_the_schema(tiny_results):
     names = [s["name"] for s in doc["results"][0]["systems"]]
     assert names == ["torch-fp32", "torch-bf16", "sprintrt onnxruntime fp32"]
     json.dumps(doc)  # serialisable
+
+
+def test_cached_prompt_numbers_are_reported_apart(tiny_results):
+    doc, _ = tiny_results
+    for r in doc["results"]:
+        by = {s["name"]: s for s in r["systems"]}
+        assert "cached_prompt" not in by["torch-fp32"]  # diffusers has no such cache
+        cached = by["sprintrt onnxruntime fp32"]["cached_prompt"]
+        assert set(cached["end_to_end"]) == set(cached["text_encoder"]) == {"min", "median", "p90"}
+    md = B.report(doc)
+    assert md.count("Repeated prompt, with the prompt-embedding cache") == 4
 
 
 def test_stage_times_sum_to_at_most_end_to_end(tiny_results):
@@ -63,7 +74,7 @@ def test_report_and_plot_from_stored_json(tiny_results, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "results.md").read_text()
-    assert md.count("| sprintrt onnxruntime fp32 |") == 4 and "## 160x224, batch 1, 2 steps" in md
+    assert md.count("| sprintrt onnxruntime fp32 |") == 8 and "## 160x224, batch 1, 2 steps" in md  # + cached rows
     png = (tmp_path / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
