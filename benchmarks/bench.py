@@ -248,12 +248,13 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
     for cand in config.candidates:
         engine_dir = work / f"engines-{identity[:12]}-{cand.backend}-{cand.precision}"
         say(f"building {cand.name} engines in {engine_dir}")
-        if cand.precision == "int8" and cand.backend == "onnxruntime":
-            from sprintrt.runtime.calibration import build_int8_engines
+        if cand.precision in ("int8", "fp8"):
+            from sprintrt.runtime.calibration import build_quantized_engines
 
             size = max(max(r) for r in config.resolutions)
-            engines[cand] = build_int8_engines(onnx_dir, engine_dir, count=config.calibration_count, size=size,
-                                               progress=lambda msg: say(f"  {msg}"))
+            engines[cand] = build_quantized_engines(onnx_dir, engine_dir, count=config.calibration_count, size=size,
+                                                    progress=lambda msg: say(f"  {msg}"), backend=cand.backend,
+                                                    precision=cand.precision)
         else:
             engines[cand] = build_engines(onnx_dir, engine_dir, backend=cand.backend, precision=cand.precision)
         _check_profile(engines[cand], cand, config)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from sprintrt.engines import manifest as M
-from sprintrt.engines.precision import Precision, resolve_precisions
+from sprintrt.engines.precision import QUANTIZED, Precision, resolve_precisions
 from sprintrt.engines.profiles import ProfileOptions, full_profile, input_shapes, tensorrt_profile
 from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file
@@ -94,7 +94,7 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
         precision: None (the backend's per-component defaults), one precision for all, a dict, or
             "transformer=fp16,vae_decoder=fp32".
         profile: TensorRT shape-profile options (ONNX Runtime engines accept the spec's full ranges).
-        calibration: for int8 components, {component: (description, list of input feeds)}; the
+        calibration: for int8/fp8 components, {component: (description, list of input feeds)}; the
             description (prompts, count, size) goes into the engine key.
 
     Everything that can fail without building (arguments, sources, the backend's presence) is checked
@@ -109,6 +109,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
     if backend == "auto":
         backend = auto_backend()
     backend_mod = _backend_module(backend)
+    if backend == "tensorrt" and precision is None:  # TensorRT 11 cannot build the bf16 defaults (no weak typing)
+        precision = backend_mod.default_precision(backend_mod.versions()[backend_mod.LIBRARY])
     precisions = resolve_precisions(precision, backend, components)
     info = read_export_info(onnx_dir)
     missing = [c for c in components if c not in info["components"]]
@@ -123,11 +125,14 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
     else:
         profiles = {c: full_profile(specs[c]) for c in components}
     for comp, prec in precisions.items():
-        if prec == Precision.INT8 and not (calibration or {}).get(comp):
-            raise InvalidInputError(f"precision int8 for {comp} needs calibration data. Fix: build with the CLI "
-                                    f"(`sprintrt build ... --precision {comp}=int8` calibrates on a prompt file) or pass "
-                                    "calibration={component: (description, feeds)}")
+        if prec in QUANTIZED and not (calibration or {}).get(comp):
+            raise InvalidInputError(f"precision {prec.value} for {comp} needs calibration data. Fix: build with the CLI "
+                                    f"(`sprintrt build ... --precision {comp}={prec.value}` calibrates on a prompt file) "
+                                    "or pass calibration={component: (description, feeds)}")
     target, versions = backend_mod.target(), backend_mod.versions()  # raise before anything is written
+    if backend == "tensorrt":
+        for prec in precisions.values():
+            backend_mod.check_buildable(prec, versions[backend_mod.LIBRARY], target)
 
     engine_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(engine_dir / ".build.lock")):
@@ -136,7 +141,7 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
         for comp in components:
             record, prec = info["components"][comp], precisions[comp]
             label = prec.value
-            if prec == Precision.INT8:  # the calibration set is part of what the engine computes
+            if prec in QUANTIZED:  # the calibration set is part of what the engine computes
                 label += "-" + hashlib.sha256(calibration[comp][0].encode()).hexdigest()[:8]
             key = M.cache_key(target, backend, versions[backend_mod.LIBRARY], label, profiles[comp], record["sha256"])
             prev = old.get(comp) if old else None
@@ -150,11 +155,11 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
             path = engine_dir / f"{comp}-{hashlib.sha256(key.encode()).hexdigest()[:12]}{backend_mod.SUFFIX}"
             t0 = time.perf_counter()
             source, quant_info = sources[comp], {}
-            if prec == Precision.INT8:
-                from sprintrt.engines.quantize import quantize_int8
+            if prec in QUANTIZED:
+                from sprintrt.engines.quantize import quantize_qdq
 
                 source = path.with_name(path.name + ".qdq.onnx")
-                quant_info = quantize_int8(sources[comp], source, calibration[comp][1])
+                quant_info = quantize_qdq(sources[comp], source, calibration[comp][1], prec.value)
                 quant_info["calibration"] = calibration[comp][0]
             try:
                 build_info = backend_mod.build_component(source, path, comp, prec,

@@ -53,11 +53,15 @@ ALLOWED = {
     "openvino": {c: (P.FP32, P.BF16) for c in COMPONENTS},
     "tensorrt": {
         TEXT_ENCODER: (P.FP32, P.TF32, P.BF16),
-        TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16),
+        # int8 / fp8: explicit Q/DQ quantization, strongly typed (fp8 needs compute capability >= 8.9)
+        TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8, P.FP8),
         VAE_DECODER: (P.FP32, P.TF32, P.BF16, P.FP16),
     },
 }
-WHY_NOT = {(TEXT_ENCODER, P.FP16): "Gemma2 overflows fp16 (its docs: the text encoder must stay in bf16)"}
+WHY_NOT = {(TEXT_ENCODER, P.FP16): "Gemma2 overflows fp16 (its docs: the text encoder must stay in bf16)",
+           (TRANSFORMER, P.FP8): "fp8 runs on TensorRT only (Ada/Hopper GPUs); ONNX Runtime's CPU provider has no "
+                                 "fp8 kernels"}
+QUANTIZED = (P.INT8, P.FP8)  # built from a calibrated Q/DQ graph
 
 
 def resolve_precisions(value, backend: str, components=COMPONENTS) -> dict[str, Precision]:

@@ -1,8 +1,9 @@
-"""INT8 Q/DQ ONNX from an fp32 export, with ONNX Runtime's static quantization and real calibration data.
+"""INT8 and FP8 Q/DQ ONNX from an fp32 export, with ONNX Runtime's static quantization and real calibration data.
 
 What is quantized (QDQ format: QuantizeLinear/DequantizeLinear around each quantized op, which both
-ONNX Runtime and TensorRT consume): the MatMul/Gemm/Conv layers whose second input is a weight, with
-per-channel symmetric int8 weights and per-tensor symmetric int8 activations (min/max calibration).
+ONNX Runtime and TensorRT consume): the MatMul/Gemm/Conv layers whose second input is a weight; int8
+with per-channel symmetric weights and per-tensor symmetric activations (min/max calibration), fp8
+(E4M3, for TensorRT on Ada/Hopper) with per-tensor scales (see _settings).
 
 What stays in higher precision, as NVIDIA ModelOpt's diffusion recipes keep it: the time and
 guidance embeddings and the patch embedding (a timestep error shifts every token), the caption
@@ -72,10 +73,36 @@ class _Feeds:
         return next(self._it, None)
 
 
-def quantize_int8(source: Path, out: Path, feeds: list[dict]) -> dict:
-    """Write the int8 Q/DQ version of `source` to `out` (temp name, then rename). Returns what was done."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _settings(precision: str, n_feeds: int) -> dict:
+    """quantize_static arguments per precision.
 
+    int8: per-channel symmetric weights, per-tensor symmetric activations, min/max ranges folded in
+    strides (bounded memory). fp8 (E4M3, TensorRT on Ada/Hopper): per-tensor scales for both, as
+    TensorRT's FP8 recipe uses; ONNX Runtime calibrates float8 only with its "distribution" method,
+    which keeps every sample's activations until the end: keep fp8 calibration sets small.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+
+    if precision == "int8":
+        return dict(per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   "CalibStridedMinMax": _stride(n_feeds)})
+    if precision == "fp8":
+        return dict(per_channel=False, activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN,
+                    calibrate_method=CalibrationMethod.Distribution, extra_options={"scenario": "same"})
+    raise InvalidInputError(f"precision={precision!r} has no Q/DQ recipe: expected 'int8' or 'fp8'. Fix: pass one of them")
+
+
+def quantize_int8(source: Path, out: Path, feeds: list[dict]) -> dict:
+    return quantize_qdq(source, out, feeds, "int8")
+
+
+def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8") -> dict:
+    """Write the int8 or fp8 Q/DQ version of `source` to `out` (temp name, then rename). Returns what was done."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    settings = _settings(precision, max(len(feeds), 1))  # an unknown precision fails before any work
     if not feeds:
         raise InvalidInputError("calibration produced no samples: expected at least one prompt. Fix: pass a "
                                 "non-empty calibration prompt file")
@@ -87,12 +114,8 @@ def quantize_int8(source: Path, out: Path, feeds: list[dict]) -> dict:
     level = root.level
     root.setLevel(logging.ERROR)  # ORT logs a generic "consider pre-processing" warning on the root logger
     try:
-        quantize_static(
-            str(source), str(tmp), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=quantize,
-            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": _stride(len(feeds))},
-        )
+        quantize_static(str(source), str(tmp), _Feeds(feeds), quant_format=QuantFormat.QDQ, nodes_to_quantize=quantize,
+                        use_external_data_format=external, **settings)
         if external:  # the graph names its weights file; keep that name valid after the rename
             _move_external_data(tmp, out)
         os.replace(tmp, out)

@@ -5,12 +5,18 @@ the profile, precision flags, optimisation level, workspace and a timing cache �
 so TensorRT is imported only when the composition runs; constructing it needs no TensorRT, which is
 how the CPU tests check it.
 
-Precision: the exported ONNX is float32. fp32 builds are plain float32 networks (TF32 off); tf32,
-bf16 and fp16 builds set the builder's precision flag and pin the layers that must stay float32 —
-the linear attention's matmuls, normaliser division and epsilon in the transformer (spec §9.2: the
-1e-15 flushes to 0 and the sums pass 65504 in fp16; diffusers computes them in fp32 too), and the
-VAE's Resize — with `precision_constraints="obey"`. A pin that matches no TensorRT layer is an
-error, never a silent fp16 layer.
+Precision: the exported ONNX is float32. Two kinds of network:
+- Strongly typed (every layer runs in the type the ONNX gives it): fp32 builds, and int8/fp8 builds
+  from Q/DQ graphs (engines/quantize.py; explicit quantization: the quantized matmuls run in int8 /
+  fp8, everything else in float32). TensorRT 11 removed weak typing, so on TensorRT >= 11 every
+  build is strongly typed.
+- Weakly typed (TensorRT 10 only): tf32, bf16 and fp16 set the builder's precision flag and pin the
+  layers that must stay float32 — the linear attention's matmuls, normaliser division and epsilon in
+  the transformer (spec §9.2: the 1e-15 flushes to 0 and the sums pass 65504 in fp16; diffusers
+  computes them in fp32 too), and the VAE's Resize — with `precision_constraints="obey"`. A pin that
+  matches no TensorRT layer is an error, never a silent fp16 layer. On TensorRT 11 a bf16/fp16
+  engine needs an ONNX that carries those types, which sprintrt does not export yet: refused with a
+  typed error.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sprintrt.engines.precision import Precision
-from sprintrt.errors import MissingDependencyError
+from sprintrt.errors import InvalidInputError, MissingDependencyError
 
 LIBRARY = "tensorrt"
 SUFFIX = ".plan"
@@ -65,6 +71,39 @@ def versions() -> dict:
     except ImportError as e:
         raise MissingDependencyError(f"TensorRT is not installed ({e}). {INSTALL}") from e
     return {LIBRARY: trt.__version__}
+
+
+# Weak typing (precision builder flags) was removed in TensorRT 11.
+WEAK_TYPING_LAST_MAJOR = 10
+WEAKLY_TYPED = (Precision.TF32, Precision.FP16, Precision.BF16)
+QDQ = (Precision.INT8, Precision.FP8)
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper
+
+
+def strongly_typed(precision: Precision) -> bool:
+    return precision not in WEAKLY_TYPED
+
+
+def default_precision(trt_version: str) -> str | None:
+    """None (the bf16 defaults) where weak typing exists; fp32 on TensorRT 11+, which cannot build them
+    from a float32 ONNX."""
+    return None if int(str(trt_version).split(".")[0]) <= WEAK_TYPING_LAST_MAJOR else "fp32"
+
+
+def check_buildable(precision: Precision, trt_version: str, gpu: dict) -> None:
+    """Refuse, before any work, a precision this TensorRT or this GPU cannot build."""
+    major = int(str(trt_version).split(".")[0])
+    if precision in WEAKLY_TYPED and major > WEAK_TYPING_LAST_MAJOR:
+        raise InvalidInputError(
+            f"precision={precision.value!r} is not available with TensorRT {trt_version}: TensorRT 11 removed the "
+            "weakly typed precision flags, and sprintrt exports float32 ONNX (typed bf16/fp16 export is not done yet). "
+            "Fix: build --precision fp32, or transformer=int8 / fp8 (Q/DQ, strongly typed), or use TensorRT 10")
+    if precision == Precision.FP8:
+        cc = tuple(int(x) for x in str(gpu.get("compute_capability", "0.0")).split(".")[:2])
+        if cc < FP8_MIN_COMPUTE_CAPABILITY:
+            raise InvalidInputError(
+                f"precision='fp8' needs a GPU of compute capability >= 8.9 (Ada, Hopper); {gpu.get('name')} has "
+                f"{gpu.get('compute_capability')}. Fix: build --precision transformer=int8 on this GPU")
 
 
 def timing_cache_path(gpu: dict, trt_version: str) -> Path:
@@ -136,13 +175,14 @@ def build_loaders(source: Path, out: Path, precision: Precision, shapes: dict, p
     trt_profile = Profile()
     for name, s in shapes.items():
         trt_profile.add(name, min=s["min"], opt=s["opt"], max=s["max"])
-    network = NetworkFromOnnxPath(str(source))
+    typed = strongly_typed(precision)
+    network = NetworkFromOnnxPath(str(source), strongly_typed=typed or None)
     if pinned:
         network = PostprocessNetwork(network, func=lambda net: _pin_fp32(net, pinned), name="pin float32 layers")
     config = CreateConfig(
         tf32=precision == Precision.TF32,
         fp16=precision == Precision.FP16,
-        bf16=precision == Precision.BF16,
+        bf16=precision == Precision.BF16,  # int8/fp8: no flags; the Q/DQ nodes carry the types
         profiles=[trt_profile],
         precision_constraints="obey" if pinned else None,
         builder_optimization_level=BUILDER_OPTIMIZATION_LEVEL,
@@ -186,7 +226,8 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     """Build one engine into `out` (written under a temporary name, then renamed).
 
     `shapes` maps each input to its min/opt/max shapes (engines.profiles.input_shapes)."""
-    pinned = fp32_pinned_nodes(source, component) if precision != Precision.FP32 else []
+    check_buildable(precision, library_versions[LIBRARY], target_info)
+    pinned = fp32_pinned_nodes(source, component) if precision in WEAKLY_TYPED else []
     cache = timing_cache_path(target_info, library_versions[LIBRARY])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -195,5 +236,5 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"execution_provider": "TensorRT", "fp32_pinned_layers": len(pinned),
+    return {"execution_provider": "TensorRT", "fp32_pinned_layers": len(pinned), "strongly_typed": strongly_typed(precision),
             "builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL, "timing_cache": str(cache)}

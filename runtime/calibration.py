@@ -61,25 +61,38 @@ def transformer_calibration(pipe, prompts: list[str], height: int = 512, width: 
     return recorder.feeds
 
 
-def build_int8_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,
-                       count: int = 32, size: int = 512, profile=None, progress=None) -> Path:
-    """ONNX Runtime engines with an int8 transformer: fp32 engines first, then the transformer's inputs
-    recorded while they generate from the calibration prompts, then the int8 build that replaces the
-    fp32 transformer. Returns engine_dir."""
+def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,
+                            count: int = 32, size: int = 512, profile=None, progress=None,
+                            backend: str = "onnxruntime", precision: str = "int8") -> Path:
+    """Engines with an int8 (or fp8) transformer: fp32 ONNX Runtime engines first (on the CPU, in a
+    scratch directory beside engine_dir), then the transformer's inputs recorded while they generate
+    from the calibration prompts, then the `backend` build with the Q/DQ transformer. Returns engine_dir."""
+    import shutil
+
     from sprintrt.engines.build import build_engines
+    from sprintrt.engines.precision import resolve_precisions
     from sprintrt.engines.quantize import quantizable_nodes
     from sprintrt.runtime.pipeline import SprintPipeline
 
     say = progress or (lambda msg: None)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise InvalidInputError(f"calibration count={count!r} is not allowed: expected an integer >= 1. Fix: e.g. 32")
+    wanted = f"transformer={precision}"
+    resolve_precisions(wanted, backend)  # fp8 off TensorRT and the like fail before any work
     quantizable_nodes(Path(onnx_dir) / "transformer.onnx")  # fail before any work on an export without module paths
     prompts = read_prompts(prompts_file)[:count]
+    engine_dir = Path(engine_dir)
+    scratch = engine_dir if backend == "onnxruntime" else engine_dir.with_name(f".{engine_dir.name}.calibration")
     say("fp32 engines for calibration")
-    build_engines(onnx_dir, engine_dir, backend="onnxruntime", precision="fp32", profile=profile)
-    say(f"calibrating on {len(prompts)} prompts at {size}x{size}")
-    feeds = transformer_calibration(SprintPipeline.from_engines(engine_dir), prompts, size, size)
-    description = f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps 1,2; minmax"
-    say("quantizing the transformer")
-    return build_engines(onnx_dir, engine_dir, backend="onnxruntime", precision="transformer=int8", profile=profile,
+    build_engines(onnx_dir, scratch, backend="onnxruntime", precision="fp32", profile=profile)
+    try:
+        say(f"calibrating on {len(prompts)} prompts at {size}x{size}")
+        feeds = transformer_calibration(SprintPipeline.from_engines(scratch), prompts, size, size)
+    finally:
+        if scratch != engine_dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+    method = "minmax" if precision == "int8" else "distribution"
+    description = f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps 1,2; {method}"
+    say(f"quantizing the transformer to {precision}")
+    return build_engines(onnx_dir, engine_dir, backend=backend, precision=wanted, profile=profile,
                          calibration={"transformer": (description, feeds)})

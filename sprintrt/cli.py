@@ -80,19 +80,14 @@ def cmd_build(args) -> None:
     console = _console()
     profile = ProfileOptions(max_batch=args.max_batch, max_sequence_length=args.max_sequence_length,
                              complex_human_instruction=not args.no_chi, static=_parse_static(args.static))
-    int8 = args.precision and "int8" in args.precision
-    if int8 and (args.backend != "onnxruntime" or args.precision.replace(" ", "") not in ("int8", "transformer=int8")):
-        from sprintrt.errors import InvalidInputError
-
-        raise InvalidInputError(f"--precision {args.precision} with --backend {args.backend}: int8 engines are built "
-                                "for the transformer on onnxruntime. Fix: --backend onnxruntime --precision "
-                                "transformer=int8")
+    quantized = _quantized_precision(args.precision)
     with console.status("building engines") as status:
-        if int8:
-            from sprintrt.runtime.calibration import build_int8_engines
+        if quantized:
+            from sprintrt.runtime.calibration import build_quantized_engines
 
-            out = build_int8_engines(args.onnx_dir, args.output, args.calibration_prompts, args.calibration_count,
-                                     args.calibration_size, profile, progress=status.update)
+            out = build_quantized_engines(args.onnx_dir, args.output, args.calibration_prompts, args.calibration_count,
+                                          args.calibration_size, profile, progress=status.update,
+                                          backend=args.backend, precision=quantized)
         else:
             out = build_engines(args.onnx_dir, args.output, backend=args.backend, precision=args.precision,
                                 rebuild=args.rebuild, profile=profile,
@@ -103,6 +98,21 @@ def cmd_build(args) -> None:
             console.print(f"  --backend auto chose {entry['backend']} on this machine")
         console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
     print(f"engines and manifest written to {out}")
+
+
+def _quantized_precision(value: str | None) -> str | None:
+    """'int8' / 'fp8' when --precision asks for a quantized transformer (the only quantized component)."""
+    if not value or not any(q in value for q in ("int8", "fp8")):
+        return None
+    text = value.replace(" ", "")
+    for q in ("int8", "fp8"):
+        if text in (q, f"transformer={q}"):
+            return q
+    from sprintrt.errors import InvalidInputError
+
+    raise InvalidInputError(f"--precision {value}: int8/fp8 quantize the transformer only (the text encoder and VAE "
+                            "keep the backend's defaults). Fix: --precision transformer=int8 (or transformer=fp8 "
+                            "with --backend tensorrt)")
 
 
 def _parse_static(value):
@@ -223,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sequence-length", type=int, default=300, help="TensorRT profile: prompt tokens (default 300)")
     s.add_argument("--no-chi", action="store_true", help="TensorRT profile: prompts without the complex human instruction")
     s.add_argument("--static", help="TensorRT profile: one shape BATCHxHEIGHTxWIDTH, e.g. 1x1024x1024 (CUDA graphs)")
-    s.add_argument("--calibration-prompts", help="int8: prompt file, one per line (default: the shipped 68 prompts)")
-    s.add_argument("--calibration-count", type=int, default=32, help="int8: how many prompts (default 32)")
-    s.add_argument("--calibration-size", type=int, default=512, help="int8: image size to calibrate at (default 512)")
+    s.add_argument("--calibration-prompts", help="int8/fp8: prompt file, one per line (default: the shipped 68 prompts)")
+    s.add_argument("--calibration-count", type=int, default=32, help="int8/fp8: how many prompts (default 32)")
+    s.add_argument("--calibration-size", type=int, default=512, help="int8/fp8: image size to calibrate at (default 512)")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("doctor", help="what this machine has (GPU, CUDA driver, TensorRT, ONNX Runtime) and can build")

@@ -58,6 +58,59 @@ print('ok')
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "ok", r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8", "fp32"])
+def test_qdq_and_fp32_builds_are_strongly_typed_without_precision_flags(precision, onnx_dir, tmp_path):
+    """Explicit quantization: the Q/DQ graph carries the types; TensorRT 11 has no precision flags."""
+    code = f"""
+import sys
+from pathlib import Path
+from sprintrt.engines.trt_build import build_loaders
+from sprintrt.engines.precision import Precision
+loader = build_loaders(Path({str(onnx_dir / 'transformer.onnx')!r}), Path('/tmp/x.plan'), Precision('{precision}'),
+    {{'hidden_states': {{'min': (1, 32, 8, 8), 'opt': (1, 32, 32, 32), 'max': (4, 32, 64, 64)}}}},
+    [], None)
+engine = loader._engine
+config = engine._config._config
+assert not (config.bf16 or config.fp16 or config.tf32 or config.int8 or config.fp8)
+assert config.precision_constraints is None
+assert type(engine._network).__name__ == 'NetworkFromOnnxPath' and engine._network.strongly_typed
+assert 'tensorrt' not in sys.modules
+print('ok')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "ok", r.stdout + r.stderr
+
+
+H100 = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+A100 = {"kind": "gpu", "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+
+
+def test_what_each_tensorrt_version_and_gpu_can_build():
+    from sprintrt.errors import InvalidInputError
+
+    for p in (Precision.BF16, Precision.FP16, Precision.TF32, Precision.FP32, Precision.INT8, Precision.FP8):
+        trt_build.check_buildable(p, "10.13.3", H100)  # TensorRT 10 has weak typing
+    for p in (Precision.FP32, Precision.INT8, Precision.FP8):
+        trt_build.check_buildable(p, "11.1.0", H100)
+    for p in (Precision.BF16, Precision.FP16):
+        with pytest.raises(InvalidInputError, match="TensorRT 11 removed the weakly typed precision flags"):
+            trt_build.check_buildable(p, "11.1.0", H100)
+    with pytest.raises(InvalidInputError, match="compute capability >= 8.9.*A100"):
+        trt_build.check_buildable(Precision.FP8, "10.13.3", A100)
+    trt_build.check_buildable(Precision.INT8, "11.1.0", A100)
+    assert trt_build.default_precision("10.13.3") is None and trt_build.default_precision("11.1.0") == "fp32"
+
+
+def test_fp8_is_refused_off_tensorrt():
+    from sprintrt.engines.precision import resolve_precisions
+    from sprintrt.errors import InvalidInputError
+
+    assert resolve_precisions("transformer=fp8", "tensorrt")["transformer"] == Precision.FP8
+    for backend in ("onnxruntime", "openvino"):
+        with pytest.raises(InvalidInputError, match="fp8 runs on TensorRT only"):
+            resolve_precisions("transformer=fp8", backend)
+
+
 def test_fp32_pins_cover_the_linear_attention_normaliser(onnx_dir):
     model = onnx.load(str(onnx_dir / "transformer.onnx"))
     by_name = {n.name: n for n in model.graph.node}
