@@ -146,6 +146,25 @@ def cmd_generate(args) -> None:
     print(f"image written to {path} ({out.timings['total']:.2f} s end to end)")
 
 
+def cmd_drift(args) -> None:
+    _quiet_libraries()
+    from sprintrt.benchmarks import drift as D
+    from sprintrt.runtime.calibration import read_prompts
+
+    candidates = {}
+    for item in args.candidates:
+        name, sep, path = item.partition("=")
+        candidates[name if sep else Path(item).name] = path if sep else item
+    prompts = read_prompts(args.prompts_file)[:args.prompts]
+    seeds = [_int_list_item(v, "--seeds") for v in args.seeds.split(",")]
+    console = _console()
+    doc = D.run_drift(args.reference, candidates, prompts, seeds, size=args.size, steps=args.steps,
+                      threads=args.threads, say=console.print)
+    paths = D.write_outputs(doc, args.output)
+    print(D.report(doc))
+    print(f"results written to {', '.join(str(p) for p in paths)}")
+
+
 def cmd_bench(args) -> None:
     from sprintrt.benchmarks import bench as B
 
@@ -253,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-binning", action="store_true", help="use height/width as given (multiples of 32)")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("drift", help="per-component and image drift of reduced-precision engines vs an fp32 "
+                                     "engine directory, over a prompt set and seeds (JSON + Markdown)")
+    s.add_argument("reference", help="the fp32 engine directory")
+    s.add_argument("candidates", nargs="+", help="engine directories to compare, each DIR or NAME=DIR")
+    s.add_argument("--prompts", type=int, default=4, help="how many prompts of the prompt file (default 4)")
+    s.add_argument("--prompts-file", help="one prompt per line (default: the shipped 68 prompts)")
+    s.add_argument("--seeds", default="0,1")
+    s.add_argument("--size", type=int, default=512)
+    s.add_argument("--steps", type=int, default=1)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("-o", "--output", default="out/drift.json")
+    s.set_defaults(fn=cmd_drift)
 
     s = sub.add_parser("bench", help="latency, memory and image agreement vs diffusers (JSON + Markdown + PNG)")
     s.add_argument("--model", help="checkpoint directory or hub id (default: a seeded random --arch checkpoint)")

@@ -179,3 +179,26 @@ def test_unknown_qdq_precision_is_a_typed_error(onnx_dir, calibration_feeds, tmp
     with pytest.raises(InvalidInputError, match="no Q/DQ recipe"):
         quantize_qdq(onnx_dir / "transformer.onnx", tmp_path / "x.onnx", calibration_feeds, "int4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_drift_report_isolates_the_quantized_component(engine_dir, int8_engine_dir, tmp_path):
+    """fp32 vs itself: every component identical (cosine 1, max |diff| 0). int8 transformer: only the
+    transformer drifts (the fp32 text encoder and VAE, fed the reference's inputs, stay identical),
+    and the image PSNR stays above the INT8 threshold."""
+    from sprintrt.benchmarks import drift as D
+
+    doc = D.run_drift(engine_dir, {"fp32": engine_dir, "int8": int8_engine_dir}, ["a red barn", "an owl at night"],
+                      [0, 1], size=192, steps=2, say=lambda *a: None)
+    same, int8 = doc["systems"]
+    for c in ("text_encoder", "transformer", "vae_decoder"):
+        assert same["components"][c]["cosine_min"] == pytest.approx(1.0, abs=1e-12)
+        assert same["components"][c]["max_abs"] == 0
+    assert same["image_psnr_db"]["min"] > 80  # trimmed text padding vs full: reduction order only
+    assert int8["components"]["text_encoder"]["max_abs"] == int8["components"]["vae_decoder"]["max_abs"] == 0
+    tr = int8["components"]["transformer"]
+    assert tr["precision"] == "int8" and tr["samples"] == 2 * 2 * 2  # prompts x seeds x steps
+    assert 0.99 < tr["cosine_min"] < 1 and tr["max_abs"] > 0
+    assert INT8_PSNR_DB <= int8["image_psnr_db"]["min"] < 100
+    paths = D.write_outputs(doc, tmp_path / "drift.json")
+    md = paths[1].read_text()
+    assert "| int8 | text_encoder | onnxruntime fp32 |" in md and "transformer | onnxruntime int8" in md
