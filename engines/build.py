@@ -94,7 +94,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
         precision: None (the backend's per-component defaults), one precision for all, a dict, or
             "transformer=fp16,vae_decoder=fp32".
         profile: TensorRT shape-profile options (ONNX Runtime engines accept the spec's full ranges).
-        calibration: for int8/fp8 components, {component: (description, list of input feeds)}; the
+        calibration: for int8/fp8 components, {component: (description, input feeds)}, the feeds a
+            list or a callable returning one (called only if the engine is built, not reused); the
             description (prompts, count, size) goes into the engine key.
 
     Everything that can fail without building (arguments, sources, the backend's presence) is checked
@@ -159,7 +160,9 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
                 from sprintrt.engines.quantize import quantize_qdq
 
                 source = path.with_name(path.name + ".qdq.onnx")
-                quant_info = quantize_qdq(sources[comp], source, calibration[comp][1], prec.value)
+                feeds = calibration[comp][1]
+                feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
+                quant_info = quantize_qdq(sources[comp], source, feeds, prec.value)
                 quant_info["calibration"] = calibration[comp][0]
             try:
                 build_info = backend_mod.build_component(source, path, comp, prec,

@@ -64,9 +64,10 @@ def transformer_calibration(pipe, prompts: list[str], height: int = 512, width: 
 def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,
                             count: int = 32, size: int = 512, profile=None, progress=None,
                             backend: str = "onnxruntime", precision: str = "int8") -> Path:
-    """Engines with an int8 (or fp8) transformer: fp32 ONNX Runtime engines first (on the CPU, in a
-    scratch directory beside engine_dir), then the transformer's inputs recorded while they generate
-    from the calibration prompts, then the `backend` build with the Q/DQ transformer. Returns engine_dir."""
+    """Engines with an int8 (or fp8) transformer for `backend`. Unless engine_dir already holds that
+    engine (same key: the calibration description is part of it), fp32 ONNX Runtime engines are built
+    in a scratch directory beside engine_dir, the transformer's inputs are recorded while they
+    generate from the calibration prompts, and the Q/DQ transformer is built from them. Returns engine_dir."""
     import shutil
 
     from sprintrt.engines.build import build_engines
@@ -82,17 +83,20 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
     quantizable_nodes(Path(onnx_dir) / "transformer.onnx")  # fail before any work on an export without module paths
     prompts = read_prompts(prompts_file)[:count]
     engine_dir = Path(engine_dir)
-    scratch = engine_dir if backend == "onnxruntime" else engine_dir.with_name(f".{engine_dir.name}.calibration")
-    say("fp32 engines for calibration")
-    build_engines(onnx_dir, scratch, backend="onnxruntime", precision="fp32", profile=profile)
-    try:
-        say(f"calibrating on {len(prompts)} prompts at {size}x{size}")
-        feeds = transformer_calibration(SprintPipeline.from_engines(scratch), prompts, size, size)
-    finally:
-        if scratch != engine_dir:
+
+    def record() -> list[dict]:  # called by build_engines only if the quantized engine must be (re)built
+        scratch = engine_dir.with_name(f".{engine_dir.name}.calibration")
+        try:
+            say("fp32 engines for calibration")
+            build_engines(onnx_dir, scratch, backend="onnxruntime", precision="fp32", profile=profile)
+            say(f"calibrating on {len(prompts)} prompts at {size}x{size}")
+            feeds = transformer_calibration(SprintPipeline.from_engines(scratch), prompts, size, size)
+        finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        say(f"quantizing the transformer to {precision}")
+        return feeds
+
     method = "minmax" if precision == "int8" else "distribution"
     description = f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps 1,2; {method}"
-    say(f"quantizing the transformer to {precision}")
     return build_engines(onnx_dir, engine_dir, backend=backend, precision=wanted, profile=profile,
-                         calibration={"transformer": (description, feeds)})
+                         calibration={"transformer": (description, record)})

@@ -202,3 +202,23 @@ def test_drift_report_isolates_the_quantized_component(engine_dir, int8_engine_d
     paths = D.write_outputs(doc, tmp_path / "drift.json")
     md = paths[1].read_text()
     assert "| int8 | text_encoder | onnxruntime fp32 |" in md and "transformer | onnxruntime int8" in md
+
+
+def test_quantized_build_reuses_its_engine_without_calibrating_again(onnx_dir, tmp_path, monkeypatch):
+    """The calibration description is in the key; a second build with the same settings must neither
+    record calibration data (minutes at real size) nor rebuild, and leaves no scratch directory."""
+    import sprintrt.runtime.calibration as C
+
+    out = tmp_path / "q"
+    C.build_quantized_engines(onnx_dir, out, count=2, size=128)
+    first = json.loads((out / "manifest.json").read_text())["components"]["transformer"]
+    assert first["precision"] == "int8" and first["calibration_samples"] == 2 * 3
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(C, "transformer_calibration", no_calibration)
+    C.build_quantized_engines(onnx_dir, out, count=2, size=128)
+    again = json.loads((out / "manifest.json").read_text())["components"]["transformer"]
+    assert again["key"] == first["key"] and again["sha256"] == first["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
