@@ -310,7 +310,9 @@ def _run_isolated(system, kind: str, ckpt: Path, engines: dict, shapes: list, co
 def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, config: BenchConfig, chi) -> list[dict]:
     from sprintrt.engines.manifest import read_manifest
     from sprintrt.export.onnx_export import resolve_vae
+    from sprintrt.quiet import quiet_libraries
 
+    quiet_libraries()
     name = system if kind == "baseline" else system.name
     entries = []
     with PeakRss() as mem:
@@ -495,7 +497,7 @@ def report(doc: dict) -> str:
                 f"{ref / e['median']:.2f}x | {s['peak_rss_gb']} | {ps} | {q['max_abs']:.2g} |")
         cached = [s for s in r["systems"] if "cached_prompt" in s]
         if cached:
-            lines += ["Repeated prompt, with the prompt-embedding cache (`from_engines(prompt_cache=...)`), apart from "
+            lines += ["", "Repeated prompt, with the prompt-embedding cache (`from_engines(prompt_cache=...)`), apart from "
                       "the cold-prompt numbers above:", "", "| system | end to end s (median) | text encoder s |",
                       "|---|---:|---:|"]
             lines += [f"| {s['name']} | {_fmt_s(s['cached_prompt']['end_to_end']['median'])} | "

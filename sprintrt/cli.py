@@ -8,38 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from sprintrt.errors import SprintError
+from sprintrt.quiet import quiet_libraries as _quiet_libraries
 
 
 def _console():
     from rich.console import Console
 
     return Console(stderr=False, highlight=False)
-
-
-def _quiet_libraries() -> None:
-    """Silence third-party progress bars and warnings that would bury our own output."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torch").setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 # ---- subcommands ---------------------------------------------------------------------------------
