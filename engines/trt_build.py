@@ -6,11 +6,11 @@ so TensorRT is imported only when the composition runs; constructing it needs no
 how the CPU tests check it.
 
 Precision: the exported ONNX is float32. Two kinds of network:
-- Strongly typed (every layer runs in the type the ONNX gives it): fp32 builds, and int8/fp8 builds
+- Strongly typed (every layer runs in the type the ONNX gives it): fp32 and tf32 builds, and int8/fp8 builds
   from Q/DQ graphs (engines/quantize.py; explicit quantization: the quantized matmuls run in int8 /
   fp8, everything else in float32). TensorRT 11 removed weak typing, so on TensorRT >= 11 every
   build is strongly typed.
-- Weakly typed (TensorRT 10 only): tf32, bf16 and fp16 set the builder's precision flag and pin the
+- Weakly typed (TensorRT 10 only): bf16 and fp16 set the builder's precision flag and pin the
   layers that must stay float32 — the linear attention's matmuls, normaliser division and epsilon in
   the transformer (spec §9.2: the 1e-15 flushes to 0 and the sums pass 65504 in fp16; diffusers
   computes them in fp32 too), and the VAE's Resize — with `precision_constraints="obey"`. A pin that
@@ -75,8 +75,8 @@ def versions() -> dict:
 
 # Weak typing (precision builder flags) was removed in TensorRT 11.
 WEAK_TYPING_LAST_MAJOR = 10
-WEAKLY_TYPED = (Precision.TF32, Precision.FP16, Precision.BF16)
-QDQ = (Precision.INT8, Precision.FP8)
+# TF32 is a math mode of float32 layers, not a type: TensorRT 11 keeps its flag for strongly typed networks.
+WEAKLY_TYPED = (Precision.FP16, Precision.BF16)
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper
 
 

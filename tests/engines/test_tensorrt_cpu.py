@@ -90,7 +90,7 @@ def test_what_each_tensorrt_version_and_gpu_can_build():
 
     for p in (Precision.BF16, Precision.FP16, Precision.TF32, Precision.FP32, Precision.INT8, Precision.FP8):
         trt_build.check_buildable(p, "10.13.3", H100)  # TensorRT 10 has weak typing
-    for p in (Precision.FP32, Precision.INT8, Precision.FP8):
+    for p in (Precision.FP32, Precision.TF32, Precision.INT8, Precision.FP8):
         trt_build.check_buildable(p, "11.1.0", H100)
     for p in (Precision.BF16, Precision.FP16):
         with pytest.raises(InvalidInputError, match="TensorRT 11 removed the weakly typed precision flags"):
