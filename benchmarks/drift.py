@@ -22,6 +22,7 @@ from sprintrt.errors import InvalidInputError
 from sprintrt.export import specs as S
 
 SCHEMA = "sprintrt-drift/1"
+# SprintPipeline keeps each component's engine in the attribute of the component's name.
 OUTPUTS = {S.TEXT_ENCODER: "last_hidden_state", S.TRANSFORMER: "noise_pred", S.VAE_DECODER: "sample"}
 
 
@@ -51,10 +52,6 @@ def _generate(pipe, prompt: str, seed: int, size: int, steps: int) -> np.ndarray
                 generator=torch.Generator().manual_seed(seed)).images
 
 
-def _attr(component: str) -> str:
-    return {S.TEXT_ENCODER: "text_encoder", S.TRANSFORMER: "transformer", S.VAE_DECODER: "vae_decoder"}[component]
-
-
 def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts: list[str], seeds: list[int],
               size: int = 512, steps: int = 1, threads: int | None = None, say=print) -> dict:
     """The drift document (schema SCHEMA) of each candidate engine directory against `reference`."""
@@ -70,9 +67,9 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
     cases = [(p, s) for p in prompts for s in seeds]
     say(f"reference {reference}: {len(cases)} images")
     ref_pipe = SprintPipeline.from_engines(reference, threads=threads)
-    taps = {c: _Tap(getattr(ref_pipe, _attr(c))) for c in S.COMPONENTS}
+    taps = {c: _Tap(getattr(ref_pipe, c)) for c in S.COMPONENTS}
     for c, tap in taps.items():
-        setattr(ref_pipe, _attr(c), tap)
+        setattr(ref_pipe, c, tap)
     ref_pipe.trim_padding = False  # record the padded text the candidates' engines are compared on
     ref_images = [_generate(ref_pipe, p, s, size, steps) for p, s in cases]
     recorded = {c: tap.calls for c, tap in taps.items()}
@@ -87,7 +84,7 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
         manifest = read_manifest(engine_dir)
         components = {}
         for c in S.COMPONENTS:
-            engine, cos, err = getattr(pipe, _attr(c)), [], []
+            engine, cos, err = getattr(pipe, c), [], []
             for feeds, out in recorded[c]:
                 got = engine(**feeds)[OUTPUTS[c]]
                 ref = out[OUTPUTS[c]]
