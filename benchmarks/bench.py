@@ -225,7 +225,8 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
     """Checkpoint → ONNX → one engine directory per candidate, all cached in the workdir."""
     from sprintrt.engines.build import build_engines
     from sprintrt.export.checkpoint import make_checkpoint
-    from sprintrt.export.onnx_export import export_model, model_identity, resolve_model, resolve_vae
+    from sprintrt.export.onnx_export import (export_model, exporter_fingerprint, model_identity, resolve_model,
+                                             resolve_vae)
 
     work = Path(config.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,11 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
     if vae_dir is not None:  # the ONNX (and engines) of another decoder live apart
         identity = hashlib.sha256((identity + model_identity(vae_dir)).encode()).hexdigest()
     onnx_dir = work / f"onnx-{identity[:12]}"
-    if not (onnx_dir / "export_info.json").exists():
+    info_path = onnx_dir / "export_info.json"
+    stale = info_path.exists() and json.loads(info_path.read_text()).get("exporter") != exporter_fingerprint()
+    if stale:
+        say(f"{onnx_dir} was exported by other export code: exporting again")
+    if stale or not info_path.exists():
         say(f"exporting {ckpt} to {onnx_dir}")
         export_model(ckpt, onnx_dir, progress=lambda c: say(f"  exporting + validating {c}"), vae=config.vae)
     engines = {}

@@ -60,6 +60,16 @@ def resolve_model(model: str | Path) -> Path:
                              "reachable and pass the local directory") from e
 
 
+def exporter_fingerprint() -> str:
+    """sha256 over this package's export code (the .py files that decide what the graphs contain):
+    an ONNX directory written by another version of them may hold different graphs."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def model_identity(path: Path) -> str:
     """sha256 over every config and weight file of a checkpoint: equal iff the model is the same."""
     h = hashlib.sha256()
@@ -287,6 +297,7 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
             "model_dims": dims.__dict__,
             "pipeline": constants,
             "opset": OPSET,
+            "exporter": exporter_fingerprint(),
             "versions": files.installed_versions(("torch", "diffusers", "transformers", "onnx", "onnxscript",
                                                   "polygraphy", "onnxruntime")),
             "components": {},

@@ -117,3 +117,28 @@ def test_resolution_outside_the_engine_profile_is_refused_before_timing(tiny_res
     config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(8192, 512)], workdir=work)
     with pytest.raises(InvalidInputError, match="8192x512 is outside.*profile"):
         B.prepare(config, say=lambda *a: None)
+
+
+def test_an_onnx_cache_from_other_export_code_is_exported_again(tiny_results, tiny_checkpoint, tmp_path):
+    """The workdir's ONNX is keyed by the model; export code that changed (a new graph pass, say) must
+    not be benchmarked through graphs the old code wrote."""
+    import shutil
+
+    from sprintrt.export.onnx_export import exporter_fingerprint
+
+    _, work = tiny_results
+    onnx_dir = next(work.glob("onnx-*"))
+    mine = tmp_path / "work"
+    mine.mkdir()
+    shutil.copytree(onnx_dir, mine / onnx_dir.name)
+    info_path = mine / onnx_dir.name / "export_info.json"
+    info = json.loads(info_path.read_text())
+    assert info["exporter"] == exporter_fingerprint()
+    said = []
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, workdir=mine, candidates=[])
+    B.prepare(config, say=said.append)
+    assert not any("other export code" in m for m in said)  # up to date: reused
+    info_path.write_text(json.dumps(dict(info, exporter="0" * 64)))
+    B.prepare(config, say=said.append)
+    assert any("other export code" in m for m in said)
+    assert json.loads(info_path.read_text())["exporter"] == exporter_fingerprint()
