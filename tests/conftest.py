@@ -71,3 +71,19 @@ def copy_engine_dir(engine_dir, tmp_path):
     dst = tmp_path / "engines"
     shutil.copytree(engine_dir, dst)
     return dst
+
+
+class EngineSpy:
+    """A stand-in engine that records the shape of one input on every call, then runs the real engine."""
+
+    def __init__(self, engine, input_name: str):
+        self.engine, self.limits, self.input_name, self.shapes = engine, engine.limits, input_name, []
+
+    def __call__(self, **feeds):
+        self.shapes.append(feeds[self.input_name].shape)
+        return self.engine(**feeds)
+
+
+@pytest.fixture
+def engine_spy():
+    return EngineSpy

@@ -108,23 +108,12 @@ def test_timings_cover_every_stage(sprint_pipe):
     assert 0 < stages <= t["total"]
 
 
-class _Recorder:
-    """Wraps an engine and records the input shapes it is called with."""
-
-    def __init__(self, engine):
-        self.engine, self.limits, self.shapes = engine, engine.limits, []
-
-    def __call__(self, **feeds):
-        self.shapes.append(feeds["input_ids"].shape)
-        return self.engine(**feeds)
-
-
 @pytest.mark.parametrize("trim", [True, False])
-def test_trimmed_text_padding_gives_diffusers_images(trim, reference_pipe, sprint_pipe, monkeypatch):
+def test_trimmed_text_padding_gives_diffusers_images(trim, reference_pipe, sprint_pipe, monkeypatch, engine_spy):
     """The encoder runs on the real tokens only (trim) or on the full padded text; both give diffusers'
     images (TOL), and trimming really shortens the encoder's input: 2 prompts of different lengths
     run at the longer one's token count."""
-    recorder = _Recorder(sprint_pipe.text_encoder)
+    recorder = engine_spy(sprint_pipe.text_encoder, "input_ids")
     monkeypatch.setattr(sprint_pipe, "text_encoder", recorder)
     monkeypatch.setattr(sprint_pipe, "trim_padding", trim)
     prompts = ["a koi pond", "a steaming cup of coffee next to an open notebook on a wooden desk"]
@@ -154,9 +143,9 @@ def test_trimmed_embeddings_equal_diffusers_on_real_tokens(reference_pipe, sprin
     assert not np.any(embeds[:, longest:]) and longest < mask.shape[1]
 
 
-def test_a_truncated_prompt_uses_the_full_length(sprint_pipe, monkeypatch):
+def test_a_truncated_prompt_uses_the_full_length(sprint_pipe, monkeypatch, engine_spy):
     """A prompt longer than max_sequence_length has no padding left to trim."""
-    recorder = _Recorder(sprint_pipe.text_encoder)
+    recorder = engine_spy(sprint_pipe.text_encoder, "input_ids")
     monkeypatch.setattr(sprint_pipe, "text_encoder", recorder)
     sprint_pipe.encode_prompt("a very long prompt " * 40, max_sequence_length=32, complex_human_instruction=None)
     assert recorder.shapes == [(1, 32)]

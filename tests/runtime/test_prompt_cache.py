@@ -13,19 +13,9 @@ from sprintrt.runtime.prompt_cache import PromptEmbeddingCache
 TOL = 1e-4  # the parity tolerance of tests/runtime/test_pipeline_parity.py
 
 
-class _Rows:
-    """Wraps the text-encoder engine and records how many prompt rows each call encodes."""
-
-    def __init__(self, engine):
-        self.engine, self.limits, self.rows = engine, engine.limits, []
-
-    def __call__(self, **feeds):
-        self.rows.append(feeds["input_ids"].shape[0])
-        return self.engine(**feeds)
-
-
-def test_cached_prompts_skip_the_encoder_and_keep_diffusers_images(reference_pipe, sprint_pipe, monkeypatch):
-    recorder = _Rows(sprint_pipe.text_encoder)
+def test_cached_prompts_skip_the_encoder_and_keep_diffusers_images(reference_pipe, sprint_pipe, monkeypatch,
+                                                                  engine_spy):
+    recorder = engine_spy(sprint_pipe.text_encoder, "input_ids")
     cache = PromptEmbeddingCache(8)
     monkeypatch.setattr(sprint_pipe, "text_encoder", recorder)
     monkeypatch.setattr(sprint_pipe, "prompt_cache", cache)
@@ -36,7 +26,7 @@ def test_cached_prompts_skip_the_encoder_and_keep_diffusers_images(reference_pip
         ours = sprint_pipe(prompts, generator=torch.Generator().manual_seed(7), **kw).images
         ref = reference_pipe(prompts, generator=torch.Generator().manual_seed(7), **kw).images
         assert np.abs(ours - ref).max() <= TOL
-    assert recorder.rows == [2, 1]  # the third call is all hits
+    assert [s[0] for s in recorder.shapes] == [2, 1]  # the third call is all hits
     assert (cache.hits, cache.misses, len(cache)) == (3, 3, 3)
 
 

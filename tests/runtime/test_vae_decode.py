@@ -14,15 +14,6 @@ TILE = dict(tile_sample_min_height=192, tile_sample_min_width=192, tile_sample_s
             tile_sample_stride_width=128)  # 6-latent tiles, stride 4: a 12x12 latent is 3x3 tiles
 
 
-class _Calls:
-    def __init__(self, engine):
-        self.engine, self.limits, self.shapes = engine, engine.limits, []
-
-    def __call__(self, **feeds):
-        self.shapes.append(feeds["latent"].shape)
-        return self.engine(**feeds)
-
-
 def _run(pipe, **kw):
     args = dict(prompt="a lighthouse on a rocky cliff", num_inference_steps=1, intermediate_timesteps=None,
                 use_resolution_binning=False, output_type="np")
@@ -37,8 +28,8 @@ def tiled_reference(reference_pipe):
     reference_pipe.vae.disable_tiling()
 
 
-def test_tiled_decoding_matches_diffusers_tiling(tiled_reference, sprint_pipe, monkeypatch):
-    calls = _Calls(sprint_pipe.vae_decoder)
+def test_tiled_decoding_matches_diffusers_tiling(tiled_reference, sprint_pipe, monkeypatch, engine_spy):
+    calls = engine_spy(sprint_pipe.vae_decoder, "latent")
     monkeypatch.setattr(sprint_pipe, "vae_decoder", calls)
     sprint_pipe.enable_vae_tiling(**TILE)
     try:
@@ -55,8 +46,8 @@ def test_tiled_decoding_matches_diffusers_tiling(tiled_reference, sprint_pipe, m
     assert calls.shapes == tiles + [(1, 32, 12, 12)]
 
 
-def test_sliced_decoding_decodes_one_image_at_a_time(reference_pipe, sprint_pipe, monkeypatch):
-    calls = _Calls(sprint_pipe.vae_decoder)
+def test_sliced_decoding_decodes_one_image_at_a_time(reference_pipe, sprint_pipe, monkeypatch, engine_spy):
+    calls = engine_spy(sprint_pipe.vae_decoder, "latent")
     monkeypatch.setattr(sprint_pipe, "vae_decoder", calls)
     sprint_pipe.enable_vae_slicing()
     try:
