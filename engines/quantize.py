@@ -94,10 +94,6 @@ def _settings(precision: str, n_feeds: int) -> dict:
     raise InvalidInputError(f"precision={precision!r} has no Q/DQ recipe: expected 'int8' or 'fp8'. Fix: pass one of them")
 
 
-def quantize_int8(source: Path, out: Path, feeds: list[dict]) -> dict:
-    return quantize_qdq(source, out, feeds, "int8")
-
-
 def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8") -> dict:
     """Write the int8 or fp8 Q/DQ version of `source` to `out` (temp name, then rename). Returns what was done."""
     from onnxruntime.quantization import QuantFormat, quantize_static

@@ -84,16 +84,19 @@ def strongly_typed(precision: Precision) -> bool:
     return precision not in WEAKLY_TYPED
 
 
+def _has_weak_typing(trt_version: str) -> bool:
+    return int(str(trt_version).split(".")[0]) <= WEAK_TYPING_LAST_MAJOR
+
+
 def default_precision(trt_version: str) -> str | None:
     """None (the bf16 defaults) where weak typing exists; fp32 on TensorRT 11+, which cannot build them
     from a float32 ONNX."""
-    return None if int(str(trt_version).split(".")[0]) <= WEAK_TYPING_LAST_MAJOR else "fp32"
+    return None if _has_weak_typing(trt_version) else "fp32"
 
 
 def check_buildable(precision: Precision, trt_version: str, gpu: dict) -> None:
     """Refuse, before any work, a precision this TensorRT or this GPU cannot build."""
-    major = int(str(trt_version).split(".")[0])
-    if precision in WEAKLY_TYPED and major > WEAK_TYPING_LAST_MAJOR:
+    if precision in WEAKLY_TYPED and not _has_weak_typing(trt_version):
         raise InvalidInputError(
             f"precision={precision.value!r} is not available with TensorRT {trt_version}: TensorRT 11 removed the "
             "weakly typed precision flags, and sprintrt exports float32 ONNX (typed bf16/fp16 export is not done yet). "
@@ -226,7 +229,6 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     """Build one engine into `out` (written under a temporary name, then renamed).
 
     `shapes` maps each input to its min/opt/max shapes (engines.profiles.input_shapes)."""
-    check_buildable(precision, library_versions[LIBRARY], target_info)
     pinned = fp32_pinned_nodes(source, component) if precision in WEAKLY_TYPED else []
     cache = timing_cache_path(target_info, library_versions[LIBRARY])
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import torch
 
 from sprintrt.benchmarks.bench import psnr
 from sprintrt.engines.build import build_engines
-from sprintrt.engines.quantize import quantizable_nodes, quantize_int8
+from sprintrt.engines.quantize import quantizable_nodes, quantize_qdq
 from sprintrt.errors import InvalidInputError
 from sprintrt.runtime.calibration import read_prompts, transformer_calibration
 from sprintrt.runtime.pipeline import SprintPipeline
@@ -44,7 +44,7 @@ def test_calibration_records_the_timesteps_actually_run(calibration_feeds):
 
 def test_qdq_wraps_every_quantized_layer_and_none_of_the_kept_ones(onnx_dir, calibration_feeds, tmp_path):
     out = tmp_path / "t.qdq.onnx"
-    info = quantize_int8(onnx_dir / "transformer.onnx", out, calibration_feeds)
+    info = quantize_qdq(onnx_dir / "transformer.onnx", out, calibration_feeds, "int8")
     quantize, keep = quantizable_nodes(onnx_dir / "transformer.onnx")
     model = onnx.load(str(out))
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -147,8 +147,6 @@ FP8_MIN_COSINE = 0.99
 def test_fp8_qdq_in_onnx_reference_stays_close_to_fp32(onnx_dir, engine_dir, calibration_feeds, tmp_path):
     from onnx.reference import ReferenceEvaluator
 
-    from sprintrt.engines.quantize import quantize_qdq
-
     out = tmp_path / "t.fp8.onnx"
     info = quantize_qdq(onnx_dir / "transformer.onnx", out, calibration_feeds, "fp8")
     quantize, keep = quantizable_nodes(onnx_dir / "transformer.onnx")
@@ -174,8 +172,6 @@ def test_fp8_qdq_in_onnx_reference_stays_close_to_fp32(onnx_dir, engine_dir, cal
 
 
 def test_unknown_qdq_precision_is_a_typed_error(onnx_dir, calibration_feeds, tmp_path):
-    from sprintrt.engines.quantize import quantize_qdq
-
     with pytest.raises(InvalidInputError, match="no Q/DQ recipe"):
         quantize_qdq(onnx_dir / "transformer.onnx", tmp_path / "x.onnx", calibration_feeds, "int4")
     assert list(tmp_path.iterdir()) == []
