@@ -39,3 +39,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def file_mismatch(path: str | Path, size: int, sha256: str | None = None) -> str | None:
+    """Why `path` is not the file a manifest or export record describes (missing, another size, or,
+    when `sha256` is given, other bytes), or None when it is. The one size + hash check of sprintrt."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path} is missing"
+    have = path.stat().st_size
+    if have != size:
+        return f"{path} has {have} bytes, the record says {size}: it is truncated or was replaced"
+    if sha256 is not None and sha256_file(path) != sha256:
+        return f"{path} does not match its sha256 in the record: it was modified"
+    return None
