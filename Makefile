@@ -2,6 +2,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sprintrt-installed
+# -qq: errors only, so `make demo` on a fresh clone shows sprintrt's steps, not pip's and setuptools' notices.
+PIP    := $(PY) -m pip install -qq
 # CPU machines take torch's CPU wheel first, so nothing pulls a multi-GB CUDA build.
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "" || echo "torch==2.13.0")
 
@@ -16,11 +18,12 @@ test: $(STAMP)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	test -z "$(TORCH)" || $(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[export,bench,dev,openvino]"
-	touch $(STAMP)
+	@echo "sprintrt: installing into $(VENV) (first run only; a few minutes)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@test -z "$(TORCH)" || $(PIP) "$(TORCH)"
+	@$(PIP) -c constraints.txt -e ".[export,bench,dev,openvino]"
+	@touch $(STAMP)
 
 clean:
 	rm -rf out .pytest_cache

@@ -23,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from sprintrt import defaults as D
+from sprintrt.engines.backend import ALIASES, BACKENDS, canonical
 from sprintrt.errors import InvalidInputError
+from sprintrt.export.specs import COMPONENTS
+from sprintrt.metrics import max_abs, psnr
 
 SCHEMA = "sprintrt-bench/1"
-ENGINE_STAGES = ("text_encoder", "transformer", "vae_decoder")
+ENGINE_STAGES = COMPONENTS
 STAGES = ("tokenize", "text_encoder", "transformer", "scheduler", "noise", "vae_decoder", "postprocess")
 BASELINES = ("torch-fp32", "torch-bf16", "torch-compile-bf16")
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 REFERENCE = "torch-fp32"
 
 
@@ -45,10 +48,11 @@ class Candidate:
     @classmethod
     def parse(cls, text: str) -> "Candidate":
         backend, _, precision = text.partition(":")
-        backend = {"ort": "onnxruntime", "trt": "tensorrt", "ov": "openvino"}.get(backend, backend)
-        if backend not in BACKENDS:
+        try:
+            backend = canonical(backend)
+        except InvalidInputError:
             raise InvalidInputError(f"candidate {text!r} names backend {backend!r}: expected one of {list(BACKENDS)} "
-                                    "(or ort / trt). Fix: e.g. --candidates ort:fp32,trt:bf16")
+                                    f"(or {', '.join(ALIASES)}). Fix: e.g. --candidates ort:fp32,ov:bf16,trt:bf16") from None
         return cls(backend, precision or "fp32")
 
 
@@ -65,10 +69,10 @@ class BenchConfig:
     warmup: int = 1
     runs: int = 3
     workdir: Path = Path("out/bench")
-    prompt: str = "a small fluffy white cat asleep on a sunny windowsill"
+    prompt: str = D.DEFAULT_PROMPT
     complex_human_instruction: bool = True
     threads: int | None = None
-    calibration_count: int = 16  # int8 candidates: calibration prompts (shipped file)
+    calibration_count: int = D.DEFAULT_CALIBRATION_COUNT  # int8 candidates: calibration prompts (shipped file)
     vae: str | None = None  # a drop-in AutoencoderDC for every system (export --vae), e.g. DC-AE-Lite
     prompt_cache: bool = False  # also time sprintrt systems on a repeated prompt with the embedding cache
 
@@ -162,11 +166,6 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
-
-
 # ---- systems under test -------------------------------------------------------------------------
 
 def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | None = None):
@@ -254,7 +253,7 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
         engine_dir = work / f"engines-{identity[:12]}-{cand.backend}-{cand.precision}"
         say(f"building {cand.name} engines in {engine_dir}")
         if cand.precision in ("int8", "fp8"):
-            from sprintrt.runtime.calibration import build_quantized_engines
+            from sprintrt.engines.calibration import build_quantized_engines
 
             size = max(max(r) for r in config.resolutions)
             engines[cand] = build_quantized_engines(onnx_dir, engine_dir, count=config.calibration_count, size=size,
@@ -269,8 +268,10 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
 def _check_profile(engine_dir: Path, cand: Candidate, config: BenchConfig) -> None:
     from sprintrt.engines.manifest import read_manifest
 
+    from sprintrt.export.specs import ModelDims
+
     manifest = read_manifest(engine_dir)
-    f = manifest.data["pipeline"]["vae_scale_factor"]
+    f = ModelDims.from_json(manifest.data["model_dims"]).vae_scale_factor
     for comp, entry in manifest.components.items():
         dims = entry["io"]["dims"]
         for h, w in config.resolutions:
@@ -313,7 +314,7 @@ def _run_isolated(system, kind: str, ckpt: Path, engines: dict, shapes: list, co
 
 
 def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, config: BenchConfig, chi) -> list[dict]:
-    from sprintrt.engines.manifest import read_manifest
+    from sprintrt.engines.manifest import engine_files, read_manifest
     from sprintrt.export.onnx_export import resolve_vae
     from sprintrt.quiet import quiet_libraries
 
@@ -330,7 +331,7 @@ def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, c
         load_seconds = time.perf_counter() - t0
         for (h, w), batch, steps in shapes:
             call = dict(prompt=[config.prompt] * batch, num_inference_steps=steps,
-                        intermediate_timesteps=1.3 if steps == 2 else None, height=h, width=w,
+                        intermediate_timesteps=D.intermediate_timesteps_for(steps), height=h, width=w,
                         use_resolution_binning=False, output_type="np", complex_human_instruction=chi)
             image, timings = _measure(run, call, config.warmup, config.runs, config.seed, lambda: None)
             entry = {"name": name, "kind": kind, **summarise(timings), "_image": image}
@@ -342,8 +343,7 @@ def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, c
                 m = read_manifest(engines[system])
                 entry.update(backend=system.backend, precision=system.precision, engine_dir=str(engines[system]),
                              engine_keys={c: e["key"] for c, e in m.components.items()},
-                             engine_bytes={c: e["bytes"] + sum(x["bytes"] for x in e.get("sidecars", []))
-                                           for c, e in m.components.items()})
+                             engine_bytes={c: sum(f["bytes"] for f in engine_files(e)) for c, e in m.components.items()})
             entries.append(entry)
     gpu_gb = _gpu_memory_used_gb() if kind == "candidate" and system.backend == "tensorrt" else None
     for entry in entries:
@@ -393,7 +393,7 @@ def run_bench(config: BenchConfig, say=print) -> dict:
         ref = next(e["_image"] for e in entries if e["name"] == REFERENCE)
         for e in entries:
             img = e.pop("_image")
-            e["image_vs_reference"] = {"max_abs": float(np.abs(img - ref).max()), "psnr_db": psnr(img, ref)}
+            e["image_vs_reference"] = {"max_abs": max_abs(img, ref), "psnr_db": psnr(img, ref)}
         doc["results"].append({"height": h, "width": w, "batch": batch, "steps": steps, "systems": entries})
     validate(doc)
     return doc
@@ -417,13 +417,12 @@ def _gpu_memory_used_gb() -> float | None:
 
 
 def _text_length(info: dict, config: BenchConfig) -> int:
-    dims = info["model_dims"]
-    return dims["chi_tokens"] + 298 if config.complex_human_instruction else 300
+    chi = info["model_dims"]["chi_tokens"] if config.complex_human_instruction else None
+    return D.tokenized_length(D.DEFAULT_MAX_SEQUENCE_LENGTH, chi)
 
 
 def machine() -> dict:
-    from sprintrt.engines import trt_build
-    from sprintrt.engines.manifest import cpu_target
+    from sprintrt import machine as probe
 
     try:
         import psutil
@@ -431,7 +430,7 @@ def machine() -> dict:
         mem = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         mem = None
-    return {"cpu": cpu_target(), "cores": os.cpu_count(), "memory_gb": mem, "gpus": trt_build._gpus(),
+    return {"cpu": probe.cpu_target(), "cores": os.cpu_count(), "memory_gb": mem, "gpus": probe.gpus(),
             "os": platform.platform()}
 
 

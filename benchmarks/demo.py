@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sprintrt.benchmarks.bench import psnr, stage_seconds
+from sprintrt.benchmarks.bench import stage_seconds
+from sprintrt.defaults import DEFAULT_PROMPT, intermediate_timesteps_for
+from sprintrt.metrics import max_abs, psnr
 
 ROWS = (("text encoder (+ tokenize)", ("tokenize", "text_encoder")), ("transformer, all steps", ("transformer",)),
         ("VAE decoder", ("vae_decoder",)), ("end to end", ("total",)))
@@ -23,7 +25,7 @@ def median_timings(runs: list[dict]) -> dict:
     return {label: statistics.median(sum(stage_seconds(t, k) for k in keys) for t in runs) for label, keys in ROWS}
 
 
-def run_demo(workdir: Path, prompt: str, steps: int = 2, size: int = 512, runs: int = 3, console=None) -> dict:
+def run_demo(workdir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 2, size: int = 512, runs: int = 3, console=None) -> dict:
     import torch
 
     from sprintrt.benchmarks.torch_timing import run_timed
@@ -45,7 +47,7 @@ def run_demo(workdir: Path, prompt: str, steps: int = 2, size: int = 512, runs: 
     build_engines(onnx_dir, engine_dir, backend="onnxruntime", precision="fp32")
     say(f"[3/4] ONNX Runtime engines + manifest: {engine_dir}")
 
-    call = dict(prompt=prompt, num_inference_steps=steps, intermediate_timesteps=1.3 if steps == 2 else None,
+    call = dict(prompt=prompt, num_inference_steps=steps, intermediate_timesteps=intermediate_timesteps_for(steps),
                 height=size, width=size, use_resolution_binning=False, output_type="np")
     ours = SprintPipeline.from_engines(engine_dir)
     ref = load_pipeline(ckpt)
@@ -67,7 +69,7 @@ def run_demo(workdir: Path, prompt: str, steps: int = 2, size: int = 512, runs: 
     result = {
         "prompt": prompt, "steps": steps, "size": size, "runs": runs,
         "sprintrt_onnxruntime_s": ours_med, "diffusers_pytorch_s": ref_med,
-        "image_max_abs_diff": float(np.abs(image - ref_image).max()), "image_psnr_db": psnr(image, ref_image),
+        "image_max_abs_diff": max_abs(image, ref_image), "image_psnr_db": psnr(image, ref_image),
     }
     table = [f"| stage (tiny checkpoint, {size}x{size}, {steps} step{'s' if steps > 1 else ''}, median of {runs}) "
              "| sprintrt ORT (ms) | diffusers PyTorch (ms) | speed-up |", "|---|---:|---:|---:|"]

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sprintrt.defaults import intermediate_timesteps_for
 from sprintrt.errors import InvalidInputError
 from sprintrt.export import specs as S
+from sprintrt.metrics import cosine, max_abs, psnr
 
 SCHEMA = "sprintrt-drift/1"
-# SprintPipeline keeps each component's engine in the attribute of the component's name.
+# The output of each component that the next stage reads.
 OUTPUTS = {S.TEXT_ENCODER: "last_hidden_state", S.TRANSFORMER: "noise_pred", S.VAE_DECODER: "sample"}
 
 
@@ -30,7 +32,7 @@ class _Tap:
     """Wraps an engine; records each call's inputs and outputs."""
 
     def __init__(self, engine):
-        self.engine, self.limits, self.calls = engine, getattr(engine, "limits", None), []
+        self.engine, self.calls = engine, []
 
     def __call__(self, **feeds):
         out = self.engine(**feeds)
@@ -38,16 +40,10 @@ class _Tap:
         return out
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / denom) if denom else float(np.array_equal(a, b))
-
-
 def _generate(pipe, prompt: str, seed: int, size: int, steps: int) -> np.ndarray:
     import torch
 
-    return pipe(prompt, num_inference_steps=steps, intermediate_timesteps=1.3 if steps == 2 else None, height=size,
+    return pipe(prompt, num_inference_steps=steps, intermediate_timesteps=intermediate_timesteps_for(steps), height=size,
                 width=size, use_resolution_binning=False, output_type="np",
                 generator=torch.Generator().manual_seed(seed)).images
 
@@ -55,7 +51,6 @@ def _generate(pipe, prompt: str, seed: int, size: int, steps: int) -> np.ndarray
 def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts: list[str], seeds: list[int],
               size: int = 512, steps: int = 1, threads: int | None = None, say=print) -> dict:
     """The drift document (schema SCHEMA) of each candidate engine directory against `reference`."""
-    from sprintrt.benchmarks.bench import psnr
     from sprintrt.engines.manifest import read_manifest
     from sprintrt.runtime.pipeline import SprintPipeline
 
@@ -67,9 +62,9 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
     cases = [(p, s) for p in prompts for s in seeds]
     say(f"reference {reference}: {len(cases)} images")
     ref_pipe = SprintPipeline.from_engines(reference, threads=threads)
-    taps = {c: _Tap(getattr(ref_pipe, c)) for c in S.COMPONENTS}
+    taps = {c: _Tap(ref_pipe.engine(c)) for c in S.COMPONENTS}
     for c, tap in taps.items():
-        setattr(ref_pipe, c, tap)
+        ref_pipe.set_engine(c, tap)
     ref_pipe.trim_padding = False  # record the padded text the candidates' engines are compared on
     ref_images = [_generate(ref_pipe, p, s, size, steps) for p, s in cases]
     recorded = {c: tap.calls for c, tap in taps.items()}
@@ -84,7 +79,7 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
         manifest = read_manifest(engine_dir)
         components = {}
         for c in S.COMPONENTS:
-            engine, cos, err = getattr(pipe, c), [], []
+            engine, cos, err = pipe.engine(c), [], []
             for feeds, out in recorded[c]:
                 got = engine(**feeds)[OUTPUTS[c]]
                 ref = out[OUTPUTS[c]]
@@ -92,7 +87,7 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
                     real = feeds["attention_mask"].astype(bool)
                     got, ref = got[real], ref[real]
                 cos.append(cosine(got, ref))
-                err.append(float(np.abs(got.astype(np.float64) - ref).max()))
+                err.append(max_abs(got, ref))
             components[c] = {"precision": manifest.components[c]["precision"], "backend": manifest.components[c]["backend"],
                              "cosine_min": min(cos), "cosine_mean": float(np.mean(cos)), "max_abs": max(err),
                              "samples": len(cos)}

@@ -1,8 +1,10 @@
-"""ONNX directory → engine directory: validate the sources, build each component, write the manifest.
+"""ONNX directory → engine directory: plan the build, build (or reuse) each component, write the manifest.
 
-The steps every backend shares live here (reading the export, checking the ONNX files, the cache
-key, reuse of an up-to-date engine, the lock, atomic writes, the manifest); a backend module only
-turns one ONNX file into one engine file (`engines/ort_build.py`, later `engines/trt_build.py`).
+`plan_build` does everything that can fail without building (arguments, sources, the backend's
+presence and what it can build here, the cache keys) and writes nothing; `build_component` turns one
+planned component into an engine file and its manifest entry; `build_engines` runs both under the
+directory's lock and switches the manifest atomically. The backend-specific work is behind the
+BuildBackend contract (engines/backend.py): no backend is named here.
 """
 
 from __future__ import annotations
@@ -12,17 +14,17 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from sprintrt.engines import manifest as M
+from sprintrt.engines.backend import BuildBackend, BuildResult, auto_backend, backend_module, canonical
 from sprintrt.engines.precision import QUANTIZED, Precision, resolve_precisions
-from sprintrt.engines.profiles import ProfileOptions, full_profile, input_shapes, tensorrt_profile
+from sprintrt.engines.profiles import ProfileOptions, input_shapes
 from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
-from sprintrt.files import sha256_file
 from sprintrt.export import specs as S
-
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+from sprintrt.files import file_mismatch, sha256_file
 
 
 def read_export_info(onnx_dir: Path) -> dict:
@@ -34,54 +36,109 @@ def read_export_info(onnx_dir: Path) -> dict:
 
 
 def check_onnx_file(onnx_dir: Path, component: str, record: dict) -> Path:
-    """The ONNX file must be exactly the one the export wrote (size and sha256): catches truncation."""
-    path = onnx_dir / record["file"]
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing. Fix: re-run `sprintrt export` into {onnx_dir}")
+    """The ONNX file (and its external weights) must be exactly what the export wrote: catches truncation."""
     for entry in (record, record.get("external_data")):
-        if not entry:
-            continue
-        f = onnx_dir / entry["file"]
-        size = f.stat().st_size if f.is_file() else 0
-        if size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
-            raise ModelLoadError(f"{f} has {size} bytes and a different sha256 than the export wrote "
-                                 f"({entry['bytes']} bytes): it is truncated, missing or was modified. Fix: re-run "
-                                 f"`sprintrt export` into {onnx_dir}")
-    return path
+        if entry:
+            problem = file_mismatch(onnx_dir / entry["file"], entry["bytes"], entry["sha256"])
+            if problem:
+                raise ModelLoadError(f"{problem} (the export wrote {entry['bytes']} bytes): {component} cannot be "
+                                     f"built from it. Fix: re-run `sprintrt export` into {onnx_dir}")
+    return onnx_dir / record["file"]
 
 
-def auto_backend() -> str:
-    """The backend that wins on this machine: TensorRT with an NVIDIA GPU and TensorRT; else OpenVINO
-    where it is installed and the CPU has bf16 instructions (bf16 kernels, which ONNX Runtime's CPU
-    provider lacks); else ONNX Runtime."""
-    from sprintrt.engines import ov_build, trt_build
-    from sprintrt.errors import MissingDependencyError
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One component to build: where from, in which precision, for which shapes, under which key."""
 
+    name: str
+    source: Path
+    precision: Precision
+    profile: dict
+    spec: S.ComponentSpec
+    key: str
+    record: dict  # the export record of the source ONNX
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    onnx_dir: Path
+    engine_dir: Path
+    backend: str
+    module: BuildBackend
+    info: dict  # export_info.json
+    target: dict
+    versions: dict
+    components: tuple[ComponentPlan, ...]
+    calibration: dict
+
+
+def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime", precision=None,
+               components=S.COMPONENTS, profile: ProfileOptions | None = None,
+               calibration: dict | None = None) -> BuildPlan:
+    """Check everything that can fail without building and derive each component's key. Writes nothing."""
+    onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
+    backend = auto_backend() if backend == "auto" else canonical(backend)
+    mod = backend_module(backend)
+    calibration = calibration or {}
+    info = read_export_info(onnx_dir)
+    missing = [c for c in components if c not in info["components"]]
+    if missing:
+        raise ModelLoadError(f"{onnx_dir} has no export of {missing}. Fix: `sprintrt export MODEL -o {onnx_dir}`")
+    # Precisions first: a wrong --precision is an error even on a machine that lacks the backend.
+    resolve_precisions(precision, backend, components)
+    target, versions = mod.target(), mod.versions()  # raise before anything is written
+    precisions = resolve_precisions(precision, backend, components, mod.default_precisions(versions, target))
+    model = S.ModelDims.from_json(info["model_dims"])
+    plans = []
+    for comp in components:
+        record, prec = info["components"][comp], precisions[comp]
+        if prec in QUANTIZED and not calibration.get(comp):
+            raise InvalidInputError(f"precision {prec.value} for {comp} needs calibration data. Fix: build with the CLI "
+                                    f"(`sprintrt build ... --precision {comp}={prec.value}` calibrates on a prompt file) "
+                                    "or pass calibration={component: (description, feeds)}")
+        mod.check_buildable(comp, prec, record, versions, target)
+        source = check_onnx_file(onnx_dir, comp, record)
+        spec = S.SPEC_BUILDERS[comp](model)
+        dims = mod.profile(spec, model, profile or ProfileOptions())
+        label = prec.value
+        if prec in QUANTIZED:  # the recipe and the calibration set are part of what the engine computes
+            from sprintrt.engines.quantize import recipe
+
+            label = recipe(prec.value, target) + "-" + hashlib.sha256(calibration[comp][0].encode()).hexdigest()[:8]
+        key = M.cache_key(target, backend, versions[mod.LIBRARY], label, dims, record["sha256"])
+        plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record))
+    return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target, versions, tuple(plans), calibration)
+
+
+def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
+    """Build one planned component into the engine directory. Returns its manifest entry."""
+    path = plan.engine_dir / f"{comp.name}-{hashlib.sha256(comp.key.encode()).hexdigest()[:12]}{plan.module.SUFFIX}"
+    t0 = time.perf_counter()
+    source, quant_info = comp.source, {}
+    if comp.precision in QUANTIZED:
+        from sprintrt.engines.quantize import quantize_qdq
+
+        source = path.with_name(path.name + ".qdq.onnx")
+        description, feeds = plan.calibration[comp.name]
+        feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
+        quant_info = quantize_qdq(comp.source, source, feeds, comp.precision.value, target=plan.target)
+        quant_info["calibration"] = description
     try:
-        trt_build.target(), trt_build.versions()
-        return "tensorrt"
-    except MissingDependencyError:
-        pass
-    try:
-        ov_build.versions()
-    except MissingDependencyError:
-        return "onnxruntime"
-    isa = set(M.cpu_target()["isa"])
-    return "openvino" if {"avx512_bf16", "amx_bf16"} & isa else "onnxruntime"
-
-
-def _backend_module(backend: str):
-    if backend == "onnxruntime":
-        from sprintrt.engines import ort_build
-        return ort_build
-    if backend == "tensorrt":
-        from sprintrt.engines import trt_build
-        return trt_build
-    if backend == "openvino":
-        from sprintrt.engines import ov_build
-        return ov_build
-    raise InvalidInputError(f"backend={backend!r} is not known: expected one of {list(BACKENDS) + ['auto']}. "
-                            "Fix: pass --backend auto, onnxruntime or openvino (CPU), or tensorrt (NVIDIA GPU)")
+        result: BuildResult = plan.module.build_component(source, path, comp.name, comp.precision,
+                                                          input_shapes(comp.spec, comp.profile), plan.target,
+                                                          plan.versions)
+    finally:
+        if source != comp.source:  # the Q/DQ graph lives on inside the built engine
+            source.unlink(missing_ok=True)
+            source.with_name(source.name + ".data").unlink(missing_ok=True)
+    return {
+        **_file_entry(path), "extra_files": [_file_entry(p) for p in result.extra_files],
+        "backend": plan.backend, "precision": comp.precision.value, **result.info, **quant_info,
+        "key": comp.key, "target": plan.target, "libraries": plan.versions,
+        "source_onnx": {"file": comp.record["file"], "sha256": comp.record["sha256"]},
+        "model_identity": plan.info["model"]["identity"],
+        "io": dict(comp.record["spec"], dims=comp.profile), "build_seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",
@@ -91,128 +148,51 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
     """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
 
     Args:
+        backend: onnxruntime, openvino, tensorrt (or ort/ov/trt), or auto.
         precision: None (the backend's per-component defaults), one precision for all, a dict, or
             "transformer=fp16,vae_decoder=fp32".
-        profile: TensorRT shape-profile options (ONNX Runtime engines accept the spec's full ranges).
+        profile: TensorRT shape-profile options (ONNX Runtime and OpenVINO engines take the spec's ranges).
         calibration: for int8/fp8 components, {component: (description, input feeds)}, the feeds a
             list or a callable returning one (called only if the engine is built, not reused); the
             description (prompts, count, size) goes into the engine key.
 
-    Everything that can fail without building (arguments, sources, the backend's presence) is checked
-    before anything is written. An engine whose key (target, library version, precision, profile,
-    source ONNX hash) matches and whose file is intact is reused unless `rebuild`. Files are written
-    under new names and the manifest is switched atomically, so an interrupted build leaves the
-    previous engine directory usable and no half-written engine file is ever referenced.
+    An engine whose key (target, library version, precision, profile, source ONNX hash) matches and
+    whose files are intact is reused unless `rebuild`. Files are written under new names and the
+    manifest is switched atomically, so an interrupted build leaves the previous engine directory
+    usable and no half-written engine file is ever referenced.
     """
     from filelock import FileLock
 
-    onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
-    if backend == "auto":
-        backend = auto_backend()
-    backend_mod = _backend_module(backend)
-    if backend == "tensorrt" and precision is None:  # TensorRT 11 cannot build the bf16 defaults (no weak typing)
-        precision = backend_mod.default_precision(backend_mod.versions()[backend_mod.LIBRARY])
-    precisions = resolve_precisions(precision, backend, components)
-    info = read_export_info(onnx_dir)
-    missing = [c for c in components if c not in info["components"]]
-    if missing:
-        raise ModelLoadError(f"{onnx_dir} has no export of {missing}. Fix: `sprintrt export MODEL -o {onnx_dir}`")
-    sources = {c: check_onnx_file(onnx_dir, c, info["components"][c]) for c in components}
-    model = S.model_dims_from_json(info["model_dims"])
-    specs = {c: S.SPEC_BUILDERS[c](model) for c in components}
-    if backend == "tensorrt":
-        _refuse_unready(info, components)
-        profiles = {c: tensorrt_profile(specs[c], model, profile or ProfileOptions()) for c in components}
-    else:
-        profiles = {c: full_profile(specs[c]) for c in components}
-    for comp, prec in precisions.items():
-        if prec in QUANTIZED and not (calibration or {}).get(comp):
-            raise InvalidInputError(f"precision {prec.value} for {comp} needs calibration data. Fix: build with the CLI "
-                                    f"(`sprintrt build ... --precision {comp}={prec.value}` calibrates on a prompt file) "
-                                    "or pass calibration={component: (description, feeds)}")
-    target, versions = backend_mod.target(), backend_mod.versions()  # raise before anything is written
-    if backend == "tensorrt":
-        for prec in precisions.values():
-            backend_mod.check_buildable(prec, versions[backend_mod.LIBRARY], target)
-
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(engine_dir / ".build.lock")):
-        old = _read_existing(engine_dir, info)
+    plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration)
+    plan.engine_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(plan.engine_dir / ".build.lock")):
+        old = _read_existing(plan.engine_dir, plan.info)
         entries = {}
-        for comp in components:
-            record, prec = info["components"][comp], precisions[comp]
-            label = prec.value
-            if prec in QUANTIZED:  # the calibration set is part of what the engine computes
-                label += "-" + hashlib.sha256(calibration[comp][0].encode()).hexdigest()[:8]
-            key = M.cache_key(target, backend, versions[backend_mod.LIBRARY], label, profiles[comp], record["sha256"])
-            prev = old.get(comp) if old else None
-            if not rebuild and prev and prev["key"] == key and _intact(engine_dir, prev):
-                if progress:
-                    progress(comp, "reused")
-                entries[comp] = prev
-                continue
+        for comp in plan.components:
+            prev = old.get(comp.name)
+            reuse = not rebuild and prev is not None and prev["key"] == comp.key and _intact(plan.engine_dir, prev)
             if progress:
-                progress(comp, "building")
-            path = engine_dir / f"{comp}-{hashlib.sha256(key.encode()).hexdigest()[:12]}{backend_mod.SUFFIX}"
-            t0 = time.perf_counter()
-            source, quant_info = sources[comp], {}
-            if prec in QUANTIZED:
-                from sprintrt.engines.quantize import quantize_qdq
-
-                source = path.with_name(path.name + ".qdq.onnx")
-                feeds = calibration[comp][1]
-                feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
-                quant_info = quantize_qdq(sources[comp], source, feeds, prec.value)
-                quant_info["calibration"] = calibration[comp][0]
-            try:
-                build_info = backend_mod.build_component(source, path, comp, prec,
-                                                         input_shapes(specs[comp], profiles[comp]), target, versions)
-            finally:
-                if source != sources[comp]:  # the Q/DQ graph lives on inside the built engine
-                    source.unlink(missing_ok=True)
-                    source.with_name(source.name + ".data").unlink(missing_ok=True)
-            build_info.update(quant_info)
-            io = dict(record["spec"], dims=profiles[comp])
-            sidecars = [_file_entry(p) for p in build_info.pop("_sidecars", [])]
-            entries[comp] = {
-                **_file_entry(path), "sidecars": sidecars,
-                "backend": backend, "precision": prec.value, **build_info,
-                "key": key, "target": target, "libraries": versions,
-                "source_onnx": {"file": record["file"], "sha256": record["sha256"]},
-                "model_identity": info["model"]["identity"],
-                "io": io, "build_seconds": round(time.perf_counter() - t0, 2),
-            }
-        if old:  # keep engines of components not rebuilt this time, if they belong to the same model
-            for comp, entry in old.items():
-                entries.setdefault(comp, entry)
-        _copy_tokenizer(onnx_dir, engine_dir)
-        manifest = M.Manifest(engine_dir / M.MANIFEST, {
-            "format": M.FORMAT,
-            "model": info["model"], "model_dims": info["model_dims"], "pipeline": info["pipeline"],
-            "tokenizer": "tokenizer", "components": entries,
-        })
-        manifest.write()
-        _remove_unreferenced(engine_dir, entries)
-    return engine_dir
+                progress(comp.name, "reused" if reuse else "building")
+            entries[comp.name] = prev if reuse else build_component(plan, comp)
+        for comp, entry in old.items():  # engines of components not rebuilt this time, same model
+            entries.setdefault(comp, entry)
+        _copy_tokenizer(plan.onnx_dir, plan.engine_dir)
+        M.Manifest(plan.engine_dir / M.MANIFEST, {
+            "format": M.FORMAT, "model": plan.info["model"], "model_dims": plan.info["model_dims"],
+            "pipeline": plan.info["pipeline"], "tokenizer": "tokenizer", "components": entries,
+        }).write()
+        _remove_unreferenced(plan.engine_dir, entries)
+    return plan.engine_dir
 
 
-def _refuse_unready(info: dict, components) -> None:
-    for comp in components:
-        findings = info["components"][comp].get("trt_lint", [])
-        if findings:
-            raise ModelLoadError(f"{comp}.onnx is not ready for TensorRT: {findings[0]}"
-                                 f"{f' (and {len(findings) - 1} more)' if len(findings) > 1 else ''}. "
-                                 "Fix: re-export with this sprintrt version, whose graph passes remove these ops")
-
-
-def _read_existing(engine_dir: Path, info: dict) -> dict | None:
-    """Components of an existing manifest of the same model, or None (another model: all rebuilt)."""
+def _read_existing(engine_dir: Path, info: dict) -> dict:
+    """Components of an existing manifest of the same model ({} for none, another model or format)."""
     try:
         old = M.read_manifest(engine_dir)
     except EngineDirError:
-        return None
+        return {}
     if old.data["model"]["identity"] != info["model"]["identity"]:
-        return None
+        return {}
     return dict(old.components)
 
 
@@ -221,11 +201,7 @@ def _file_entry(path: Path) -> dict:
 
 
 def _intact(engine_dir: Path, entry: dict) -> bool:
-    for e in (entry, *entry.get("sidecars", [])):
-        path = engine_dir / e["file"]
-        if not (path.is_file() and path.stat().st_size == e["bytes"] and sha256_file(path) == e["sha256"]):
-            return False
-    return True
+    return not any(file_mismatch(engine_dir / e["file"], e["bytes"], e["sha256"]) for e in M.engine_files(entry))
 
 
 def _copy_tokenizer(onnx_dir: Path, engine_dir: Path) -> None:
@@ -237,8 +213,7 @@ def _copy_tokenizer(onnx_dir: Path, engine_dir: Path) -> None:
 
 
 def _remove_unreferenced(engine_dir: Path, entries: dict) -> None:
-    keep = {e["file"] for e in entries.values()} | {s["file"] for e in entries.values() for s in e.get("sidecars", [])}
-    keep |= {f + ".data" for f in keep}
+    keep = {e["file"] for entry in entries.values() for e in M.engine_files(entry)}
     for comp in S.COMPONENTS:
         for f in engine_dir.glob(f"{comp}-*"):
             if f.name not in keep:

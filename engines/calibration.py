@@ -1,31 +1,19 @@
-"""Calibration data made the way the model is used: the transformer's real inputs, recorded while an
-fp32 SprintPipeline generates from a prompt file at the timesteps actually run (t = max for 1 step,
-plus the intermediate step for 2 steps)."""
+"""Quantized engines built from calibration data made the way the model is used: the transformer's
+real inputs, recorded while an fp32 SprintPipeline generates from a prompt file at the timesteps
+actually run (t = max for 1 step, plus the intermediate step for 2 steps).
+
+This builds engines, so it lives in engines/ and uses the runtime (never the other way round).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from sprintrt.defaults import (CALIBRATION_STEPS, DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE,
+                               intermediate_timesteps_for)
 from sprintrt.errors import InvalidInputError
 from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
-
-
-def read_prompts(path: str | Path | None) -> list[str]:
-    """Prompts, one per line; None gives the shipped file (68 varied prompts)."""
-    if path is None:
-        from importlib import resources
-
-        text = resources.files("sprintrt.export").joinpath("data/prompts.txt").read_text()
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise InvalidInputError(f"calibration prompt file {str(path)!r} does not exist. Fix: pass a text file "
-                                    "with one prompt per line, or omit it to use the shipped prompts")
-        text = path.read_text()
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise InvalidInputError(f"calibration prompt file {str(path)!r} has no prompts. Fix: one prompt per line")
-    return prompts
+from sprintrt.prompts import read_prompts
 
 
 class _Recorder:
@@ -39,30 +27,37 @@ class _Recorder:
         return self.engine(**feeds)
 
 
-def transformer_calibration(pipe, prompts: list[str], height: int = 512, width: int = 512, steps=(1, 2),
+def _check_count(count) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidInputError(f"calibration count={count!r} is not allowed: expected an integer >= 1. "
+                                f"Fix: e.g. {DEFAULT_CALIBRATION_COUNT}")
+
+
+def transformer_calibration(pipe, prompts: list[str], height: int = DEFAULT_CALIBRATION_SIZE,
+                            width: int = DEFAULT_CALIBRATION_SIZE, steps=CALIBRATION_STEPS,
                             count: int | None = None, seed: int = 0) -> list[dict]:
     """Transformer input feeds recorded from `pipe` (an fp32 SprintPipeline) over the prompts."""
     if count is not None:
-        if count < 1:
-            raise InvalidInputError(f"calibration count={count} is not allowed: expected >= 1. Fix: e.g. 32")
+        _check_count(count)
         prompts = prompts[:count]
-    recorder = _Recorder(pipe.transformer)
-    pipe.transformer = recorder
+    recorder = _Recorder(pipe.engine("transformer"))
+    pipe.set_engine("transformer", recorder)
     try:
         for i, prompt in enumerate(prompts):
             # Encode once per prompt (the text encoder is the slow part at real size), run every schedule.
             embeds, mask = pipe.encode_prompt(prompt, complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
             for n in steps:
                 pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
-                     intermediate_timesteps=1.3 if n == 2 else None, height=height, width=width,
+                     intermediate_timesteps=intermediate_timesteps_for(n), height=height, width=width,
                      use_resolution_binning=False, generator=seed + i, output_type="latent")
     finally:
-        pipe.transformer = recorder.engine
+        pipe.set_engine("transformer", recorder.engine)
     return recorder.feeds
 
 
 def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,
-                            count: int = 32, size: int = 512, profile=None, progress=None,
+                            count: int = DEFAULT_CALIBRATION_COUNT, size: int = DEFAULT_CALIBRATION_SIZE,
+                            profile=None, progress=None,
                             backend: str = "onnxruntime", precision: str = "int8") -> Path:
     """Engines with an int8 (or fp8) transformer for `backend`. Unless engine_dir already holds that
     engine (same key: the calibration description is part of it), fp32 ONNX Runtime engines are built
@@ -76,8 +71,7 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
     from sprintrt.runtime.pipeline import SprintPipeline
 
     say = progress or (lambda msg: None)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise InvalidInputError(f"calibration count={count!r} is not allowed: expected an integer >= 1. Fix: e.g. 32")
+    _check_count(count)
     wanted = f"transformer={precision}"
     resolve_precisions(wanted, backend)  # fp8 off TensorRT and the like fail before any work
     quantizable_nodes(Path(onnx_dir) / "transformer.onnx")  # fail before any work on an export without module paths
@@ -97,6 +91,7 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
         return feeds
 
     method = "minmax" if precision == "int8" else "distribution"
-    description = f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps 1,2; {method}"
+    steps = ",".join(map(str, CALIBRATION_STEPS))
+    description = f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps {steps}; {method}"
     return build_engines(onnx_dir, engine_dir, backend=backend, precision=wanted, profile=profile,
                          calibration={"transformer": (description, record)})

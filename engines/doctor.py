@@ -4,34 +4,52 @@ from __future__ import annotations
 
 import platform
 
+from sprintrt import machine
+
 
 def facts() -> dict:
-    from sprintrt.engines import trt_build
-    from sprintrt.engines.manifest import cpu_target
+    return {"cpu": machine.cpu_target(), "python": platform.python_version(), "gpus": machine.gpus(),
+            "tensorrt": machine.library_version("tensorrt"), "openvino": machine.library_version("openvino"),
+            "onnxruntime": machine.library_version("onnxruntime"), "onnxruntime_providers": _ort_providers()}
 
-    out = {"cpu": cpu_target(), "python": platform.python_version(), "gpus": trt_build._gpus()}
-    try:
-        out["tensorrt"] = trt_build.versions()[trt_build.LIBRARY]
-    except Exception as e:  # MissingDependencyError, or a TensorRT stub that fails to import
-        out["tensorrt"] = None
-        out["tensorrt_error"] = str(e).split(". Fix:")[0]
+
+def _ort_providers() -> list[str]:
     try:
         import onnxruntime as ort
-
-        out["onnxruntime"] = ort.__version__
-        out["onnxruntime_providers"] = ort.get_available_providers()
     except ImportError:
-        out["onnxruntime"] = None
-    try:
-        import openvino
+        return []
+    return list(ort.get_available_providers())
 
-        out["openvino"] = openvino.__version__
-    except ImportError:
-        out["openvino"] = None
-    return out
+
+def can_build(f: dict) -> list[str]:
+    """One line per backend this machine can build engines with, and in which precisions."""
+    from sprintrt.engines import trt_build
+
+    cpu = f["cpu"]
+    lines = []
+    if f["onnxruntime"]:
+        int8 = "int8 transformer with 7-bit weights (no VNNI: 8-bit int8 kernels saturate)" \
+            if not machine.cpu_has_int8_dot(cpu) else "int8 transformer"
+        lines.append(f"onnxruntime fp32, {int8} (CPU)")
+    if f["openvino"]:
+        bf16 = "bf16 (this CPU has bf16 instructions; the default)" if machine.cpu_has_bf16(cpu) \
+            else "bf16 emulated, slow (no AVX512-BF16/AMX here; fp32 is the default)"
+        lines.append(f"openvino fp32, {bf16} (CPU)")
+    if f["gpus"] and f["tensorrt"]:
+        gpu = f["gpus"][0]
+        cc = tuple(int(x) for x in gpu["compute_capability"].split(".")[:2])
+        precisions = ["fp32", "tf32", "int8"]
+        if trt_build.default_precisions({"tensorrt": f["tensorrt"]})["transformer"].value != "fp32":
+            precisions += ["fp16"] + (["bf16"] if cc >= (8, 0) else [])
+        if cc >= trt_build.FP8_MIN_COMPUTE_CAPABILITY:
+            precisions.append("fp8")
+        lines.append(f"tensorrt {', '.join(precisions)} ({gpu['name']})")
+    return lines
 
 
 def report() -> str:
+    from sprintrt.engines import trt_build
+
     f = facts()
     cpu = f["cpu"]
     lines = [f"CPU          {cpu['name']} ({cpu['arch']}; {', '.join(cpu['isa']) or 'baseline ISA'})"]
@@ -40,16 +58,19 @@ def report() -> str:
             lines.append(f"GPU          {g['name']}, compute capability {g['compute_capability']}, driver {g['driver']}")
     else:
         lines.append("GPU          none visible (no nvidia-smi, or it lists no GPU)")
-    lines.append(f"TensorRT     {f['tensorrt'] or 'not installed: ' + f.get('tensorrt_error', '')}")
-    providers = ", ".join(f.get("onnxruntime_providers", []))
+    missing_trt = 'not installed (pip install -e ".[tensorrt]" on a GPU machine)'
+    lines.append(f"TensorRT     {f['tensorrt'] or missing_trt}")
+    lines.append(f"             TensorRT <= {trt_build.WEAK_TYPING_LAST_MAJOR}: fp32, tf32, bf16, fp16 (weakly typed, "
+                 f"fp32 pins), int8/fp8 Q/DQ; TensorRT >= {trt_build.WEAK_TYPING_LAST_MAJOR + 1}: strongly typed only "
+                 "(fp32, tf32, int8/fp8 Q/DQ; bf16/fp16 need a typed export); fp8 needs compute capability >= "
+                 f"{'.'.join(map(str, trt_build.FP8_MIN_COMPUTE_CAPABILITY))}")
+    providers = ", ".join(f["onnxruntime_providers"])
     lines.append(f"ONNX Runtime {f['onnxruntime'] or 'not installed'}{f' ({providers})' if providers else ''}")
-    lines.append(f"OpenVINO     {f['openvino'] or 'not installed'}")
-    can = []
-    if f["onnxruntime"]:
-        can.append("onnxruntime fp32 (CPU)")
-    if f["gpus"] and f["tensorrt"]:
-        cc = float(f["gpus"][0]["compute_capability"])
-        precisions = ["fp32", "tf32", "fp16"] + (["bf16"] if cc >= 8.0 else []) + (["fp8"] if cc >= 8.9 else [])
-        can.append(f"tensorrt {', '.join(precisions)} ({f['gpus'][0]['name']})")
-    lines.append(f"can build    {'; '.join(can) or 'nothing: install onnxruntime'}")
+    lines.append(f"OpenVINO     {f['openvino'] or 'not installed (pip install openvino)'}")
+    can = can_build(f)
+    lines.append(f"can build    {can[0] if can else 'nothing: install onnxruntime or openvino'}")
+    lines += [f"             {line}" for line in can[1:]]
+    from sprintrt.engines.backend import auto_backend
+
+    lines.append(f"--backend auto picks {auto_backend()} here")
     return "\n".join(lines)

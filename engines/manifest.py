@@ -1,7 +1,7 @@
 """The engine directory's manifest.json: what each engine file is, what built it, and for what.
 
-One manifest describes every backend (ONNX Runtime today, TensorRT next): per component the engine
-file and its sha256, backend, precision, execution provider, the I/O spec with its dim ranges (the
+One manifest describes every backend (ONNX Runtime, OpenVINO, TensorRT): per component the engine
+file and its sha256 (and those of the files it needs beside it), backend, precision, execution provider, the I/O spec with its dim ranges (the
 shape profile), the sha256 of the source ONNX, the library versions, the model's identity, the
 target machine and a readable cache key made of all of them. Loading refuses, with the reason and
 the fix, any engine whose manifest does not match the files, the model or the machine.
@@ -10,33 +10,21 @@ the fix, any engine whose manifest does not match the files, the model or the ma
 from __future__ import annotations
 
 import json
-import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sprintrt.errors import EngineDirError
-from sprintrt.files import sha256_file, write_text_atomic
+from sprintrt.files import file_mismatch, write_text_atomic
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+# 2: every file an engine needs is listed under "extra_files" (format 1 listed OpenVINO's only, as "sidecars").
+FORMAT = 2
 
 
-def cpu_target() -> dict:
-    """The CPU this process runs on: what an ORT-optimized graph was specialised for."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    # The ISA features that change which kernels and layouts ORT / OpenVINO pick.
-    isa = sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-                                          "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve"})
-    return {"kind": "cpu", "arch": platform.machine(), "name": name, "isa": isa}
+def engine_files(entry: dict) -> list[dict]:
+    """The engine file's record and those of the files it needs beside it (IR weights, external data)."""
+    return [entry, *entry.get("extra_files", [])]
 
 
 def _slug(text: str) -> str:
@@ -114,16 +102,11 @@ def check_loadable(manifest: Manifest, components, *, expect_model: str | None =
         if name not in manifest.components:
             raise EngineDirError(f"{manifest.path} has no '{name}' engine (it has {sorted(manifest.components)}). {rebuild}")
         comp = manifest.components[name]
-        for entry in (comp, *comp.get("sidecars", [])):
-            path = manifest.root / entry["file"]
-            if not path.is_file():
-                raise EngineDirError(f"engine file {path} listed in the manifest is missing. {rebuild}")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise EngineDirError(f"engine file {path} has {size} bytes, the manifest says {entry['bytes']}: it "
-                                     f"is truncated or was replaced. {rebuild}")
-            if verify_sha256 and sha256_file(path) != entry["sha256"]:
-                raise EngineDirError(f"engine file {path} does not match its sha256 in the manifest. {rebuild}")
+        for entry in engine_files(comp):
+            problem = file_mismatch(manifest.root / entry["file"], entry["bytes"],
+                                    entry["sha256"] if verify_sha256 else None)
+            if problem:
+                raise EngineDirError(f"engine file {problem} (listed in {manifest.path}). {rebuild}")
         if machine is None:
             continue
         here, library_versions = machine(comp["backend"])

@@ -10,34 +10,56 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
-from sprintrt.engines.manifest import cpu_target
+from sprintrt import machine
+from sprintrt.engines.backend import BuildResult
 from sprintrt.engines.precision import Precision
+from sprintrt.engines.profiles import full_profile
+from sprintrt.errors import MissingDependencyError
+from sprintrt.export.specs import COMPONENTS
 from sprintrt.files import EXTERNAL_DATA_BYTES
 
+NAME = "onnxruntime"
 LIBRARY = "onnxruntime"
 SUFFIX = ".ort.onnx"
 PROVIDER = "CPUExecutionProvider"
 
 
 def target() -> dict:
-    return cpu_target()
+    return machine.cpu_target()
 
 
 def versions() -> dict:
-    import onnxruntime as ort
+    version = machine.library_version("onnxruntime")
+    if version is None:
+        raise MissingDependencyError("the onnxruntime backend needs the 'onnxruntime' package. Fix: pip install "
+                                     "onnxruntime (never together with onnxruntime-gpu)")
+    return {LIBRARY: version}
 
-    return {LIBRARY: ort.__version__}
+
+def default_precisions(versions: Mapping | None = None, target: Mapping | None = None) -> dict:
+    return {c: Precision.FP32 for c in COMPONENTS}  # the CPU provider has no bf16 kernels
+
+
+def check_buildable(component: str, precision: Precision, export_record: Mapping, versions: Mapping,
+                    target: Mapping) -> None:
+    """Everything ONNX Runtime cannot build is already refused by the precision table."""
+
+
+def profile(spec, model, options) -> dict:
+    return full_profile(spec)  # ORT sessions take any shape in the spec's ranges
 
 
 def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict,
-                    target_info: dict, library_versions: dict) -> dict:
+                    target_info: Mapping, library_versions: Mapping) -> BuildResult:
     """Optimise `source` for this CPU into `out` (written under a temporary name, then renamed).
 
     ORT sessions take any shape in the spec's ranges, so `shapes` only goes into the manifest."""
     import onnxruntime as ort
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    weights = out.with_name(out.name + ".data")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.optimized_model_filepath = str(tmp)
@@ -46,7 +68,7 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     # pointing into the source's .data file (a temporary one, for int8 Q/DQ graphs).
     external = source.with_name(source.name + ".data").exists() or source.stat().st_size > EXTERNAL_DATA_BYTES
     if external:
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights.name)
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         # External weights go straight to their final name (the model file refers to it by that
@@ -56,6 +78,8 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     finally:
         tmp.unlink(missing_ok=True)
         if not out.exists():  # failed (e.g. disk full): drop the half-written weights file too
-            out.with_name(out.name + ".data").unlink(missing_ok=True)
-    return {"execution_provider": PROVIDER, "graph_optimization": "ORT_ENABLE_ALL (saved); loaded with optimisation off"}
-
+            weights.unlink(missing_ok=True)
+    return BuildResult(
+        info={"execution_provider": PROVIDER,
+              "graph_optimization": "ORT_ENABLE_ALL (saved); loaded with optimisation off"},
+        extra_files=(weights,) if weights.exists() else ())

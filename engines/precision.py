@@ -1,10 +1,11 @@
 """Precision of an engine component: the enum, safe per-component defaults, and user overrides.
 
-Defaults follow what SANA-Sprint is known to tolerate (spec §9): Gemma2 in bf16 (its (1+w) RMSNorm
-and GeGLU overflow fp16, and the docs say it "must stay in bf16"), the transformer in bf16 (fp16
-allowed: its linear-attention matmuls, normaliser division and epsilon are pinned to fp32), the DC-AE
-decoder in bf16 (fp32 allowed). ONNX Runtime's CPU backend builds fp32 only; OpenVINO fp32 or bf16
-(its default where the CPU has bf16 instructions).
+What each backend may build per component (ALLOWED) follows what SANA-Sprint is known to tolerate
+(docs/SANA_SPRINT_SPEC.md §9): Gemma2 never in fp16 (its (1+w) RMSNorm and GeGLU overflow it, and the
+docs say it "must stay in bf16"); the transformer in bf16 or fp16 (its linear-attention matmuls,
+normaliser division and epsilon pinned to fp32); the DC-AE decoder in bf16, fp16 or fp32. ONNX
+Runtime's CPU backend builds fp32 (and the int8 transformer); OpenVINO fp32 or bf16. Each backend
+module's `default_precisions()` picks the defaults for the machine and library version at hand.
 """
 
 from __future__ import annotations
@@ -34,18 +35,7 @@ class Precision(str, Enum):
 
 
 P = Precision
-def _cpu_has_bf16() -> bool:
-    from sprintrt.engines.manifest import cpu_target
 
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_target()["isa"]))
-
-
-DEFAULTS = {
-    "onnxruntime": {c: P.FP32 for c in COMPONENTS},
-    # bf16 where the CPU has bf16 instructions (OpenVINO would silently run f32 elsewhere).
-    "openvino": {c: (P.BF16 if _cpu_has_bf16() else P.FP32) for c in COMPONENTS},
-    "tensorrt": {TEXT_ENCODER: P.BF16, TRANSFORMER: P.BF16, VAE_DECODER: P.BF16},
-}
 # What each backend can build, per component. INT8/FP8 need Q/DQ ONNX (the quantization step).
 ALLOWED = {
     # int8: static Q/DQ of the transformer, calibrated on recorded inputs (engines/quantize.py)
@@ -64,13 +54,16 @@ WHY_NOT = {(TEXT_ENCODER, P.FP16): "Gemma2 overflows fp16 (its docs: the text en
 QUANTIZED = (P.INT8, P.FP8)  # built from a calibrated Q/DQ graph
 
 
-def resolve_precisions(value, backend: str, components=COMPONENTS) -> dict[str, Precision]:
+def resolve_precisions(value, backend: str, components=COMPONENTS, defaults=None) -> dict[str, Precision]:
     """Per-component precisions from None (defaults), one precision for all, a dict, or a string like
-    "transformer=fp16,text_encoder=bf16" (unnamed components keep their defaults)."""
-    if backend not in DEFAULTS:
-        raise InvalidInputError(f"backend={backend!r} is not known: expected one of {sorted(DEFAULTS)}. "
-                                "Fix: pass --backend onnxruntime or tensorrt")
-    chosen = dict(DEFAULTS[backend])
+    "transformer=fp16,text_encoder=bf16" (unnamed components keep their defaults).
+
+    `defaults` ({component: Precision}) defaults to the backend module's `default_precisions()` for a
+    machine not known yet; `build_engines` passes the ones for this machine and library version."""
+    from sprintrt.engines.backend import backend_module, canonical
+
+    backend = canonical(backend)
+    chosen = dict(defaults or backend_module(backend).default_precisions())
     if isinstance(value, dict):
         chosen.update({k: Precision.parse(v) for k, v in value.items()})
     elif value is not None and "=" in str(value):

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sprintrt import defaults as D
 from sprintrt.errors import InvalidInputError
 from sprintrt.export import specs as S
 
 
 @dataclass(frozen=True)
 class ProfileOptions:
-    max_batch: int = 4
-    max_sequence_length: int = 300
+    max_batch: int = D.DEFAULT_MAX_BATCH
+    max_sequence_length: int = D.DEFAULT_MAX_SEQUENCE_LENGTH
     complex_human_instruction: bool = True
     static: tuple[int, int, int] | None = None  # (batch, height px, width px): one shape only
     resolutions: tuple[str, ...] = ("1024", "512")  # which bin tables the latent range must cover
@@ -33,9 +34,7 @@ def bin_latent_range(model: S.ModelDims, resolutions=("1024", "512")) -> tuple[i
 
 
 def text_length(model: S.ModelDims, opts: ProfileOptions) -> int:
-    if opts.complex_human_instruction:
-        return model.chi_tokens + opts.max_sequence_length - 2
-    return opts.max_sequence_length
+    return D.tokenized_length(opts.max_sequence_length, model.chi_tokens if opts.complex_human_instruction else None)
 
 
 # A typical prompt's token count, where the text-encoder profile is tuned (opt).
@@ -60,9 +59,9 @@ def tensorrt_profile(spec: S.ComponentSpec, model: S.ModelDims, opts: ProfileOpt
     if not 1 <= opts.max_batch <= model.max_batch:
         raise InvalidInputError(f"max_batch={opts.max_batch} is not allowed: expected [1, {model.max_batch}]. "
                                 "Fix: pass a smaller --max-batch")
-    if not 1 <= opts.max_sequence_length <= S.MAX_SEQUENCE_LENGTH_LIMIT:
+    if not 1 <= opts.max_sequence_length <= D.MAX_SEQUENCE_LENGTH_LIMIT:
         raise InvalidInputError(f"max_sequence_length={opts.max_sequence_length} is not allowed: expected "
-                                f"[1, {S.MAX_SEQUENCE_LENGTH_LIMIT}]. Fix: use the default 300")
+                                f"[1, {D.MAX_SEQUENCE_LENGTH_LIMIT}]. Fix: use the default {D.DEFAULT_MAX_SEQUENCE_LENGTH}")
     lo, hi = bin_latent_range(model, opts.resolutions)
     opt = 1024 // model.vae_scale_factor  # the pipeline's default 1024 x 1024
     ranges = {"batch": (1, 1, opts.max_batch), "latent_height": (lo, opt, hi), "latent_width": (lo, opt, hi),

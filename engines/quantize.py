@@ -11,6 +11,17 @@ projection and norm (its input is the text encoder's unnormalised output), the f
 projection (they write the velocity the scheduler integrates), and every activation-by-activation
 matmul: the linear attention's v·kᵀ and ·q with its normaliser division and epsilon, and the
 cross-attention scores. Layers are recognised by the PyTorch module path the exporter recorded.
+
+The int8 recipe follows the target's int8 instructions. x86 CPUs without VNNI (e.g. AMD Zen 2/3,
+Intel before Cascade Lake) run ONNX Runtime's int8 matmuls and convolutions with VPMADDUBSW, which
+adds two u8 x s8 products into a *saturating* int16: 255 * 127 * 2 = 64770 overflows 32767. Measured
+on the tiny transformer on an AMD EPYC (AVX2, no VNNI): the same Q/DQ graph gave cosine 0.99993 to
+fp32 with the Q/DQ nodes run as fp32 ops and 0.99851 through ORT's fused int8 kernels; images lost
+15-20 dB (35-39 dB against diffusers). With 7-bit weights (ONNX Runtime's `reduce_range`), 255 * 64 *
+2 = 32640 cannot overflow: fused and unfused agree (0.99989). So on such CPUs the weights use 7 bits
+("int8-w7" in the engine key); CPUs with VNNI / AMX-INT8 (which accumulate in int32), non-x86 CPUs
+and GPUs keep the full 8 bits. The CPU's ISA is in the engine's target, so an engine quantized for one
+CPU class is never loaded on the other.
 """
 
 from __future__ import annotations
@@ -18,6 +29,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Mapping
+
+from sprintrt import machine
 from sprintrt.errors import InvalidInputError
 
 KEEP_HIGH_PRECISION = (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".proj_out",
@@ -73,18 +87,33 @@ class _Feeds:
         return next(self._it, None)
 
 
-def _settings(precision: str, n_feeds: int) -> dict:
-    """quantize_static arguments per precision.
+def int8_saturates(target: Mapping | None) -> bool:
+    """Whether the target's int8 kernels add u8 x s8 pairs in a saturating int16 (x86 CPUs without VNNI /
+    AMX-INT8). None means this machine's CPU."""
+    target = target or machine.cpu_target()
+    return target.get("kind") == "cpu" and not machine.cpu_has_int8_dot(dict(target))
 
-    int8: per-channel symmetric weights, per-tensor symmetric activations, min/max ranges folded in
-    strides (bounded memory). fp8 (E4M3, TensorRT on Ada/Hopper): per-tensor scales for both, as
+
+def recipe(precision: str, target: Mapping | None = None) -> str:
+    """The name of the Q/DQ recipe used for `precision` on `target`: part of the engine key."""
+    if precision == "int8" and int8_saturates(target):
+        return "int8-w7"
+    return precision
+
+
+def _settings(precision: str, n_feeds: int, target: Mapping | None = None) -> dict:
+    """quantize_static arguments per precision and target.
+
+    int8: per-channel symmetric weights (7-bit where the target's kernels saturate, see the module
+    docstring), per-tensor symmetric activations, min/max ranges folded in strides (bounded memory). fp8 (E4M3, TensorRT on Ada/Hopper): per-tensor scales for both, as
     TensorRT's FP8 recipe uses; ONNX Runtime calibrates float8 only with its "distribution" method,
     which keeps every sample's activations until the end: keep fp8 calibration sets small.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantType
 
     if precision == "int8":
-        return dict(per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        return dict(per_channel=True, reduce_range=int8_saturates(target),
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                    "CalibStridedMinMax": _stride(n_feeds)})
@@ -94,11 +123,13 @@ def _settings(precision: str, n_feeds: int) -> dict:
     raise InvalidInputError(f"precision={precision!r} has no Q/DQ recipe: expected 'int8' or 'fp8'. Fix: pass one of them")
 
 
-def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8") -> dict:
-    """Write the int8 or fp8 Q/DQ version of `source` to `out` (temp name, then rename). Returns what was done."""
+def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8",
+                 target: Mapping | None = None) -> dict:
+    """Write the int8 or fp8 Q/DQ version of `source` to `out` (temp name, then rename) for the engines'
+    `target` (None: this machine's CPU). Returns what was done."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    settings = _settings(precision, max(len(feeds), 1))  # an unknown precision fails before any work
+    settings = _settings(precision, max(len(feeds), 1), target)  # an unknown precision fails before any work
     if not feeds:
         raise InvalidInputError("calibration produced no samples: expected at least one prompt. Fix: pass a "
                                 "non-empty calibration prompt file")
@@ -119,7 +150,8 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
         root.setLevel(level)
         tmp.unlink(missing_ok=True)
         tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
-    return {"quantized_nodes": len(quantize), "kept_high_precision": keep, "calibration_samples": len(feeds)}
+    return {"quantized_nodes": len(quantize), "kept_high_precision": keep, "calibration_samples": len(feeds),
+            "quantization_recipe": recipe(precision, target)}
 
 
 def _move_external_data(tmp: Path, out: Path) -> None:

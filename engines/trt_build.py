@@ -12,8 +12,8 @@ Precision: the exported ONNX is float32. Two kinds of network:
   build is strongly typed.
 - Weakly typed (TensorRT 10 only): bf16 and fp16 set the builder's precision flag and pin the
   layers that must stay float32 — the linear attention's matmuls, normaliser division and epsilon in
-  the transformer (spec §9.2: the 1e-15 flushes to 0 and the sums pass 65504 in fp16; diffusers
-  computes them in fp32 too), and the VAE's Resize — with `precision_constraints="obey"`. A pin that
+  the transformer (docs/SANA_SPRINT_SPEC.md §9.2: the 1e-15 flushes to 0 and the sums pass 65504 in fp16;
+  diffusers computes them in fp32 too), and the VAE's Resize — with `precision_constraints="obey"`. A pin that
   matches no TensorRT layer is an error, never a silent fp16 layer. On TensorRT 11 a bf16/fp16
   engine needs an ONNX that carries those types, which sprintrt does not export yet: refused with a
   typed error.
@@ -22,43 +22,31 @@ Precision: the exported ONNX is float32. Two kinds of network:
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
+from sprintrt import machine
+from sprintrt.engines.backend import BuildResult
 from sprintrt.engines.precision import Precision
-from sprintrt.errors import InvalidInputError, MissingDependencyError
+from sprintrt.engines.profiles import tensorrt_profile
+from sprintrt.errors import InvalidInputError, MissingDependencyError, ModelLoadError
+from sprintrt.export.specs import COMPONENTS
 
+NAME = "tensorrt"
 LIBRARY = "tensorrt"
 SUFFIX = ".plan"
 WORKSPACE_BYTES = 8 << 30
 BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT's default; 5 searches longer for a few % more
 INSTALL = ("Fix: run the TensorRT build on a machine with an NVIDIA GPU and driver, with TensorRT installed "
            "(pip install tensorrt-cu12, or the NVIDIA container); `sprintrt doctor` shows what this machine has. "
-           "On a CPU machine use --backend onnxruntime")
-
-
-def _gpus() -> list[dict]:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (subprocess.SubprocessError, OSError):
-        return []
-    gpus = []
-    for line in out.strip().splitlines():
-        name, cc, driver = (p.strip() for p in line.split(","))
-        gpus.append({"kind": "gpu", "name": name, "compute_capability": cc, "driver": driver})
-    return gpus
+           "On a CPU machine use --backend onnxruntime or openvino")
 
 
 def target() -> dict:
     """The GPU engines are built for (device 0 or $CUDA_VISIBLE_DEVICES' first). Raises if there is none."""
-    gpus = _gpus()
+    gpus = machine.gpus()
     if not gpus:
         raise MissingDependencyError(f"no NVIDIA GPU is visible (nvidia-smi is missing or lists none). {INSTALL}")
     gpu = gpus[0]
@@ -88,14 +76,32 @@ def _has_weak_typing(trt_version: str) -> bool:
     return int(str(trt_version).split(".")[0]) <= WEAK_TYPING_LAST_MAJOR
 
 
-def default_precision(trt_version: str) -> str | None:
-    """None (the bf16 defaults) where weak typing exists; fp32 on TensorRT 11+, which cannot build them
-    from a float32 ONNX."""
-    return None if _has_weak_typing(trt_version) else "fp32"
+def default_precisions(versions: Mapping | None = None, target: Mapping | None = None) -> dict:
+    """bf16 for every component where weak typing exists (TensorRT 10, or a version not known yet);
+    fp32 on TensorRT 11+, which cannot build bf16 from a float32 ONNX."""
+    version = (versions or {}).get(LIBRARY)
+    p = Precision.BF16 if version is None or _has_weak_typing(version) else Precision.FP32
+    return {c: p for c in COMPONENTS}
 
 
-def check_buildable(precision: Precision, trt_version: str, gpu: dict) -> None:
-    """Refuse, before any work, a precision this TensorRT or this GPU cannot build."""
+def profile(spec, model, options) -> dict:
+    return tensorrt_profile(spec, model, options)
+
+
+def check_buildable(component: str, precision: Precision, export_record: Mapping, versions: Mapping,
+                    target: Mapping) -> None:
+    """Refuse, before any work, a graph TensorRT's operator table rejects, or a precision this TensorRT
+    or this GPU cannot build."""
+    findings = export_record.get("trt_lint", [])
+    if findings:
+        raise ModelLoadError(f"{component}.onnx is not ready for TensorRT: {findings[0]}"
+                             f"{f' (and {len(findings) - 1} more)' if len(findings) > 1 else ''}. "
+                             "Fix: re-export with this sprintrt version, whose graph passes remove these ops")
+    check_precision(precision, versions[LIBRARY], target)
+
+
+def check_precision(precision: Precision, trt_version: str, gpu: Mapping) -> None:
+    """Refuse a precision this TensorRT version or this GPU cannot build."""
     if precision in WEAKLY_TYPED and not _has_weak_typing(trt_version):
         raise InvalidInputError(
             f"precision={precision.value!r} is not available with TensorRT {trt_version}: TensorRT 11 removed the "
@@ -109,7 +115,7 @@ def check_buildable(precision: Precision, trt_version: str, gpu: dict) -> None:
                 f"{gpu.get('compute_capability')}. Fix: build --precision transformer=int8 on this GPU")
 
 
-def timing_cache_path(gpu: dict, trt_version: str) -> Path:
+def timing_cache_path(gpu: Mapping, trt_version: str) -> Path:
     """One timing cache per GPU model and TensorRT version, shared by every build on the machine.
     Polygraphy locks it while it merges a build's timings in."""
     root = Path(os.environ.get("SPRINTRT_CACHE_DIR", Path.home() / ".cache" / "sprintrt"))
@@ -225,7 +231,7 @@ def _pin_fp32(network, pinned: list[str]):
 
 
 def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict,
-                    target_info: dict, library_versions: dict) -> dict:
+                    target_info: Mapping, library_versions: Mapping) -> BuildResult:
     """Build one engine into `out` (written under a temporary name, then renamed).
 
     `shapes` maps each input to its min/opt/max shapes (engines.profiles.input_shapes)."""
@@ -238,5 +244,6 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"execution_provider": "TensorRT", "fp32_pinned_layers": len(pinned), "strongly_typed": strongly_typed(precision),
-            "builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL, "timing_cache": str(cache)}
+    return BuildResult(info={"execution_provider": "TensorRT", "fp32_pinned_layers": len(pinned),
+                             "strongly_typed": strongly_typed(precision),
+                             "builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL, "timing_cache": str(cache)})

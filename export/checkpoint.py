@@ -20,7 +20,7 @@ from sprintrt.errors import InvalidInputError, ModelLoadError
 
 ARCHS = ("tiny", "0.6B", "1.6B")
 
-# The sprint flags shared by every architecture (spec §6.2).
+# The sprint flags shared by every architecture (docs/SANA_SPRINT_SPEC.md §6.2).
 _SPRINT_TRANSFORMER = dict(
     in_channels=32, out_channels=32, mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1,
     norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None, qk_norm="rms_norm_across_heads",
@@ -101,7 +101,7 @@ def make_checkpoint(out: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
     gemma_cfg = Gemma2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              **cfg["text_encoder"])
-    gemma_cfg._attn_implementation = "eager"  # soft-capping lives only in eager attention (spec §9.3)
+    gemma_cfg._attn_implementation = "eager"  # soft-capping lives only in eager attention (docs/SANA_SPRINT_SPEC.md §9.3)
     text_encoder = Gemma2Model(gemma_cfg).eval()
     _widen_random_init(text_encoder, transformer, seed)
     scheduler = SCMScheduler(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
@@ -142,7 +142,7 @@ def load_pipeline(model: str | Path, torch_dtype=None):
         raise ModelLoadError(
             f"cannot load a SANA-Sprint checkpoint from {str(model)!r}: {e}. Fix: pass a diffusers checkpoint "
             "directory (with model_index.json) or a hub id, or make one with `sprintrt make-checkpoint`") from e
-    # Gemma2 must run eager attention: SDPA drops the logit soft-capping (spec §9.3).
+    # Gemma2 must run eager attention: SDPA drops the logit soft-capping (docs/SANA_SPRINT_SPEC.md §9.3).
     pipe.text_encoder.config._attn_implementation = "eager"
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -162,7 +162,7 @@ def load_component(src: str | Path, component: str, torch_dtype=None, vae_dir: s
     src, dtype = Path(src), torch_dtype or torch.float32
     try:
         if component == "text_encoder":
-            # eager attention: SDPA drops Gemma2's logit soft-capping (spec §9.3)
+            # eager attention: SDPA drops Gemma2's logit soft-capping (docs/SANA_SPRINT_SPEC.md §9.3)
             model = Gemma2Model.from_pretrained(src / "text_encoder", dtype=dtype, attn_implementation="eager")
         elif component == "transformer":
             model = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)

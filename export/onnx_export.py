@@ -26,8 +26,11 @@ import shutil
 import time
 from pathlib import Path
 
-from sprintrt.errors import InvalidInputError, ModelLoadError
+from dataclasses import asdict
+
 from sprintrt import files
+from sprintrt.defaults import MAX_SEQUENCE_LENGTH_LIMIT, tokenized_length
+from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
 from sprintrt.export.graph_passes import (cancel_transpose_pairs, castlike_constants, module_scopes, prune_unused,
@@ -48,15 +51,21 @@ def resolve_model(model: str | Path) -> Path:
             raise ModelLoadError(f"{str(path)!r} has no model_index.json. Fix: pass the root of a diffusers "
                                  "SanaSprintPipeline checkpoint, or make one with `sprintrt make-checkpoint`")
         return path
-    if path.exists() or str(model).count("/") != 1:
-        raise ModelLoadError(f"model={str(model)!r} is neither a checkpoint directory nor a hub id like "
-                             "'Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers'. Fix: check the path")
+    return download_from_hub("model", model, "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
+                             ["*.json", "*.safetensors", "*.txt", "*.model"])
+
+
+def download_from_hub(name: str, repo_id: str | Path, example: str, allow_patterns: list[str]) -> Path:
+    """A hub snapshot (huggingface_hub, into its cache; safetensors and configs only, nothing pickled)."""
+    if Path(repo_id).exists() or str(repo_id).count("/") != 1:
+        raise ModelLoadError(f"{name}={str(repo_id)!r} is neither a directory nor a hub id like {example!r}. "
+                             "Fix: check the path")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        return Path(snapshot_download(str(repo_id), allow_patterns=allow_patterns))
     except Exception as e:  # network, auth, missing repo: all mean the same to the user
-        raise ModelLoadError(f"cannot download {str(model)!r} from the hub: {e}. Fix: download it where the hub is "
+        raise ModelLoadError(f"cannot download {str(repo_id)!r} from the hub: {e}. Fix: download it where the hub is "
                              "reachable and pass the local directory") from e
 
 
@@ -90,16 +99,7 @@ def resolve_vae(vae: str | Path) -> Path:
                 return candidate
         raise ModelLoadError(f"vae={str(vae)!r} has no config.json (nor vae/config.json). Fix: pass a directory saved "
                              "by AutoencoderDC.save_pretrained, or a hub id")
-    if path.exists() or str(vae).count("/") != 1:
-        raise ModelLoadError(f"vae={str(vae)!r} is neither a directory nor a hub id like "
-                             "'mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers'. Fix: check the path")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(vae), allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:
-        raise ModelLoadError(f"cannot download {str(vae)!r} from the hub: {e}. Fix: download it where the hub is "
-                             "reachable and pass the local directory") from e
+    return download_from_hub("vae", vae, "mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers", ["*.json", "*.safetensors"])
 
 
 def _check_drop_in_vae(own: dict, other: dict, where: Path) -> None:
@@ -115,7 +115,7 @@ def _check_drop_in_vae(own: dict, other: dict, where: Path) -> None:
             "model (same latent channels and 32x compression), e.g. DC-AE-Lite for SANA 1.1 / Sprint")
 
 
-def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, dict]:
+def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, S.PipelineConstants]:
     """(ModelDims, pipeline constants) of a checkpoint directory (and a replacement VAE), from their
     configs and tokenizer only."""
     from sprintrt.export.checkpoint import load_tokenizer, read_config
@@ -131,15 +131,13 @@ def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, di
     dims = S.ModelDims(
         vocab_size=int(te["vocab_size"]), text_hidden=int(te["hidden_size"]),
         latent_channels=int(tr.get("in_channels", 32)), vae_scale_factor=vae_scale_factor,
-        text_len_max=max(n_chi + S.MAX_SEQUENCE_LENGTH_LIMIT - 2, S.MAX_SEQUENCE_LENGTH_LIMIT), chi_tokens=n_chi)
-    constants = {
-        "sigma_data": float(sched.get("sigma_data", 0.5)),
-        "guidance_embeds_scale": float(tr.get("guidance_embeds_scale", 0.1)),
-        "sample_size": int(tr.get("sample_size", 32)),
-        "latent_channels": int(tr.get("in_channels", 32)),
-        "vae_scale_factor": vae_scale_factor,
-        "vae_scaling_factor": float(vae.get("scaling_factor", 1.0)),
-    }
+        text_len_max=max(tokenized_length(MAX_SEQUENCE_LENGTH_LIMIT, n_chi), MAX_SEQUENCE_LENGTH_LIMIT),
+        chi_tokens=n_chi)
+    constants = S.PipelineConstants(
+        sigma_data=float(sched.get("sigma_data", 0.5)),
+        guidance_embeds_scale=float(tr.get("guidance_embeds_scale", 0.1)),
+        sample_size=int(tr.get("sample_size", 32)),
+        vae_scaling_factor=float(vae.get("scaling_factor", 1.0)))
     return dims, constants
 
 
@@ -294,8 +292,8 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
             "format": 1,
             "model": {"source": str(model), "identity": model_identity(src),
                       **({"vae": {"source": str(vae), "identity": model_identity(vae_dir)}} if vae_dir else {})},
-            "model_dims": dims.__dict__,
-            "pipeline": constants,
+            "model_dims": asdict(dims),
+            "pipeline": asdict(constants),
             "opset": OPSET,
             "exporter": exporter_fingerprint(),
             "versions": files.installed_versions(("torch", "diffusers", "transformers", "onnx", "onnxscript",

@@ -14,6 +14,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from sprintrt.defaults import DEFAULT_MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH_LIMIT
 from sprintrt.errors import InvalidInputError
 
 TEXT_ENCODER = "text_encoder"
@@ -22,7 +23,8 @@ VAE_DECODER = "vae_decoder"
 COMPONENTS = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER)
 
 # diffusers' default complex human instruction (SanaSprintPipeline.__call__), kept here so the
-# runtime has it without diffusers. Joined with "\n" and prepended to every prompt (spec §1.2).
+# runtime has it without diffusers. Joined with "\n" and prepended to every prompt
+# (docs/SANA_SPRINT_SPEC.md §1.2).
 DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
     "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",
     "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",
@@ -49,8 +51,6 @@ ASPECT_RATIO_512_BIN = {k: (h // 2, w // 2) for k, (h, w) in ASPECT_RATIO_1024_B
 
 # Written by `sprintrt export` beside the ONNX files; read by `sprintrt build`.
 EXPORT_INFO = "export_info.json"
-# The longest max_sequence_length the exported graphs and engine profiles admit.
-MAX_SEQUENCE_LENGTH_LIMIT = 512
 
 
 @dataclass(frozen=True)
@@ -236,13 +236,33 @@ class ModelDims:
     vocab_size: int
     text_hidden: int  # Gemma2 hidden size == transformer caption_channels
     latent_channels: int
-    vae_scale_factor: int
-    text_len_max: int  # longest tokenized text: CHI tokens + MAX_SEQUENCE_LENGTH_LIMIT - 2
+    vae_scale_factor: int  # pixels per latent: 2 ** (VAE stages - 1), as SanaSprintPipeline computes it
+    text_len_max: int  # longest tokenized text: tokenized_length(MAX_SEQUENCE_LENGTH_LIMIT, chi_tokens)
     chi_tokens: int = 0  # tokens of the default complex human instruction, <bos> included
-    max_sequence_length: int = 300
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     max_batch: int = 8
-    latent_min: int = 4
+    # One latent pixel and up, as diffusers (ONNX Runtime and OpenVINO run any size); only a TensorRT
+    # profile narrows the range (engines/profiles.py).
+    latent_min: int = 1
     latent_max: int = 128  # 4096 px at f32: covers every ASPECT_RATIO_1024_BIN entry (max 2048 px)
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "ModelDims":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class PipelineConstants:
+    """The scalars of a checkpoint the runtime's math needs besides ModelDims (scheduler and VAE configs)."""
+
+    sigma_data: float  # scheduler_config.sigma_data
+    guidance_embeds_scale: float  # transformer config: guidance is multiplied by it before embedding
+    sample_size: int  # transformer config: 32 for the 1024 px models (resolution binning needs it)
+    vae_scaling_factor: float  # latents / this go into the decoder
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "PipelineConstants":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def _batch(m: ModelDims) -> Dim:
@@ -254,7 +274,8 @@ def _latent(m: ModelDims, name: str, sample: int, probes: tuple[int, ...]) -> Di
 
 
 def text_encoder_spec(m: ModelDims) -> ComponentSpec:
-    seq = Dim("text_len", 1, min(300, m.text_len_max), m.text_len_max, sample=16, probes=(7, 37))
+    seq = Dim("text_len", 1, min(DEFAULT_MAX_SEQUENCE_LENGTH, m.text_len_max), m.text_len_max, sample=16,
+              probes=(7, 37))
     b = _batch(m)
     return ComponentSpec(
         TEXT_ENCODER,
@@ -303,7 +324,3 @@ SPEC_BUILDERS = {TEXT_ENCODER: text_encoder_spec, TRANSFORMER: transformer_spec,
 
 def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
     return {name: build(m) for name, build in SPEC_BUILDERS.items()}
-
-
-def model_dims_from_json(d: Mapping) -> ModelDims:
-    return ModelDims(**{k: v for k, v in d.items() if k in ModelDims.__dataclass_fields__})

@@ -13,6 +13,7 @@ import numpy as np
 
 from sprintrt.errors import ExportValidationError
 from sprintrt.export.specs import ComponentSpec
+from sprintrt.metrics import compare
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,6 @@ class Tolerance:
 # fp32 graphs: ORT reorders reductions (fused LayerNorm/attention), so allow a few ulps of the output's
 # scale, relative to the largest reference value; the cosine catches structural errors that stay small.
 FP32 = Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999)
-
-
-def compare(out: np.ndarray, ref: np.ndarray) -> dict:
-    out64, ref64 = out.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
-    denom = np.linalg.norm(out64) * np.linalg.norm(ref64)
-    return {
-        "max_abs": float(np.max(np.abs(out64 - ref64))) if out64.size else 0.0,
-        "ref_max_abs": float(np.max(np.abs(ref64))) if ref64.size else 0.0,
-        "cosine": float(out64 @ ref64 / denom) if denom > 0 else float(np.array_equal(out64, ref64)),
-        "finite": bool(np.isfinite(out64).all()),
-    }
 
 
 def validate_onnx(onnx_path: str | Path, module, spec: ComponentSpec, tol: Tolerance = FP32) -> list[dict]:

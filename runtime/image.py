@@ -1,4 +1,4 @@
-"""Resolution binning, resize-back and post-processing in NumPy (spec §3.1, §5.3, §5.4)."""
+"""Resolution binning, resize-back and post-processing in NumPy (docs/SANA_SPRINT_SPEC.md §3.1, §5.3, §5.4)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 With a torch.Generator (or a list of them, one per image) the noise is drawn with torch.randn exactly
 as diffusers' randn_tensor draws it, so a run can be compared bit-for-bit with SanaSprintPipeline.
 Only that case imports torch. Int seeds and NumPy generators are for deployments without torch;
-their streams differ from torch's (MT19937 + Box-Muller cannot be matched bit-exactly, spec §4.6).
+their streams differ from torch's (MT19937 + Box-Muller cannot be matched bit-exactly, docs/SANA_SPRINT_SPEC.md §4.6).
 """
 
 from __future__ import annotations

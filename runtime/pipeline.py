@@ -2,11 +2,13 @@
 
 Its call takes SanaSprintPipeline.__call__'s arguments with the same defaults and gives the same
 images for the same weights and noise (pass a torch.Generator to replay diffusers' noise exactly).
-Everything between the engine calls is NumPy float32 in diffusers' operation order (spec §1-§5).
+Everything between the engine calls is NumPy float32 in diffusers' operation order
+(docs/SANA_SPRINT_SPEC.md §1-§5).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,18 +16,23 @@ from pathlib import Path
 
 import numpy as np
 
+from sprintrt import defaults as D
+from sprintrt.engines.backend import machine_for
 from sprintrt.engines.manifest import check_loadable, read_manifest
 from sprintrt.errors import InvalidInputError, invalid
 from sprintrt.export import specs as S
 from sprintrt.runtime import image as I
 from sprintrt.runtime import vae_decode as V
-from sprintrt.runtime.backends import default_threads, load_engine, machine_for
+from sprintrt.runtime.backends import default_threads, load_engine
+from sprintrt.runtime.engine import profile_limits
 from sprintrt.runtime.noise import noise_source
 from sprintrt.runtime.prompt import PromptTokenizer, preprocess, select_index
 from sprintrt.runtime.prompt_cache import PromptEmbeddingCache
-from sprintrt.runtime.scheduler import DEFAULT_INTERMEDIATE_TIMESTEPS, DEFAULT_MAX_TIMESTEPS, SCMScheduler
+from sprintrt.runtime.scheduler import SCMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+# Stages timed once per step: their timings are a list, one entry per step.
+PER_STEP_STAGES = ("transformer",)
 
 
 @dataclass
@@ -34,21 +41,23 @@ class SprintPipelineOutput:
     timings: dict = field(default_factory=dict)  # seconds per stage; transformer is a list, one per step
 
 
-class _Stopwatch:
+class Clock:
+    """Seconds per stage: `with clock("vae_decoder"): ...` adds the block's time to that stage."""
+
     def __init__(self):
         self.timings: dict = {}
 
-    def add(self, stage: str, seconds: float) -> None:
-        if stage == "transformer":
-            self.timings.setdefault(stage, []).append(seconds)
-        else:
-            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
-
-    def run(self, stage: str, fn, *args, **kwargs):
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
         t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.add(stage, time.perf_counter() - t0)
-        return out
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            if stage in PER_STEP_STAGES:
+                self.timings.setdefault(stage, []).append(seconds)
+            else:
+                self.timings[stage] = self.timings.get(stage, 0.0) + seconds
 
 
 class SprintPipeline:
@@ -58,14 +67,11 @@ class SprintPipeline:
         self.vae_decoder = engines.get(S.VAE_DECODER)
         self.tokenizer = tokenizer
         self.manifest = manifest
-        c = manifest.data["pipeline"]
-        self.sigma_data = np.float32(c["sigma_data"])
-        self.guidance_embeds_scale = np.float32(c["guidance_embeds_scale"])
-        self.latent_channels = int(c["latent_channels"])
-        self.vae_scale_factor = int(c["vae_scale_factor"])
-        self.vae_scaling_factor = np.float32(c["vae_scaling_factor"])
-        self.sample_size = int(c["sample_size"])
-        self.model_dims = S.model_dims_from_json(manifest.data["model_dims"])
+        self.model_dims = S.ModelDims.from_json(manifest.data["model_dims"])
+        self.constants = S.PipelineConstants.from_json(manifest.data["pipeline"])
+        self.vae_scale_factor = self.model_dims.vae_scale_factor
+        # Each loaded engine's shape profile, from the manifest (wrapped engines keep their limits).
+        self.limits = {c: profile_limits(manifest, c) for c in engines}
         # Run the text encoder on the real tokens only (see _run_text_encoder); False feeds it the padding too.
         self.trim_padding = True
         self.prompt_cache: PromptEmbeddingCache | None = None  # opt-in: from_engines(prompt_cache=...)
@@ -108,6 +114,18 @@ class SprintPipeline:
         pipe.prompt_cache = prompt_cache
         return pipe
 
+    # ---- engines by component name (wrappers such as recorders swap them in and out) --------------
+    def engine(self, component: str):
+        """The loaded engine of `component` (None if it was not loaded)."""
+        if component not in S.COMPONENTS:
+            raise invalid("component", component, f"one of {list(S.COMPONENTS)}", "name one of those")
+        return getattr(self, component)  # the engines live in the attributes named after their components
+
+    def set_engine(self, component: str, engine) -> None:
+        """Replace the engine of a loaded component, e.g. by a wrapper that records its calls."""
+        self.engine(component)
+        setattr(self, component, engine)
+
     # ---- VAE memory switches (diffusers: pipe.vae.enable_slicing() / enable_tiling()) ---------------
     def enable_vae_slicing(self) -> None:
         """Decode a batch one image at a time: the decoder's memory is one image's."""
@@ -136,14 +154,14 @@ class SprintPipeline:
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        num_inference_steps: int = 2,
+        num_inference_steps: int = D.DEFAULT_STEPS,
         timesteps: list[float] | None = None,
-        max_timesteps: float | None = DEFAULT_MAX_TIMESTEPS,
-        intermediate_timesteps: float | None = DEFAULT_INTERMEDIATE_TIMESTEPS,
-        guidance_scale: float = 4.5,
+        max_timesteps: float | None = D.DEFAULT_MAX_TIMESTEPS,
+        intermediate_timesteps: float | None = D.DEFAULT_INTERMEDIATE_TIMESTEPS,
+        guidance_scale: float = D.DEFAULT_GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
-        height: int = 1024,
-        width: int = 1024,
+        height: int = D.DEFAULT_HEIGHT,
+        width: int = D.DEFAULT_WIDTH,
         eta: float = 0.0,
         generator=None,
         latents=None,
@@ -153,70 +171,84 @@ class SprintPipeline:
         return_dict: bool = True,
         clean_caption: bool = False,
         use_resolution_binning: bool = True,
-        max_sequence_length: int = 300,
+        max_sequence_length: int = D.DEFAULT_MAX_SEQUENCE_LENGTH,
         complex_human_instruction: list[str] | None = list(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION),
     ):
         """Generate images. Arguments and defaults are SanaSprintPipeline.__call__'s; `eta` is ignored
         there too. Returns SprintPipelineOutput(images, timings), or (images,) if return_dict is False."""
-        clock = _Stopwatch()
+        clock = Clock()
         t_start = time.perf_counter()
+        # 1. Check the arguments and bin the size (before any engine runs).
         self._check_scalars(guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption)
+        orig_size = (height, width)
         if use_resolution_binning:
-            if self.sample_size != 32:
-                raise InvalidInputError(f"use_resolution_binning needs a transformer with sample_size 32, this model has "
-                                        f"{self.sample_size}. Fix: pass use_resolution_binning=False")
-            orig_height, orig_width = self._check_size(height, width, binned=True)
+            self._check_binnable(height, width)
             height, width = I.classify_height_width_bin(height, width)
-        self._check_size(height, width, binned=False)
-        scheduler = SCMScheduler(self.sigma_data)
+        self._check_size(height, width)
+        scheduler = SCMScheduler(self.constants.sigma_data)
         scheduler.set_timesteps(num_inference_steps, timesteps, max_timesteps, intermediate_timesteps)
 
+        # 2. Encode the prompt.
         embeds, mask = self.encode_prompt(prompt, num_images_per_prompt, prompt_embeds, prompt_attention_mask,
                                           max_sequence_length, complex_human_instruction, clock)
+
+        # 3. Prepare the latents: noise (or the caller's latents) times sigma_data.
         batch = embeds.shape[0]
-        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        f = self.vae_scale_factor
+        shape = (batch, self.model_dims.latent_channels, height // f, width // f)
         draw = noise_source(generator, batch)
         if latents is None:
-            x = clock.run("noise", draw, shape)
+            with clock("noise"):
+                x = draw(shape)
         else:
             x = self._check_latents(latents, shape)
-        x = x * self.sigma_data
-        guidance = np.full((batch,), np.float32(guidance_scale), dtype=np.float32) * self.guidance_embeds_scale
+        sigma_data = np.float32(self.constants.sigma_data)
+        x = x * sigma_data
+        guidance = np.full((batch,), np.float32(guidance_scale), dtype=np.float32) * np.float32(
+            self.constants.guidance_embeds_scale)
 
+        # 4. Denoise: one transformer call per TrigFlow step, noise drawn on every step (the last included).
         x0 = x
         for step in scheduler.steps():
-            t0 = time.perf_counter()
-            x_in = scheduler.model_input(x, step)
-            timestep = np.full((batch,), step.sflow, dtype=np.float32)
-            clock.add("scheduler", time.perf_counter() - t0)
-            flow = clock.run("transformer", self.transformer, hidden_states=x_in, encoder_hidden_states=embeds,
-                             encoder_attention_mask=mask, timestep=timestep, guidance=guidance)["noise_pred"]
-            noise = clock.run("noise", draw, shape)
-            x, x0 = clock.run("scheduler", scheduler.step, x, x_in, flow, step, noise)
+            with clock("scheduler"):
+                x_in = scheduler.model_input(x, step)
+                timestep = np.full((batch,), step.sflow, dtype=np.float32)
+            with clock("transformer"):
+                flow = self.transformer(hidden_states=x_in, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                        timestep=timestep, guidance=guidance)["noise_pred"]
+            with clock("noise"):
+                noise = draw(shape)
+            with clock("scheduler"):
+                x, x0 = scheduler.step(x, x_in, flow, step, noise)
+        out_latents = x0 / sigma_data
 
-        out_latents = x0 / self.sigma_data
+        # 5. Decode, resize back to the requested size, post-process.
         if output_type == "latent":
             images = out_latents
         else:
-            if self.vae_decoder is None:
-                raise InvalidInputError("output_type needs the VAE decoder, which was not loaded. Fix: load the "
-                                        "pipeline with the vae_decoder component, or pass output_type='latent'")
-            decoded = clock.run("vae_decoder", V.decode, self.vae_decoder, out_latents / self.vae_scaling_factor,
-                                self.vae_scale_factor, self.vae_slicing, self.vae_tiling)
-            t0 = time.perf_counter()
-            if use_resolution_binning:
-                decoded = I.resize_and_crop(decoded, orig_height, orig_width)
-            images = I.postprocess(decoded, output_type)
-            clock.add("postprocess", time.perf_counter() - t0)
+            images = self._decode(out_latents, orig_size if use_resolution_binning else None, output_type, clock)
         clock.timings["total"] = time.perf_counter() - t_start
         if not return_dict:
             return (images,)
         return SprintPipelineOutput(images=images, timings=clock.timings)
 
+    def _decode(self, latents: np.ndarray, resize_to: tuple[int, int] | None, output_type: str, clock: Clock):
+        if self.vae_decoder is None:
+            raise InvalidInputError("output_type needs the VAE decoder, which was not loaded. Fix: load the "
+                                    "pipeline with the vae_decoder component, or pass output_type='latent'")
+        with clock("vae_decoder"):
+            decoded = V.decode(self.vae_decoder, latents / np.float32(self.constants.vae_scaling_factor),
+                               self.vae_scale_factor, self.vae_slicing, self.vae_tiling)
+        with clock("postprocess"):
+            if resize_to is not None:
+                decoded = I.resize_and_crop(decoded, *resize_to)
+            return I.postprocess(decoded, output_type)
+
     def encode_prompt(self, prompt, num_images_per_prompt=1, prompt_embeds=None, prompt_attention_mask=None,
-                      max_sequence_length=300, complex_human_instruction=None, clock: _Stopwatch | None = None):
+                      max_sequence_length=D.DEFAULT_MAX_SEQUENCE_LENGTH, complex_human_instruction=None,
+                      clock: Clock | None = None):
         """Prompt → (embeddings [B·n, N, D] float32, mask [B·n, N] int64), as diffusers' encode_prompt."""
-        clock = clock or _Stopwatch()
+        clock = clock or Clock()
         if prompt is not None and prompt_embeds is not None:
             raise InvalidInputError("pass either prompt or prompt_embeds, not both. Fix: drop one of them")
         if prompt_embeds is not None:
@@ -235,8 +267,10 @@ class SprintPipeline:
                 raise invalid("max_sequence_length", max_sequence_length,
                               f"a length whose tokenized text (here {length}) fits the engine's {self.model_dims.text_len_max}",
                               "lower max_sequence_length or rebuild the engines with a longer text profile")
-            ids, mask = clock.run("tokenize", self.tokenizer, prompts, max_sequence_length, chi)
-            hidden = clock.run("text_encoder", self._encode_tokens, ids, mask)
+            with clock("tokenize"):
+                ids, mask = self.tokenizer(prompts, max_sequence_length, chi)
+            with clock("text_encoder"):
+                hidden = self._encode_tokens(ids, mask)
             index = select_index(max_sequence_length)
             embeds, mask = hidden[:, index], mask[:, index]
         embeds = np.repeat(embeds, num_images_per_prompt, axis=0) if num_images_per_prompt > 1 else embeds
@@ -273,8 +307,7 @@ class SprintPipeline:
         length = ids.shape[1]
         if self.trim_padding:
             used = int(mask.sum(axis=1).max())  # the tokenizer pads on the right
-            limits = getattr(self.text_encoder, "limits", {}).get("text_len")
-            n = min(max(used, limits.min), length) if limits else used
+            n = min(max(used, self.limits[S.TEXT_ENCODER]["text_len"].min), length)
         else:
             n = length
         hidden = self.text_encoder(input_ids=ids[:, :n], attention_mask=mask[:, :n])["last_hidden_state"]
@@ -288,7 +321,8 @@ class SprintPipeline:
     def _check_scalars(self, guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption):
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)) \
                 or not math.isfinite(guidance_scale):
-            raise invalid("guidance_scale", guidance_scale, "a finite number (default 4.5)", "pass e.g. 4.5")
+            raise invalid("guidance_scale", guidance_scale, f"a finite number (default {D.DEFAULT_GUIDANCE_SCALE})",
+                          f"pass e.g. {D.DEFAULT_GUIDANCE_SCALE}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) \
                 or not 1 <= num_images_per_prompt <= self.model_dims.max_batch:
             raise invalid("num_images_per_prompt", num_images_per_prompt, f"an integer in [1, {self.model_dims.max_batch}]",
@@ -296,28 +330,53 @@ class SprintPipeline:
         if output_type not in OUTPUT_TYPES:
             raise invalid("output_type", output_type, f"one of {OUTPUT_TYPES}", "pass output_type='pil' or 'np'")
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, (int, np.integer)) \
-                or not 1 <= max_sequence_length <= S.MAX_SEQUENCE_LENGTH_LIMIT:
-            raise invalid("max_sequence_length", max_sequence_length, f"an integer in [1, {S.MAX_SEQUENCE_LENGTH_LIMIT}]",
-                          "use the default 300")
+                or not 1 <= max_sequence_length <= D.MAX_SEQUENCE_LENGTH_LIMIT:
+            raise invalid("max_sequence_length", max_sequence_length, f"an integer in [1, {D.MAX_SEQUENCE_LENGTH_LIMIT}]",
+                          f"use the default {D.DEFAULT_MAX_SEQUENCE_LENGTH}")
         if clean_caption:
             raise invalid("clean_caption", clean_caption, "False (the runtime does not bundle bs4/ftfy)",
                           "clean captions before calling, or pass clean_caption=False")
 
-    def _check_size(self, height, width, binned: bool) -> tuple[int, int]:
-        f = self.vae_scale_factor
-        lo, hi = self.model_dims.latent_min * f, self.model_dims.latent_max * f
+    def _check_binnable(self, height, width) -> None:
+        if self.constants.sample_size != 32:
+            raise InvalidInputError(f"use_resolution_binning needs a transformer with sample_size 32, this model has "
+                                    f"{self.constants.sample_size}. Fix: pass use_resolution_binning=False")
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise invalid(name, v, "a positive integer number of pixels", "pass e.g. 1024")
-            if binned:
+
+    def latent_limits(self) -> dict[str, S.Bounds]:
+        """The latent sizes every loaded engine that takes latents accepts: the intersection of their
+        profiles (ONNX Runtime and OpenVINO: the spec's full range; TensorRT: the built profile)."""
+        limits = {}
+        for comp in (S.TRANSFORMER, S.VAE_DECODER):
+            if comp not in self.limits:
                 continue
+            for dim in ("latent_height", "latent_width"):
+                b = self.limits[comp][dim]
+                have = limits.get(dim, b)
+                limits[dim] = S.Bounds(max(have.min, b.min), b.opt, min(have.max, b.max))
+        return limits
+
+    def _check_size(self, height, width) -> None:
+        """Pixel sizes the engines can run: multiples of 32 and of the VAE's factor, inside every profile."""
+        f = self.vae_scale_factor
+        step = max(32, f)
+        limits = self.latent_limits()
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise invalid(name, v, "a positive integer number of pixels", "pass e.g. 1024")
             if v % 32 or v % f:
-                raise invalid(name, v, f"a multiple of {max(32, f)} when use_resolution_binning=False",
-                              f"round it to {max(32, f) * round(v / max(32, f)) or max(32, f)} or turn binning on")
-            if not lo <= v <= hi:
-                raise invalid(name, v, f"[{lo}, {hi}] pixels (the engines' latent profile)",
-                              "pick a size inside the profile or rebuild the engines with a wider one")
-        return int(height), int(width)
+                raise invalid(name, v, f"a multiple of {step} when use_resolution_binning=False",
+                              f"round it to {step * round(v / step) or step} or turn binning on")
+            lim = limits[f"latent_{name}"]
+            if not lim.min <= v // f <= lim.max:
+                backends = sorted({self.manifest.components[c]["backend"] for c in (S.TRANSFORMER, S.VAE_DECODER)
+                                   if c in self.limits})
+                raise invalid(name, v, f"[{lim.min * f}, {lim.max * f}] pixels (latent_{name} {lim.min}..{lim.max} in "
+                              f"the {'/'.join(backends)} engines' profile)",
+                              "pick a size inside the profile or rebuild the engines with a wider one "
+                              "(`sprintrt build ... --rebuild`; TensorRT: a wider --static or bin range)")
 
     def _check_latents(self, latents, shape) -> np.ndarray:
         if type(latents).__module__.startswith("torch"):

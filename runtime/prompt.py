@@ -1,7 +1,8 @@
-"""Prompt → token ids and mask, exactly as SanaSprintPipeline prepares them (spec §1), with `tokenizers`.
+"""Prompt → token ids and mask, exactly as SanaSprintPipeline prepares them, with `tokenizers`
+(docs/SANA_SPRINT_SPEC.md §1).
 
 Lowercase + strip, the complex human instruction (CHI) prepended with no separator, right padding to
-L = n_chi + max_sequence_length - 2 (or max_sequence_length without CHI), truncation on the right,
+defaults.tokenized_length (n_chi + max_sequence_length - 2 with CHI), truncation on the right,
 `<bos>` prepended by the tokenizer's post-processor, no `<eos>`. After the text encoder the rows are
 sliced with select_index = [0, -(N-1), ..., -1].
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sprintrt.defaults import tokenized_length
 from sprintrt.errors import EngineDirError, InvalidInputError
 
 
@@ -66,7 +68,7 @@ class PromptTokenizer:
         return self._chi_len[text]
 
     def text_length(self, max_sequence_length: int, chi: str | None) -> int:
-        return max_sequence_length if not chi else self.count(chi) + max_sequence_length - 2
+        return tokenized_length(max_sequence_length, self.count(chi) if chi else None)
 
     def __call__(self, prompts: list[str], max_sequence_length: int, chi: str | None) -> tuple[np.ndarray, np.ndarray]:
         """Returns (input_ids, attention_mask), int64 [B, L]."""

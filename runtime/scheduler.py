@@ -1,6 +1,6 @@
 """NumPy TrigFlow (sCM) scheduler: timesteps bit-exact with diffusers' SCMScheduler, and the step math.
 
-Spec §2 and §4. Every array is float32 and every operation runs in the order diffusers runs it, so
+docs/SANA_SPRINT_SPEC.md §2 and §4. Every array is float32 and every operation runs in the order diffusers runs it, so
 with the same model outputs and noise the latents are bit-identical to the PyTorch pipeline's.
 The noise is an input (`step(..., noise)`): the caller draws it, so a torch generator can be
 replayed exactly while this module stays free of torch.
@@ -13,17 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sprintrt.defaults import DEFAULT_INTERMEDIATE_TIMESTEPS, DEFAULT_MAX_TIMESTEPS, INTERMEDIATE_STEPS
 from sprintrt.errors import invalid
 
 F32 = np.float32
-DEFAULT_MAX_TIMESTEPS = 1.57080
-DEFAULT_INTERMEDIATE_TIMESTEPS = 1.3
 NUM_TRAIN_TIMESTEPS = 1000
 
 
 def _sin(t: np.float32) -> np.float32:
     # np.sin on float32 is 1 ulp off torch's CPU sinf at t=1.3 and t=1.1781; float64 then rounding
-    # matched torch on every schedule value (spec §4.5).
+    # matched torch on every schedule value (docs/SANA_SPRINT_SPEC.md §4.5).
     return F32(math.sin(float(t)))
 
 
@@ -68,8 +67,9 @@ def trigflow_timesteps(num_inference_steps: int, timesteps=None, max_timesteps: 
     if not math.isfinite(max_timesteps) or not 0 < max_timesteps <= math.pi / 2 + 1e-3:
         raise invalid("max_timesteps", max_timesteps, "a TrigFlow angle in (0, pi/2]", "use the default 1.5708")
     if intermediate_timesteps is not None:
-        if n != 2:
-            raise invalid("intermediate_timesteps", intermediate_timesteps, "None unless num_inference_steps == 2",
+        if n != INTERMEDIATE_STEPS:
+            raise invalid("intermediate_timesteps", intermediate_timesteps,
+                          f"None unless num_inference_steps == {INTERMEDIATE_STEPS}",
                           "pass intermediate_timesteps=None for 1, 3 or more steps")
         if not math.isfinite(intermediate_timesteps) or not 0 < intermediate_timesteps < max_timesteps:
             raise invalid("intermediate_timesteps", intermediate_timesteps, f"an angle in (0, {max_timesteps})",
@@ -80,7 +80,7 @@ def trigflow_timesteps(num_inference_steps: int, timesteps=None, max_timesteps: 
 
 @dataclass(frozen=True)
 class TrigFlowStep:
-    """The float32 constants of one step from angle t to t_next (spec §4.5)."""
+    """The float32 constants of one step from angle t to t_next (docs/SANA_SPRINT_SPEC.md §4.5)."""
 
     t: np.float32
     t_next: np.float32

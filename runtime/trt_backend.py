@@ -27,9 +27,10 @@ import numpy as np
 
 from sprintrt.engines.manifest import Manifest
 from sprintrt.errors import EngineDirError, MissingDependencyError
+from sprintrt.runtime.engine import Engine
 
 _FIX = ("Fix: install TensorRT and run on the GPU the engines were built for, or rebuild with --backend onnxruntime "
-        "for a CPU")
+        "or openvino for a CPU")
 
 
 def _imports():
@@ -61,15 +62,11 @@ class _PinnedBuffer:
             self.ptr = ctypes.c_void_p()
 
 
-class TrtEngine:
+class TrtEngine(Engine):
     def __init__(self, manifest: Manifest, component: str, stream=None, cuda_graph: bool = False):
-        from sprintrt.runtime.backends import component_spec, profile_limits
-
+        super().__init__(manifest, component)
         trt, cuda = _imports()
         self._trt, self._cuda = trt, cuda
-        self.name = component
-        self.spec = component_spec(manifest, component)
-        self.limits = profile_limits(manifest, component)
         path = manifest.component_file(component)
         logger = trt.Logger(trt.Logger.ERROR)
         self._runtime = trt.Runtime(logger)
@@ -119,8 +116,7 @@ class TrtEngine:
         return host
 
     # -- inference -------------------------------------------------------------------------------
-    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
-        self.spec.check_feeds(feeds, self.limits)
+    def _infer(self, feeds) -> list[np.ndarray]:
         for t in self.spec.inputs:
             self._upload(t.name, feeds[t.name])
         shapes = {}
@@ -132,7 +128,7 @@ class TrtEngine:
         outs = {t.name: self._download(t.name, shapes[t.name], t.dtype) for t in self.spec.outputs}
         self.stream.synchronize()
         # Copies: the pinned buffers are reused by the next call.
-        return {k: v.copy() for k, v in outs.items()}
+        return [outs[n].copy() for n in self.output_names]
 
     def _execute(self, input_shapes) -> None:
         if not self.cuda_graph:
@@ -164,7 +160,7 @@ class TrtEngine:
             self._cuda.wrapper().handle.cudaGraphExecDestroy(self._graph_exec)
             self._graph_exec = None
 
-    def release(self) -> None:
+    def _release(self) -> None:
         self._drop_graph()
         for arr in self._device.values():
             arr.free()
@@ -175,9 +171,3 @@ class TrtEngine:
         self.engine = None
         if self._owns_stream:
             self.stream.free()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from sprintrt import defaults as D
 from sprintrt.errors import SprintError
 from sprintrt.quiet import quiet_libraries as _quiet_libraries
 
@@ -63,7 +64,7 @@ def cmd_build(args) -> None:
     quantized = _quantized_precision(args.precision)
     with console.status("building engines") as status:
         if quantized:
-            from sprintrt.runtime.calibration import build_quantized_engines
+            from sprintrt.engines.calibration import build_quantized_engines
 
             out = build_quantized_engines(args.onnx_dir, args.output, args.calibration_prompts, args.calibration_count,
                                           args.calibration_size, profile, progress=status.update,
@@ -117,7 +118,8 @@ def cmd_generate(args) -> None:
     from sprintrt.runtime.pipeline import SprintPipeline
 
     pipe = SprintPipeline.from_engines(args.engine_dir, threads=args.threads)
-    out = pipe(prompt=args.prompt, num_inference_steps=args.steps, intermediate_timesteps=1.3 if args.steps == 2 else None,
+    out = pipe(prompt=args.prompt, num_inference_steps=args.steps,
+               intermediate_timesteps=D.intermediate_timesteps_for(args.steps),
                guidance_scale=args.guidance_scale, height=args.height, width=args.width, generator=args.seed,
                use_resolution_binning=not args.no_binning, output_type="pil")
     path = Path(args.output)
@@ -128,8 +130,8 @@ def cmd_generate(args) -> None:
 
 def cmd_drift(args) -> None:
     _quiet_libraries()
-    from sprintrt.benchmarks import drift as D
-    from sprintrt.runtime.calibration import read_prompts
+    from sprintrt.benchmarks import drift
+    from sprintrt.prompts import read_prompts
 
     candidates = {}
     for item in args.candidates:
@@ -138,10 +140,10 @@ def cmd_drift(args) -> None:
     prompts = read_prompts(args.prompts_file)[:args.prompts]
     seeds = [_int_list_item(v, "--seeds") for v in args.seeds.split(",")]
     console = _console()
-    doc = D.run_drift(args.reference, candidates, prompts, seeds, size=args.size, steps=args.steps,
-                      threads=args.threads, say=console.print)
-    paths = D.write_outputs(doc, args.output)
-    print(D.report(doc))
+    doc = drift.run_drift(args.reference, candidates, prompts, seeds, size=args.size, steps=args.steps,
+                          threads=args.threads, say=console.print)
+    paths = drift.write_outputs(doc, args.output)
+    print(drift.report(doc))
     print(f"results written to {', '.join(str(p) for p in paths)}")
 
 
@@ -199,6 +201,9 @@ def cmd_demo(args) -> None:
 # ---- parser ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from sprintrt.engines.backend import ALIASES, BACKENDS
+    from sprintrt.export.specs import COMPONENTS
+
     p = argparse.ArgumentParser(prog="sprintrt", description="Deployment compiler for SANA-Sprint: "
                                 "checkpoint → ONNX → engines → images.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="export text encoder, transformer and VAE decoder to validated ONNX")
     s.add_argument("model", help="checkpoint directory or hub id")
     s.add_argument("-o", "--output", required=True, help="ONNX directory to write")
-    s.add_argument("--components", help="comma-separated subset of text_encoder,transformer,vae_decoder")
+    s.add_argument("--components", help=f"comma-separated subset of {','.join(COMPONENTS)}")
     s.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
     s.add_argument("--vae", default=None, metavar="PATH_OR_ID",
                    help="a drop-in AutoencoderDC to export instead of the checkpoint's VAE decoder, e.g. "
@@ -223,32 +228,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("onnx_dir")
     s.add_argument("-o", "--output", required=True, help="engine directory to write")
     s.add_argument("--backend", default="onnxruntime",
-                   help="onnxruntime or openvino (CPU), tensorrt (NVIDIA GPU), or auto (what wins on this machine)")
+                   help=f"{' or '.join(BACKENDS)} (or {', '.join(ALIASES)}), or auto (what wins on this machine)")
     s.add_argument("--precision", default=None,
                    help="one precision for all (fp32, tf32, bf16, fp16) or per component, e.g. "
                         "transformer=fp16,vae_decoder=fp32; default: the backend's safe per-component choice")
     s.add_argument("--rebuild", action="store_true", help="rebuild even if an up-to-date engine exists")
-    s.add_argument("--max-batch", type=int, default=4, help="TensorRT profile: largest batch (default 4)")
-    s.add_argument("--max-sequence-length", type=int, default=300, help="TensorRT profile: prompt tokens (default 300)")
+    s.add_argument("--max-batch", type=int, default=D.DEFAULT_MAX_BATCH,
+                   help=f"TensorRT profile: largest batch (default {D.DEFAULT_MAX_BATCH})")
+    s.add_argument("--max-sequence-length", type=int, default=D.DEFAULT_MAX_SEQUENCE_LENGTH,
+                   help=f"TensorRT profile: prompt tokens (default {D.DEFAULT_MAX_SEQUENCE_LENGTH})")
     s.add_argument("--no-chi", action="store_true", help="TensorRT profile: prompts without the complex human instruction")
     s.add_argument("--static", help="TensorRT profile: one shape BATCHxHEIGHTxWIDTH, e.g. 1x1024x1024 (CUDA graphs)")
     s.add_argument("--calibration-prompts", help="int8/fp8: prompt file, one per line (default: the shipped 68 prompts)")
-    s.add_argument("--calibration-count", type=int, default=32, help="int8/fp8: how many prompts (default 32)")
-    s.add_argument("--calibration-size", type=int, default=512, help="int8/fp8: image size to calibrate at (default 512)")
+    s.add_argument("--calibration-count", type=int, default=D.DEFAULT_CALIBRATION_COUNT,
+                   help=f"int8/fp8: how many prompts (default {D.DEFAULT_CALIBRATION_COUNT})")
+    s.add_argument("--calibration-size", type=int, default=D.DEFAULT_CALIBRATION_SIZE,
+                   help=f"int8/fp8: image size to calibrate at (default {D.DEFAULT_CALIBRATION_SIZE})")
     s.set_defaults(fn=cmd_build)
 
-    s = sub.add_parser("doctor", help="what this machine has (GPU, CUDA driver, TensorRT, ONNX Runtime) and can build")
+    s = sub.add_parser("doctor", help="what this machine has (CPU ISA, GPU, TensorRT, ONNX Runtime, OpenVINO) and "
+                                      "can build")
     s.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("generate", help="generate an image with built engines")
     s.add_argument("engine_dir")
     s.add_argument("--prompt", required=True)
     s.add_argument("-o", "--output", required=True, help="PNG file to write")
-    s.add_argument("--steps", type=int, default=2)
+    s.add_argument("--steps", type=int, default=D.DEFAULT_STEPS)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--height", type=int, default=1024)
-    s.add_argument("--width", type=int, default=1024)
-    s.add_argument("--guidance-scale", type=float, default=4.5)
+    s.add_argument("--height", type=int, default=D.DEFAULT_HEIGHT)
+    s.add_argument("--width", type=int, default=D.DEFAULT_WIDTH)
+    s.add_argument("--guidance-scale", type=float, default=D.DEFAULT_GUIDANCE_SCALE)
     s.add_argument("--no-binning", action="store_true", help="use height/width as given (multiples of 32)")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_generate)
@@ -273,14 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolutions", default="512", help="comma-separated HEIGHT or HEIGHTxWIDTH, e.g. 512,768x1280")
     s.add_argument("--batches", default="1")
     s.add_argument("--steps", default="1", help="comma-separated step counts, e.g. 1,2")
-    s.add_argument("--candidates", default="ort:fp32", help="comma-separated backend:precision, e.g. ort:fp32,trt:bf16")
+    s.add_argument("--candidates", default="ort:fp32",
+                   help="comma-separated backend:precision, e.g. ort:fp32,ov:bf16,trt:bf16")
     s.add_argument("--baselines", default="torch-fp32,torch-bf16", help="torch-fp32, torch-bf16, torch-compile-bf16")
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--runs", type=int, default=3)
-    s.add_argument("--prompt", default="a small fluffy white cat asleep on a sunny windowsill")
+    s.add_argument("--prompt", default=D.DEFAULT_PROMPT)
     s.add_argument("--no-chi", action="store_true", help="prompts without the complex human instruction")
     s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--calibration-count", type=int, default=16, help="int8 candidates: calibration prompts")
+    s.add_argument("--calibration-count", type=int, default=D.DEFAULT_CALIBRATION_COUNT,
+                   help=f"int8 candidates: calibration prompts (default {D.DEFAULT_CALIBRATION_COUNT})")
     s.add_argument("--vae", default=None, metavar="PATH_OR_ID", help="a drop-in AutoencoderDC for every system")
     s.add_argument("--prompt-cache", action="store_true",
                    help="also time sprintrt systems on a repeated prompt with the prompt-embedding cache")
@@ -291,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="tiny checkpoint → export → build → generate, timed against diffusers")
     s.add_argument("--workdir", default="out/demo")
-    s.add_argument("--prompt", default="a small fluffy white cat asleep on a sunny windowsill")
-    s.add_argument("--steps", type=int, default=2)
+    s.add_argument("--prompt", default=D.DEFAULT_PROMPT)
+    s.add_argument("--steps", type=int, default=D.DEFAULT_STEPS)
     s.add_argument("--size", type=int, default=512)
     s.add_argument("--runs", type=int, default=3)
     s.set_defaults(fn=cmd_demo)

@@ -11,11 +11,13 @@ import onnx
 import pytest
 import torch
 
-from sprintrt.benchmarks.bench import psnr
 from sprintrt.engines.build import build_engines
 from sprintrt.engines.quantize import quantizable_nodes, quantize_qdq
+from sprintrt.defaults import intermediate_timesteps_for
 from sprintrt.errors import InvalidInputError
-from sprintrt.runtime.calibration import read_prompts, transformer_calibration
+from sprintrt.engines.calibration import transformer_calibration
+from sprintrt.metrics import cosine, psnr
+from sprintrt.prompts import read_prompts
 from sprintrt.runtime.pipeline import SprintPipeline
 
 # Measured on the tiny checkpoint with 6 calibration prompts: 52-57 dB against diffusers fp32 over
@@ -38,7 +40,7 @@ def int8_engine_dir(onnx_dir, calibration_feeds, tmp_path_factory):
 def test_calibration_records_the_timesteps_actually_run(calibration_feeds):
     assert len(calibration_feeds) == 6 * (1 + 2)  # each prompt at 1 step and at 2 steps
     timesteps = sorted({round(float(f["timestep"][0]), 6) for f in calibration_feeds})
-    assert timesteps == [0.782708, 1.000004]  # sflow at t = 1.3 and at t = max (spec §4.5)
+    assert timesteps == [0.782708, 1.000004]  # sflow at t = 1.3 and at t = max (docs/SANA_SPRINT_SPEC.md §4.5)
     assert calibration_feeds[0]["hidden_states"].shape == (1, 32, 8, 8)
 
 
@@ -74,7 +76,7 @@ def test_int8_images_stay_close_to_diffusers(int8_engine_dir, reference_pipe, st
     assert manifest["components"]["vae_decoder"]["precision"] == "fp32"
     pipe = SprintPipeline.from_engines(int8_engine_dir)
     for prompt in ("a tiger walking in tall grass", "a bowl of ramen with an egg"):
-        kw = dict(prompt=prompt, num_inference_steps=steps, intermediate_timesteps=1.3 if steps == 2 else None,
+        kw = dict(prompt=prompt, num_inference_steps=steps, intermediate_timesteps=intermediate_timesteps_for(steps),
                   height=256, width=192, use_resolution_binning=False, output_type="np")
         ref = reference_pipe(**kw, generator=torch.Generator().manual_seed(3)).images
         ours = pipe(**kw, generator=torch.Generator().manual_seed(3)).images
@@ -167,8 +169,8 @@ def test_fp8_qdq_in_onnx_reference_stays_close_to_fp32(onnx_dir, engine_dir, cal
     fp32, fp8 = ReferenceEvaluator(str(onnx_dir / "transformer.onnx")), ReferenceEvaluator(str(out))
     for feeds in held_out[:3]:
         a, b = fp32.run(None, feeds)[0].astype(np.float64), fp8.run(None, feeds)[0].astype(np.float64)
-        cosine = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
-        assert FP8_MIN_COSINE <= cosine < 1.0, cosine  # < 1: fp8 really changed the numbers
+        c = cosine(a, b)
+        assert FP8_MIN_COSINE <= c < 1.0, c  # < 1: fp8 really changed the numbers
 
 
 def test_unknown_qdq_precision_is_a_typed_error(onnx_dir, calibration_feeds, tmp_path):
@@ -203,7 +205,7 @@ def test_drift_report_isolates_the_quantized_component(engine_dir, int8_engine_d
 def test_quantized_build_reuses_its_engine_without_calibrating_again(onnx_dir, tmp_path, monkeypatch):
     """The calibration description is in the key; a second build with the same settings must neither
     record calibration data (minutes at real size) nor rebuild, and leaves no scratch directory."""
-    import sprintrt.runtime.calibration as C
+    import sprintrt.engines.calibration as C
 
     out = tmp_path / "q"
     C.build_quantized_engines(onnx_dir, out, count=2, size=128)
@@ -218,3 +220,86 @@ def test_quantized_build_reuses_its_engine_without_calibrating_again(onnx_dir, t
     again = json.loads((out / "manifest.json").read_text())["components"]["transformer"]
     assert again["key"] == first["key"] and again["sha256"] == first["sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+# ---- int8 on CPUs without VNNI (the recipe follows the target's int8 instructions) -----------------------
+
+XEON = {"kind": "cpu", "arch": "x86_64", "name": "Xeon", "isa": ["avx2", "avx512_bf16", "avx512_vnni", "avx512f"]}
+EPYC = {"kind": "cpu", "arch": "x86_64", "name": "AMD EPYC", "isa": ["avx2", "fma"]}
+ARM = {"kind": "cpu", "arch": "aarch64", "name": "Neoverse", "isa": ["asimd"]}
+H100 = {"kind": "gpu", "name": "NVIDIA H100", "compute_capability": "9.0"}
+
+
+def _vpmaddubsw_dot(a_u8: np.ndarray, w_s8: np.ndarray) -> int:
+    """An x86 int8 dot product without VNNI, as ONNX Runtime's AVX2 kernels compute it: u8 x s8 products
+    added in pairs into a saturating int16 (VPMADDUBSW), then summed in int32 (VPMADDWD)."""
+    prod = a_u8.astype(np.int32) * w_s8.astype(np.int32)
+    pairs = np.clip(prod[0::2] + prod[1::2], -32768, 32767)
+    return int(pairs.sum())
+
+
+def test_the_recipe_follows_the_targets_int8_instructions():
+    from sprintrt.engines.quantize import recipe
+
+    assert recipe("int8", EPYC) == "int8-w7"  # VPMADDUBSW saturates: 7-bit weights
+    assert recipe("int8", XEON) == recipe("int8", ARM) == recipe("int8", H100) == "int8"
+    assert recipe("fp8", H100) == "fp8"
+
+
+def test_saturation_is_the_cause_and_7_bit_weights_cannot_saturate():
+    """Machine-independent: full-range int8 weights overflow VPMADDUBSW's int16 pair sums on realistic
+    activations; weights within [-64, 64] never do (255 * 64 * 2 = 32640 <= 32767)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(200, 256, size=256).astype(np.uint8)  # large activations (u8 after ORT's +128 shift)
+    w8 = rng.integers(100, 128, size=256).astype(np.int8)
+    exact = int(a.astype(np.int32) @ w8.astype(np.int32))
+    assert _vpmaddubsw_dot(a, w8) < exact  # saturated: the loss the AVX2 machines showed
+    for _ in range(20):
+        a = rng.integers(0, 256, size=512).astype(np.uint8)
+        w7 = rng.integers(-64, 65, size=512).astype(np.int8)
+        assert _vpmaddubsw_dot(a, w7) == int(a.astype(np.int32) @ w7.astype(np.int32))
+
+
+def _int8_weights(path) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[0]]) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+
+
+@pytest.mark.parametrize("target,limit", [(EPYC, 64), (XEON, 127)])
+def test_qdq_weights_use_the_recipes_range(onnx_dir, calibration_feeds, tmp_path, target, limit):
+    out = tmp_path / "t.onnx"
+    info = quantize_qdq(onnx_dir / "transformer.onnx", out, calibration_feeds, "int8", target=target)
+    assert info["quantization_recipe"] == ("int8-w7" if limit == 64 else "int8")
+    weights = _int8_weights(out)
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == limit
+
+
+def test_onnxruntime_int8_kernels_agree_with_the_qdq_math_on_this_cpu(onnx_dir, calibration_feeds, tmp_path):
+    """On this machine's CPU, the recipe's graph run through ORT's fused int8 kernels equals the same
+    Q/DQ graph run op by op in float (ORT_ENABLE_BASIC: no int8 kernel). Saturating kernels broke this
+    on an AVX2 EPYC with 8-bit weights (cosine to fp32 0.9985 fused vs 0.99993 op by op)."""
+    import onnxruntime as ort
+
+    out = tmp_path / "t.onnx"
+    quantize_qdq(onnx_dir / "transformer.onnx", out, calibration_feeds, "int8")  # this machine's recipe
+    runs = {}
+    for level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        session = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+        runs[level] = [session.run(None, f)[0] for f in calibration_feeds[:3]]
+    for unfused, fused in zip(runs["ORT_ENABLE_BASIC"], runs["ORT_ENABLE_ALL"]):
+        assert cosine(fused, unfused) > 0.9999
+
+
+def test_int8_manifest_names_the_recipe_for_this_cpu(int8_engine_dir):
+    from sprintrt import machine
+    from sprintrt.engines.quantize import recipe
+
+    entry = json.loads((int8_engine_dir / "manifest.json").read_text())["components"]["transformer"]
+    expected = recipe("int8", machine.cpu_target())
+    assert entry["quantization_recipe"] == expected and f"__{expected}-" in entry["key"]

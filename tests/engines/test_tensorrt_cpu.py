@@ -9,13 +9,14 @@ import sys
 import onnx
 import pytest
 
+from sprintrt import machine
 from sprintrt.engines import manifest as M
 from sprintrt.engines import trt_build
 from sprintrt.engines.build import build_engines
 from sprintrt.engines.precision import Precision
 from sprintrt.errors import EngineDirError, MissingDependencyError
 
-pytestmark = pytest.mark.skipif(trt_build._gpus() != [], reason="these check the behaviour on a machine without a GPU")
+pytestmark = pytest.mark.skipif(machine.gpus() != [], reason="these check the behaviour on a machine without a GPU")
 
 
 def test_tensorrt_build_on_cpu_is_a_typed_error_and_writes_nothing(onnx_dir, tmp_path):
@@ -89,16 +90,17 @@ def test_what_each_tensorrt_version_and_gpu_can_build():
     from sprintrt.errors import InvalidInputError
 
     for p in (Precision.BF16, Precision.FP16, Precision.TF32, Precision.FP32, Precision.INT8, Precision.FP8):
-        trt_build.check_buildable(p, "10.13.3", H100)  # TensorRT 10 has weak typing
+        trt_build.check_precision(p, "10.13.3", H100)  # TensorRT 10 has weak typing
     for p in (Precision.FP32, Precision.TF32, Precision.INT8, Precision.FP8):
-        trt_build.check_buildable(p, "11.1.0", H100)
+        trt_build.check_precision(p, "11.1.0", H100)
     for p in (Precision.BF16, Precision.FP16):
         with pytest.raises(InvalidInputError, match="TensorRT 11 removed the weakly typed precision flags"):
-            trt_build.check_buildable(p, "11.1.0", H100)
+            trt_build.check_precision(p, "11.1.0", H100)
     with pytest.raises(InvalidInputError, match="compute capability >= 8.9.*A100"):
-        trt_build.check_buildable(Precision.FP8, "10.13.3", A100)
-    trt_build.check_buildable(Precision.INT8, "11.1.0", A100)
-    assert trt_build.default_precision("10.13.3") is None and trt_build.default_precision("11.1.0") == "fp32"
+        trt_build.check_precision(Precision.FP8, "10.13.3", A100)
+    trt_build.check_precision(Precision.INT8, "11.1.0", A100)
+    assert set(trt_build.default_precisions({"tensorrt": "10.13.3"}).values()) == {Precision.BF16}
+    assert set(trt_build.default_precisions({"tensorrt": "11.1.0"}).values()) == {Precision.FP32}
 
 
 def test_fp8_is_refused_off_tensorrt():

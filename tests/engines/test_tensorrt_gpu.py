@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from sprintrt.metrics import cosine
+
 pytestmark = pytest.mark.gpu
 
 COSINE = 0.999  # bf16/fp16 engines vs fp32 ONNX Runtime, per component output
@@ -26,19 +28,16 @@ def trt_engine_dir(onnx_dir, tmp_path_factory):
     return build_engines(onnx_dir, tmp_path_factory.mktemp("trt") / "engines", backend="tensorrt")
 
 
-def _cosine(a, b):
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def test_builds_every_component(trt_engine_dir):
     m = json.loads((trt_engine_dir / "manifest.json").read_text())
     assert {c["backend"] for c in m["components"].values()} == {"tensorrt"}
     import tensorrt as trt
 
-    from sprintrt.engines.trt_build import default_precision
+    from sprintrt.engines.trt_build import default_precisions
 
-    fallback = default_precision(trt.__version__)  # TensorRT 11: fp32, strongly typed (no weak typing)
+    # TensorRT 11: fp32, strongly typed (no weak typing); TensorRT 10: bf16 with fp32 pins
+    default = default_precisions({"tensorrt": trt.__version__})["transformer"].value
+    fallback = default if default == "fp32" else None
     assert {c["precision"] for c in m["components"].values()} == {fallback or "bf16"}
     tr = m["components"]["transformer"]
     assert (tr["fp32_pinned_layers"] > 0 and not tr["strongly_typed"]) if not fallback else tr["strongly_typed"]
@@ -47,7 +46,8 @@ def test_builds_every_component(trt_engine_dir):
 @pytest.mark.parametrize("component", ["text_encoder", "transformer", "vae_decoder"])
 def test_tensorrt_matches_onnxruntime(trt_engine_dir, engine_dir, component):
     from sprintrt.engines.manifest import read_manifest
-    from sprintrt.runtime.backends import OrtEngine, component_spec
+    from sprintrt.runtime.backends import OrtEngine
+    from sprintrt.runtime.engine import component_spec
     from sprintrt.runtime.trt_backend import TrtEngine
 
     trt_m, ort_m = read_manifest(trt_engine_dir), read_manifest(engine_dir)
@@ -60,11 +60,11 @@ def test_tensorrt_matches_onnxruntime(trt_engine_dir, engine_dir, component):
         out = trt_engine(**feeds)
     ref = OrtEngine(ort_m, component)(**feeds)
     for name in out:
-        assert _cosine(out[name], ref[name]) >= COSINE
+        assert cosine(out[name], ref[name]) >= COSINE
 
 
 def test_pipeline_image_psnr_vs_onnxruntime(trt_engine_dir, sprint_pipe):
-    from sprintrt.benchmarks.bench import psnr
+    from sprintrt.metrics import psnr
     from sprintrt.runtime.pipeline import SprintPipeline
 
     kw = dict(prompt="a red fox in snow", num_inference_steps=2, height=512, width=512,
@@ -119,9 +119,9 @@ def test_stale_engine_is_refused(trt_engine_dir, tmp_path):
 def test_quantized_transformer_engine_stays_close(precision, onnx_dir, sprint_pipe, tmp_path):
     """Strongly typed explicit quantization: the calibrated Q/DQ transformer builds and its images stay
     within the INT8 CPU threshold (40 dB, tests/engines/test_int8.py) of the fp32 ONNX Runtime pipeline."""
-    from sprintrt.benchmarks.bench import psnr
+    from sprintrt.metrics import psnr
     from sprintrt.engines.trt_build import FP8_MIN_COMPUTE_CAPABILITY, target
-    from sprintrt.runtime.calibration import build_quantized_engines
+    from sprintrt.engines.calibration import build_quantized_engines
     from sprintrt.runtime.pipeline import SprintPipeline
 
     cc = tuple(int(x) for x in target()["compute_capability"].split("."))

@@ -46,7 +46,7 @@ def test_text_encoder_matches_gemma2(onnx_dir, reference_pipe):
         with torch.no_grad():
             ref = reference_pipe.text_encoder(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0].numpy()
         assert out.shape == ref.shape
-        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+        assert np.abs(out - ref).max() <= FP32.atol * max(1.0, np.abs(ref).max())
 
 
 def test_transformer_matches_diffusers_with_its_own_attention(onnx_dir, reference_pipe, tiny_checkpoint):
@@ -66,7 +66,7 @@ def test_transformer_matches_diffusers_with_its_own_attention(onnx_dir, referenc
                         encoder_attention_mask=torch.from_numpy(feeds["encoder_attention_mask"]),
                         timestep=torch.from_numpy(feeds["timestep"]), guidance=torch.from_numpy(feeds["guidance"]),
                         return_dict=False)[0].numpy()
-        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+        assert np.abs(out - ref).max() <= FP32.atol * max(1.0, np.abs(ref).max())
 
 
 def test_vae_decoder_matches_autoencoder_dc(onnx_dir, reference_pipe):
@@ -76,7 +76,7 @@ def test_vae_decoder_matches_autoencoder_dc(onnx_dir, reference_pipe):
         with torch.no_grad():
             ref = reference_pipe.vae.decode(torch.from_numpy(z), return_dict=False)[0].numpy()
         assert out.shape == (shape[0], 3, shape[2] * 32, shape[3] * 32) == ref.shape
-        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+        assert np.abs(out - ref).max() <= FP32.atol * max(1.0, np.abs(ref).max())
 
 
 def test_validation_fails_loudly_on_a_wrong_graph(onnx_dir, tiny_checkpoint):
@@ -117,11 +117,12 @@ def test_export_refuses_foreign_directory_and_bad_components(tiny_checkpoint, tm
 
 def test_model_facts_agree_with_the_loaded_pipeline(tiny_checkpoint, reference_pipe):
     dims, constants = model_facts(tiny_checkpoint)
-    assert dims.vae_scale_factor == reference_pipe.vae_scale_factor == constants["vae_scale_factor"]
+    assert dims.vae_scale_factor == reference_pipe.vae_scale_factor
     assert dims.text_hidden == reference_pipe.text_encoder.config.hidden_size
     assert dims.chi_tokens == len(reference_pipe.tokenizer.encode("\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
-    assert constants["vae_scaling_factor"] == reference_pipe.vae.config.scaling_factor
-    assert constants["sigma_data"] == reference_pipe.scheduler.config.sigma_data
+    assert constants.vae_scaling_factor == reference_pipe.vae.config.scaling_factor
+    assert constants.sigma_data == reference_pipe.scheduler.config.sigma_data
+    assert constants.guidance_embeds_scale == reference_pipe.transformer.config.guidance_embeds_scale
 
 
 def test_large_model_path_streams_weights_to_external_data(tiny_checkpoint, tmp_path, monkeypatch):

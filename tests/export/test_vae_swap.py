@@ -10,8 +10,9 @@ import torch
 
 from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt.export.checkpoint import arch_configs
+from sprintrt.metrics import PARITY_MAX_ABS
 
-TOL = 1e-4
+TOL = PARITY_MAX_ABS  # max |diff| vs diffusers, images in [0, 1] (sprintrt/metrics.py)
 
 
 def _save_vae(path, seed: int, **changes):

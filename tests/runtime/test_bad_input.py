@@ -22,7 +22,7 @@ OK = dict(prompt="a cat", num_inference_steps=1, intermediate_timesteps=None, he
     (dict(prompt=None), "prompt=None"),
     (dict(height=100), "height=100.*multiple of 32"),
     (dict(width=129), "width=129.*multiple of 32"),
-    (dict(height=64), "height=64.*\\[128, 4096\\]"),
+    (dict(height=4128), "height=4128.*\\[32, 4096\\] pixels \\(latent_height 1..128"),
     (dict(num_inference_steps=0), "num_inference_steps=0.*\\[1, 1000\\]"),
     (dict(num_inference_steps=4, intermediate_timesteps=1.3), "intermediate_timesteps=1.3.*num_inference_steps == 2"),
     (dict(guidance_scale=float("nan")), "guidance_scale=nan.*finite"),

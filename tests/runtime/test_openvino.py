@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sprintrt.benchmarks.bench import psnr
+from sprintrt.metrics import PARITY_MAX_ABS, psnr
 from sprintrt.errors import EngineDirError
 from sprintrt.runtime.pipeline import SprintPipeline
 
 pytest.importorskip("openvino")
 
-FP32_TOL = 1e-4  # the walking skeleton's tolerance
 # bf16 kernels round activations to 8 mantissa bits; measured 50-51 dB on the tiny checkpoint against
 # diffusers fp32 (PyTorch's own bf16 pipeline lands in the same range), so 35 dB leaves margin and
 # still catches a wrong graph (which gives < 15 dB).
@@ -45,7 +44,7 @@ def _images(engine_dir, reference_pipe, kw):
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_fp32_matches_diffusers(ov_engines, reference_pipe, case):
     ref, ours = _images(ov_engines["fp32"], reference_pipe, CASES[case])
-    assert np.abs(ours - ref).max() <= FP32_TOL
+    assert np.abs(ours - ref).max() <= PARITY_MAX_ABS
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -63,7 +62,7 @@ def test_manifest_records_ir_weights_and_rejects_a_truncated_bin(ov_engines, tmp
     m = json.loads((copy / "manifest.json").read_text())
     entry = m["components"]["transformer"]
     assert entry["backend"] == "openvino" and entry["inference_precision"] == "bf16"
-    (side,) = entry["sidecars"]
+    (side,) = entry["extra_files"]
     assert side["file"].endswith(".bin")
     path = copy / side["file"]
     path.write_bytes(path.read_bytes()[:100])

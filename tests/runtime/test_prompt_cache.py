@@ -9,8 +9,9 @@ import torch
 
 from sprintrt.errors import InvalidInputError
 from sprintrt.runtime.prompt_cache import PromptEmbeddingCache
+from sprintrt.metrics import PARITY_MAX_ABS
 
-TOL = 1e-4  # the parity tolerance of tests/runtime/test_pipeline_parity.py
+TOL = PARITY_MAX_ABS  # max |diff| vs diffusers, images in [0, 1] (sprintrt/metrics.py)
 
 
 def test_cached_prompts_skip_the_encoder_and_keep_diffusers_images(reference_pipe, sprint_pipe, monkeypatch,

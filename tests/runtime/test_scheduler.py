@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import SCMScheduler as TorchSCM
 
+from sprintrt.defaults import intermediate_timesteps_for
 from sprintrt.errors import InvalidInputError
 from sprintrt.runtime.scheduler import SCMScheduler, TrigFlowStep, torch_linspace_f32, trigflow_timesteps
 
@@ -28,7 +29,7 @@ def test_linspace_timesteps_bit_identical(n):
 def test_default_two_step_schedule_bit_identical():
     ours = trigflow_timesteps(2)
     assert ours.view(np.uint32).tolist() == _torch_timesteps(2).view(np.uint32).tolist()
-    assert ours.view(np.uint32).tolist() == [0x3FC90FF9, 0x3FA66666, 0]  # spec §2.3
+    assert ours.view(np.uint32).tolist() == [0x3FC90FF9, 0x3FA66666, 0]  # docs/SANA_SPRINT_SPEC.md §2.3
 
 
 @pytest.mark.parametrize("custom", [[1.5, 0.9, 0.3, 0.0], [1.2, 0.0]])
@@ -47,7 +48,7 @@ def test_torch_linspace_emulation(steps):
 
 def test_step_constants_match_spec_table():
     st = TrigFlowStep.at(np.float32(1.5708), np.float32(0))
-    assert st.sflow.view(np.uint32) == 0x3F80001F  # 1.0000037, spec §4.5
+    assert st.sflow.view(np.uint32) == 0x3F80001F  # 1.0000037, docs/SANA_SPRINT_SPEC.md §4.5
     st = TrigFlowStep.at(np.float32(1.3), np.float32(0))
     assert st.sflow.view(np.uint32) == 0x3F485F8D
 
@@ -58,10 +59,10 @@ def test_step_matches_diffusers_pipeline_math(n):
     rng = np.random.default_rng(n)
     x = (rng.standard_normal((2, 4, 3, 5)) * 0.5).astype(np.float32)
     ref_s = TorchSCM(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
-    ref_s.set_timesteps(n, intermediate_timesteps=1.3 if n == 2 else None)
+    ref_s.set_timesteps(n, intermediate_timesteps=intermediate_timesteps_for(n))
     ref_s.set_begin_index(0)
     ours = SCMScheduler(0.5)
-    ours.set_timesteps(n, intermediate_timesteps=1.3 if n == 2 else None)
+    ours.set_timesteps(n, intermediate_timesteps=intermediate_timesteps_for(n))
     xt = torch.from_numpy(x.copy())
     for i, (t, step) in enumerate(zip(ref_s.timesteps[:-1], ours.steps())):
         flow = rng.standard_normal(x.shape).astype(np.float32)
