@@ -31,7 +31,8 @@ from sprintrt.metrics import max_abs, psnr
 
 SCHEMA = "sprintrt-bench/1"
 ENGINE_STAGES = COMPONENTS
-STAGES = ("tokenize", "text_encoder", "transformer", "scheduler", "noise", "vae_decoder", "postprocess")
+STAGES = ("tokenize", "text_encoder", "preprocess", "vae_encoder", "transformer", "scheduler", "noise", "vae_decoder",
+          "postprocess")
 BASELINES = ("torch-fp32", "torch-bf16", "torch-compile-bf16")
 REFERENCE = "torch-fp32"
 
@@ -75,6 +76,7 @@ class BenchConfig:
     calibration_count: int = D.DEFAULT_CALIBRATION_COUNT  # int8 candidates: calibration prompts (shipped file)
     vae: str | None = None  # a drop-in AutoencoderDC for every system (export --vae), e.g. DC-AE-Lite
     prompt_cache: bool = False  # also time sprintrt systems on a repeated prompt with the embedding cache
+    strength: float | None = None  # image to image from input_picture() at this strength; None: text to image
 
     def check(self) -> None:
         """Refuse nonsense before any work is done."""
@@ -101,6 +103,9 @@ class BenchConfig:
                 raise InvalidInputError(f"steps {s!r} is not allowed: expected an integer >= 1. Fix: --steps 1,2")
         if not self.candidates:
             raise InvalidInputError("no candidates: expected at least one backend:precision. Fix: --candidates ort:fp32")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise InvalidInputError(f"strength={self.strength} is not allowed: expected (0, 1] for image to image. "
+                                    f"Fix: --strength {D.DEFAULT_STRENGTH}, or leave it out for text to image")
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -166,9 +171,23 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def input_picture(height: int, width: int) -> np.ndarray:
+    """The image-to-image input of the benchmark and drift runs: a smooth, deterministic HxWx3 picture in [0, 1]."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    picture = np.stack([np.sin(6 * x + 1), np.cos(5 * y), np.sin(4 * (x + y))], axis=-1) * 0.4 + 0.5
+    return picture.astype(np.float32)
+
+
+def steps_run(steps: int, strength: float | None) -> int:
+    """Transformer calls of one generation: every step for text to image, fewer for image to image."""
+    from sprintrt.runtime.img2img import start_index
+
+    return steps if strength is None else steps - start_index(steps, strength)
+
+
 # ---- systems under test -------------------------------------------------------------------------
 
-def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | None = None):
+def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | None = None, img2img: bool = False):
     import torch
 
     from sprintrt.benchmarks.torch_timing import run_timed
@@ -182,6 +201,11 @@ def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | No
         from diffusers import AutoencoderDC
 
         pipe.vae = AutoencoderDC.from_pretrained(vae_dir, torch_dtype=dtype).eval()
+    if img2img:
+        from diffusers import SanaSprintImg2ImgPipeline
+
+        pipe = SanaSprintImg2ImgPipeline(**pipe.components)
+        pipe.set_progress_bar_config(disable=True)
     if "compile" in name:
         pipe.transformer = torch.compile(pipe.transformer)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
@@ -193,12 +217,13 @@ def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | No
     return pipe, run
 
 
-def _sprint_system(engine_dir: Path, threads: int | None):
+def _sprint_system(engine_dir: Path, threads: int | None, img2img: bool = False):
     import torch
 
+    from sprintrt.runtime.img2img import SprintImg2ImgPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
 
-    pipe = SprintPipeline.from_engines(engine_dir, threads=threads)
+    pipe = (SprintImg2ImgPipeline if img2img else SprintPipeline).from_engines(engine_dir, threads=threads)
 
     def run(call, seed):
         out = pipe(**call, generator=torch.Generator().manual_seed(seed))
@@ -325,14 +350,16 @@ def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, c
         t0 = time.perf_counter()
         if kind == "baseline":
             vae_dir = resolve_vae(config.vae) if config.vae else None
-            pipe, run = _torch_system(ckpt, system, config.threads, vae_dir)
+            pipe, run = _torch_system(ckpt, system, config.threads, vae_dir, img2img=config.strength is not None)
         else:
-            pipe, run = _sprint_system(engines[system], config.threads)
+            pipe, run = _sprint_system(engines[system], config.threads, img2img=config.strength is not None)
         load_seconds = time.perf_counter() - t0
         for (h, w), batch, steps in shapes:
             call = dict(prompt=[config.prompt] * batch, num_inference_steps=steps,
                         intermediate_timesteps=D.intermediate_timesteps_for(steps), height=h, width=w,
                         use_resolution_binning=False, output_type="np", complex_human_instruction=chi)
+            if config.strength is not None:
+                call.update(image=input_picture(h, w), strength=config.strength)
             image, timings = _measure(run, call, config.warmup, config.runs, config.seed, lambda: None)
             entry = {"name": name, "kind": kind, **summarise(timings), "_image": image}
             if config.prompt_cache and kind == "candidate":
@@ -384,7 +411,7 @@ def run_bench(config: BenchConfig, say=print) -> dict:
         "settings": {"warmup": config.warmup, "runs": config.runs, "prompt": config.prompt,
                      "complex_human_instruction": config.complex_human_instruction,
                      "text_length": _text_length(info, config), "threads": config.threads,
-                     "reference": REFERENCE, "binning": False},
+                     "reference": REFERENCE, "binning": False, "strength": config.strength},
         "onnx_bytes": {c: r["bytes"] + (r.get("external_data") or {}).get("bytes", 0)
                        for c, r in info["components"].items()},
         "results": [],
@@ -394,7 +421,8 @@ def run_bench(config: BenchConfig, say=print) -> dict:
         for e in entries:
             img = e.pop("_image")
             e["image_vs_reference"] = {"max_abs": max_abs(img, ref), "psnr_db": psnr(img, ref)}
-        doc["results"].append({"height": h, "width": w, "batch": batch, "steps": steps, "systems": entries})
+        doc["results"].append({"height": h, "width": w, "batch": batch, "steps": steps,
+                               "steps_run": steps_run(steps, config.strength), "systems": entries})
     validate(doc)
     return doc
 
@@ -466,7 +494,8 @@ def validate(doc: dict) -> None:
                 need(key in s, f"system {s.get('name')!r} lacks '{key}'")
             need(set(s["end_to_end"]) == _STATS, f"{s['name']} end_to_end needs {sorted(_STATS)}")
             need(all(set(v) == _STATS for v in s["stages"].values()), f"{s['name']} stage stats")
-            need(len(s["transformer_steps"]) == r["steps"], f"{s['name']} has {len(s['transformer_steps'])} step timings")
+            ran = r.get("steps_run", r["steps"])
+            need(len(s["transformer_steps"]) == ran, f"{s['name']} has {len(s['transformer_steps'])} step timings, not {ran}")
             need(s["engine_sum"]["median"] <= s["end_to_end"]["median"] * 1.001, f"{s['name']} stages exceed end to end")
 
 
@@ -478,7 +507,8 @@ def report(doc: dict) -> str:
     """Markdown tables, one per (resolution, batch, steps)."""
     validate(doc)
     m, st = doc["machine"], doc["settings"]
-    lines = [f"# sprintrt benchmark — {doc['model']['source']}", "",
+    task = "text to image" if st.get("strength") is None else f"image to image, strength {st['strength']}"
+    lines = [f"# sprintrt benchmark — {doc['model']['source']} ({task})", "",
              f"Machine: {m['cpu']['name']} ({m['cores']} cores, {m['memory_gb']} GB"
              f"{', ' + ', '.join(g['name'] for g in m['gpus']) if m['gpus'] else ', no GPU'}); "
              f"{', '.join(f'{k} {v}' for k, v in doc['versions'].items())}.",
@@ -507,9 +537,10 @@ def report(doc: dict) -> str:
             lines += [f"| {s['name']} | {_fmt_s(s['cached_prompt']['end_to_end']['median'])} | "
                       f"{_fmt_s(s['cached_prompt']['text_encoder']['median'])} |" for s in cached]
         lines.append("")
-    lines.append("Overhead = end to end − (text encoder + transformer + VAE decoder): tokenizing, scheduling, noise, "
-                 "post-processing and the runtime itself. Each system is loaded and timed in a fresh process, one "
-                 "after another; peak RSS is that process's largest resident set.")
+    lines.append("Overhead = end to end − the engines (text encoder, transformer, VAE decoder and, image to image, "
+                 "VAE encoder): tokenizing, scheduling, noise, pre- and post-processing and the runtime itself. Each "
+                 "system is loaded and timed in a fresh process, one after another; peak RSS is that process's "
+                 "largest resident set.")
     return "\n".join(lines) + "\n"
 
 

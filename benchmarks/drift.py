@@ -25,7 +25,8 @@ from sprintrt.metrics import cosine, max_abs, psnr
 
 SCHEMA = "sprintrt-drift/1"
 # The output of each component that the next stage reads.
-OUTPUTS = {S.TEXT_ENCODER: "last_hidden_state", S.TRANSFORMER: "noise_pred", S.VAE_DECODER: "sample"}
+OUTPUTS = {S.TEXT_ENCODER: "last_hidden_state", S.TRANSFORMER: "noise_pred", S.VAE_DECODER: "sample",
+           S.VAE_ENCODER: "latent"}
 
 
 class _Tap:
@@ -40,19 +41,27 @@ class _Tap:
         return out
 
 
-def _generate(pipe, prompt: str, seed: int, size: int, steps: int) -> np.ndarray:
+def _generate(pipe, prompt: str, seed: int, size: int, steps: int, strength: float | None) -> np.ndarray:
     import torch
 
+    from sprintrt.benchmarks.bench import input_picture
+
+    extra = {} if strength is None else dict(image=input_picture(size, size), strength=strength)
     return pipe(prompt, num_inference_steps=steps, intermediate_timesteps=intermediate_timesteps_for(steps), height=size,
                 width=size, use_resolution_binning=False, output_type="np",
-                generator=torch.Generator().manual_seed(seed)).images
+                generator=torch.Generator().manual_seed(seed), **extra).images
 
 
 def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts: list[str], seeds: list[int],
-              size: int = 512, steps: int = 1, threads: int | None = None, say=print) -> dict:
-    """The drift document (schema SCHEMA) of each candidate engine directory against `reference`."""
+              size: int = 512, steps: int = 1, threads: int | None = None, say=print,
+              strength: float | None = None) -> dict:
+    """The drift document (schema SCHEMA) of each candidate engine directory against `reference`; with
+    `strength`, of image to image from a fixed picture (the VAE encoder's drift included)."""
     from sprintrt.engines.manifest import read_manifest
+    from sprintrt.runtime.img2img import SprintImg2ImgPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
+
+    pipeline = SprintPipeline if strength is None else SprintImg2ImgPipeline
 
     if not prompts or not seeds:
         raise InvalidInputError(f"drift needs prompts and seeds (got {len(prompts)} prompts, {len(seeds)} seeds). "
@@ -61,12 +70,12 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
         raise InvalidInputError("drift needs at least one candidate engine directory. Fix: name one after the reference")
     cases = [(p, s) for p in prompts for s in seeds]
     say(f"reference {reference}: {len(cases)} images")
-    ref_pipe = SprintPipeline.from_engines(reference, threads=threads)
-    taps = {c: _Tap(ref_pipe.engine(c)) for c in S.COMPONENTS}
+    ref_pipe = pipeline.from_engines(reference, threads=threads)
+    taps = {c: _Tap(ref_pipe.engine(c)) for c in pipeline.COMPONENTS}
     for c, tap in taps.items():
         ref_pipe.set_engine(c, tap)
     ref_pipe.trim_padding = False  # record the padded text the candidates' engines are compared on
-    ref_images = [_generate(ref_pipe, p, s, size, steps) for p, s in cases]
+    ref_images = [_generate(ref_pipe, p, s, size, steps, strength) for p, s in cases]
     recorded = {c: tap.calls for c, tap in taps.items()}
     ref_precisions = {c: e["precision"] for c, e in read_manifest(reference).components.items()}
     del ref_pipe, taps
@@ -75,10 +84,10 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
     systems = []
     for name, engine_dir in candidates.items():
         say(f"candidate {name} ({engine_dir})")
-        pipe = SprintPipeline.from_engines(engine_dir, threads=threads)
+        pipe = pipeline.from_engines(engine_dir, threads=threads)
         manifest = read_manifest(engine_dir)
         components = {}
-        for c in S.COMPONENTS:
+        for c in pipeline.COMPONENTS:
             engine, cos, err = pipe.engine(c), [], []
             for feeds, out in recorded[c]:
                 got = engine(**feeds)[OUTPUTS[c]]
@@ -92,7 +101,7 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
                              "cosine_min": min(cos), "cosine_mean": float(np.mean(cos)), "max_abs": max(err),
                              "samples": len(cos)}
         t0 = time.perf_counter()
-        ps = [psnr(_generate(pipe, p, s, size, steps), ref) for (p, s), ref in zip(cases, ref_images)]
+        ps = [psnr(_generate(pipe, p, s, size, steps, strength), ref) for (p, s), ref in zip(cases, ref_images)]
         systems.append({"name": name, "engine_dir": str(engine_dir), "components": components,
                         "image_psnr_db": {"min": min(ps), "mean": float(np.mean(ps)), "per_image": ps},
                         "seconds": round(time.perf_counter() - t0, 1)})
@@ -100,7 +109,7 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
         gc.collect()
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "reference": {"engine_dir": str(reference), "precisions": ref_precisions},
-            "settings": {"prompts": prompts, "seeds": seeds, "size": size, "steps": steps},
+            "settings": {"prompts": prompts, "seeds": seeds, "size": size, "steps": steps, "strength": strength},
             "systems": systems}
 
 
@@ -114,6 +123,7 @@ def report(doc: dict) -> str:
     st = doc["settings"]
     lines = [f"# Precision drift against {doc['reference']['engine_dir']} "
              f"({', '.join(f'{c} {p}' for c, p in doc['reference']['precisions'].items())})", "",
+             f"{'Image to image at strength ' + str(st['strength']) + ' from a fixed picture; ' if st.get('strength') else ''}"
              f"{len(st['prompts'])} prompts x {len(st['seeds'])} seeds, {st['size']}x{st['size']}, {st['steps']} "
              f"step{'s' if st['steps'] > 1 else ''}. Per component: the engine fed the reference's own inputs "
              "(cosine min / mean, max |diff|; text encoder over real tokens only). Image: PSNR of the final image "

@@ -1,8 +1,9 @@
 """Per-stage timing of diffusers' SanaSprintPipeline, by forward hooks on its three networks.
 
 Used for the PyTorch baseline column of `sprintrt demo` and `sprintrt bench`: the pipeline runs
-unmodified; hooks only read the clock around the text encoder, each transformer call and the VAE
-decoder, so the stage names line up with SprintPipelineOutput.timings.
+unmodified; hooks only read the clock around the text encoder, each transformer call, the VAE
+decoder (and, image to image, the VAE encoder), so the stage names line up with
+SprintPipelineOutput.timings.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from contextlib import contextmanager
 
 @contextmanager
 def stage_hooks(pipe, timings: dict):
-    modules = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "vae_decoder": pipe.vae.decoder}
+    modules = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "vae_decoder": pipe.vae.decoder,
+               "vae_encoder": pipe.vae.encoder}  # the encoder runs in image to image only
     handles, starts = [], {}
     for stage, module in modules.items():
         def pre(_m, _args, stage=stage):

@@ -73,14 +73,17 @@ class BuildPlan:
 
 
 def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime", precision=None,
-               components=S.COMPONENTS, profile: ProfileOptions | None = None,
+               components=None, profile: ProfileOptions | None = None,
                calibration: dict | None = None) -> BuildPlan:
-    """Check everything that can fail without building and derive each component's key. Writes nothing."""
+    """Check everything that can fail without building and derive each component's key. Writes nothing.
+    `components` None means every component the export holds."""
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     backend = auto_backend() if backend == "auto" else canonical(backend)
     mod = backend_module(backend)
     calibration = calibration or {}
     info = read_export_info(onnx_dir)
+    if components is None:
+        components = tuple(c for c in S.COMPONENTS if c in info["components"])
     missing = [c for c in components if c not in info["components"]]
     if missing:
         raise ModelLoadError(f"{onnx_dir} has no export of {missing}. Fix: `sprintrt export MODEL -o {onnx_dir}`")
@@ -142,13 +145,14 @@ def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
 
 
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",
-                  precision=None, components=S.COMPONENTS, rebuild: bool = False,
+                  precision=None, components=None, rebuild: bool = False,
                   profile: ProfileOptions | None = None, calibration: dict | None = None,
                   progress: Callable[[str, str], None] | None = None) -> Path:
     """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
 
     Args:
         backend: onnxruntime, openvino, tensorrt (or ort/ov/trt), or auto.
+        components: which to build (default: every component the export holds).
         precision: None (the backend's per-component defaults), one precision for all, a dict, or
             "transformer=fp16,vae_decoder=fp32".
         profile: TensorRT shape-profile options (ONNX Runtime and OpenVINO engines take the spec's ranges).

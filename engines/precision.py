@@ -13,7 +13,7 @@ from __future__ import annotations
 from enum import Enum
 
 from sprintrt.errors import InvalidInputError
-from sprintrt.export.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER
+from sprintrt.export.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 
 class Precision(str, Enum):
@@ -39,13 +39,15 @@ P = Precision
 # What each backend can build, per component. INT8/FP8 need Q/DQ ONNX (the quantization step).
 ALLOWED = {
     # int8: static Q/DQ of the transformer, calibrated on recorded inputs (engines/quantize.py)
-    "onnxruntime": {TEXT_ENCODER: (P.FP32,), TRANSFORMER: (P.FP32, P.INT8), VAE_DECODER: (P.FP32,)},
+    "onnxruntime": {TEXT_ENCODER: (P.FP32,), TRANSFORMER: (P.FP32, P.INT8), VAE_DECODER: (P.FP32,),
+                    VAE_ENCODER: (P.FP32,)},
     "openvino": {c: (P.FP32, P.BF16) for c in COMPONENTS},
     "tensorrt": {
         TEXT_ENCODER: (P.FP32, P.TF32, P.BF16),
         # int8 / fp8: explicit Q/DQ quantization, strongly typed (fp8 needs compute capability >= 8.9)
         TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8, P.FP8),
         VAE_DECODER: (P.FP32, P.TF32, P.BF16, P.FP16),
+        VAE_ENCODER: (P.FP32, P.TF32, P.BF16, P.FP16),
     },
 }
 WHY_NOT = {(TEXT_ENCODER, P.FP16): "Gemma2 overflows fp16 (its docs: the text encoder must stay in bf16)",

@@ -148,7 +148,8 @@ def load_pipeline(model: str | Path, torch_dtype=None):
     return pipe
 
 
-COMPONENT_FOLDERS = {"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae"}
+COMPONENT_FOLDERS = {"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae",
+                     "vae_encoder": "vae"}
 
 
 def load_component(src: str | Path, component: str, torch_dtype=None, vae_dir: str | Path | None = None):
@@ -166,9 +167,9 @@ def load_component(src: str | Path, component: str, torch_dtype=None, vae_dir: s
             model = Gemma2Model.from_pretrained(src / "text_encoder", dtype=dtype, attn_implementation="eager")
         elif component == "transformer":
             model = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
-        elif component == "vae_decoder" and vae_dir is not None:
+        elif component in ("vae_decoder", "vae_encoder") and vae_dir is not None:
             model = AutoencoderDC.from_pretrained(vae_dir, torch_dtype=dtype)
-        elif component == "vae_decoder":
+        elif component in ("vae_decoder", "vae_encoder"):
             model = AutoencoderDC.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
         else:
             raise InvalidInputError(f"component={component!r} is not known: expected one of "

@@ -143,9 +143,10 @@ def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, S.
 
 def wrapper_for(component: str, module):
     """The export wrapper of one loaded network (see export/wrappers.py)."""
-    from sprintrt.export.wrappers import TextEncoderWrapper, TransformerWrapper, VaeDecoderWrapper
+    from sprintrt.export.wrappers import TextEncoderWrapper, TransformerWrapper, VaeDecoderWrapper, VaeEncoderWrapper
 
-    cls = {S.TEXT_ENCODER: TextEncoderWrapper, S.TRANSFORMER: TransformerWrapper, S.VAE_DECODER: VaeDecoderWrapper}
+    cls = {S.TEXT_ENCODER: TextEncoderWrapper, S.TRANSFORMER: TransformerWrapper, S.VAE_DECODER: VaeDecoderWrapper,
+           S.VAE_ENCODER: VaeEncoderWrapper}
     return cls[component](module).eval()
 
 
@@ -159,7 +160,10 @@ def _trace(module, spec: S.ComponentSpec):
     feeds = spec.sample_inputs(spec.sizes("sample"))
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     dims = {n: torch.export.Dim(n, min=d.min, max=d.max) for n, d in spec.dims().items()}
-    dynamic = tuple({axis: dims[d.name] for axis, d in enumerate(t.dims) if isinstance(d, S.Dim)} for t in spec.inputs)
+    def axis(d):  # a latent axis is a Dim; the encoder's pixel axes are derived dims (latent x factor)
+        return dims[d.name] if isinstance(d, S.Dim) else dims[d.dim.name] * d.factor
+
+    dynamic = tuple({i: axis(d) for i, d in enumerate(t.dims) if isinstance(d, (S.Dim, S.Scaled))} for t in spec.inputs)
     # The exporter prints its progress to stdout; keep it for the error message if it fails.
     log = io.StringIO()
     with torch.no_grad(), contextlib.redirect_stdout(log):

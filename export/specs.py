@@ -20,7 +20,11 @@ from sprintrt.errors import InvalidInputError
 TEXT_ENCODER = "text_encoder"
 TRANSFORMER = "transformer"
 VAE_DECODER = "vae_decoder"
-COMPONENTS = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER)
+VAE_ENCODER = "vae_encoder"
+COMPONENTS = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER)
+# What each pipeline runs: text to image needs no encoder; image to image encodes its input image.
+TEXT_TO_IMAGE = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER)
+IMAGE_TO_IMAGE = COMPONENTS
 
 # diffusers' default complex human instruction (SanaSprintPipeline.__call__), kept here so the
 # runtime has it without diffusers. Joined with "\n" and prepended to every prompt
@@ -83,7 +87,8 @@ class Bounds(NamedTuple):
 
 @dataclass(frozen=True)
 class Scaled:
-    """An output axis that is a fixed multiple of an input Dim (the VAE's pixels per latent)."""
+    """An axis that is a fixed multiple of a Dim (the VAE's pixels per latent): the decoder's output
+    and the encoder's input are `latent size x factor` pixels."""
 
     dim: Dim
     factor: int
@@ -95,8 +100,8 @@ class TensorSpec:
 
     name: str
     dtype: str
-    dims: tuple  # each an int, a Dim, or (outputs only) a Scaled
-    values: str = "normal"  # normal | token_ids | padding_mask | unit_interval | guidance
+    dims: tuple  # each an int, a Dim, or a Scaled
+    values: str = "normal"  # normal | token_ids | padding_mask | unit_interval | guidance | image
     high: int = 0  # exclusive upper bound for token_ids
 
     def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
@@ -136,6 +141,7 @@ class ComponentSpec:
         found: dict[str, Dim] = {}
         for t in self.inputs:
             for d in t.dims:
+                d = d.dim if isinstance(d, Scaled) else d
                 if isinstance(d, Dim):
                     found.setdefault(d.name, d)
         return found
@@ -184,6 +190,8 @@ class ComponentSpec:
                 arr = rng.uniform(0.0, 1.0, size=shape)
             elif t.values == "guidance":
                 arr = rng.uniform(0.3, 0.6, size=shape)
+            elif t.values == "image":
+                arr = rng.uniform(-1.0, 1.0, size=shape)
             else:
                 arr = rng.standard_normal(size=shape)
             feeds[t.name] = arr.astype(t.dtype)
@@ -203,12 +211,20 @@ class ComponentSpec:
             if np.dtype(arr.dtype) != np.dtype(t.dtype):
                 raise InvalidInputError(f"{self.name}: input '{t.name}' has dtype {arr.dtype}, expected {t.dtype}")
             for axis, (d, size) in enumerate(zip(t.dims, arr.shape)):
+                factor = 1
+                if isinstance(d, Scaled):
+                    d, factor = d.dim, d.factor
+                    if size % factor:
+                        raise InvalidInputError(
+                            f"{self.name}: input '{t.name}' axis {axis} is {size}, expected a multiple of {factor} "
+                            f"({d.name} x {factor}). Fix: resize to a multiple of {factor}")
                 if isinstance(d, Dim):
-                    lim = limits[d.name]
+                    lim, size = limits[d.name], size // factor
                     if not lim.min <= size <= lim.max:
                         raise InvalidInputError(
-                            f"{self.name}: input '{t.name}' axis {axis} ({d.name}) is {size}, allowed range is "
-                            f"[{lim.min}, {lim.max}]. Fix: stay inside the engine's profile or rebuild it with a wider one.")
+                            f"{self.name}: input '{t.name}' axis {axis} ({d.name}) is {size * factor}"
+                            f"{f' ({size} x {factor})' if factor > 1 else ''}, allowed range is [{lim.min * factor}, "
+                            f"{lim.max * factor}]. Fix: stay inside the engine's profile or rebuild it with a wider one.")
                     if seen.setdefault(d.name, size) != size:
                         raise InvalidInputError(
                             f"{self.name}: {d.name} is {seen[d.name]} in one input and {size} in '{t.name}'; they must agree")
@@ -319,7 +335,22 @@ def vae_decoder_spec(m: ModelDims) -> ComponentSpec:
     )
 
 
-SPEC_BUILDERS = {TEXT_ENCODER: text_encoder_spec, TRANSFORMER: transformer_spec, VAE_DECODER: vae_decoder_spec}
+def vae_encoder_spec(m: ModelDims) -> ComponentSpec:
+    b = _batch(m)
+    h = _latent(m, "latent_height", sample=5, probes=(4, 7))
+    w = _latent(m, "latent_width", sample=4, probes=(6, 5))
+    f = m.vae_scale_factor
+    return ComponentSpec(
+        VAE_ENCODER,
+        inputs=(TensorSpec("sample", "float32", (b, 3, Scaled(h, f), Scaled(w, f)), values="image"),),
+        outputs=(TensorSpec("latent", "float32", (b, m.latent_channels, h, w)),),
+        notes="AutoencoderDC.encode(sample).latent; input is the image in [-1, 1], output unscaled (the pipeline "
+              "multiplies it by scaling_factor and sigma_data).",
+    )
+
+
+SPEC_BUILDERS = {TEXT_ENCODER: text_encoder_spec, TRANSFORMER: transformer_spec, VAE_DECODER: vae_decoder_spec,
+                 VAE_ENCODER: vae_encoder_spec}
 
 
 def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:

@@ -131,3 +131,16 @@ class VaeDecoderWrapper(nn.Module):
 
     def forward(self, latent):
         return (self.vae.decode(latent, return_dict=False)[0],)
+
+
+class VaeEncoderWrapper(nn.Module):
+    """AutoencoderDC.encode(sample) -> latent (deterministic: DC-AE has no posterior sampling). The
+    caller multiplies the latent by scaling_factor and sigma_data."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        channels_first_rms_norms(vae.encoder)
+
+    def forward(self, sample):
+        return (self.vae.encode(sample, return_dict=False)[0],)

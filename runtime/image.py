@@ -54,3 +54,98 @@ def postprocess(x: np.ndarray, output_type: str):
     from PIL import Image
 
     return [Image.fromarray(img) for img in (x * 255).round().astype(np.uint8)]
+
+
+# ---- img2img input: diffusers' VaeImageProcessor.preprocess, in NumPy ---------------------------------
+
+def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
+    """torch's 'nearest' (legacy) source indices: floor(dst * in/out) in float32, clamped."""
+    scale = np.float32(in_size / out_size)
+    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
+
+
+def resize_nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """F.interpolate(x, (height, width)) with torch's default mode 'nearest', NCHW."""
+    return x[:, :, _nearest_index(x.shape[2], height)][:, :, :, _nearest_index(x.shape[3], width)]
+
+
+def load_image_file(path) -> "object":
+    """A PIL image from a file, or a typed error naming it (missing, unreadable)."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    from sprintrt.errors import InvalidInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"image={str(path)!r} does not exist. Fix: pass the path of a PNG or JPEG file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise InvalidInputError(f"image={str(path)!r} cannot be read as an image ({e}). Fix: pass a PNG or JPEG "
+                                "file") from None
+
+
+def image_batch(image) -> tuple[str, object]:
+    """Check an img2img `image` (PIL image(s), NumPy array(s) HWC/NHWC in [0, 1], torch tensor(s) CHW/NCHW in
+    [0, 1]) without resizing it: ('pil', [images]), or ('array' / 'torch', float32 NCHW). Typed errors name
+    the problem."""
+    from sprintrt.errors import invalid
+
+    items = image if isinstance(image, (list, tuple)) else [image]
+    if not items or image is None:
+        raise invalid("image", image, "a PIL image, an HxWx3 NumPy array in [0, 1], a 3xHxW torch tensor in [0, 1], "
+                      "or a list of them", "pass the image to start from")
+    if all(type(i).__module__.startswith("PIL") for i in items):
+        for k, img in enumerate(items):
+            if img.mode != "RGB":
+                raise invalid(f"image[{k}]" if len(items) > 1 else "image", f"a PIL image in mode {img.mode!r}",
+                              "3 channels (mode 'RGB')", "convert it first: image.convert('RGB')")
+        return "pil", list(items)
+    arrays, kinds = [], set()
+    for k, img in enumerate(items):
+        name = f"image[{k}]" if len(items) > 1 else "image"
+        kinds.add("torch" if type(img).__module__.startswith("torch") else "array")
+        if type(img).__module__.startswith("torch"):
+            arr = img.detach().cpu().float().numpy()
+            arr = arr[None] if arr.ndim == 3 else arr  # CHW -> NCHW
+        elif isinstance(img, np.ndarray):
+            arr = img.astype(np.float32)
+            arr = arr[None] if arr.ndim == 3 else arr  # HWC -> NHWC
+            if arr.ndim == 4:
+                arr = arr.transpose(0, 3, 1, 2)
+        else:
+            raise invalid(name, img, "a PIL image, a NumPy array or a torch tensor", "pass the image as one of those")
+        if arr.ndim != 4 or arr.shape[1] != 3:
+            raise invalid(name, f"an array of shape {tuple(np.shape(img))}", "3 channels (HxWx3 for NumPy, 3xHxW "
+                          "for torch, optionally with a batch axis first)", "pass an RGB image")
+        if not np.isfinite(arr).all():
+            raise invalid(name, "an array with NaN or inf", "finite values in [0, 1]", "clean the image first")
+        arrays.append(arr)
+    if len(kinds) > 1 or len({a.shape[1:] for a in arrays}) > 1:
+        raise invalid("image", "a list of mixed kinds or sizes", "images of one kind and one size",
+                      "pass one batch array, or a list of PIL images")
+    return kinds.pop(), np.concatenate(arrays, axis=0)
+
+
+def preprocess_image(kind: str, images, height: int, width: int) -> np.ndarray:
+    """The VAE encoder's input, float32 NCHW in [-1, 1], exactly as SanaSprintImg2ImgPipeline prepares it:
+    PIL images resized with Lanczos by PIL; arrays resized 'nearest' (torch tensors of another size
+    bilinear first, as prepare_image does); values in [0, 1] mapped to [-1, 1] (arrays already below 0
+    are taken as [-1, 1], with diffusers' deprecation)."""
+    from PIL import Image
+
+    if kind == "pil":
+        resized = [img.resize((width, height), resample=Image.LANCZOS, reducing_gap=None) for img in images]
+        x = np.stack([np.array(img).astype(np.float32) / 255.0 for img in resized]).transpose(0, 3, 1, 2)
+    else:
+        x = images
+        if kind == "torch" and x.shape[2:] != (height, width):
+            x = resize_bilinear(x, height, width).astype(np.float32)
+        x = resize_nearest(x, height, width)
+    if x.min() < 0:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(np.float32(2.0) * x - np.float32(1.0), dtype=np.float32)

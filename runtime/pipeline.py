@@ -61,10 +61,15 @@ class Clock:
 
 
 class SprintPipeline:
+    """Text to image over engines; see the module docstring."""
+
+    COMPONENTS = S.TEXT_TO_IMAGE  # the engines from_engines loads by default
+
     def __init__(self, engines: dict, tokenizer: PromptTokenizer, manifest):
         self.text_encoder = engines.get(S.TEXT_ENCODER)
         self.transformer = engines[S.TRANSFORMER]
         self.vae_decoder = engines.get(S.VAE_DECODER)
+        self.vae_encoder = engines.get(S.VAE_ENCODER)
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.model_dims = S.ModelDims.from_json(manifest.data["model_dims"])
@@ -82,7 +87,7 @@ class SprintPipeline:
 
     @classmethod
     def from_engines(cls, engine_dir: str | Path, threads: int | None = None, expect_model: str | None = None,
-                     verify_sha256: bool = False, components=S.COMPONENTS,
+                     verify_sha256: bool = False, components=None,
                      cuda_graph: bool = False,
                      prompt_cache: "PromptEmbeddingCache | int | None" = None) -> "SprintPipeline":
         """Load an engine directory written by `sprintrt build`.
@@ -92,13 +97,15 @@ class SprintPipeline:
             threads: intra-op threads per engine (default: the backend's choice, or $SPRINTRT_THREADS).
             expect_model: the model identity (sha256) the engines must come from; None skips the check.
             verify_sha256: hash every engine file against the manifest (size is always checked).
-            components: load a subset (e.g. without the VAE for output_type="latent").
+            components: load a subset (e.g. without the VAE for output_type="latent"); default: what
+                this pipeline runs (text to image: text encoder, transformer, VAE decoder).
             cuda_graph: TensorRT engines replay CUDA graphs at repeated shapes (static-profile engines).
             prompt_cache: reuse text-encoder outputs of repeated prompts: a PromptEmbeddingCache (may be
                 shared between pipelines) or its size in prompts. Off by default.
         """
         if prompt_cache is not None and not isinstance(prompt_cache, PromptEmbeddingCache):
             prompt_cache = PromptEmbeddingCache(prompt_cache)
+        components = tuple(cls.COMPONENTS if components is None else components)
         manifest = read_manifest(engine_dir)
         check_loadable(manifest, components, expect_model=expect_model, verify_sha256=verify_sha256,
                        machine=machine_for)
@@ -176,6 +183,30 @@ class SprintPipeline:
     ):
         """Generate images. Arguments and defaults are SanaSprintPipeline.__call__'s; `eta` is ignored
         there too. Returns SprintPipelineOutput(images, timings), or (images,) if return_dict is False."""
+        return self._generate(
+            self._start_from_noise, prompt=prompt, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            max_timesteps=max_timesteps, intermediate_timesteps=intermediate_timesteps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, height=height, width=width, generator=generator,
+            latents=latents, prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask,
+            output_type=output_type, return_dict=return_dict, clean_caption=clean_caption,
+            use_resolution_binning=use_resolution_binning, max_sequence_length=max_sequence_length,
+            complex_human_instruction=complex_human_instruction)
+
+    def _start_from_noise(self, scheduler: SCMScheduler, shape: tuple, draw, latents, clock: Clock):
+        """Text to image: the start is noise (or the caller's latents) times sigma_data, every step runs."""
+        if latents is None:
+            with clock("noise"):
+                x = draw(shape)
+        else:
+            x = self._check_latents(latents, shape)
+        return x * np.float32(self.constants.sigma_data), scheduler.steps()
+
+    def _generate(self, start, *, prompt, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
+                  guidance_scale, num_images_per_prompt, height, width, generator, latents, prompt_embeds,
+                  prompt_attention_mask, output_type, return_dict, clean_caption, use_resolution_binning,
+                  max_sequence_length, complex_human_instruction):
+        """The steps every SANA-Sprint pipeline shares; `start(scheduler, shape, draw, latents, clock)` gives
+        the starting latents and the TrigFlow steps to run (text to image: noise and all of them)."""
         clock = Clock()
         t_start = time.perf_counter()
         # 1. Check the arguments and bin the size (before any engine runs).
@@ -192,24 +223,18 @@ class SprintPipeline:
         embeds, mask = self.encode_prompt(prompt, num_images_per_prompt, prompt_embeds, prompt_attention_mask,
                                           max_sequence_length, complex_human_instruction, clock)
 
-        # 3. Prepare the latents: noise (or the caller's latents) times sigma_data.
+        # 3. Prepare the starting latents and the steps to run.
         batch = embeds.shape[0]
         f = self.vae_scale_factor
         shape = (batch, self.model_dims.latent_channels, height // f, width // f)
         draw = noise_source(generator, batch)
-        if latents is None:
-            with clock("noise"):
-                x = draw(shape)
-        else:
-            x = self._check_latents(latents, shape)
-        sigma_data = np.float32(self.constants.sigma_data)
-        x = x * sigma_data
+        x, steps = start(scheduler, shape, draw, latents, clock)
         guidance = np.full((batch,), np.float32(guidance_scale), dtype=np.float32) * np.float32(
             self.constants.guidance_embeds_scale)
 
         # 4. Denoise: one transformer call per TrigFlow step, noise drawn on every step (the last included).
         x0 = x
-        for step in scheduler.steps():
+        for step in steps:
             with clock("scheduler"):
                 x_in = scheduler.model_input(x, step)
                 timestep = np.full((batch,), step.sflow, dtype=np.float32)
@@ -220,7 +245,7 @@ class SprintPipeline:
                 noise = draw(shape)
             with clock("scheduler"):
                 x, x0 = scheduler.step(x, x_in, flow, step, noise)
-        out_latents = x0 / sigma_data
+        out_latents = x0 / np.float32(self.constants.sigma_data)
 
         # 5. Decode, resize back to the requested size, post-process.
         if output_type == "latent":
@@ -349,7 +374,7 @@ class SprintPipeline:
         """The latent sizes every loaded engine that takes latents accepts: the intersection of their
         profiles (ONNX Runtime and OpenVINO: the spec's full range; TensorRT: the built profile)."""
         limits = {}
-        for comp in (S.TRANSFORMER, S.VAE_DECODER):
+        for comp in (S.TRANSFORMER, S.VAE_DECODER, S.VAE_ENCODER):
             if comp not in self.limits:
                 continue
             for dim in ("latent_height", "latent_width"):
@@ -371,8 +396,8 @@ class SprintPipeline:
                               f"round it to {step * round(v / step) or step} or turn binning on")
             lim = limits[f"latent_{name}"]
             if not lim.min <= v // f <= lim.max:
-                backends = sorted({self.manifest.components[c]["backend"] for c in (S.TRANSFORMER, S.VAE_DECODER)
-                                   if c in self.limits})
+                backends = sorted({self.manifest.components[c]["backend"] for c in self.limits
+                                   if c != S.TEXT_ENCODER})
                 raise invalid(name, v, f"[{lim.min * f}, {lim.max * f}] pixels (latent_{name} {lim.min}..{lim.max} in "
                               f"the {'/'.join(backends)} engines' profile)",
                               "pick a size inside the profile or rebuild the engines with a wider one "

@@ -20,13 +20,13 @@ F32 = np.float32
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def _sin(t: np.float32) -> np.float32:
+def sin32(t: np.float32) -> np.float32:
     # np.sin on float32 is 1 ulp off torch's CPU sinf at t=1.3 and t=1.1781; float64 then rounding
     # matched torch on every schedule value (docs/SANA_SPRINT_SPEC.md §4.5).
     return F32(math.sin(float(t)))
 
 
-def _cos(t: np.float32) -> np.float32:
+def cos32(t: np.float32) -> np.float32:
     return F32(math.cos(float(t)))
 
 
@@ -90,7 +90,7 @@ class TrigFlowStep:
     @classmethod
     def at(cls, t, t_next) -> "TrigFlowStep":
         t, t_next = F32(t), F32(t_next)
-        s = _sin(t) / (_cos(t) + _sin(t))
+        s = sin32(t) / (cos32(t) + sin32(t))
         return cls(t, t_next, s, np.sqrt(s ** 2 + (F32(1) - s) ** 2))
 
 
@@ -125,6 +125,6 @@ class SCMScheduler:
         b = F32(1) - F32(2) * s + F32(2) * s ** 2
         f_trig = (a * x_in + b * flow.astype(F32)) / step.cin
         f_trig = f_trig * self.sigma_data
-        x0 = _cos(step.t) * x - _sin(step.t) * f_trig
-        x_next = _cos(step.t_next) * x0 + _sin(step.t_next) * (noise.astype(F32) * self.sigma_data)
+        x0 = cos32(step.t) * x - sin32(step.t) * f_trig
+        x_next = cos32(step.t_next) * x0 + sin32(step.t_next) * (noise.astype(F32) * self.sigma_data)
         return x_next, x0

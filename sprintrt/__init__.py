@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "SprintPipeline": "sprintrt.runtime.pipeline",
     "SprintPipelineOutput": "sprintrt.runtime.pipeline",
+    "SprintImg2ImgPipeline": "sprintrt.runtime.img2img",
     "PromptEmbeddingCache": "sprintrt.runtime.prompt_cache",
     "build_engines": "sprintrt.engines.build",
     "SprintError": "sprintrt.errors",

@@ -115,10 +115,23 @@ def cmd_doctor(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from sprintrt.runtime.img2img import SprintImg2ImgPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
 
-    pipe = SprintPipeline.from_engines(args.engine_dir, threads=args.threads)
-    out = pipe(prompt=args.prompt, num_inference_steps=args.steps,
+    extra = {}
+    if args.image is not None:
+        from sprintrt.runtime.image import load_image_file
+
+        # A file's alpha channel or palette is not part of the picture: generate from its RGB.
+        strength = D.DEFAULT_STRENGTH if args.strength is None else args.strength
+        extra = dict(image=load_image_file(args.image).convert("RGB"), strength=strength)
+    elif args.strength is not None:
+        from sprintrt.errors import InvalidInputError
+
+        raise InvalidInputError("--strength is for image to image. Fix: add --image IN.png, or drop --strength")
+    cls = SprintImg2ImgPipeline if extra else SprintPipeline
+    pipe = cls.from_engines(args.engine_dir, threads=args.threads)
+    out = pipe(prompt=args.prompt, num_inference_steps=args.steps, **extra,
                intermediate_timesteps=D.intermediate_timesteps_for(args.steps),
                guidance_scale=args.guidance_scale, height=args.height, width=args.width, generator=args.seed,
                use_resolution_binning=not args.no_binning, output_type="pil")
@@ -141,7 +154,7 @@ def cmd_drift(args) -> None:
     seeds = [_int_list_item(v, "--seeds") for v in args.seeds.split(",")]
     console = _console()
     doc = drift.run_drift(args.reference, candidates, prompts, seeds, size=args.size, steps=args.steps,
-                          threads=args.threads, say=console.print)
+                          threads=args.threads, say=console.print, strength=args.strength)
     paths = drift.write_outputs(doc, args.output)
     print(drift.report(doc))
     print(f"results written to {', '.join(str(p) for p in paths)}")
@@ -172,7 +185,8 @@ def cmd_bench(args) -> None:
         candidates=[B.Candidate.parse(c) for c in args.candidates.split(",")],
         baselines=args.baselines.split(","), warmup=args.warmup, runs=args.runs, workdir=Path(args.workdir),
         prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads,
-        calibration_count=args.calibration_count, vae=args.vae, prompt_cache=args.prompt_cache)
+        calibration_count=args.calibration_count, vae=args.vae, prompt_cache=args.prompt_cache,
+        strength=args.strength)
     config.check()
     console = _console()
     doc = B.run_bench(config, say=console.print)
@@ -260,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, default=D.DEFAULT_WIDTH)
     s.add_argument("--guidance-scale", type=float, default=D.DEFAULT_GUIDANCE_SCALE)
     s.add_argument("--no-binning", action="store_true", help="use height/width as given (multiples of 32)")
+    s.add_argument("--image", default=None, metavar="IN.png", help="image to image: start from this picture")
+    s.add_argument("--strength", type=float, default=None,
+                   help=f"image to image: how much of the schedule runs, in (0, 1] (default {D.DEFAULT_STRENGTH})")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_generate)
 
@@ -272,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="0,1")
     s.add_argument("--size", type=int, default=512)
     s.add_argument("--steps", type=int, default=1)
+    s.add_argument("--strength", type=float, default=None,
+                   help="measure image to image from a fixed picture at this strength (default: text to image)")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("-o", "--output", default="out/drift.json")
     s.set_defaults(fn=cmd_drift)
@@ -296,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", default=None, metavar="PATH_OR_ID", help="a drop-in AutoencoderDC for every system")
     s.add_argument("--prompt-cache", action="store_true",
                    help="also time sprintrt systems on a repeated prompt with the prompt-embedding cache")
+    s.add_argument("--strength", type=float, default=None,
+                   help="benchmark image to image from a fixed picture at this strength (default: text to image)")
     s.add_argument("--workdir", default="out/bench", help="where checkpoints, ONNX and engines are cached")
     s.add_argument("-o", "--output", default="out/bench/results.json")
     s.add_argument("--report", help="only turn a stored results JSON into Markdown + PNG beside it")

@@ -19,6 +19,8 @@ DEFAULT_MAX_TIMESTEPS = 1.57080
 # The pipeline's intermediate angle: used only with exactly 2 steps (SCMScheduler.set_timesteps).
 DEFAULT_INTERMEDIATE_TIMESTEPS = 1.3
 INTERMEDIATE_STEPS = 2
+# SanaSprintImg2ImgPipeline: the share of the schedule that runs from the input image.
+DEFAULT_STRENGTH = 0.6
 
 
 def intermediate_timesteps_for(steps: int) -> float | None:

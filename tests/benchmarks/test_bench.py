@@ -143,3 +143,22 @@ def test_an_onnx_cache_from_other_export_code_is_exported_again(tiny_results, ti
     B.prepare(config, say=said.append)
     assert any("other export code" in m for m in said)
     assert json.loads(info_path.read_text())["exporter"] == exporter_fingerprint()
+
+
+def test_image_to_image_benchmark(tiny_checkpoint, tiny_results):
+    """--strength benchmarks diffusers' SanaSprintImg2ImgPipeline against SprintImg2ImgPipeline from the same
+    picture: the VAE encoder is timed, fewer steps run, the images agree."""
+    _, work = tiny_results  # the export and engines are reused
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 160)], steps=[2], warmup=0,
+                           runs=1, workdir=work, baselines=["torch-fp32"], strength=0.3)
+    doc = B.run_bench(config, say=lambda *a: None)
+    (r,) = doc["results"]
+    assert r["steps_run"] == 1 and doc["settings"]["strength"] == 0.3
+    by = {s["name"]: s for s in r["systems"]}
+    ours = by["sprintrt onnxruntime fp32"]
+    assert "vae_encoder" in ours["stages"] and len(ours["transformer_steps"]) == 1
+    assert ours["image_vs_reference"]["max_abs"] <= PARITY_MAX_ABS
+    assert "image to image, strength 0.3" in B.report(doc)
+    with pytest.raises(InvalidInputError, match="strength=1.5"):
+        B.BenchConfig(strength=1.5).check()
+

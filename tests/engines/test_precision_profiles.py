@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from sprintrt.engines.precision import Precision, resolve_precisions
@@ -17,13 +18,14 @@ MODEL = S.ModelDims(vocab_size=1024, text_hidden=2304, latent_channels=32, vae_s
 
 def test_tensorrt_defaults_are_the_safe_ones():
     assert resolve_precisions(None, "tensorrt") == {"text_encoder": Precision.BF16, "transformer": Precision.BF16,
-                                                    "vae_decoder": Precision.BF16}
+                                                    "vae_decoder": Precision.BF16, "vae_encoder": Precision.BF16}
     assert set(resolve_precisions(None, "onnxruntime").values()) == {Precision.FP32}
 
 
 def test_per_component_overrides_keep_other_defaults():
     got = resolve_precisions("transformer=fp16, vae_decoder=fp32", "tensorrt")
-    assert got == {"text_encoder": Precision.BF16, "transformer": Precision.FP16, "vae_decoder": Precision.FP32}
+    assert got == {"text_encoder": Precision.BF16, "transformer": Precision.FP16, "vae_decoder": Precision.FP32,
+                   "vae_encoder": Precision.BF16}
     assert resolve_precisions({"transformer": "tf32"}, "tensorrt")["transformer"] == Precision.TF32
     assert set(resolve_precisions("fp32", "tensorrt").values()) == {Precision.FP32}
 
@@ -42,7 +44,7 @@ def test_bad_precisions(value, match):
 @pytest.mark.parametrize("table", ["1024", "512"])
 def test_every_bin_fits_the_dynamic_profile(table):
     bins = S.ASPECT_RATIO_1024_BIN if table == "1024" else S.ASPECT_RATIO_512_BIN
-    for name in ("transformer", "vae_decoder"):
+    for name in ("transformer", "vae_decoder", "vae_encoder"):
         prof = tensorrt_profile(S.SPEC_BUILDERS[name](MODEL), MODEL, ProfileOptions())
         for h, w in bins.values():
             assert prof["latent_height"]["min"] <= h // 32 <= prof["latent_height"]["max"], (name, h, w)
@@ -51,6 +53,16 @@ def test_every_bin_fits_the_dynamic_profile(table):
         assert prof["batch"] == {"min": 1, "opt": 1, "max": 4}
     assert bin_latent_range(MODEL) == (8, 64)
     assert bin_latent_range(MODEL, ("1024",)) == (16, 64)
+
+
+def test_vae_encoder_profile_takes_pixels_of_every_bin():
+    spec = S.vae_encoder_spec(MODEL)
+    shapes = input_shapes(spec, tensorrt_profile(spec, MODEL, ProfileOptions()))["sample"]
+    assert shapes == {"min": (1, 3, 256, 256), "opt": (1, 3, 1024, 1024), "max": (4, 3, 2048, 2048)}
+    feeds = spec.sample_inputs(spec.sizes("sample"))
+    assert feeds["sample"].shape == (2, 3, 5 * 32, 4 * 32) and -1 <= feeds["sample"].min() < feeds["sample"].max() <= 1
+    with pytest.raises(InvalidInputError, match="axis 2 is 161, expected a multiple of 32"):
+        spec.check_feeds({"sample": np.zeros((1, 3, 161, 128), np.float32)})
 
 
 def test_text_lengths_follow_the_pipeline_padding(tiny_checkpoint):
