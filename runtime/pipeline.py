@@ -210,14 +210,13 @@ class SprintPipeline:
         clock = Clock()
         t_start = time.perf_counter()
         # 1. Check the arguments and bin the size (before any engine runs).
-        self._check_scalars(guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption)
+        (height, width), scheduler = self._check_call(
+            num_inference_steps, timesteps, max_timesteps, intermediate_timesteps, guidance_scale,
+            num_images_per_prompt, height, width, output_type, clean_caption, use_resolution_binning,
+            max_sequence_length)
         orig_size = (height, width)
         if use_resolution_binning:
-            self._check_binnable(height, width)
             height, width = I.classify_height_width_bin(height, width)
-        self._check_size(height, width)
-        scheduler = SCMScheduler(self.constants.sigma_data)
-        scheduler.set_timesteps(num_inference_steps, timesteps, max_timesteps, intermediate_timesteps)
 
         # 2. Encode the prompt.
         embeds, mask = self.encode_prompt(prompt, num_images_per_prompt, prompt_embeds, prompt_attention_mask,
@@ -285,13 +284,7 @@ class SprintPipeline:
             if self.text_encoder is None:
                 raise InvalidInputError("prompt needs the text encoder, which was not loaded. Fix: load it or pass "
                                         "prompt_embeds")
-            prompts = preprocess(prompt)
-            chi = "\n".join(complex_human_instruction) if complex_human_instruction else None
-            length = self.tokenizer.text_length(max_sequence_length, chi)
-            if length > self.model_dims.text_len_max:
-                raise invalid("max_sequence_length", max_sequence_length,
-                              f"a length whose tokenized text (here {length}) fits the engine's {self.model_dims.text_len_max}",
-                              "lower max_sequence_length or rebuild the engines with a longer text profile")
+            prompts, chi = self._tokenized_prompts(prompt, max_sequence_length, complex_human_instruction)
             with clock("tokenize"):
                 ids, mask = self.tokenizer(prompts, max_sequence_length, chi)
             with clock("text_encoder"):
@@ -302,6 +295,17 @@ class SprintPipeline:
         # diffusers repeats the mask with .repeat(n, 1): the whole batch n times, not each row n times.
         mask = np.tile(mask, (num_images_per_prompt, 1))
         return embeds, mask
+
+    def _tokenized_prompts(self, prompt, max_sequence_length, complex_human_instruction) -> tuple[list[str], str | None]:
+        """The preprocessed prompts and the instruction text, once the tokenized length fits the engines."""
+        prompts = preprocess(prompt)
+        chi = "\n".join(complex_human_instruction) if complex_human_instruction else None
+        length = self.tokenizer.text_length(max_sequence_length, chi)
+        if length > self.model_dims.text_len_max:
+            raise invalid("max_sequence_length", max_sequence_length,
+                          f"a length whose tokenized text (here {length}) fits the engine's {self.model_dims.text_len_max}",
+                          "lower max_sequence_length or rebuild the engines with a longer text profile")
+        return prompts, chi
 
     def _encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Gemma2 hidden states [B, L, D] of right-padded tokens, through the prompt cache if there is one."""
@@ -343,6 +347,38 @@ class SprintPipeline:
         return full
 
     # ---- input checks -----------------------------------------------------------------------
+    def check_arguments(self, prompt=None, num_inference_steps: int = D.DEFAULT_STEPS, timesteps=None,
+                        max_timesteps: float | None = D.DEFAULT_MAX_TIMESTEPS,
+                        intermediate_timesteps: float | None = D.DEFAULT_INTERMEDIATE_TIMESTEPS,
+                        guidance_scale: float = D.DEFAULT_GUIDANCE_SCALE, num_images_per_prompt: int = 1,
+                        height: int = D.DEFAULT_HEIGHT, width: int = D.DEFAULT_WIDTH, generator=None,
+                        output_type: str = "pil", clean_caption: bool = False, use_resolution_binning: bool = True,
+                        max_sequence_length: int = D.DEFAULT_MAX_SEQUENCE_LENGTH,
+                        complex_human_instruction=list(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)) -> None:
+        """Raise the InvalidInputError a call with these arguments would raise, without running an engine
+        (a server checks each request before it joins a batch)."""
+        self._check_call(num_inference_steps, timesteps, max_timesteps, intermediate_timesteps, guidance_scale,
+                         num_images_per_prompt, height, width, output_type, clean_caption, use_resolution_binning,
+                         max_sequence_length)
+        if prompt is not None:
+            self._tokenized_prompts(prompt, max_sequence_length, complex_human_instruction)
+        batch = len(preprocess(prompt)) * num_images_per_prompt if prompt is not None else num_images_per_prompt
+        noise_source(generator, batch)
+
+    def _check_call(self, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps, guidance_scale,
+                    num_images_per_prompt, height, width, output_type, clean_caption, use_resolution_binning,
+                    max_sequence_length) -> tuple[tuple[int, int], SCMScheduler]:
+        """Every check of a call's scalars and size; returns the size to generate and the scheduler."""
+        self._check_scalars(guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption)
+        if use_resolution_binning:
+            self._check_binnable(height, width)
+            self._check_size(*I.classify_height_width_bin(height, width))
+        else:
+            self._check_size(height, width)
+        scheduler = SCMScheduler(self.constants.sigma_data)
+        scheduler.set_timesteps(num_inference_steps, timesteps, max_timesteps, intermediate_timesteps)
+        return (height, width), scheduler
+
     def _check_scalars(self, guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption):
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)) \
                 or not math.isfinite(guidance_scale):

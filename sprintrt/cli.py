@@ -204,6 +204,31 @@ def _int_list_item(value: str, flag: str) -> int:
         raise InvalidInputError(f"{flag} item {value!r} is not an integer. Fix: e.g. {flag} 1,2") from None
 
 
+def cmd_serve(args) -> None:
+    from sprintrt.serving.app import ServeOptions, run, write_config
+
+    options = ServeOptions(engine_dir=str(args.engine_dir), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           max_queued=args.max_queued, timeout_s=args.timeout_s, replicas=args.replicas,
+                           num_gpus=args.num_gpus, threads=args.threads)
+    if args.write_config:
+        path = write_config(options, args.write_config, host=args.host, port=args.port)
+        print(f"Ray Serve config written to {path} (deploy it with `serve deploy {path}` on the cluster's head node)")
+        return
+    _quiet_libraries()
+    run(options, host=args.host, port=args.port, address=args.address)
+
+
+def cmd_loadtest(args) -> None:
+    from sprintrt.serving import loadtest
+
+    config = loadtest.LoadConfig(url=args.url, concurrency=args.concurrency, requests=args.requests, size=args.size,
+                                 steps=args.steps, n=args.n, duration_s=args.duration_s, timeout_s=args.timeout_s)
+    doc = loadtest.run_load(config)
+    paths = loadtest.write_outputs(doc, args.output)
+    print(loadtest.report(doc))
+    print(f"results written to {', '.join(str(p) for p in paths)}")
+
+
 def cmd_demo(args) -> None:
     _quiet_libraries()
     from sprintrt.benchmarks.demo import run_demo
@@ -321,6 +346,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="out/bench/results.json")
     s.add_argument("--report", help="only turn a stored results JSON into Markdown + PNG beside it")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("serve", help="serve engines over HTTP (POST /v1/images/generations) with Ray Serve: dynamic "
+                                     "batching, backpressure, health and Prometheus metrics")
+    s.add_argument("engine_dir")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=1, help="pipeline replicas (each loads the engines once)")
+    s.add_argument("--max-batch", type=int, default=D.DEFAULT_MAX_BATCH,
+                   help="images per engine call (capped by the engines' batch profile)")
+    s.add_argument("--max-wait-ms", type=float, default=10.0, help="how long to wait to fill a batch")
+    s.add_argument("--max-queued", type=int, default=16, help="requests per replica before answering 503")
+    s.add_argument("--timeout-s", type=float, default=120.0, help="per-request limit (then 503)")
+    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (1: one replica per GPU)")
+    s.add_argument("--threads", type=int, default=None, help="engine threads per replica")
+    s.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto) instead of a local Ray")
+    s.add_argument("--write-config", default=None, metavar="FILE",
+                   help="write a Ray Serve config for `serve deploy` instead of serving")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("loadtest", help="send a bounded load to a `sprintrt serve` URL: latency percentiles, "
+                                        "throughput, answers by status (JSON + Markdown)")
+    s.add_argument("url", help="e.g. http://127.0.0.1:8000 (only servers you run)")
+    s.add_argument("--concurrency", type=int, default=4)
+    s.add_argument("--requests", type=int, default=32)
+    s.add_argument("--size", default="512x512", help="WIDTHxHEIGHT")
+    s.add_argument("--steps", type=int, default=1)
+    s.add_argument("--n", type=int, default=1, help="images per request")
+    s.add_argument("--duration-s", type=float, default=600.0, help="stop sending after this long")
+    s.add_argument("--timeout-s", type=float, default=300.0, help="per request")
+    s.add_argument("-o", "--output", default="out/loadtest.json")
+    s.set_defaults(fn=cmd_loadtest)
 
     s = sub.add_parser("demo", help="tiny checkpoint → export → build → generate, timed against diffusers")
     s.add_argument("--workdir", default="out/demo")

@@ -1,0 +1,187 @@
+"""The HTTP contract of `sprintrt serve`, in plain Python: request parsing, which requests share an
+engine call, the pipeline call for a batch, and the mapping of the runtime's typed errors to HTTP.
+
+Request (OpenAI Images shape, POST /v1/images/generations): `prompt` (str), `n` (default 1), `size`
+("WIDTHxHEIGHT", default "1024x1024"), `response_format` ("b64_json": PNG bytes), plus sprintrt's
+`num_inference_steps`, `guidance_scale`, `seed`, `max_timesteps`, `intermediate_timesteps`. Unknown
+fields (e.g. OpenAI's `model`) are ignored. Sizes are generated exactly (no resolution binning), so
+they must be multiples of 32. Value ranges are the runtime's own checks (SprintPipeline.check_arguments),
+mapped back to the request's field names; they are not restated here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sprintrt import defaults as D
+from sprintrt.errors import InvalidInputError
+
+ROUTE = "/v1/images/generations"
+RESPONSE_FORMATS = ("b64_json",)
+DEFAULT_SIZE = f"{D.DEFAULT_WIDTH}x{D.DEFAULT_HEIGHT}"
+SEED_MAX = 2**63 - 1
+# The runtime's argument names → the request's field names (for error messages that name the field).
+RUNTIME_TO_FIELD = {"height": "size", "width": "size", "num_images_per_prompt": "n", "generator": "seed",
+                    "prompt": "prompt", "num_inference_steps": "num_inference_steps",
+                    "guidance_scale": "guidance_scale", "max_timesteps": "max_timesteps",
+                    "intermediate_timesteps": "intermediate_timesteps", "timesteps": "num_inference_steps"}
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, the request field at fault (if any), and a message with the fix."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.retry_after_s = status, message, param, retry_after_s
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_overloaded"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+    def headers(self) -> dict:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))} if self.retry_after_s is not None else {}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    n: int = 1
+    width: int = D.DEFAULT_WIDTH
+    height: int = D.DEFAULT_HEIGHT
+    num_inference_steps: int = D.DEFAULT_STEPS
+    guidance_scale: float = D.DEFAULT_GUIDANCE_SCALE
+    seed: int = 0
+    max_timesteps: float | None = D.DEFAULT_MAX_TIMESTEPS
+    intermediate_timesteps: float | None = None
+    response_format: str = "b64_json"
+    extra: dict = field(default_factory=dict, compare=False)  # ignored fields, kept for logging
+
+    def call_arguments(self) -> dict:
+        """The pipeline arguments of this request alone (the reference a batched call must equal)."""
+        return dict(prompt=self.prompt, num_images_per_prompt=self.n, height=self.height, width=self.width,
+                    num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    max_timesteps=self.max_timesteps, intermediate_timesteps=self.intermediate_timesteps,
+                    generator=self.seed, use_resolution_binning=False)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one engine call (same latent shape and schedule)."""
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.max_timesteps,
+                self.intermediate_timesteps)
+
+
+def _field(body: dict, name: str, kinds: tuple, default, what: str):
+    value = body.get(name, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ApiError(422, f"{name}={value!r} is not allowed: expected {what}. Fix: send {name} as {what}", name)
+    return value
+
+
+def parse_request(raw: bytes) -> GenerationRequest:
+    """JSON body → GenerationRequest, checking JSON types only (value ranges are the runtime's)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e}). Fix: send a JSON object such as "
+                            '{"prompt": "a cat", "size": "1024x1024"}') from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body is a JSON {type(body).__name__}, expected an object with a 'prompt'. "
+                            'Fix: send {"prompt": "a cat"}')
+    if "prompt" not in body:
+        raise ApiError(422, "prompt is missing: expected a non-empty string. Fix: add \"prompt\": \"...\"", "prompt")
+    prompt = _field(body, "prompt", (str,), None, "a non-empty string")
+    size = _field(body, "size", (str,), DEFAULT_SIZE, "a string 'WIDTHxHEIGHT', e.g. '1024x1024'")
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", size)
+    if not m:
+        raise ApiError(422, f"size={size!r} is not allowed: expected 'WIDTHxHEIGHT' in pixels, e.g. '1024x1024'. "
+                            "Fix: send size as e.g. '768x1344'", "size")
+    fmt = _field(body, "response_format", (str,), "b64_json", f"one of {list(RESPONSE_FORMATS)}")
+    if fmt not in RESPONSE_FORMATS:
+        raise ApiError(422, f"response_format={fmt!r} is not allowed: expected one of {list(RESPONSE_FORMATS)} "
+                            "(PNG bytes, base64). Fix: send response_format='b64_json'", "response_format")
+    steps = _field(body, "num_inference_steps", (int,), D.DEFAULT_STEPS, "an integer, e.g. 1 or 2")
+    seed = _field(body, "seed", (int,), None, f"an integer in [0, {SEED_MAX}] or null")
+    if seed is None:
+        seed = secrets.randbelow(2**31)  # returned in the response, so the image can be made again
+    if not 0 <= seed <= SEED_MAX:
+        raise ApiError(422, f"seed={seed} is not allowed: expected [0, {SEED_MAX}] or null. Fix: send a non-negative "
+                            "integer", "seed")
+    known = {"prompt", "n", "size", "response_format", "num_inference_steps", "guidance_scale", "seed",
+             "max_timesteps", "intermediate_timesteps"}
+    return GenerationRequest(
+        prompt=prompt, n=_field(body, "n", (int,), 1, "an integer, e.g. 1"),
+        width=int(m.group(1)), height=int(m.group(2)), num_inference_steps=steps,
+        guidance_scale=float(_field(body, "guidance_scale", (int, float), D.DEFAULT_GUIDANCE_SCALE, "a number")),
+        seed=seed,
+        max_timesteps=_number_or_none(body, "max_timesteps", D.DEFAULT_MAX_TIMESTEPS),
+        # Default: 1.3 for 2 steps, none otherwise (diffusers refuses an intermediate angle elsewhere).
+        intermediate_timesteps=_number_or_none(body, "intermediate_timesteps", D.intermediate_timesteps_for(steps)),
+        response_format=fmt, extra={k: v for k, v in body.items() if k not in known})
+
+
+def _number_or_none(body: dict, name: str, default):
+    if name not in body:
+        return default
+    value = body[name]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(422, f"{name}={value!r} is not allowed: expected a number or null. Fix: send e.g. "
+                            f"{name}={default}", name)
+    return float(value)
+
+
+def check_with_pipeline(pipe, req: GenerationRequest) -> None:
+    """The runtime's own checks of this request (no engine runs); its typed errors become 422s."""
+    try:
+        pipe.check_arguments(**req.call_arguments(), output_type="pil")
+    except InvalidInputError as e:
+        raise as_api_error(e) from None
+
+
+def as_api_error(e: InvalidInputError) -> ApiError:
+    """422 naming the request field: the runtime's message starts with its own argument name."""
+    message = str(e)
+    name = re.match(r"\s*([a-z_]+)", message)
+    runtime_name = name.group(1) if name else ""
+    param = RUNTIME_TO_FIELD.get(runtime_name)
+    if param and param != runtime_name:
+        message = f"{param}: {message}"
+    return ApiError(422, message, param)
+
+
+def batch_call(requests: list[GenerationRequest]) -> dict:
+    """One pipeline call for requests that share a batch key: every request's images in order, each
+    drawing its noise from its own seed's stream, so each image equals the one its request alone would
+    give (SprintPipeline draws per row from a list of generators, as diffusers does)."""
+    first = requests[0]
+    prompts, generators = [], []
+    for req in requests:
+        rng = np.random.default_rng(req.seed)  # shared by the request's n rows: draws continue its one stream
+        prompts += [req.prompt] * req.n
+        generators += [rng] * req.n
+    call = first.call_arguments()
+    call.update(prompt=prompts, num_images_per_prompt=1, generator=generators)
+    return call
+
+
+def png_b64(image) -> str:
+    """A PIL image as base64 PNG (lossless: the served bytes are the pipeline's image)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def response_body(req: GenerationRequest, images: list, created: int, timings: dict, batch_images: int) -> dict:
+    return {"created": created, "data": [{"b64_json": png_b64(img)} for img in images],
+            "sprintrt": {"seed": req.seed, "size": f"{req.width}x{req.height}", "batch_images": batch_images,
+                         "timings": timings}}
