@@ -251,6 +251,7 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
     from sprintrt.export.checkpoint import make_checkpoint
     from sprintrt.export.onnx_export import (export_model, exporter_fingerprint, model_identity, resolve_model,
                                              resolve_vae)
+    from sprintrt.export.typed import variant_dtypes
 
     work = Path(config.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -267,12 +268,19 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
         identity = hashlib.sha256((identity + model_identity(vae_dir)).encode()).hexdigest()
     onnx_dir = work / f"onnx-{identity[:12]}"
     info_path = onnx_dir / "export_info.json"
-    stale = info_path.exists() and json.loads(info_path.read_text()).get("exporter") != exporter_fingerprint()
+    # Typed variants only for the candidates that build from one (TensorRT bf16/fp16, ONNX Runtime fp16).
+    dtypes = ("fp32", *sorted({c.precision for c in config.candidates if c.precision in ("bf16", "fp16")
+                               and c.backend != "openvino"}))
+    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    stale = info is not None and info.get("exporter") != exporter_fingerprint()
     if stale:
         say(f"{onnx_dir} was exported by other export code: exporting again")
-    if stale or not info_path.exists():
+    missing = info is not None and any(d not in r.get("variants", {}) for c, r in info["components"].items()
+                                       for d in variant_dtypes(c, dtypes))
+    if stale or missing or info is None:
         say(f"exporting {ckpt} to {onnx_dir}")
-        export_model(ckpt, onnx_dir, progress=lambda c: say(f"  exporting + validating {c}"), vae=config.vae)
+        export_model(ckpt, onnx_dir, progress=lambda c: say(f"  exporting + validating {c}"), vae=config.vae,
+                     dtypes=dtypes)
     engines = {}
     for cand in config.candidates:
         engine_dir = work / f"engines-{identity[:12]}-{cand.backend}-{cand.precision}"

@@ -37,6 +37,7 @@ class BuildBackend(Protocol):
     NAME: str  # the --backend name, recorded in the manifest
     LIBRARY: str  # the library whose version is in the engine key
     SUFFIX: str  # the engine file's suffix
+    TYPED_PRECISIONS: frozenset  # precisions built from the export's typed variant, not the fp32 graph
 
     def target(self) -> dict:
         """The device engines are built for here (CPU ISA, or GPU name and compute capability).

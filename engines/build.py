@@ -56,7 +56,8 @@ class ComponentPlan:
     profile: dict
     spec: S.ComponentSpec
     key: str
-    record: dict  # the export record of the source ONNX
+    record: dict  # the component's export record (its spec, its fp32 graph)
+    source_record: dict  # the record of the graph built from: the fp32 graph or a typed variant
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,9 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
             raise InvalidInputError(f"precision {prec.value} for {comp} needs calibration data. Fix: build with the CLI "
                                     f"(`sprintrt build ... --precision {comp}={prec.value}` calibrates on a prompt file) "
                                     "or pass calibration={component: (description, feeds)}")
-        mod.check_buildable(comp, prec, record, versions, target)
-        source = check_onnx_file(onnx_dir, comp, record)
+        source_record = _source_record(onnx_dir, comp, record, prec, mod)
+        mod.check_buildable(comp, prec, source_record, versions, target)
+        source = check_onnx_file(onnx_dir, comp, source_record)
         spec = S.SPEC_BUILDERS[comp](model)
         dims = mod.profile(spec, model, profile or ProfileOptions())
         label = prec.value
@@ -108,9 +110,23 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
             from sprintrt.engines.quantize import recipe
 
             label = recipe(prec.value, target) + "-" + hashlib.sha256(calibration[comp][0].encode()).hexdigest()[:8]
-        key = M.cache_key(target, backend, versions[mod.LIBRARY], label, dims, record["sha256"])
-        plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record))
+        key = M.cache_key(target, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
+        plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record))
     return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target, versions, tuple(plans), calibration)
+
+
+def _source_record(onnx_dir: Path, comp: str, record: dict, prec: Precision, mod: BuildBackend) -> dict:
+    """The export record of the graph `prec` is built from: the typed variant for the backend's typed
+    precisions (bf16/fp16 on TensorRT, fp16 on ONNX Runtime), else the fp32 graph."""
+    if prec not in mod.TYPED_PRECISIONS:
+        return record
+    variant = record.get("variants", {}).get(prec.value)
+    if variant is None:
+        raise ModelLoadError(f"{onnx_dir} has no {prec.value} variant of {comp} (exported dtypes: "
+                             f"{['fp32', *record.get('variants', {})]}), and {mod.NAME} builds {prec.value} from one. "
+                             f"Fix: `sprintrt export MODEL -o {onnx_dir} --dtypes fp32,{prec.value}`, or build "
+                             "--precision fp32")
+    return variant
 
 
 def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
@@ -138,7 +154,7 @@ def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
         **_file_entry(path), "extra_files": [_file_entry(p) for p in result.extra_files],
         "backend": plan.backend, "precision": comp.precision.value, **result.info, **quant_info,
         "key": comp.key, "target": plan.target, "libraries": plan.versions,
-        "source_onnx": {"file": comp.record["file"], "sha256": comp.record["sha256"]},
+        "source_onnx": {"file": comp.source_record["file"], "sha256": comp.source_record["sha256"]},
         "model_identity": plan.info["model"]["identity"],
         "io": dict(comp.record["spec"], dims=comp.profile), "build_seconds": round(time.perf_counter() - t0, 2),
     }

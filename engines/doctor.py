@@ -30,7 +30,7 @@ def can_build(f: dict) -> list[str]:
     if f["onnxruntime"]:
         int8 = "int8 transformer with 7-bit weights (no VNNI: 8-bit int8 kernels saturate)" \
             if not machine.cpu_has_int8_dot(cpu) else "int8 transformer"
-        lines.append(f"onnxruntime fp32, {int8} (CPU)")
+        lines.append(f"onnxruntime fp32, fp16 (typed variants), {int8} (CPU)")
     if f["openvino"]:
         bf16 = "bf16 (this CPU has bf16 instructions; the default)" if machine.cpu_has_bf16(cpu) \
             else "bf16 emulated, slow (no AVX512-BF16/AMX here; fp32 is the default)"
@@ -38,9 +38,9 @@ def can_build(f: dict) -> list[str]:
     if f["gpus"] and f["tensorrt"]:
         gpu = f["gpus"][0]
         cc = tuple(int(x) for x in gpu["compute_capability"].split(".")[:2])
-        precisions = ["fp32", "tf32", "int8"]
-        if trt_build.default_precisions({"tensorrt": f["tensorrt"]})["transformer"].value != "fp32":
-            precisions += ["fp16"] + (["bf16"] if cc >= (8, 0) else [])
+        precisions = ["fp32", "tf32", "fp16", "int8"]
+        if cc >= trt_build.BF16_MIN_COMPUTE_CAPABILITY:
+            precisions.append("bf16")
         if cc >= trt_build.FP8_MIN_COMPUTE_CAPABILITY:
             precisions.append("fp8")
         lines.append(f"tensorrt {', '.join(precisions)} ({gpu['name']})")
@@ -60,10 +60,10 @@ def report() -> str:
         lines.append("GPU          none visible (no nvidia-smi, or it lists no GPU)")
     missing_trt = 'not installed (pip install -e ".[tensorrt]" on a GPU machine)'
     lines.append(f"TensorRT     {f['tensorrt'] or missing_trt}")
-    lines.append(f"             TensorRT <= {trt_build.WEAK_TYPING_LAST_MAJOR}: fp32, tf32, bf16, fp16 (weakly typed, "
-                 f"fp32 pins), int8/fp8 Q/DQ; TensorRT >= {trt_build.WEAK_TYPING_LAST_MAJOR + 1}: strongly typed only "
-                 "(fp32, tf32, int8/fp8 Q/DQ; bf16/fp16 need a typed export); fp8 needs compute capability >= "
-                 f"{'.'.join(map(str, trt_build.FP8_MIN_COMPUTE_CAPABILITY))}")
+    lines.append("             every TensorRT version: strongly typed networks (TensorRT 11 has no weak typing): fp32, "
+                 "tf32, bf16/fp16 from the export's typed variants (`export --dtypes`), int8/fp8 from Q/DQ graphs; "
+                 f"bf16 needs compute capability >= {'.'.join(map(str, trt_build.BF16_MIN_COMPUTE_CAPABILITY))}, fp8 "
+                 f">= {'.'.join(map(str, trt_build.FP8_MIN_COMPUTE_CAPABILITY))}")
     providers = ", ".join(f["onnxruntime_providers"])
     lines.append(f"ONNX Runtime {f['onnxruntime'] or 'not installed'}{f' ({providers})' if providers else ''}")
     lines.append(f"OpenVINO     {f['openvino'] or 'not installed (pip install openvino)'}")

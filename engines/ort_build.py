@@ -24,6 +24,8 @@ NAME = "onnxruntime"
 LIBRARY = "onnxruntime"
 SUFFIX = ".ort.onnx"
 PROVIDER = "CPUExecutionProvider"
+# fp16 engines run the export's typed fp16 variant (ORT's CPU provider runs fp16 graphs; it has no bf16 Conv).
+TYPED_PRECISIONS = frozenset({Precision.FP16})
 
 
 def target() -> dict:

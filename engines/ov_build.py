@@ -25,6 +25,8 @@ LIBRARY = "openvino"
 SUFFIX = ".xml"
 CACHE = "ov_cache"
 HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16"}
+# bf16 is OpenVINO's run-time precision hint on the fp32 graph: no typed variant needed.
+TYPED_PRECISIONS: frozenset = frozenset()
 
 
 def openvino():

@@ -4,7 +4,8 @@ What each backend may build per component (ALLOWED) follows what SANA-Sprint is 
 (docs/SANA_SPRINT_SPEC.md §9): Gemma2 never in fp16 (its (1+w) RMSNorm and GeGLU overflow it, and the
 docs say it "must stay in bf16"); the transformer in bf16 or fp16 (its linear-attention matmuls,
 normaliser division and epsilon pinned to fp32); the DC-AE decoder in bf16, fp16 or fp32. ONNX
-Runtime's CPU backend builds fp32 (and the int8 transformer); OpenVINO fp32 or bf16. Each backend
+Runtime's CPU backend builds fp32, fp16 from the typed variants (not Gemma2) and the int8 transformer;
+OpenVINO fp32 or bf16. Each backend
 module's `default_precisions()` picks the defaults for the machine and library version at hand.
 """
 
@@ -39,8 +40,9 @@ P = Precision
 # What each backend can build, per component. INT8/FP8 need Q/DQ ONNX (the quantization step).
 ALLOWED = {
     # int8: static Q/DQ of the transformer, calibrated on recorded inputs (engines/quantize.py)
-    "onnxruntime": {TEXT_ENCODER: (P.FP32,), TRANSFORMER: (P.FP32, P.INT8), VAE_DECODER: (P.FP32,),
-                    VAE_ENCODER: (P.FP32,)},
+    # fp16: the export's typed fp16 variants (fp32 islands kept)
+    "onnxruntime": {TEXT_ENCODER: (P.FP32,), TRANSFORMER: (P.FP32, P.FP16, P.INT8), VAE_DECODER: (P.FP32, P.FP16),
+                    VAE_ENCODER: (P.FP32, P.FP16)},
     "openvino": {c: (P.FP32, P.BF16) for c in COMPONENTS},
     "tensorrt": {
         TEXT_ENCODER: (P.FP32, P.TF32, P.BF16),

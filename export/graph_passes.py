@@ -224,3 +224,33 @@ def restore_module_scopes(proto: onnx.ModelProto, scopes: dict[str, str]) -> int
             n.metadata_props.add(key=SCOPE_KEY, value=repr([""] + scopes[n.output[0]].split(".")))
             count += 1
     return count
+
+
+def cast_expanded_constants(proto: onnx.ModelProto) -> int:
+    """`Expand(DOUBLE constant) → Cast(to=T)` becomes `Expand(T constant)`: the exporter builds masks with
+    `new_ones` from a float64 scalar (seen in Gemma2's bf16 export), and TensorRT has no DOUBLE. The
+    value is cast once on the host; the Cast node goes. Returns the count."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    removed, count = set(), 0
+    for node in proto.graph.node:
+        if node.op_type != "Expand" or node.input[0] not in inits:
+            continue
+        init = inits[node.input[0]]
+        users, nexts = consumers.get(init.name, []), consumers.get(node.output[0], [])
+        if init.data_type != onnx.TensorProto.DOUBLE or len(users) != 1 or len(nexts) != 1 or nexts[0].op_type != "Cast":
+            continue
+        cast = nexts[0]
+        to = helper.get_attribute_value(cast.attribute[0])
+        value = numpy_helper.to_array(init).astype(helper.tensor_dtype_to_np_dtype(to))
+        init.CopyFrom(numpy_helper.from_array(value, init.name))
+        node.output[0] = cast.output[0]
+        removed.add(cast.name)
+        count += 1
+    kept = [n for n in proto.graph.node if n.name not in removed]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    return count

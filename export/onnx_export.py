@@ -33,7 +33,8 @@ from sprintrt.defaults import MAX_SEQUENCE_LENGTH_LIMIT, tokenized_length
 from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
-from sprintrt.export.graph_passes import (cancel_transpose_pairs, castlike_constants, module_scopes, prune_unused,
+from sprintrt.export.graph_passes import (cancel_transpose_pairs, cast_expanded_constants, castlike_constants,
+                                          module_scopes, prune_unused,
                                           restore_module_scopes, sequences_to_split, typed_list_constants)
 
 OPSET = 18
@@ -183,6 +184,7 @@ def finish_graph(proto, fold: bool = True):
         restore_module_scopes(proto, scopes)
     sequences_to_split(proto)
     castlike_constants(proto)
+    cast_expanded_constants(proto)
     cancel_transpose_pairs(proto)
     prune_unused(proto)
     return proto
@@ -235,9 +237,53 @@ def save_onnx(proto, path: Path) -> None:
         onnx.save_model(proto, str(path))
 
 
+def onnx_variant_filename(component: str, dtype: str) -> str:
+    return f"{component}.{dtype}.onnx"
+
+
+def _file_record(path: Path) -> dict:
+    data = path.with_name(path.name + ".data")
+    sidecar = {"file": data.name, "bytes": data.stat().st_size, "sha256": sha256_file(data)} if data.exists() else None
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "external_data": sidecar}
+
+
+def export_variant(src: Path, component: str, dtype: str, out_dir: Path, dims: S.ModelDims, reference,
+                   validate: bool = True, vae_dir: Path | None = None) -> dict:
+    """Export the `dtype` variant of one component (typed torch export, fp32 I/O), check its fp32 islands
+    and validate it against the fp32 PyTorch `reference` wrapper. Returns its variant record."""
+    import onnx
+
+    from sprintrt.export import typed
+    from sprintrt.export.checkpoint import load_component
+    from sprintrt.export.trt_lint import lint
+    from sprintrt.export.validate import validate_variant
+
+    spec = S.SPEC_BUILDERS[component](dims)
+    inner = wrapper_for(component, load_component(src, component, torch_dtype=typed.torch_dtype(dtype), vae_dir=vae_dir))
+    module = typed.typed_wrapper(inner, component, dtype, spec)
+    path = out_dir / onnx_variant_filename(component, dtype)
+    t0 = time.perf_counter()
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    if weight_bytes > files.EXTERNAL_DATA_BYTES:
+        trace_to_onnx_file(module, spec, path)
+    else:
+        save_onnx(trace_to_onnx(module, spec), path)
+    del module, inner
+    gc.collect()
+    seconds = time.perf_counter() - t0
+    graph = onnx.load(str(path), load_external_data=False)  # weights over 2 GB stay where they are
+    if typed.enforce_islands(graph, component):
+        onnx.save_model(graph, str(path))
+    islands = typed.check_islands(graph, component, dtype)
+    records = validate_variant(path, reference, spec, dtype, typed.RULES[component].min_cosine[dtype]) if validate else []
+    return {**_file_record(path), "dtype": dtype, "export_seconds": round(seconds, 2), "validation": records,
+            "fp32": islands, "trt_lint": [str(f) for f in lint(path)]}
+
+
 def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims, validate: bool = True,
-                     vae_dir: Path | None = None) -> dict:
-    """Export one component to out_dir/<component>.onnx and validate it. Returns its export record."""
+                     vae_dir: Path | None = None, dtypes=("fp32",)) -> dict:
+    """Export one component to out_dir/<component>.onnx (and its 16-bit `dtypes` variants) and validate it.
+    Returns its export record."""
     from sprintrt.export.checkpoint import load_component
     from sprintrt.export.validate import validate_onnx
 
@@ -256,18 +302,23 @@ def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims
     from sprintrt.export.trt_lint import lint
 
     findings = [str(f) for f in lint(path)]
+    from sprintrt.export.typed import variant_dtypes
+
+    variants = {d: export_variant(src, component, d, out_dir, dims, module, validate, vae_dir)
+                for d in variant_dtypes(component, dtypes)}
     del module
     gc.collect()  # free this network before the next one is loaded
-    data = path.with_name(path.name + ".data")
-    sidecar = {"file": data.name, "bytes": data.stat().st_size, "sha256": sha256_file(data)} if data.exists() else None
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "external_data": sidecar,
-            "export_seconds": round(seconds, 2), "validation": records,
-            "trt_lint": findings, "spec": spec.to_json()}
+    return {**_file_record(path), "export_seconds": round(seconds, 2), "validation": records,
+            "trt_lint": findings, "spec": spec.to_json(), "variants": variants}
 
 
 def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS, validate: bool = True,
-                 progress=None, vae: str | Path | None = None) -> Path:
+                 progress=None, vae: str | Path | None = None, dtypes=None) -> Path:
     """Export `components` of a checkpoint (dir or hub id) into out_dir. Returns out_dir.
+
+    `dtypes` ("fp32,bf16,fp16" or a sequence; default fp32 and bf16) adds a strongly typed 16-bit
+    variant per component beside each fp32 graph (export/typed.py), recorded under
+    components[c]["variants"][dtype].
 
     `vae` replaces the checkpoint's VAE decoder with a drop-in AutoencoderDC (e.g. DC-AE-Lite), as
     `SanaSprintPipeline.from_pretrained(model, vae=AutoencoderDC.from_pretrained(vae))` would.
@@ -275,6 +326,9 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     The files are written into a temporary sibling directory and moved in place only when every
     export passed validation, so a failure never leaves a half-written ONNX directory behind.
     """
+    from sprintrt.export.typed import DEFAULT_DTYPES, parse_dtypes
+
+    dtypes = parse_dtypes(DEFAULT_DTYPES if dtypes is None else dtypes)
     unknown = [c for c in components if c not in S.COMPONENTS]
     if unknown or not components:
         raise InvalidInputError(f"components={list(components)!r} is not allowed: expected a non-empty subset of "
@@ -308,7 +362,7 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
         for component in components:
             if progress:
                 progress(component)
-            info["components"][component] = export_component(src, component, tmp, dims, validate, vae_dir)
+            info["components"][component] = export_component(src, component, tmp, dims, validate, vae_dir, dtypes)
         write_text_atomic(tmp / S.EXPORT_INFO, json.dumps(info, indent=1))
         if out_dir.exists():  # an earlier export of ours: replace it whole
             shutil.rmtree(out_dir)

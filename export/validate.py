@@ -54,3 +54,47 @@ def validate_onnx(onnx_path: str | Path, module, spec: ComponentSpec, tol: Toler
                     f"{rec['cosine']:.7f} (allowed >= {tol.min_cosine}), finite={rec['finite']}. The export is wrong: "
                     "do not ship it; report the sizes above with the exporter versions.")
     return records
+
+
+def run_variant(onnx_path: str | Path, dtype: str):
+    """A callable feeds → outputs for a 16-bit variant on this CPU: fp16 in ONNX Runtime, bf16 in
+    OpenVINO (ONNX Runtime's CPU provider has no bf16 Conv), or onnx.reference without OpenVINO."""
+    if dtype == "fp16":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        return lambda feeds: sess.run(None, feeds)
+    try:
+        import openvino as ov
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        ref = ReferenceEvaluator(str(onnx_path))
+        return lambda feeds: ref.run(None, feeds)
+    compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda feeds: [compiled(feeds)[o] for o in compiled.outputs]
+
+
+def validate_variant(onnx_path: str | Path, module, spec: ComponentSpec, dtype: str, min_cosine: float) -> list[dict]:
+    """Compare a 16-bit variant against the fp32 PyTorch `module` at spec.validation_sizes(): every output
+    finite, of the right shape, with cosine >= min_cosine. Raises ExportValidationError otherwise."""
+    import torch
+
+    run = run_variant(onnx_path, dtype)
+    records = []
+    for k, sizes in enumerate(spec.validation_sizes()):
+        feeds = spec.sample_inputs(sizes, seed=100 + k)
+        with torch.no_grad():
+            refs = module(*[torch.from_numpy(feeds[t.name]) for t in spec.inputs])
+        outs = run(feeds)
+        for t, out, ref in zip(spec.outputs, outs, refs):
+            out, ref = np.asarray(out), ref.float().numpy()
+            rec = {"component": spec.name, "dtype": dtype, "output": t.name, "sizes": sizes, **compare(out, ref),
+                   "min_cosine": min_cosine}
+            records.append(rec)
+            if out.shape != ref.shape or out.dtype != np.float32 or not rec["finite"] or rec["cosine"] < min_cosine:
+                raise ExportValidationError(
+                    f"{spec.name} {dtype}: output '{t.name}' disagrees with PyTorch fp32 at sizes {sizes}: shape "
+                    f"{out.shape} vs {ref.shape}, dtype {out.dtype}, cosine {rec['cosine']:.6f} (allowed >= "
+                    f"{min_cosine}), finite={rec['finite']}. The variant is wrong: do not ship it.")
+    return records

@@ -42,7 +42,7 @@ def cmd_export(args) -> None:
     components = args.components.split(",") if args.components else None
     with console.status("exporting") as status:
         out = export_model(args.model, args.output, **({"components": components} if components else {}),
-                           validate=not args.no_validate, vae=args.vae,
+                           validate=not args.no_validate, vae=args.vae, dtypes=args.dtypes,
                            progress=lambda c: status.update(f"exporting and validating {c}"))
     info = json.loads((out / "export_info.json").read_text())
     for name, rec in info["components"].items():
@@ -51,6 +51,10 @@ def cmd_export(args) -> None:
                       f"{worst:.2e} over {len(rec['validation'])} validation shapes)")
         for finding in rec.get("trt_lint", []):
             console.print(f"    TensorRT lint: {finding}")
+        for dtype, v in rec.get("variants", {}).items():
+            cos = min((r["cosine"] for r in v["validation"]), default=float("nan"))
+            console.print(f"    {dtype}: {out / v['file']}  (cosine to PyTorch fp32 >= {cos:.6f}; fp32 islands: "
+                          f"{v['fp32']['islands']})")
     print(f"ONNX files written to {out}")
 
 
@@ -258,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="ONNX directory to write")
     s.add_argument("--components", help=f"comma-separated subset of {','.join(COMPONENTS)}")
     s.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
+    s.add_argument("--dtypes", default="fp32,bf16",
+                   help="graphs to export per component: fp32 (always) and strongly typed bf16/fp16 variants with "
+                        "fp32 islands, for TensorRT bf16/fp16 and ONNX Runtime fp16 engines (default fp32,bf16)")
     s.add_argument("--vae", default=None, metavar="PATH_OR_ID",
                    help="a drop-in AutoencoderDC to export instead of the checkpoint's VAE decoder, e.g. "
                         "mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers (a lighter decoder)")

@@ -40,7 +40,8 @@ def tiny_checkpoint(tmp_path_factory):
 def onnx_dir(tiny_checkpoint, tmp_path_factory):
     from sprintrt.export.onnx_export import export_model
 
-    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "onnx")
+    # fp16 variants (not the bf16 default) keep the suite short and let ONNX Runtime run the typed engines.
+    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "onnx", dtypes=("fp32", "fp16"))
 
 
 @pytest.fixture(scope="session")

@@ -40,18 +40,19 @@ import sys
 from pathlib import Path
 from sprintrt.engines.trt_build import build_loaders
 from sprintrt.engines.precision import Precision
-loader = build_loaders(Path({str(onnx_dir / 'transformer.onnx')!r}), Path('/tmp/x.plan'), Precision.BF16,
+loader = build_loaders(Path({str(onnx_dir / 'transformer.fp16.onnx')!r}), Path('/tmp/x.plan'), Precision.FP16,
     {{'hidden_states': {{'min': (1, 32, 8, 8), 'opt': (1, 32, 32, 32), 'max': (4, 32, 64, 64)}}}},
-    ['node_a'], Path({str(tmp_path / 't.cache')!r}))
+    Path({str(tmp_path / 't.cache')!r}))
 engine = loader._engine
 config = engine._config._config
 assert type(loader).__name__ == 'SaveEngine' and loader.path == '/tmp/x.plan'
 assert type(engine).__name__ == 'EngineFromNetwork' and engine.timing_cache_path.endswith('t.cache')
-assert config.bf16 and not config.fp16 and not config.tf32 and config.precision_constraints == 'obey'
+assert not (config.bf16 or config.fp16 or config.tf32) and config.precision_constraints is None
+assert engine._network.strongly_typed and engine._network.path.endswith('transformer.fp16.onnx')
 assert config.builder_optimization_level == 3
 prof = config.profiles[0]['hidden_states']
 assert tuple(prof.min) == (1, 32, 8, 8) and tuple(prof.max) == (4, 32, 64, 64)
-assert type(engine._network).__name__ == 'PostprocessNetwork'
+assert type(engine._network).__name__ == 'NetworkFromOnnxPath'
 assert 'tensorrt' not in sys.modules
 print('ok')
 """
@@ -59,9 +60,10 @@ print('ok')
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "ok", r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp8", "fp32"])
-def test_qdq_and_fp32_builds_are_strongly_typed_without_precision_flags(precision, onnx_dir, tmp_path):
-    """Explicit quantization: the Q/DQ graph carries the types; TensorRT 11 has no precision flags."""
+@pytest.mark.parametrize("precision", ["int8", "fp8", "fp32", "bf16", "fp16", "tf32"])
+def test_every_build_is_strongly_typed_without_precision_flags(precision, onnx_dir, tmp_path):
+    """The graph carries the types (typed variants, Q/DQ); TensorRT 11 has no precision flags. tf32 is a
+    math mode, the only flag left."""
     code = f"""
 import sys
 from pathlib import Path
@@ -69,10 +71,10 @@ from sprintrt.engines.trt_build import build_loaders
 from sprintrt.engines.precision import Precision
 loader = build_loaders(Path({str(onnx_dir / 'transformer.onnx')!r}), Path('/tmp/x.plan'), Precision('{precision}'),
     {{'hidden_states': {{'min': (1, 32, 8, 8), 'opt': (1, 32, 32, 32), 'max': (4, 32, 64, 64)}}}},
-    [], None)
+    None)
 engine = loader._engine
 config = engine._config._config
-assert not (config.bf16 or config.fp16 or config.tf32 or config.int8 or config.fp8)
+assert not (config.bf16 or config.fp16 or config.int8 or config.fp8) and config.tf32 == ('{precision}' == 'tf32')
 assert config.precision_constraints is None
 assert type(engine._network).__name__ == 'NetworkFromOnnxPath' and engine._network.strongly_typed
 assert 'tensorrt' not in sys.modules
@@ -84,23 +86,24 @@ print('ok')
 
 H100 = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 A100 = {"kind": "gpu", "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+T4 = {"kind": "gpu", "name": "Tesla T4", "compute_capability": "7.5"}
 
 
 def test_what_each_tensorrt_version_and_gpu_can_build():
     from sprintrt.errors import InvalidInputError
 
-    for p in (Precision.BF16, Precision.FP16, Precision.TF32, Precision.FP32, Precision.INT8, Precision.FP8):
-        trt_build.check_precision(p, "10.13.3", H100)  # TensorRT 10 has weak typing
-    for p in (Precision.FP32, Precision.TF32, Precision.INT8, Precision.FP8):
-        trt_build.check_precision(p, "11.1.0", H100)
-    for p in (Precision.BF16, Precision.FP16):
-        with pytest.raises(InvalidInputError, match="TensorRT 11 removed the weakly typed precision flags"):
-            trt_build.check_precision(p, "11.1.0", H100)
+    for version in ("10.13.3", "11.1.0", "11.4.0"):  # strongly typed everywhere: the version does not matter
+        for p in (Precision.BF16, Precision.FP16, Precision.TF32, Precision.FP32, Precision.INT8, Precision.FP8):
+            trt_build.check_precision(p, version, H100)
     with pytest.raises(InvalidInputError, match="compute capability >= 8.9.*A100"):
-        trt_build.check_precision(Precision.FP8, "10.13.3", A100)
-    trt_build.check_precision(Precision.INT8, "11.1.0", A100)
-    assert set(trt_build.default_precisions({"tensorrt": "10.13.3"}).values()) == {Precision.BF16}
-    assert set(trt_build.default_precisions({"tensorrt": "11.1.0"}).values()) == {Precision.FP32}
+        trt_build.check_precision(Precision.FP8, "11.1.0", A100)
+    trt_build.check_precision(Precision.BF16, "11.1.0", A100)
+    with pytest.raises(InvalidInputError, match="bf16.*compute capability >= 8.0.*T4.*fp16"):
+        trt_build.check_precision(Precision.BF16, "11.1.0", T4)
+    trt_build.check_precision(Precision.FP16, "11.1.0", T4)
+    assert set(trt_build.default_precisions({"tensorrt": "11.1.0"}, H100).values()) == {Precision.BF16}
+    t4 = trt_build.default_precisions({"tensorrt": "11.1.0"}, T4)
+    assert t4["text_encoder"] == Precision.FP32 and t4["transformer"] == t4["vae_decoder"] == Precision.FP16
 
 
 def test_fp8_is_refused_off_tensorrt():
@@ -111,19 +114,6 @@ def test_fp8_is_refused_off_tensorrt():
     for backend in ("onnxruntime", "openvino"):
         with pytest.raises(InvalidInputError, match="fp8 runs on TensorRT only"):
             resolve_precisions("transformer=fp8", backend)
-
-
-def test_fp32_pins_cover_the_linear_attention_normaliser(onnx_dir):
-    model = onnx.load(str(onnx_dir / "transformer.onnx"))
-    by_name = {n.name: n for n in model.graph.node}
-    pinned = trt_build.fp32_pinned_nodes(model, "transformer")
-    ops = [by_name[p].op_type for p in pinned]
-    blocks = 2
-    assert ops.count("Div") == blocks and ops.count("MatMul") == 2 * blocks and ops.count("Add") >= blocks
-    assert trt_build.fp32_pinned_nodes(model, "text_encoder") == []
-    vae = onnx.load(str(onnx_dir / "vae_decoder.onnx"))
-    resizes = [n.name for n in vae.graph.node if n.op_type == "Resize"]
-    assert resizes and trt_build.fp32_pinned_nodes(vae, "vae_decoder") == resizes
 
 
 def test_gpu_cache_key_names_gpu_capability_version_precision_profile_and_onnx():

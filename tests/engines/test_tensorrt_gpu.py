@@ -22,28 +22,29 @@ PSNR_DB = 35.0  # final image of the bf16 TensorRT pipeline vs the fp32 ONNX Run
 
 
 @pytest.fixture(scope="module")
-def trt_engine_dir(onnx_dir, tmp_path_factory):
+def typed_onnx_dir(tiny_checkpoint, tmp_path_factory):
+    """The export TensorRT's defaults build from: fp32 and its bf16 variants (the CLI's default dtypes)."""
+    from sprintrt.export.onnx_export import export_model
+
+    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("typed") / "onnx", dtypes="fp32,bf16,fp16")
+
+
+@pytest.fixture(scope="module")
+def trt_engine_dir(typed_onnx_dir, tmp_path_factory):
     from sprintrt.engines.build import build_engines
 
-    return build_engines(onnx_dir, tmp_path_factory.mktemp("trt") / "engines", backend="tensorrt")
+    return build_engines(typed_onnx_dir, tmp_path_factory.mktemp("trt") / "engines", backend="tensorrt")
 
 
 def test_builds_every_component(trt_engine_dir):
     m = json.loads((trt_engine_dir / "manifest.json").read_text())
     assert {c["backend"] for c in m["components"].values()} == {"tensorrt"}
-    import tensorrt as trt
-
-    from sprintrt.engines.trt_build import default_precisions
-
-    # TensorRT 11: fp32, strongly typed (no weak typing); TensorRT 10: bf16 with fp32 pins
-    default = default_precisions({"tensorrt": trt.__version__})["transformer"].value
-    fallback = default if default == "fp32" else None
-    assert {c["precision"] for c in m["components"].values()} == {fallback or "bf16"}
-    tr = m["components"]["transformer"]
-    assert (tr["fp32_pinned_layers"] > 0 and not tr["strongly_typed"]) if not fallback else tr["strongly_typed"]
+    # Strongly typed bf16 engines from the bf16 variants, on every TensorRT version (Ampere and later)
+    assert {c["precision"] for c in m["components"].values()} == {"bf16"}
+    assert all(c["strongly_typed"] and c["source_onnx"]["file"].endswith(".bf16.onnx") for c in m["components"].values())
 
 
-@pytest.mark.parametrize("component", ["text_encoder", "transformer", "vae_decoder"])
+@pytest.mark.parametrize("component", ["text_encoder", "transformer", "vae_decoder", "vae_encoder"])
 def test_tensorrt_matches_onnxruntime(trt_engine_dir, engine_dir, component):
     from sprintrt.engines.manifest import read_manifest
     from sprintrt.runtime.backends import OrtEngine
@@ -75,12 +76,12 @@ def test_pipeline_image_psnr_vs_onnxruntime(trt_engine_dir, sprint_pipe):
     assert psnr(ours, ref) >= PSNR_DB
 
 
-def test_cuda_graph_equals_plain_path(onnx_dir, tmp_path):
+def test_cuda_graph_equals_plain_path(typed_onnx_dir, tmp_path):
     from sprintrt.engines.build import build_engines
     from sprintrt.engines.profiles import ProfileOptions
     from sprintrt.runtime.pipeline import SprintPipeline
 
-    static = build_engines(onnx_dir, tmp_path / "static", backend="tensorrt",
+    static = build_engines(typed_onnx_dir, tmp_path / "static", backend="tensorrt",
                            profile=ProfileOptions(max_batch=1, static=(1, 512, 512)))
     kw = dict(prompt="a koi pond", num_inference_steps=2, height=512, width=512, use_resolution_binning=False,
               output_type="np")
@@ -91,9 +92,9 @@ def test_cuda_graph_equals_plain_path(onnx_dir, tmp_path):
         assert np.array_equal(img, plain)
 
 
-def test_engines_are_reused_across_processes(onnx_dir, trt_engine_dir):
+def test_engines_are_reused_across_processes(typed_onnx_dir, trt_engine_dir):
     code = (f"from sprintrt.engines.build import build_engines; ev = []; "
-            f"build_engines({str(onnx_dir)!r}, {str(trt_engine_dir)!r}, backend='tensorrt', "
+            f"build_engines({str(typed_onnx_dir)!r}, {str(trt_engine_dir)!r}, backend='tensorrt', "
             f"progress=lambda c, w: ev.append(w)); print(ev)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr
