@@ -42,7 +42,8 @@ def run_demo(workdir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 2, size: 
     say(f"[1/4] checkpoint: {ckpt}")
     info_path = onnx_dir / "export_info.json"
     if not info_path.exists() or json.loads(info_path.read_text())["model"]["identity"] != model_identity(ckpt):
-        export_model(ckpt, onnx_dir, progress=lambda c: say(f"      exporting + validating {c}"))
+        # fp32 only: the demo builds ONNX Runtime fp32 engines (`sprintrt export` adds bf16 variants for TensorRT).
+        export_model(ckpt, onnx_dir, progress=lambda c: say(f"      exporting + validating {c}"), dtypes=("fp32",))
     say(f"[2/4] ONNX (validated against PyTorch): {onnx_dir}")
     build_engines(onnx_dir, engine_dir, backend="onnxruntime", precision="fp32")
     say(f"[3/4] ONNX Runtime engines + manifest: {engine_dir}")
