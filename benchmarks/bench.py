@@ -587,11 +587,9 @@ def plot(doc: dict, path: str | Path) -> Path:
 
 
 def write_outputs(doc: dict, json_path: str | Path) -> tuple[Path, Path, Path]:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(doc, indent=1))
-    md = json_path.with_suffix(".md")
-    md.write_text(report(doc))
+    from sprintrt.files import write_json_and_markdown
+
+    json_path, md = write_json_and_markdown(doc, json_path, report)
     png = plot(doc, json_path.with_suffix(".png"))
     return json_path, md, png
 

@@ -12,7 +12,6 @@ Systems are loaded one at a time (real-size engine directories are ~11-21 GB eac
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from sprintrt.defaults import intermediate_timesteps_for
 from sprintrt.errors import InvalidInputError
+from sprintrt.files import write_json_and_markdown
 from sprintrt.export import specs as S
 from sprintrt.metrics import cosine, max_abs, psnr
 
@@ -140,9 +140,4 @@ def report(doc: dict) -> str:
 
 
 def write_outputs(doc: dict, json_path: str | Path) -> tuple[Path, Path]:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(doc, indent=1))
-    md = json_path.with_suffix(".md")
-    md.write_text(report(doc))
-    return json_path, md
+    return write_json_and_markdown(doc, json_path, report)

@@ -18,7 +18,7 @@ from sprintrt import defaults as D
 from sprintrt.errors import invalid
 from sprintrt.export import specs as S
 from sprintrt.runtime import image as I
-from sprintrt.runtime.pipeline import Clock, SprintPipeline
+from sprintrt.runtime.pipeline import Clock, SprintPipeline, generate_arguments
 from sprintrt.runtime.scheduler import SCMScheduler, cos32, sin32
 
 
@@ -84,14 +84,7 @@ class SprintImg2ImgPipeline(SprintPipeline):
             t = scheduler.timesteps[t0]
             return cos32(t) * image_latents + sin32(t) * noise, steps
 
-        return self._generate(
-            start, prompt=prompt, num_inference_steps=num_inference_steps, timesteps=timesteps,
-            max_timesteps=max_timesteps, intermediate_timesteps=intermediate_timesteps, guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt, height=height, width=width, generator=generator,
-            latents=latents, prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask,
-            output_type=output_type, return_dict=return_dict, clean_caption=clean_caption,
-            use_resolution_binning=use_resolution_binning, max_sequence_length=max_sequence_length,
-            complex_human_instruction=complex_human_instruction)
+        return self._generate(start, **generate_arguments(locals()))
 
     @staticmethod
     def _check_strength(strength) -> None:

@@ -60,6 +60,18 @@ class Clock:
                 self.timings[stage] = self.timings.get(stage, 0.0) + seconds
 
 
+def generate_arguments(call_locals: dict) -> dict:
+    """The arguments of a pipeline __call__ that SprintPipeline._generate takes (`eta` is ignored, as in
+    diffusers; image-to-image's own arguments are consumed by its start hook)."""
+    return {k: call_locals[k] for k in GENERATE_ARGUMENTS}
+
+
+GENERATE_ARGUMENTS = ("prompt", "num_inference_steps", "timesteps", "max_timesteps", "intermediate_timesteps",
+                      "guidance_scale", "num_images_per_prompt", "height", "width", "generator", "latents",
+                      "prompt_embeds", "prompt_attention_mask", "output_type", "return_dict", "clean_caption",
+                      "use_resolution_binning", "max_sequence_length", "complex_human_instruction")
+
+
 class SprintPipeline:
     """Text to image over engines; see the module docstring."""
 
@@ -183,14 +195,7 @@ class SprintPipeline:
     ):
         """Generate images. Arguments and defaults are SanaSprintPipeline.__call__'s; `eta` is ignored
         there too. Returns SprintPipelineOutput(images, timings), or (images,) if return_dict is False."""
-        return self._generate(
-            self._start_from_noise, prompt=prompt, num_inference_steps=num_inference_steps, timesteps=timesteps,
-            max_timesteps=max_timesteps, intermediate_timesteps=intermediate_timesteps, guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt, height=height, width=width, generator=generator,
-            latents=latents, prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask,
-            output_type=output_type, return_dict=return_dict, clean_caption=clean_caption,
-            use_resolution_binning=use_resolution_binning, max_sequence_length=max_sequence_length,
-            complex_human_instruction=complex_human_instruction)
+        return self._generate(self._start_from_noise, **generate_arguments(locals()))
 
     def _start_from_noise(self, scheduler: SCMScheduler, shape: tuple, draw, latents, clock: Clock):
         """Text to image: the start is noise (or the caller's latents) times sigma_data, every step runs."""

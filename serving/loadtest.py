@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sprintrt import defaults as D
 from sprintrt.errors import invalid
+from sprintrt.files import write_json_and_markdown
 from sprintrt.serving.api import ROUTE
 
 SCHEMA = "sprintrt-loadtest/1"
@@ -119,9 +120,4 @@ def report(doc: dict) -> str:
 
 
 def write_outputs(doc: dict, json_path: str | Path) -> tuple[Path, Path]:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(doc, indent=1))
-    md = json_path.with_suffix(".md")
-    md.write_text(report(doc))
-    return json_path, md
+    return write_json_and_markdown(doc, json_path, report)

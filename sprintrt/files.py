@@ -33,6 +33,18 @@ def sha256_file(path: str | Path, h=None) -> str:
     return h.hexdigest()
 
 
+def write_json_and_markdown(doc: dict, json_path: str | Path, render) -> tuple[Path, Path]:
+    """A results document as JSON at `json_path` and its Markdown (`render(doc)`) beside it, as .md."""
+    import json
+
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=1))
+    md = json_path.with_suffix(".md")
+    md.write_text(render(doc))
+    return json_path, md
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """A reader sees the old file or the new one, never half of one."""
     path = Path(path)
