@@ -101,7 +101,7 @@ def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(V, "validate_onnx", broken)
     out = tmp_path / "onnx"
     with pytest.raises(ExportValidationError, match="planted"):
-        export_model(tiny_checkpoint, out, components=("transformer",))
+        export_model(tiny_checkpoint, out, components=("transformer",), dtypes=("fp32",))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -137,6 +137,10 @@ def test_large_model_path_streams_weights_to_external_data(tiny_checkpoint, tmp_
     assert rec["external_data"]["file"] == "transformer.onnx.data" and (out / "transformer.onnx.data").is_file()
     assert len(rec["validation"]) >= 2 and all(r["cosine"] >= FP32.min_cosine for r in rec["validation"])
     assert rec["trt_lint"] == [] and lint(out / "transformer.onnx") == []
+    # The bf16 variant streams too, and its islands are enforced without loading the external weights.
+    v = rec["variants"]["bf16"]
+    assert v["external_data"]["file"] == "transformer.bf16.onnx.data" and v["trt_lint"] == []
+    assert all(r["finite"] and r["cosine"] >= 0.99 for r in v["validation"])
 
 
 def test_channels_first_rms_norm_equals_diffusers_and_leaves_no_transpose_pairs(onnx_dir, tiny_checkpoint,

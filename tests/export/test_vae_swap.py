@@ -40,7 +40,7 @@ def test_exported_lite_vae_matches_diffusers_with_that_vae(tiny_checkpoint, lite
     from sprintrt.export.onnx_export import export_model
     from sprintrt.runtime.pipeline import SprintPipeline
 
-    onnx_dir = export_model(tiny_checkpoint, tmp_path / "onnx", vae=lite_vae)
+    onnx_dir = export_model(tiny_checkpoint, tmp_path / "onnx", vae=lite_vae, dtypes=("fp32",))
     info = json.loads((onnx_dir / "export_info.json").read_text())
     assert info["model"]["vae"]["source"] == str(lite_vae)
     pipe = SprintPipeline.from_engines(build_engines(onnx_dir, tmp_path / "engines"))
