@@ -10,7 +10,6 @@ Results are JSON (schema SCHEMA, tagged with the machine, library versions and e
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os

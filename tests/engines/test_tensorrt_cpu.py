@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import onnx
 import pytest
 
 from sprintrt import machine
