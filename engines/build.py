@@ -107,9 +107,9 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
         dims = mod.profile(spec, model, profile or ProfileOptions())
         label = prec.value
         if prec in QUANTIZED:  # the recipe and the calibration set are part of what the engine computes
-            from sprintrt.engines.quantize import recipe
+            from sprintrt.engines.quantize import recipe_label
 
-            label = recipe(prec.value, target) + "-" + hashlib.sha256(calibration[comp][0].encode()).hexdigest()[:8]
+            label = recipe_label(prec.value, target, comp, calibration[comp][0])
         key = M.cache_key(target, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
         plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record))
     return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target, versions, tuple(plans), calibration)
@@ -140,7 +140,8 @@ def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
         source = path.with_name(path.name + ".qdq.onnx")
         description, feeds = plan.calibration[comp.name]
         feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
-        quant_info = quantize_qdq(comp.source, source, feeds, comp.precision.value, target=plan.target)
+        quant_info = quantize_qdq(comp.source, source, feeds, comp.precision.value, target=plan.target,
+                                  component=comp.name)
         quant_info["calibration"] = description
     try:
         result: BuildResult = plan.module.build_component(source, path, comp.name, comp.precision,
@@ -186,26 +187,30 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
     plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration)
     plan.engine_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(plan.engine_dir / ".build.lock")):
-        old = _read_existing(plan.engine_dir, plan.info)
+        old = read_existing(plan.engine_dir, plan.info)
         entries = {}
         for comp in plan.components:
             prev = old.get(comp.name)
-            reuse = not rebuild and prev is not None and prev["key"] == comp.key and _intact(plan.engine_dir, prev)
+            reuse = not rebuild and prev is not None and prev["key"] == comp.key and intact(plan.engine_dir, prev)
             if progress:
                 progress(comp.name, "reused" if reuse else "building")
             entries[comp.name] = prev if reuse else build_component(plan, comp)
-        for comp, entry in old.items():  # engines of components not rebuilt this time, same model
-            entries.setdefault(comp, entry)
-        _copy_tokenizer(plan.onnx_dir, plan.engine_dir)
-        M.Manifest(plan.engine_dir / M.MANIFEST, {
-            "format": M.FORMAT, "model": plan.info["model"], "model_dims": plan.info["model_dims"],
-            "pipeline": plan.info["pipeline"], "tokenizer": "tokenizer", "components": entries,
-        }).write()
-        _remove_unreferenced(plan.engine_dir, entries)
+        write_manifest(plan.onnx_dir, plan.engine_dir, plan.info, {**old, **entries})
     return plan.engine_dir
 
 
-def _read_existing(engine_dir: Path, info: dict) -> dict:
+def write_manifest(onnx_dir: Path, engine_dir: Path, info: dict, entries: dict) -> None:
+    """Switch engine_dir's manifest to `entries` ({component: entry}, backends may differ per component),
+    copy the tokenizer and delete engine files no entry references. Call under engine_dir's build lock."""
+    _copy_tokenizer(Path(onnx_dir), engine_dir)
+    M.Manifest(engine_dir / M.MANIFEST, {
+        "format": M.FORMAT, "model": info["model"], "model_dims": info["model_dims"],
+        "pipeline": info["pipeline"], "tokenizer": "tokenizer", "components": entries,
+    }).write()
+    _remove_unreferenced(engine_dir, entries)
+
+
+def read_existing(engine_dir: Path, info: dict) -> dict:
     """Components of an existing manifest of the same model ({} for none, another model or format)."""
     try:
         old = M.read_manifest(engine_dir)
@@ -220,7 +225,7 @@ def _file_entry(path: Path) -> dict:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _intact(engine_dir: Path, entry: dict) -> bool:
+def intact(engine_dir: Path, entry: dict) -> bool:
     return not any(file_mismatch(engine_dir / e["file"], e["bytes"], e["sha256"]) for e in M.engine_files(entry))
 
 

@@ -1,6 +1,6 @@
-"""Quantized engines built from calibration data made the way the model is used: the transformer's
-real inputs, recorded while an fp32 SprintPipeline generates from a prompt file at the timesteps
-actually run (t = max for 1 step, plus the intermediate step for 2 steps).
+"""Quantized engines built from calibration data made the way the model is used: each quantized
+component's real inputs, recorded while an fp32 SprintPipeline generates from a prompt file at the
+timesteps actually run (t = max for 1 step, plus the intermediate step for 2 steps).
 
 This builds engines, so it lives in engines/ and uses the runtime (never the other way round).
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from sprintrt.defaults import (CALIBRATION_STEPS, DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE,
+                               VAE_CALIBRATION_LATENT_SIDE, VAE_CALIBRATION_SAMPLES,
                                intermediate_timesteps_for)
 from sprintrt.errors import InvalidInputError
-from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
+from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, TEXT_TO_IMAGE, TRANSFORMER, VAE_DECODER
 from sprintrt.prompts import read_prompts
 
 
@@ -33,65 +34,120 @@ def _check_count(count) -> None:
                                 f"Fix: e.g. {DEFAULT_CALIBRATION_COUNT}")
 
 
-def transformer_calibration(pipe, prompts: list[str], height: int = DEFAULT_CALIBRATION_SIZE,
-                            width: int = DEFAULT_CALIBRATION_SIZE, steps=CALIBRATION_STEPS,
-                            count: int | None = None, seed: int = 0) -> list[dict]:
-    """Transformer input feeds recorded from `pipe` (an fp32 SprintPipeline) over the prompts."""
+def record_calibration(pipe, components, prompts: list[str], height: int = DEFAULT_CALIBRATION_SIZE,
+                       width: int = DEFAULT_CALIBRATION_SIZE, steps=CALIBRATION_STEPS, count: int | None = None,
+                       seed: int = 0) -> dict[str, list[dict]]:
+    """{component: input feeds} recorded from `pipe` (an fp32 SprintPipeline) over the prompts: the text
+    encoder once per prompt, the transformer at every step of every schedule, the VAE decoder on the
+    final latents of the first VAE_CALIBRATION_SAMPLES calls (each sample is a full decode), centre-cropped
+    to VAE_CALIBRATION_LATENT_SIDE (see sprintrt/defaults.py)."""
+    unknown = [c for c in components if c not in TEXT_TO_IMAGE]
+    if unknown:
+        raise InvalidInputError(f"calibration of {unknown} is not recorded by a text-to-image call: expected "
+                                f"components of {list(TEXT_TO_IMAGE)}. Fix: quantize only those")
     if count is not None:
         _check_count(count)
         prompts = prompts[:count]
-    recorder = _Recorder(pipe.engine("transformer"))
-    pipe.set_engine("transformer", recorder)
+    recorders = {c: _Recorder(pipe.engine(c)) for c in components}
+    for c, recorder in recorders.items():
+        pipe.set_engine(c, recorder)
     try:
         for i, prompt in enumerate(prompts):
             # Encode once per prompt (the text encoder is the slow part at real size), run every schedule.
             embeds, mask = pipe.encode_prompt(prompt, complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
             for n in steps:
+                decode = VAE_DECODER in recorders and len(recorders[VAE_DECODER].feeds) < VAE_CALIBRATION_SAMPLES
                 pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
                      intermediate_timesteps=intermediate_timesteps_for(n), height=height, width=width,
-                     use_resolution_binning=False, generator=seed + i, output_type="latent")
+                     use_resolution_binning=False, generator=seed + i, output_type="np" if decode else "latent")
     finally:
-        pipe.set_engine("transformer", recorder.engine)
-    return recorder.feeds
+        for c, recorder in recorders.items():
+            pipe.set_engine(c, recorder.engine)
+    feeds = {c: recorder.feeds for c, recorder in recorders.items()}
+    if VAE_DECODER in feeds:
+        feeds[VAE_DECODER] = [{k: _centre_crop(v, VAE_CALIBRATION_LATENT_SIDE) for k, v in f.items()}
+                              for f in feeds[VAE_DECODER]]
+    return feeds
+
+
+def _centre_crop(latent, side: int):
+    """The centre side x side latent pixels (all of them where the latent is smaller)."""
+    h, w = latent.shape[-2:]
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return latent[..., top:top + side, left:left + side].copy()
+
+
+def transformer_calibration(pipe, prompts: list[str], height: int = DEFAULT_CALIBRATION_SIZE,
+                            width: int = DEFAULT_CALIBRATION_SIZE, steps=CALIBRATION_STEPS,
+                            count: int | None = None, seed: int = 0) -> list[dict]:
+    """The transformer's input feeds recorded from `pipe` over the prompts (see record_calibration)."""
+    return record_calibration(pipe, (TRANSFORMER,), prompts, height, width, steps, count, seed)[TRANSFORMER]
+
+
+def calibration_description(prompts_file, prompts: list[str], size: int, precision: str) -> str:
+    """What the calibration set is (part of the quantized engines' keys)."""
+    method = "minmax" if precision == "int8" else "distribution"
+    steps = ",".join(map(str, CALIBRATION_STEPS))
+    return f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps {steps}; {method}"
+
+
+def lazy_calibration(onnx_dir: str | Path, engines: Path, components, prompts: list[str], size: int, profile=None,
+                     say=lambda msg: None, reuse: bool = False):
+    """feeds_of(component) -> a callable recording every quantized component's feeds once, on first use,
+    with fp32 ONNX Runtime engines: those in `engines` if `reuse`, else built there and removed afterwards.
+    build_engines calls it only if a quantized engine must be built (not when one is reused)."""
+    import shutil
+
+    from sprintrt.engines.build import build_engines
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    recorded: dict = {}
+
+    def feeds_of(component: str):
+        def feeds() -> list[dict]:
+            if not recorded:
+                try:
+                    if not reuse:
+                        say("fp32 engines for calibration")
+                        build_engines(onnx_dir, engines, backend="onnxruntime", precision="fp32", profile=profile,
+                                      components=TEXT_TO_IMAGE)
+                    say(f"calibrating {', '.join(components)} on {len(prompts)} prompts at {size}x{size}")
+                    recorded.update(record_calibration(SprintPipeline.from_engines(engines), components, prompts,
+                                                       size, size))
+                finally:
+                    if not reuse:
+                        shutil.rmtree(engines, ignore_errors=True)
+            say(f"quantizing {component}")
+            return recorded[component]
+        return feeds
+
+    return feeds_of
 
 
 def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,
                             count: int = DEFAULT_CALIBRATION_COUNT, size: int = DEFAULT_CALIBRATION_SIZE,
                             profile=None, progress=None,
-                            backend: str = "onnxruntime", precision: str = "int8") -> Path:
-    """Engines with an int8 (or fp8) transformer for `backend`. Unless engine_dir already holds that
-    engine (same key: the calibration description is part of it), fp32 ONNX Runtime engines are built
-    in a scratch directory beside engine_dir, the transformer's inputs are recorded while they
-    generate from the calibration prompts, and the Q/DQ transformer is built from them. Returns engine_dir."""
-    import shutil
-
+                            backend: str = "onnxruntime", precision="int8") -> Path:
+    """Engines with int8 (or fp8) components for `backend`: `precision` is "int8"/"fp8" (every component
+    with a recipe that the backend quantizes) or per component, e.g. "transformer=int8,vae_decoder=int8".
+    Unless engine_dir already holds those engines (same keys: the calibration description is part of
+    them), fp32 ONNX Runtime engines are built in a scratch directory beside engine_dir, the quantized
+    components' inputs are recorded while they generate from the calibration prompts, and the Q/DQ
+    graphs are built from them. Returns engine_dir."""
     from sprintrt.engines.build import build_engines
-    from sprintrt.engines.precision import resolve_precisions
+    from sprintrt.engines.precision import QUANTIZED, quantized_precisions
     from sprintrt.engines.quantize import quantizable_nodes
-    from sprintrt.runtime.pipeline import SprintPipeline
 
     say = progress or (lambda msg: None)
     _check_count(count)
-    wanted = f"transformer={precision}"
-    resolve_precisions(wanted, backend)  # fp8 off TensorRT and the like fail before any work
-    quantizable_nodes(Path(onnx_dir) / "transformer.onnx")  # fail before any work on an export without module paths
+    precisions = quantized_precisions(precision, backend)  # fp8 off TensorRT and the like fail before any work
+    quantized = [c for c, p in precisions.items() if p in QUANTIZED]
+    for comp in quantized:  # fail before any work on an export without module paths
+        quantizable_nodes(Path(onnx_dir) / f"{comp}.onnx", comp)
     prompts = read_prompts(prompts_file)[:count]
     engine_dir = Path(engine_dir)
-
-    def record() -> list[dict]:  # called by build_engines only if the quantized engine must be (re)built
-        scratch = engine_dir.with_name(f".{engine_dir.name}.calibration")
-        try:
-            say("fp32 engines for calibration")
-            build_engines(onnx_dir, scratch, backend="onnxruntime", precision="fp32", profile=profile)
-            say(f"calibrating on {len(prompts)} prompts at {size}x{size}")
-            feeds = transformer_calibration(SprintPipeline.from_engines(scratch), prompts, size, size)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        say(f"quantizing the transformer to {precision}")
-        return feeds
-
-    method = "minmax" if precision == "int8" else "distribution"
-    steps = ",".join(map(str, CALIBRATION_STEPS))
-    description = f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps {steps}; {method}"
-    return build_engines(onnx_dir, engine_dir, backend=backend, precision=wanted, profile=profile,
-                         calibration={"transformer": (description, record)})
+    feeds_of = lazy_calibration(onnx_dir, engine_dir.with_name(f".{engine_dir.name}.calibration"), quantized,
+                                prompts, size, profile, say)
+    return build_engines(onnx_dir, engine_dir, backend=backend, precision=precisions, profile=profile,
+                         calibration={c: (calibration_description(prompts_file, prompts, size, precisions[c].value),
+                                       feeds_of(c)) for c in quantized})

@@ -28,13 +28,13 @@ def can_build(f: dict) -> list[str]:
     cpu = f["cpu"]
     lines = []
     if f["onnxruntime"]:
-        int8 = "int8 transformer with 7-bit weights (no VNNI: 8-bit int8 kernels saturate)" \
-            if not machine.cpu_has_int8_dot(cpu) else "int8 transformer"
+        int8 = "int8 (Q/DQ: text encoder, transformer, VAE decoder) with 7-bit weights (no VNNI: 8-bit int8 " \
+            "kernels saturate)" if not machine.cpu_has_int8_dot(cpu) else "int8 (Q/DQ: text encoder, transformer, VAE decoder)"
         lines.append(f"onnxruntime fp32, fp16 (typed variants), {int8} (CPU)")
     if f["openvino"]:
         bf16 = "bf16 (this CPU has bf16 instructions; the default)" if machine.cpu_has_bf16(cpu) \
             else "bf16 emulated, slow (no AVX512-BF16/AMX here; fp32 is the default)"
-        lines.append(f"openvino fp32, {bf16} (CPU)")
+        lines.append(f"openvino fp32, {bf16}, int8 (the same Q/DQ graphs) (CPU)")
     if f["gpus"] and f["tensorrt"]:
         gpu = f["gpus"][0]
         cc = tuple(int(x) for x in gpu["compute_capability"].split(".")[:2])
@@ -72,5 +72,17 @@ def report() -> str:
     lines += [f"             {line}" for line in can[1:]]
     from sprintrt.engines.backend import auto_backend
 
-    lines.append(f"--backend auto picks {auto_backend()} here")
+    if auto_backend() == "tensorrt":
+        lines.append("--backend auto picks tensorrt here")
+    else:
+        lines.append(f"--backend auto times every CPU candidate per component here (--no-tune: {auto_backend()})")
     return "\n".join(lines)
+
+
+def tuning_report(engine_dir) -> str:
+    """What `--backend auto` measured and chose for an engine directory."""
+    from sprintrt.engines.manifest import read_manifest
+    from sprintrt.engines.tune import table
+
+    manifest = read_manifest(engine_dir)
+    return "\n".join([f"engines in {manifest.root}:", *(f"  {line}" for line in table(manifest.data))])

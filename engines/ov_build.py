@@ -24,7 +24,8 @@ NAME = "openvino"
 LIBRARY = "openvino"
 SUFFIX = ".xml"
 CACHE = "ov_cache"
-HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16"}
+# int8: the Q/DQ graph's quantized layers run OpenVINO's int8 kernels; the rest keeps fp32.
+HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}
 # bf16 is OpenVINO's run-time precision hint on the fp32 graph: no typed variant needed.
 TYPED_PRECISIONS: frozenset = frozenset()
 

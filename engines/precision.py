@@ -4,8 +4,8 @@ What each backend may build per component (ALLOWED) follows what SANA-Sprint is 
 (docs/SANA_SPRINT_SPEC.md §9): Gemma2 never in fp16 (its (1+w) RMSNorm and GeGLU overflow it, and the
 docs say it "must stay in bf16"); the transformer in bf16 or fp16 (its linear-attention matmuls,
 normaliser division and epsilon pinned to fp32); the DC-AE decoder in bf16, fp16 or fp32. ONNX
-Runtime's CPU backend builds fp32, fp16 from the typed variants (not Gemma2) and the int8 transformer;
-OpenVINO fp32 or bf16. Each backend
+Runtime's CPU backend builds fp32, fp16 from the typed variants (not Gemma2) and int8 (Q/DQ) for the
+text encoder, transformer and VAE decoder; OpenVINO fp32, bf16 and the same int8 graphs. Each backend
 module's `default_precisions()` picks the defaults for the machine and library version at hand.
 """
 
@@ -37,24 +37,26 @@ class Precision(str, Enum):
 
 P = Precision
 
-# What each backend can build, per component. INT8/FP8 need Q/DQ ONNX (the quantization step).
+# What each backend can build, per component. INT8/FP8 need Q/DQ ONNX (the quantization step,
+# engines/quantize.py: static Q/DQ calibrated on recorded inputs, for the components with a recipe).
 ALLOWED = {
-    # int8: static Q/DQ of the transformer, calibrated on recorded inputs (engines/quantize.py)
     # fp16: the export's typed fp16 variants (fp32 islands kept)
-    "onnxruntime": {TEXT_ENCODER: (P.FP32,), TRANSFORMER: (P.FP32, P.FP16, P.INT8), VAE_DECODER: (P.FP32, P.FP16),
-                    VAE_ENCODER: (P.FP32, P.FP16)},
-    "openvino": {c: (P.FP32, P.BF16) for c in COMPONENTS},
+    "onnxruntime": {TEXT_ENCODER: (P.FP32, P.INT8), TRANSFORMER: (P.FP32, P.FP16, P.INT8),
+                    VAE_DECODER: (P.FP32, P.FP16, P.INT8), VAE_ENCODER: (P.FP32, P.FP16)},
+    # bf16: a run-time hint on the fp32 graph; int8: OpenVINO runs the same Q/DQ graph with its int8 kernels
+    "openvino": {TEXT_ENCODER: (P.FP32, P.BF16, P.INT8), TRANSFORMER: (P.FP32, P.BF16, P.INT8),
+                 VAE_DECODER: (P.FP32, P.BF16, P.INT8), VAE_ENCODER: (P.FP32, P.BF16)},
     "tensorrt": {
-        TEXT_ENCODER: (P.FP32, P.TF32, P.BF16),
         # int8 / fp8: explicit Q/DQ quantization, strongly typed (fp8 needs compute capability >= 8.9)
+        TEXT_ENCODER: (P.FP32, P.TF32, P.BF16, P.INT8),
         TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8, P.FP8),
-        VAE_DECODER: (P.FP32, P.TF32, P.BF16, P.FP16),
+        VAE_DECODER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8),
         VAE_ENCODER: (P.FP32, P.TF32, P.BF16, P.FP16),
     },
 }
 WHY_NOT = {(TEXT_ENCODER, P.FP16): "Gemma2 overflows fp16 (its docs: the text encoder must stay in bf16)",
-           (TRANSFORMER, P.FP8): "fp8 runs on TensorRT only (Ada/Hopper GPUs); ONNX Runtime's CPU provider has no "
-                                 "fp8 kernels"}
+           (TRANSFORMER, P.FP8): "fp8 runs on TensorRT only (Ada/Hopper GPUs); the CPU backends have no fp8 kernels",
+           (VAE_ENCODER, P.INT8): "the VAE encoder has no int8 recipe (img2img runs it once per image)"}
 QUANTIZED = (P.INT8, P.FP8)  # built from a calibrated Q/DQ graph
 
 
@@ -88,3 +90,26 @@ def resolve_precisions(value, backend: str, components=COMPONENTS, defaults=None
             raise InvalidInputError(f"precision={p.value!r} is not available for {comp} on backend {backend!r}: {why}. "
                                     f"Fix: choose one of {[a.value for a in ALLOWED[backend][comp]]}")
     return {c: chosen[c] for c in components}
+
+
+def quantized_precisions(value, backend: str) -> dict[str, Precision]:
+    """Precisions for a quantized build: "int8" / "fp8" alone means every component with a Q/DQ recipe
+    that `backend` builds in it (the others keep the backend's defaults); a per-component string or
+    dict is taken as given. At least one component must be quantized."""
+    from sprintrt.engines.backend import canonical
+    from sprintrt.engines.quantize import QUANTIZABLE
+
+    text = value.value if isinstance(value, Precision) else value
+    if isinstance(text, str) and "=" not in text:
+        one = Precision.parse(text)
+        backend_name = canonical(backend)
+        value = {c: one for c in QUANTIZABLE if one in ALLOWED[backend_name][c]}
+        if not value:
+            raise InvalidInputError(f"precision={text!r}: no component is quantized to {one.value} on backend "
+                                    f"{backend_name!r}. Fix: e.g. --precision transformer=int8 (fp8 needs --backend "
+                                    "tensorrt)")
+    chosen = resolve_precisions(value, backend)
+    if not any(p in QUANTIZED for p in chosen.values()):
+        raise InvalidInputError(f"precision={value!r} quantizes no component: expected int8 or fp8 for at least one "
+                                "of them. Fix: e.g. --precision transformer=int8")
+    return chosen

@@ -5,12 +5,11 @@ ONNX Runtime and TensorRT consume): the MatMul/Gemm/Conv layers whose second inp
 with per-channel symmetric weights and per-tensor symmetric activations (min/max calibration), fp8
 (E4M3, for TensorRT on Ada/Hopper) with per-tensor scales (see _settings).
 
-What stays in higher precision, as NVIDIA ModelOpt's diffusion recipes keep it: the time and
-guidance embeddings and the patch embedding (a timestep error shifts every token), the caption
-projection and norm (its input is the text encoder's unnormalised output), the final norm and
-projection (they write the velocity the scheduler integrates), and every activation-by-activation
-matmul: the linear attention's v·kᵀ and ·q with its normaliser division and epsilon, and the
-cross-attention scores. Layers are recognised by the PyTorch module path the exporter recorded.
+Which components have a recipe, and what stays in higher precision in each, is declared once in
+KEEP_HIGH_PRECISION. Every activation-by-activation matmul stays in float everywhere (only layers
+whose second input is a weight are quantized): the linear attention's v·kᵀ and ·q with its normaliser
+division and epsilon, the cross-attention scores, Gemma2's attention scores and soft-capping, DC-AE's
+linear attention. Layers are recognised by the PyTorch module path the exporter recorded.
 
 The int8 recipe follows the target's int8 instructions. x86 CPUs without VNNI (e.g. AMD Zen 2/3,
 Intel before Cascade Lake) run ONNX Runtime's int8 matmuls and convolutions with VPMADDUBSW, which
@@ -26,6 +25,7 @@ CPU class is never loaded on the other.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -33,23 +33,43 @@ from typing import Mapping
 
 from sprintrt import machine
 from sprintrt.errors import InvalidInputError
+from sprintrt.export.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER
 
-KEEP_HIGH_PRECISION = (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".proj_out",
-                       ".norm_out")
+# Per component with an int8/fp8 recipe: the weight layers kept in higher precision (module-path parts).
+KEEP_HIGH_PRECISION = {
+    # As NVIDIA ModelOpt's diffusion recipes keep them: the time/guidance and patch embeddings (a timestep
+    # error shifts every token), the caption projection and norm (their input is the text encoder's
+    # unnormalised output), the final norm and projection (they write the velocity the scheduler integrates).
+    TRANSFORMER: (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".proj_out",
+                  ".norm_out"),
+    # The decoder's first and last convolutions (not the blocks' own conv_out): conv_in reads the latent
+    # (32 channels, every value matters) and conv_out writes the pixels; 2 of the real decoder's 106 weight layers.
+    VAE_DECODER: (".decoder.conv_in.", ".decoder.conv_out."),
+    # Gemma2: every projection of every layer is quantized (per-channel weights); the embedding is a
+    # Gather (never quantized) and the final RMSNorm has no matmul.
+    TEXT_ENCODER: (),
+}
+QUANTIZABLE = tuple(KEEP_HIGH_PRECISION)
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 # Calibration keeps at most this many samples' intermediate outputs in memory before folding them
-# into running min/max ranges: ORT's default keeps all of them (13 GB for the real decoder at 512²).
-CALIBRATION_CHUNK = 4
+# into running min/max ranges: ORT's default keeps all of them. Measured on the real 0.6B architecture
+# at 512²: 4 decoder samples at once exceeded 24 GB (killed), one sample is about 6 GB.
+CALIBRATION_CHUNK = {TRANSFORMER: 4, TEXT_ENCODER: 4, VAE_DECODER: 1}
 
 
-def _stride(n: int) -> int:
-    """The largest divisor of n up to CALIBRATION_CHUNK (ORT needs the strides to tile the data)."""
-    return max(d for d in range(1, min(n, CALIBRATION_CHUNK) + 1) if n % d == 0)
+def _stride(n: int, component: str) -> int:
+    """The largest divisor of n up to the component's chunk (ORT needs the strides to tile the data)."""
+    return max(d for d in range(1, min(n, CALIBRATION_CHUNK[component]) + 1) if n % d == 0)
 
 
-def quantizable_nodes(model) -> tuple[list[str], list[str]]:
-    """(nodes to quantize, weight-bearing nodes kept in higher precision) of an exported graph."""
+def quantizable_nodes(model, component: str) -> tuple[list[str], list[str]]:
+    """(nodes to quantize, weight-bearing nodes kept in higher precision) of a component's exported graph."""
     import onnx
+
+    if component not in KEEP_HIGH_PRECISION:
+        raise InvalidInputError(f"component={component!r} has no int8/fp8 recipe: expected one of "
+                                f"{list(QUANTIZABLE)}. Fix: keep it in a float precision")
+    kept_scopes = KEEP_HIGH_PRECISION[component]
 
     from sprintrt.export.graph_passes import module_scopes
 
@@ -66,7 +86,7 @@ def quantizable_nodes(model) -> tuple[list[str], list[str]]:
         if scope is None:
             raise InvalidInputError(f"node '{n.name}' carries no module path, so sprintrt cannot tell which layers "
                                     "must stay in higher precision. Fix: re-export with this sprintrt version")
-        (keep if any(k in scope + "." for k in KEEP_HIGH_PRECISION) else quantize).append(n.name)
+        (keep if any(k in scope + "." for k in kept_scopes) else quantize).append(n.name)
     return quantize, keep
 
 
@@ -101,7 +121,15 @@ def recipe(precision: str, target: Mapping | None = None) -> str:
     return precision
 
 
-def _settings(precision: str, n_feeds: int, target: Mapping | None = None) -> dict:
+def recipe_label(precision: str, target: Mapping | None, component: str, calibration: str) -> str:
+    """The precision part of a quantized engine's key: the recipe, and a hash of what else decides the
+    Q/DQ graph (the layers kept in higher precision, the calibration set), so no engine quantized by
+    other rules or data is ever reused."""
+    rules = repr((KEEP_HIGH_PRECISION[component], calibration))
+    return recipe(precision, target) + "-" + hashlib.sha256(rules.encode()).hexdigest()[:8]
+
+
+def _settings(precision: str, n_feeds: int, target: Mapping | None, component: str) -> dict:
     """quantize_static arguments per precision and target.
 
     int8: per-channel symmetric weights (7-bit where the target's kernels saturate, see the module
@@ -116,7 +144,7 @@ def _settings(precision: str, n_feeds: int, target: Mapping | None = None) -> di
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                   "CalibStridedMinMax": _stride(n_feeds)})
+                                   "CalibStridedMinMax": _stride(n_feeds, component)})
     if precision == "fp8":
         return dict(per_channel=False, activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN,
                     calibrate_method=CalibrationMethod.Distribution, extra_options={"scenario": "same"})
@@ -124,16 +152,16 @@ def _settings(precision: str, n_feeds: int, target: Mapping | None = None) -> di
 
 
 def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8",
-                 target: Mapping | None = None) -> dict:
-    """Write the int8 or fp8 Q/DQ version of `source` to `out` (temp name, then rename) for the engines'
-    `target` (None: this machine's CPU). Returns what was done."""
+                 target: Mapping | None = None, *, component: str) -> dict:
+    """Write the int8 or fp8 Q/DQ version of `component`'s graph `source` to `out` (temp name, then
+    rename) for the engines' `target` (None: this machine's CPU). Returns what was done."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    settings = _settings(precision, max(len(feeds), 1), target)  # an unknown precision fails before any work
+    settings = _settings(precision, max(len(feeds), 1), target, component)  # an unknown precision fails before any work
     if not feeds:
         raise InvalidInputError("calibration produced no samples: expected at least one prompt. Fix: pass a "
                                 "non-empty calibration prompt file")
-    quantize, keep = quantizable_nodes(source)
+    quantize, keep = quantizable_nodes(source, component)
     # Over 2 GB (the real transformers) the calibration graph and the result need external weights.
     external = source.with_name(source.name + ".data").exists()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

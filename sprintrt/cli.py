@@ -59,45 +59,50 @@ def cmd_export(args) -> None:
 
 
 def cmd_build(args) -> None:
+    from sprintrt.engines.backend import auto_backend
     from sprintrt.engines.build import build_engines
     from sprintrt.engines.profiles import ProfileOptions
 
     console = _console()
     profile = ProfileOptions(max_batch=args.max_batch, max_sequence_length=args.max_sequence_length,
                              complex_human_instruction=not args.no_chi, static=_parse_static(args.static))
-    quantized = _quantized_precision(args.precision)
+    quantized = args.precision and any(q in args.precision for q in ("int8", "fp8"))
+    tune = args.backend == "auto" and not args.no_tune and not args.precision and auto_backend() != "tensorrt"
     with console.status("building engines") as status:
-        if quantized:
+        if tune:
+            from sprintrt.engines.tune import tune_engines
+
+            out = tune_engines(args.onnx_dir, args.output, candidate_names=_list(args.candidates),
+                               prompts_file=args.calibration_prompts, count=args.calibration_count,
+                               size=args.tune_size, rebuild=args.rebuild, progress=status.update)
+        elif quantized:
             from sprintrt.engines.calibration import build_quantized_engines
 
+            backend = auto_backend() if args.backend == "auto" else args.backend
             out = build_quantized_engines(args.onnx_dir, args.output, args.calibration_prompts, args.calibration_count,
                                           args.calibration_size, profile, progress=status.update,
-                                          backend=args.backend, precision=quantized)
+                                          backend=backend, precision=args.precision)
         else:
             out = build_engines(args.onnx_dir, args.output, backend=args.backend, precision=args.precision,
                                 rebuild=args.rebuild, profile=profile,
                                 progress=lambda c, what: status.update(f"{c}: {what}"))
     manifest = json.loads((out / "manifest.json").read_text())
+    if tune:
+        from sprintrt.engines.tune import table
+
+        console.print(f"  tuned on this CPU ({args.tune_size}x{args.tune_size} pipeline inputs; median seconds per call):")
+        for line in table(manifest):
+            console.print(f"    {line}", soft_wrap=True)
+    elif args.backend == "auto":
+        console.print(f"  --backend auto chose {next(iter(manifest['components'].values()))['backend']} "
+                      f"({'rule of thumb, --no-tune' if args.no_tune else 'TensorRT: GPU present'})")
     for name, entry in manifest["components"].items():
-        if args.backend == "auto" and name == next(iter(manifest["components"])):
-            console.print(f"  --backend auto chose {entry['backend']} on this machine")
         console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
     print(f"engines and manifest written to {out}")
 
 
-def _quantized_precision(value: str | None) -> str | None:
-    """'int8' / 'fp8' when --precision asks for a quantized transformer (the only quantized component)."""
-    if not value or not any(q in value for q in ("int8", "fp8")):
-        return None
-    text = value.replace(" ", "")
-    for q in ("int8", "fp8"):
-        if text in (q, f"transformer={q}"):
-            return q
-    from sprintrt.errors import InvalidInputError
-
-    raise InvalidInputError(f"--precision {value}: int8/fp8 quantize the transformer only (the text encoder and VAE "
-                            "keep the backend's defaults). Fix: --precision transformer=int8 (or transformer=fp8 "
-                            "with --backend tensorrt)")
+def _list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def _parse_static(value):
@@ -113,9 +118,11 @@ def _parse_static(value):
 
 
 def cmd_doctor(args) -> None:
-    from sprintrt.engines.doctor import report
+    from sprintrt.engines.doctor import report, tuning_report
 
     print(report())
+    if args.engine_dir:
+        print(tuning_report(args.engine_dir))
 
 
 def cmd_generate(args) -> None:
@@ -274,10 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("onnx_dir")
     s.add_argument("-o", "--output", required=True, help="engine directory to write")
     s.add_argument("--backend", default="onnxruntime",
-                   help=f"{' or '.join(BACKENDS)} (or {', '.join(ALIASES)}), or auto (what wins on this machine)")
+                   help=f"{' or '.join(BACKENDS)} (or {', '.join(ALIASES)}), or auto: TensorRT on an NVIDIA GPU; on "
+                        "a CPU, every installed backend and precision timed per component, the fastest that passes "
+                        "the quality gate kept (see --no-tune)")
+    s.add_argument("--no-tune", action="store_true",
+                   help="with --backend auto: pick by rule of thumb instead of timing candidates")
+    s.add_argument("--candidates", help="with --backend auto: the CPU candidates to time, e.g. ort:fp32,ov:fp32,ort:int8 "
+                                        "(default: every one this machine can build)")
+    s.add_argument("--tune-size", type=int, default=D.DEFAULT_CALIBRATION_SIZE,
+                   help=f"with --backend auto: time candidates on the inputs of one SIZExSIZE call (default "
+                        f"{D.DEFAULT_CALIBRATION_SIZE})")
     s.add_argument("--precision", default=None,
-                   help="one precision for all (fp32, tf32, bf16, fp16) or per component, e.g. "
-                        "transformer=fp16,vae_decoder=fp32; default: the backend's safe per-component choice")
+                   help="one precision for all (fp32, tf32, bf16, fp16; int8/fp8 quantize every component with a "
+                        "recipe) or per component, e.g. transformer=fp16,vae_decoder=int8; default: the backend's "
+                        "safe per-component choice")
     s.add_argument("--rebuild", action="store_true", help="rebuild even if an up-to-date engine exists")
     s.add_argument("--max-batch", type=int, default=D.DEFAULT_MAX_BATCH,
                    help=f"TensorRT profile: largest batch (default {D.DEFAULT_MAX_BATCH})")
@@ -294,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("doctor", help="what this machine has (CPU ISA, GPU, TensorRT, ONNX Runtime, OpenVINO) and "
                                       "can build")
+    s.add_argument("engine_dir", nargs="?", help="also show what `build --backend auto` measured and chose for it")
     s.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("generate", help="generate an image with built engines")

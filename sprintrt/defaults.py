@@ -45,6 +45,22 @@ DEFAULT_CALIBRATION_COUNT = 16
 DEFAULT_CALIBRATION_SIZE = 512
 # Each prompt is run at these step counts, so the ranges cover every timestep a 1- or 2-step call feeds.
 CALIBRATION_STEPS = (1, 2)
+# The VAE decoder is calibrated on the final latents of the first calls only: each sample is a full
+# decode (14 s at 512² for the real decoder on a 2-core AVX2 CPU) plus ORT's calibration pass over it.
+VAE_CALIBRATION_SAMPLES = 8
+# ... and on their centre crop of at most this many latent pixels a side (256² pixels with the f32 DC-AE):
+# ORT's calibration holds every intermediate output of a sample at once, and one real-decoder sample at
+# 512² took more than 24 GB (killed, measured). A convolution's ranges are those of its neighbourhoods.
+VAE_CALIBRATION_LATENT_SIDE = 8
+
+# ---- `sprintrt build --backend auto`: per-component tuning on CPUs (engines/tune.py) -------------------
+# The quality gate: a candidate's outputs must have at least this cosine similarity with the fp32 ONNX
+# Runtime reference's on the same inputs, for every output, or it is never chosen. Measured on the tiny
+# checkpoint: int8 transformer 0.9999, OpenVINO fp32 1.0; a broken engine is far below.
+TUNE_MIN_COSINE = 0.999
+# Each candidate: one warm-up call, then timed calls until TUNE_RUNS calls or TUNE_MIN_SECONDS in total.
+TUNE_RUNS = 5
+TUNE_MIN_SECONDS = 2.0
 
 # ---- engine profiles ----------------------------------------------------------------------------------
 DEFAULT_MAX_BATCH = 4  # TensorRT profiles: largest batch (ONNX Runtime / OpenVINO take the spec's range)

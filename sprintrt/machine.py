@@ -15,9 +15,11 @@ from pathlib import Path
 # The ISA features that change which kernels and layouts ONNX Runtime / OpenVINO pick, so they are
 # part of a CPU engine's target (and key).
 KERNEL_ISA = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
-                        "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve"})
+                        "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve", "avx512_fp16", "asimdhp"})
 # bf16 arithmetic in hardware (OpenVINO's bf16 kernels; PyTorch bf16 is ~500x slower without it).
 BF16_ISA = frozenset({"avx512_bf16", "amx_bf16"})
+# fp16 arithmetic in hardware (ONNX Runtime's fp16 kernels; without it fp16 graphs run slower than fp32).
+FP16_ISA = frozenset({"avx512_fp16", "asimdhp"})
 # int8 dot products that accumulate u8 x s8 straight into int32. Without them x86 int8 kernels use
 # VPMADDUBSW, whose pairwise int16 sums saturate (see engines/quantize.py).
 INT8_DOT_ISA = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -45,6 +47,10 @@ def _probe_cpu() -> tuple[str, str, tuple[str, ...]]:
 
 def cpu_has_bf16(target: dict | None = None) -> bool:
     return bool(BF16_ISA & set((target or cpu_target())["isa"]))
+
+
+def cpu_has_fp16(target: dict | None = None) -> bool:
+    return bool(FP16_ISA & set((target or cpu_target())["isa"]))
 
 
 def cpu_has_int8_dot(target: dict | None = None) -> bool:

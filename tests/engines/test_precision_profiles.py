@@ -93,3 +93,20 @@ def test_static_profile_and_input_shapes():
         tensorrt_profile(spec, MODEL, ProfileOptions(static=(1, 1000, 768)))
     with pytest.raises(InvalidInputError, match="max_batch=9"):
         tensorrt_profile(spec, MODEL, ProfileOptions(max_batch=9))
+
+
+def test_quantized_precisions_quantize_every_component_with_a_recipe():
+    from sprintrt.engines.precision import quantized_precisions
+
+    ort = quantized_precisions("int8", "onnxruntime")
+    assert ort == {"text_encoder": Precision.INT8, "transformer": Precision.INT8, "vae_decoder": Precision.INT8,
+                   "vae_encoder": Precision.FP32}  # the VAE encoder has no int8 recipe: its default
+    assert quantized_precisions("fp8", "tensorrt")["transformer"] == Precision.FP8
+    assert quantized_precisions("fp8", "tensorrt")["vae_decoder"] == Precision.BF16
+    assert quantized_precisions("vae_decoder=int8", "ov")["vae_decoder"] == Precision.INT8
+    with pytest.raises(InvalidInputError, match="no component is quantized to fp8"):
+        quantized_precisions("fp8", "onnxruntime")
+    with pytest.raises(InvalidInputError, match="quantizes no component"):
+        quantized_precisions("transformer=fp32", "onnxruntime")
+    with pytest.raises(InvalidInputError, match="no int8 recipe"):
+        quantized_precisions("vae_encoder=int8", "onnxruntime")

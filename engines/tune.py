@@ -1,0 +1,313 @@
+"""`sprintrt build --backend auto` on a CPU: per component, build every installed backend x precision
+candidate, time it on the inputs of a real pipeline call, keep the fastest that passes the quality gate.
+
+Which CPU backend wins is not a rule of thumb: measured, OpenVINO bf16 won on an AVX512-BF16/AMX Xeon
+while ONNX Runtime fp32 won on an AVX2-only EPYC (19.9 s vs OpenVINO fp32 24.9 s end to end), and the
+winner can differ per network. So:
+
+1. An fp32 ONNX Runtime reference is built (the quality reference and the calibration engines) and
+   one pipeline call at `size`² records every component's inputs (the VAE encoder, which a text-to-image
+   call does not run, gets the spec's sample inputs at that size).
+2. Each candidate is built (engines/build.py, so the usual keys, checks and atomic writes apply), loaded
+   alone, run once to warm up, then timed (median of up to TUNE_RUNS runs), and its outputs are compared
+   with the reference's: cosine >= TUNE_MIN_COSINE (sprintrt/defaults.py) or it is never chosen.
+3. The fastest passing candidate's files are moved into the engine directory; its manifest entry carries
+   the whole table under "tuning" (candidates, seconds, cosine, pass/fail, the choice) and a tuning key
+   (machine, library versions, source graphs, candidates, calibration, size, gate). A later build with
+   the same key reuses the choice without timing anything.
+
+Candidates: ONNX Runtime fp32 / fp16 (typed variant; only on CPUs with fp16 arithmetic) / int8, and
+OpenVINO fp32 / bf16 (only on CPUs with bf16 instructions: elsewhere it is emulated) / int8, for what
+each backend builds per component (engines/precision.py) and is installed here. int8 candidates need
+calibration (`calibrate=False` leaves them out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sprintrt import machine
+from sprintrt.defaults import (DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE, DEFAULT_PROMPT, TUNE_MIN_COSINE,
+                               TUNE_MIN_SECONDS, TUNE_RUNS)
+from sprintrt.engines import manifest as M
+from sprintrt.engines.backend import backend_module, canonical
+from sprintrt.engines.build import build_engines, intact, read_existing, read_export_info, write_manifest
+from sprintrt.engines.precision import ALLOWED, QUANTIZED, Precision
+from sprintrt.errors import InvalidInputError, SprintError
+from sprintrt.export import specs as S
+from sprintrt.metrics import cosine
+from sprintrt.runtime.backends import load_engine
+
+CPU_BACKENDS = ("onnxruntime", "openvino")
+REFERENCE = ("onnxruntime", Precision.FP32)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: str
+    precision: Precision
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}:{self.precision.value}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Candidate":
+        """'ort:int8' / 'openvino:fp32' → Candidate; a typed error names the bad part."""
+        backend, sep, precision = text.strip().partition(":")
+        if not sep:
+            raise InvalidInputError(f"candidate {text!r} is not BACKEND:PRECISION. Fix: e.g. ort:fp32,ov:bf16,ort:int8")
+        backend = canonical(backend)
+        if backend not in CPU_BACKENDS:
+            raise InvalidInputError(f"candidate {text!r}: tuning times CPU backends only ({list(CPU_BACKENDS)}). "
+                                    "Fix: build TensorRT engines with --backend tensorrt")
+        return cls(backend, Precision.parse(precision))
+
+
+def candidates(component: str, record: dict, target: dict, calibrate: bool) -> list[Candidate]:
+    """Every candidate this machine can build for `component`, the fp32 ONNX Runtime reference first."""
+    found = []
+    for backend in CPU_BACKENDS:
+        if machine.library_version(backend) is None:
+            continue
+        mod = backend_module(backend)
+        for p in ALLOWED[backend][component]:
+            if p in QUANTIZED and (p != Precision.INT8 or not calibrate):
+                continue
+            if p == Precision.BF16 and not machine.cpu_has_bf16(target):
+                continue  # emulated without AVX512-BF16/AMX: slow
+            if p == Precision.FP16 and not machine.cpu_has_fp16(target):
+                continue  # ONNX Runtime converts fp16 to fp32 around every op without fp16 arithmetic
+            if p in mod.TYPED_PRECISIONS and p.value not in record.get("variants", {}):
+                continue  # not exported (`sprintrt export --dtypes`)
+            found.append(Candidate(backend, p))
+    found.sort(key=lambda c: (c.backend, c.precision.value) != REFERENCE)
+    return found
+
+
+def tuning_key(component: str, record: dict, cands: list[Candidate], target: dict, calibration: str | None,
+               size: int) -> str:
+    """Everything that changes the measurement: machine, libraries, source graphs, candidates, calibration,
+    size and gate."""
+    libraries = {b: machine.library_version(b) for b in CPU_BACKENDS}
+    sources = {"fp32": record["sha256"], **{d: v["sha256"] for d, v in record.get("variants", {}).items()}}
+    text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, size,
+                       TUNE_MIN_COSINE], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _Recorder:
+    def __init__(self, engine):
+        self.engine, self.feeds = engine, []
+
+    def __call__(self, **feeds):
+        self.feeds.append({k: v.copy() for k, v in feeds.items()})
+        return self.engine(**feeds)
+
+
+def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
+    """{component: the inputs it gets in one {size}² call of the default prompt (1 step)}."""
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    pipe = SprintPipeline.from_engines(engine_dir)
+    recorders = {c: _Recorder(pipe.engine(c)) for c in S.TEXT_TO_IMAGE}
+    for c, r in recorders.items():
+        pipe.set_engine(c, r)
+    pipe(DEFAULT_PROMPT, num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
+         use_resolution_binning=False, generator=0, output_type="np")
+    feeds = {c: r.feeds[0] for c, r in recorders.items()}
+    for r in recorders.values():
+        r.engine.release()
+    if S.VAE_ENCODER in components:
+        spec = S.vae_encoder_spec(S.ModelDims.from_json(pipe.manifest.data["model_dims"]))
+        side = size // pipe.manifest.data["model_dims"]["vae_scale_factor"]
+        feeds[S.VAE_ENCODER] = spec.sample_inputs(spec.sizes("opt", batch=1, latent_height=side, latent_width=side))
+    return feeds
+
+
+def measure(engine, feeds: dict) -> tuple[float, dict]:
+    """(median seconds per call after one warm-up call, the outputs of the warm-up call)."""
+    outputs = engine(**feeds)
+    times: list[float] = []
+    while len(times) < TUNE_RUNS and sum(times) < TUNE_MIN_SECONDS:
+        t0 = time.perf_counter()
+        engine(**feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), outputs
+
+
+def _agreement(outputs: dict, reference: dict) -> float:
+    return min(cosine(outputs[name], ref) for name, ref in reference.items())
+
+
+def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, candidate_names=None,
+                 calibrate: bool = True, prompts_file: str | Path | None = None,
+                 count: int = DEFAULT_CALIBRATION_COUNT, size: int = DEFAULT_CALIBRATION_SIZE, rebuild: bool = False,
+                 progress: Callable[[str], None] | None = None) -> Path:
+    """Build engine_dir with the fastest candidate per component that passes the quality gate.
+
+    Args:
+        components: which to tune (default: every component the export holds).
+        candidate_names: e.g. ["ort:fp32", "ov:int8"] for every component, or {component: [...]};
+            default: every candidate this machine can build (see `candidates`).
+        calibrate: include int8 candidates (calibrated on `count` prompts of `prompts_file`, as
+            `sprintrt build --precision int8` does).
+        size: the square image size whose pipeline inputs the candidates are timed on.
+    """
+    from filelock import FileLock
+
+    from sprintrt.engines.calibration import calibration_description
+    from sprintrt.prompts import read_prompts
+
+    say = progress or (lambda msg: None)
+    onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
+    info = read_export_info(onnx_dir)
+    components = tuple(c for c in S.COMPONENTS if c in info["components"]) if components is None else tuple(components)
+    missing = [c for c in components if c not in info["components"]]
+    if missing:
+        raise InvalidInputError(f"{onnx_dir} has no export of {missing}. Fix: `sprintrt export MODEL -o {onnx_dir}`")
+    target = machine.cpu_target()
+    prompts = read_prompts(prompts_file)[:count]
+    description = calibration_description(prompts_file, prompts, DEFAULT_CALIBRATION_SIZE, "int8")
+    plan, used = {}, set()
+    per_component = isinstance(candidate_names, dict)
+    for comp in components:
+        record = info["components"][comp]
+        available = candidates(comp, record, target, calibrate)
+        wanted = candidate_names.get(comp) if per_component else candidate_names
+        if wanted is not None:
+            chosen = [Candidate.parse(n) for n in wanted]
+            unknown = [c.name for c in chosen if c not in available]
+            if unknown and per_component:
+                raise InvalidInputError(f"candidates {unknown} cannot be built for {comp} here: expected some of "
+                                        f"{[c.name for c in available]}. Fix: name only those")
+            available = [a for a in available if a in chosen or (a.backend, a.precision) == REFERENCE]
+        used |= set(available)
+        uses_int8 = any(c.precision in QUANTIZED for c in available)
+        plan[comp] = (available, tuning_key(comp, record, available, target, description if uses_int8 else None, size))
+    if candidate_names is not None and not per_component:  # a candidate no component can use is a mistake
+        unusable = [n for n in candidate_names if Candidate.parse(n) not in used]
+        if unusable:
+            raise InvalidInputError(f"candidates {unusable} cannot be built for any of {list(components)} here. "
+                                    "Fix: name candidates this machine has (`sprintrt doctor` lists them)")
+
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    scratch = engine_dir.with_name(f".{engine_dir.name}.tune")
+    with FileLock(str(engine_dir / ".build.lock")):
+        old = read_existing(engine_dir, info)
+        todo = [c for c in components if rebuild or not _reusable(engine_dir, old.get(c), plan[c][1])]
+        for comp in components:
+            if comp not in todo:
+                say(f"{comp}: reusing the tuned {old[comp]['backend']} {old[comp]['precision']} engine")
+        if not todo:
+            return engine_dir
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            entries = _tune(onnx_dir, scratch, info, todo, plan, prompts, description, size, rebuild, say)
+            for comp, entry in entries.items():  # the chosen engine's files move into the engine directory
+                src = scratch / entry.pop("_dir")
+                for f in M.engine_files(entry):
+                    shutil.move(str(src / f["file"]), engine_dir / f["file"])
+                if entry["backend"] == "openvino" and (src / "ov_cache").is_dir():
+                    shutil.copytree(src / "ov_cache", engine_dir / "ov_cache", dirs_exist_ok=True)
+            write_manifest(onnx_dir, engine_dir, info, {**old, **entries})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return engine_dir
+
+
+def _reusable(engine_dir: Path, entry: dict | None, key: str) -> bool:
+    return entry is not None and entry.get("tuning", {}).get("key") == key and intact(engine_dir, entry)
+
+
+def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict, prompts: list[str],
+          description: str, size: int, rebuild: bool, say) -> dict:
+    from sprintrt.engines.calibration import lazy_calibration
+
+    ref_dir = _candidate_dir(scratch, Candidate(*REFERENCE))
+    reference = tuple(c for c in S.COMPONENTS if c in info["components"])
+    say("fp32 ONNX Runtime reference engines")
+    build_engines(onnx_dir, ref_dir, backend="onnxruntime", precision="fp32", components=reference)
+    say(f"recording each component's inputs in one {size}x{size} call")
+    feeds = timing_feeds(ref_dir, todo, size)
+    quantized = sorted({c for c in todo for cand in plan[c][0] if cand.precision in QUANTIZED})
+    feeds_of = lazy_calibration(onnx_dir, ref_dir, [c for c in S.TEXT_TO_IMAGE if c in quantized], prompts,
+                                DEFAULT_CALIBRATION_SIZE, say=say, reuse=True)
+    tables: dict[str, list[dict]] = {c: [] for c in todo}
+    references: dict[str, dict] = {}
+    by_candidate: dict[Candidate, list[str]] = {}
+    for comp in todo:
+        for cand in plan[comp][0]:
+            by_candidate.setdefault(cand, []).append(comp)
+    for cand, comps in by_candidate.items():  # the reference first: the others are compared with it
+        cand_dir = _candidate_dir(scratch, cand)
+        try:
+            say(f"building {cand.name} for {', '.join(comps)}")
+            calibration = {c: (description, feeds_of(c)) for c in comps if cand.precision in QUANTIZED}
+            build_engines(onnx_dir, cand_dir, backend=cand.backend, precision={c: cand.precision for c in comps},
+                          components=comps, calibration=calibration or None)
+            manifest = M.read_manifest(cand_dir)
+        except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded, not fatal
+            for comp in comps:
+                tables[comp].append({"candidate": cand.name, "error": f"build failed: {e}"[:300], "passed": False})
+            continue
+        for comp in comps:
+            row = {"candidate": cand.name}
+            try:
+                engine = load_engine(manifest, comp)
+                try:
+                    say(f"timing {comp} on {cand.name}")
+                    seconds, outputs = measure(engine, feeds[comp])
+                finally:
+                    engine.release()
+                references.setdefault(comp, outputs)  # the reference candidate comes first
+                agreement = _agreement(outputs, references[comp])
+                row.update(seconds=round(seconds, 4), cosine=round(agreement, 6),
+                           passed=bool(agreement >= TUNE_MIN_COSINE))
+                row["_entry"] = dict(manifest.components[comp], _dir=cand_dir.name)
+            except (SprintError, RuntimeError, ValueError) as e:
+                row.update(error=f"run failed: {e}"[:300], passed=False)
+            tables[comp].append(row)
+    entries = {}
+    for comp in todo:
+        rows = tables[comp]
+        passing = [r for r in rows if r["passed"]]
+        best = min(passing, key=lambda r: r["seconds"])  # the reference always passes against itself
+        entry = best.pop("_entry")
+        for r in rows:
+            r.pop("_entry", None)
+        entry["tuning"] = {"key": plan[comp][1], "size": size, "min_cosine": TUNE_MIN_COSINE,
+                           "chosen": best["candidate"], "candidates": rows}
+        say(f"{comp}: {best['candidate']} ({best['seconds']:.3f} s)")
+        entries[comp] = entry
+    return entries
+
+
+def _candidate_dir(scratch: Path, cand: Candidate) -> Path:
+    return scratch / f"{cand.backend}-{cand.precision.value}"
+
+
+def table(manifest: dict) -> list[str]:
+    """The tuning table of an engine directory's manifest, one line per candidate."""
+    lines = []
+    for comp, entry in manifest["components"].items():
+        tuning = entry.get("tuning")
+        if not tuning:
+            lines.append(f"{comp:13s} {entry['backend']}:{entry['precision']} (not tuned)")
+            continue
+        for row in tuning["candidates"]:
+            mark = "chosen" if row["candidate"] == tuning["chosen"] else ""
+            if "error" in row:
+                lines.append(f"{comp:13s} {row['candidate']:18s} {row['error']}")
+                continue
+            gate = "ok" if row["passed"] else f"below the gate ({tuning['min_cosine']})"
+            lines.append(f"{comp:13s} {row['candidate']:18s} {row['seconds']:9.3f} s  cosine {row['cosine']:.6f}  "
+                         f"{gate} {mark}".rstrip())
+    return lines

@@ -1,0 +1,153 @@
+"""`build --backend auto` on a CPU: candidates timed per component, the quality gate, the recorded and
+reused choice, and engine directories that mix backends per component."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sprintrt.engines.tune as T
+from sprintrt.defaults import TUNE_MIN_COSINE
+from sprintrt.errors import InvalidInputError
+from sprintrt.export.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
+from sprintrt.metrics import PARITY_MAX_ABS
+from sprintrt.runtime.pipeline import SprintPipeline
+
+pytest.importorskip("openvino")
+
+SIZE = 128  # timing inputs: one 128x128 call of the tiny checkpoint
+FLOAT = ["ort:fp32", "ov:fp32"]
+
+
+def _manifest(engine_dir) -> dict:
+    return json.loads((engine_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tuned(onnx_dir, tmp_path_factory):
+    """Tuned over ORT fp32, OpenVINO fp32 and ORT int8 (calibrated on 2 prompts)."""
+    out = tmp_path_factory.mktemp("tuned") / "engines"
+    return T.tune_engines(onnx_dir, out, candidate_names=[*FLOAT, "ort:int8"], count=2, size=SIZE)
+
+
+def test_every_candidate_is_timed_gated_and_the_fastest_passing_one_chosen(tuned):
+    manifest = _manifest(tuned)
+    assert set(manifest["components"]) == {TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER}
+    for comp, entry in manifest["components"].items():
+        tuning = entry["tuning"]
+        rows = {r["candidate"]: r for r in tuning["candidates"]}
+        expected = {"onnxruntime:fp32", "openvino:fp32"} | ({"onnxruntime:int8"} if comp != VAE_ENCODER else set())
+        assert set(rows) == expected, comp
+        assert rows["onnxruntime:fp32"]["cosine"] == 1.0  # the reference, against itself
+        for r in rows.values():
+            assert r["seconds"] > 0 and r["passed"] == (r["cosine"] >= TUNE_MIN_COSINE)
+        fastest = min((r for r in rows.values() if r["passed"]), key=lambda r: r["seconds"])
+        assert tuning["chosen"] == fastest["candidate"] == f"{entry['backend']}:{entry['precision']}"
+        assert tuning["size"] == SIZE and tuning["min_cosine"] == TUNE_MIN_COSINE
+        assert (tuned / entry["file"]).is_file()
+    int8 = {c: e["tuning"]["candidates"] for c, e in manifest["components"].items()}
+    assert all(r["cosine"] < 1.0 for c in (TEXT_ENCODER, TRANSFORMER, VAE_DECODER) for r in int8[c]
+               if r["candidate"] == "onnxruntime:int8")  # the int8 engines really are quantized
+    assert not list(tuned.parent.glob(".*.tune"))  # the scratch candidates are gone
+
+
+def test_a_second_build_reuses_the_choice_without_timing(tuned, onnx_dir, monkeypatch):
+    before = _manifest(tuned)
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(T, "measure", no_timing)
+    monkeypatch.setattr(T, "build_engines", no_timing)
+    T.tune_engines(onnx_dir, tuned, candidate_names=[*FLOAT, "ort:int8"], count=2, size=SIZE)
+    assert _manifest(tuned) == before
+
+
+def test_a_candidate_failing_the_gate_is_never_chosen_even_when_fastest(onnx_dir, tmp_path, monkeypatch):
+    """OpenVINO's engines are replaced by a broken one that answers instantly with zeros."""
+    real_load = T.load_engine
+
+    class Broken:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __call__(self, **feeds):
+            out = self.engine(**feeds)
+            return {k: np.zeros_like(v) + 1e-3 for k, v in out.items()}
+
+        def release(self):
+            self.engine.release()
+
+    def load(manifest, comp, *a, **k):
+        engine = real_load(manifest, comp, *a, **k)
+        return Broken(engine) if engine.backend == "openvino" else engine
+
+    def measure(engine, feeds):
+        seconds, outputs = real_measure(engine, feeds)
+        return (0.0 if isinstance(engine, Broken) else seconds), outputs
+
+    real_measure = T.measure
+    monkeypatch.setattr(T, "load_engine", load)
+    monkeypatch.setattr(T, "measure", measure)
+    out = T.tune_engines(onnx_dir, tmp_path / "e", components=[TRANSFORMER, VAE_DECODER], candidate_names=FLOAT,
+                         size=SIZE)
+    for comp, entry in _manifest(out)["components"].items():
+        rows = {r["candidate"]: r for r in entry["tuning"]["candidates"]}
+        assert rows["openvino:fp32"]["seconds"] == 0.0 and not rows["openvino:fp32"]["passed"]
+        assert entry["tuning"]["chosen"] == "onnxruntime:fp32" and entry["backend"] == "onnxruntime"
+
+
+@pytest.fixture(scope="module")
+def mixed(onnx_dir, tmp_path_factory):
+    """One engine directory with OpenVINO text encoder and VAE, ONNX Runtime transformer."""
+    out = tmp_path_factory.mktemp("mixed") / "engines"
+    only = {TEXT_ENCODER: ["ov:fp32"], TRANSFORMER: ["ort:fp32"], VAE_DECODER: ["ov:fp32"]}
+    real = T.measure
+
+    def prefer_named(engine, feeds):  # the named candidate wins whatever the clock says
+        seconds, outputs = real(engine, feeds)
+        return (seconds if engine.backend == "onnxruntime" and engine.name != TRANSFORMER else 0.0), outputs
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(T, "measure", prefer_named)
+    try:
+        return T.tune_engines(onnx_dir, out, components=list(only), candidate_names=only, size=SIZE)
+    finally:
+        mp.undo()
+
+
+def test_mixed_backend_directory_loads_and_matches_diffusers(mixed, reference_pipe):
+    backends = {c: e["backend"] for c, e in _manifest(mixed)["components"].items()}
+    assert backends == {TEXT_ENCODER: "openvino", TRANSFORMER: "onnxruntime", VAE_DECODER: "openvino"}
+    kw = dict(prompt="a lighthouse at dusk", num_inference_steps=2, height=192, width=256,
+              use_resolution_binning=False)
+    ref = reference_pipe(**kw, generator=torch.Generator().manual_seed(3), output_type="np").images
+    ours = SprintPipeline.from_engines(mixed)(**kw, generator=torch.Generator().manual_seed(3), output_type="np").images
+    assert np.abs(ours - ref).max() <= PARITY_MAX_ABS
+
+
+def test_tuning_table_and_bad_candidates(mixed, onnx_dir, tmp_path):
+    lines = T.table(_manifest(mixed))
+    assert any(l.startswith(TEXT_ENCODER) and "openvino:fp32" in l and "chosen" in l for l in lines)
+    with pytest.raises(InvalidInputError, match="BACKEND:PRECISION"):
+        T.tune_engines(onnx_dir, tmp_path / "x", candidate_names=["ort"])
+    with pytest.raises(InvalidInputError, match="CPU backends only"):
+        T.tune_engines(onnx_dir, tmp_path / "x", candidate_names=["trt:bf16"])
+    with pytest.raises(InvalidInputError, match="cannot be built for any of"):
+        T.tune_engines(onnx_dir, tmp_path / "x", components=[VAE_ENCODER], candidate_names=["ort:int8"])
+    with pytest.raises(InvalidInputError, match="cannot be built for vae_encoder"):
+        T.tune_engines(onnx_dir, tmp_path / "x", candidate_names={VAE_ENCODER: ["ort:int8"]})
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+def test_candidates_follow_the_cpu(onnx_dir):
+    record = json.loads((onnx_dir / "export_info.json").read_text())["components"][TRANSFORMER]
+    epyc = {"kind": "cpu", "arch": "x86_64", "name": "EPYC", "isa": ["avx2", "fma"]}
+    xeon = {"kind": "cpu", "arch": "x86_64", "name": "Xeon", "isa": ["avx2", "avx512_bf16", "avx512_fp16"]}
+    names = lambda target, cal: [c.name for c in T.candidates(TRANSFORMER, record, target, cal)]  # noqa: E731
+    assert names(epyc, True) == ["onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:int8"]
+    assert names(epyc, False) == ["onnxruntime:fp32", "openvino:fp32"]
+    assert names(xeon, False) == ["onnxruntime:fp32", "onnxruntime:fp16", "openvino:fp32", "openvino:bf16"]
