@@ -32,8 +32,11 @@ SCHEMA = "sprintrt-bench/1"
 ENGINE_STAGES = COMPONENTS
 STAGES = ("tokenize", "text_encoder", "preprocess", "vae_encoder", "transformer", "scheduler", "noise", "vae_decoder",
           "postprocess")
-BASELINES = ("torch-fp32", "torch-bf16", "torch-compile-bf16")
+# optimum-intel: OVSanaSprintPipeline, run by benchmarks/optimum_intel.py in its own environment (--optimum-python)
+OPTIMUM = "optimum-intel"
+BASELINES = ("torch-fp32", "torch-bf16", "torch-compile-bf16", OPTIMUM)
 REFERENCE = "torch-fp32"
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Candidate:
     @classmethod
     def parse(cls, text: str) -> "Candidate":
         backend, _, precision = text.partition(":")
+        if backend == AUTO:  # `build --backend auto`: the tuned per-component choice of this CPU
+            return cls(AUTO, "tuned")
         try:
             backend = canonical(backend)
         except InvalidInputError:
@@ -76,6 +81,7 @@ class BenchConfig:
     vae: str | None = None  # a drop-in AutoencoderDC for every system (export --vae), e.g. DC-AE-Lite
     prompt_cache: bool = False  # also time sprintrt systems on a repeated prompt with the embedding cache
     strength: float | None = None  # image to image from input_picture() at this strength; None: text to image
+    optimum_python: str | None = None  # the python of an environment with optimum-intel (the optimum-intel baseline)
 
     def check(self) -> None:
         """Refuse nonsense before any work is done."""
@@ -87,6 +93,12 @@ class BenchConfig:
             if b not in BASELINES:
                 raise InvalidInputError(f"baseline {b!r} is not known: expected some of {list(BASELINES)}. "
                                         "Fix: e.g. --baselines torch-fp32,torch-bf16")
+        if OPTIMUM in self.baselines and not (self.optimum_python and Path(self.optimum_python).is_file()):
+            raise InvalidInputError(f"baseline {OPTIMUM!r} needs --optimum-python, the python of an environment with "
+                                    f"optimum-intel (got {self.optimum_python!r}). Fix: see benchmarks/optimum_intel.py")
+        if OPTIMUM in self.baselines and (self.strength is not None or self.vae):
+            raise InvalidInputError(f"baseline {OPTIMUM!r} runs text to image with the checkpoint's own VAE. Fix: "
+                                    "leave out --strength/--vae, or the optimum-intel baseline")
         if REFERENCE not in self.baselines:
             raise InvalidInputError(f"baselines={self.baselines} lack {REFERENCE!r}, the reference every image is "
                                     f"compared with. Fix: add {REFERENCE}")
@@ -284,7 +296,13 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
     for cand in config.candidates:
         engine_dir = work / f"engines-{identity[:12]}-{cand.backend}-{cand.precision}"
         say(f"building {cand.name} engines in {engine_dir}")
-        if cand.precision in ("int8", "fp8"):
+        if cand.backend == AUTO:
+            from sprintrt.engines.tune import tune_engines
+
+            size = max(max(r) for r in config.resolutions)
+            engines[cand] = tune_engines(onnx_dir, engine_dir, count=config.calibration_count, size=size,
+                                         progress=lambda msg: say(f"  {msg}"))
+        elif cand.precision in ("int8", "fp8"):
             from sprintrt.engines.calibration import build_quantized_engines
 
             size = max(max(r) for r in config.resolutions)
@@ -341,8 +359,42 @@ def _run_isolated(system, kind: str, ckpt: Path, engines: dict, shapes: list, co
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    if system == OPTIMUM:
+        return _optimum_entries(ckpt, shapes, config, chi)
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_system_worker, system, kind, ckpt, engines, shapes, config, chi).result()
+
+
+def _optimum_entries(ckpt: Path, shapes: list, config: BenchConfig, chi) -> list[dict]:
+    """The optimum-intel baseline: benchmarks/optimum_intel.py in its own environment, one process per shape
+    (its export is made once, in the work directory)."""
+    import subprocess
+    import tempfile
+
+    script = Path(__file__).with_name("optimum_intel.py")
+    ov_dir = Path(config.workdir) / f"optimum-ov-{Path(ckpt).name}"
+    entries = []
+    for (h, w), batch, steps in shapes:
+        call = dict(prompt=[config.prompt] * batch, num_inference_steps=steps,
+                    intermediate_timesteps=D.intermediate_timesteps_for(steps), height=h, width=w,
+                    use_resolution_binning=False, output_type="np", complex_human_instruction=chi)
+        with tempfile.TemporaryDirectory() as tmp:
+            image_path = Path(tmp) / "image.npy"
+            cmd = [config.optimum_python, str(script), "--model", str(ckpt), "--ov-dir", str(ov_dir), "--call",
+                   json.dumps(call), "--seed", str(config.seed), "--warmup", str(config.warmup), "--runs",
+                   str(config.runs), "--image", str(image_path)]
+            if config.threads:
+                cmd += ["--threads", str(config.threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"the {OPTIMUM} baseline failed ({' '.join(cmd[:2])}): {r.stderr.strip()[-2000:]}")
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            image = np.load(image_path)
+        entries.append({"name": OPTIMUM, "kind": "baseline", **summarise(res["runs"]), "_image": image,
+                        "backend": "openvino (optimum-intel)", "precision": "OpenVINO's CPU default",
+                        "peak_rss_gb": round(res["peak_rss_gb"], 2), "load_seconds": round(res["load_seconds"], 2),
+                        "versions": res["versions"]})
+    return entries
 
 
 def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, config: BenchConfig, chi) -> list[dict]:
@@ -375,6 +427,8 @@ def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, c
                 entry.update(backend="pytorch", precision="bf16" if "bf16" in system else "fp32")
             else:
                 m = read_manifest(engines[system])
+                if system.backend == AUTO:
+                    entry["tuned"] = {c: f"{e['backend']}:{e['precision']}" for c, e in m.components.items()}
                 entry.update(backend=system.backend, precision=system.precision, engine_dir=str(engines[system]),
                              engine_keys={c: e["key"] for c, e in m.components.items()},
                              engine_bytes={c: sum(f["bytes"] for f in engine_files(e)) for c, e in m.components.items()})

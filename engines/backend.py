@@ -49,6 +49,10 @@ class BuildBackend(Protocol):
     def default_precisions(self, versions: Mapping | None = None, target: Mapping | None = None) -> dict:
         """{component: Precision} used for components the user does not name."""
 
+    def quantized_base(self, component: str, target: Mapping):
+        """The typed variant's dtype (a Precision) whose graph int8/fp8 Q/DQ pairs are put into, so that the
+        layers not quantized run in it; None: the fp32 graph."""
+
     def check_buildable(self, component: str, precision, export_record: Mapping, versions: Mapping,
                         target: Mapping) -> None:
         """Raise a typed error, before any work, if this component cannot be built here in `precision`."""

@@ -58,6 +58,8 @@ class ComponentPlan:
     key: str
     record: dict  # the component's export record (its spec, its fp32 graph)
     source_record: dict  # the record of the graph built from: the fp32 graph or a typed variant
+    source_dtype: str  # "fp32", or the typed variant's dtype (for int8/fp8: the base the Q/DQ pairs go into)
+    fp32_source: Path  # the fp32 graph (what int8/fp8 calibration runs)
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,11 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
             raise InvalidInputError(f"precision {prec.value} for {comp} needs calibration data. Fix: build with the CLI "
                                     f"(`sprintrt build ... --precision {comp}={prec.value}` calibrates on a prompt file) "
                                     "or pass calibration={component: (description, feeds)}")
-        source_record = _source_record(onnx_dir, comp, record, prec, mod)
+        dtype = _source_dtype(comp, prec, mod, target)
+        source_record = _source_record(onnx_dir, comp, record, prec, dtype, mod)
         mod.check_buildable(comp, prec, source_record, versions, target)
         source = check_onnx_file(onnx_dir, comp, source_record)
+        fp32_source = check_onnx_file(onnx_dir, comp, record) if prec in QUANTIZED else onnx_dir / record["file"]
         spec = S.SPEC_BUILDERS[comp](model)
         dims = mod.profile(spec, model, profile or ProfileOptions())
         label = prec.value
@@ -111,21 +115,33 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
 
             label = recipe_label(prec.value, target, comp, calibration[comp][0])
         key = M.cache_key(target, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
-        plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record))
+        plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record, dtype, fp32_source))
     return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target, versions, tuple(plans), calibration)
 
 
-def _source_record(onnx_dir: Path, comp: str, record: dict, prec: Precision, mod: BuildBackend) -> dict:
-    """The export record of the graph `prec` is built from: the typed variant for the backend's typed
-    precisions (bf16/fp16 on TensorRT, fp16 on ONNX Runtime), else the fp32 graph."""
-    if prec not in mod.TYPED_PRECISIONS:
+def _source_dtype(comp: str, prec: Precision, mod: BuildBackend, target: dict) -> str:
+    """Which exported graph `prec` is built from: the typed variant for the backend's typed precisions
+    (bf16/fp16 on TensorRT, fp16 on ONNX Runtime), the backend's 16-bit base for int8/fp8 (TensorRT:
+    the layers not quantized run in it), else the fp32 graph."""
+    if prec in mod.TYPED_PRECISIONS:
+        return prec.value
+    if prec in QUANTIZED:
+        base = mod.quantized_base(comp, target)
+        return base.value if base is not None else "fp32"
+    return "fp32"
+
+
+def _source_record(onnx_dir: Path, comp: str, record: dict, prec: Precision, dtype: str, mod: BuildBackend) -> dict:
+    if dtype == "fp32":
         return record
-    variant = record.get("variants", {}).get(prec.value)
+    variant = record.get("variants", {}).get(dtype)
     if variant is None:
-        raise ModelLoadError(f"{onnx_dir} has no {prec.value} variant of {comp} (exported dtypes: "
-                             f"{['fp32', *record.get('variants', {})]}), and {mod.NAME} builds {prec.value} from one. "
-                             f"Fix: `sprintrt export MODEL -o {onnx_dir} --dtypes fp32,{prec.value}`, or build "
-                             "--precision fp32")
+        what = f"{prec.value} from one" if dtype == prec.value else f"{prec.value} on a {dtype} base (the layers " \
+                                                                   f"not quantized run in {dtype})"
+        raise ModelLoadError(f"{onnx_dir} has no {dtype} variant of {comp} (exported dtypes: "
+                             f"{['fp32', *record.get('variants', {})]}), and {mod.NAME} builds {what}. "
+                             f"Fix: `sprintrt export MODEL -o {onnx_dir} --dtypes fp32,{dtype}`"
+                             + (", or build --precision fp32" if dtype == prec.value else ""))
     return variant
 
 
@@ -135,14 +151,7 @@ def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
     t0 = time.perf_counter()
     source, quant_info = comp.source, {}
     if comp.precision in QUANTIZED:
-        from sprintrt.engines.quantize import quantize_qdq
-
-        source = path.with_name(path.name + ".qdq.onnx")
-        description, feeds = plan.calibration[comp.name]
-        feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
-        quant_info = quantize_qdq(comp.source, source, feeds, comp.precision.value, target=plan.target,
-                                  component=comp.name)
-        quant_info["calibration"] = description
+        source, quant_info = _quantized_source(plan, comp, path)
     try:
         result: BuildResult = plan.module.build_component(source, path, comp.name, comp.precision,
                                                           input_shapes(comp.spec, comp.profile), plan.target,
@@ -159,6 +168,29 @@ def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
         "model_identity": plan.info["model"]["identity"],
         "io": dict(comp.record["spec"], dims=comp.profile), "build_seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _quantized_source(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[Path, dict]:
+    """The Q/DQ graph an int8/fp8 engine is built from (a temporary file beside `path`): calibrated on the
+    fp32 graph, then carried onto the 16-bit base where the backend has one (engines/typed_qdq.py)."""
+    from sprintrt.engines.quantize import quantize_qdq
+
+    qdq = path.with_name(path.name + ".qdq.onnx")
+    description, feeds = plan.calibration[comp.name]
+    feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
+    info = quantize_qdq(comp.fp32_source, qdq, feeds, comp.precision.value, target=plan.target, component=comp.name)
+    info["calibration"] = description
+    if comp.source_dtype == "fp32":
+        return qdq, info
+    from sprintrt.engines.typed_qdq import qdq_on_variant
+
+    typed = path.with_name(path.name + f".qdq-{comp.source_dtype}.onnx")
+    try:
+        info.update(qdq_on_variant(qdq, comp.fp32_source, comp.source, typed, comp.source_dtype))
+    finally:
+        qdq.unlink(missing_ok=True)
+        qdq.with_name(qdq.name + ".data").unlink(missing_ok=True)
+    return typed, info
 
 
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",

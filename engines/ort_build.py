@@ -44,6 +44,11 @@ def default_precisions(versions: Mapping | None = None, target: Mapping | None =
     return {c: Precision.FP32 for c in COMPONENTS}  # the CPU provider has no bf16 kernels
 
 
+def quantized_base(component: str, target: Mapping):
+    """None: int8 layers run ORT's int8 kernels and the rest fp32 (its CPU provider has no bf16)."""
+    return None
+
+
 def check_buildable(component: str, precision: Precision, export_record: Mapping, versions: Mapping,
                     target: Mapping) -> None:
     """Everything ONNX Runtime cannot build is already refused by the precision table."""

@@ -54,6 +54,11 @@ def default_precisions(versions: Mapping | None = None, target: Mapping | None =
     return {c: p for c in COMPONENTS}
 
 
+def quantized_base(component: str, target: Mapping):
+    """None: OpenVINO reads the fp32 Q/DQ graph; its precision hint decides the rest."""
+    return None
+
+
 def check_buildable(component: str, precision: Precision, export_record: Mapping, versions: Mapping,
                     target: Mapping) -> None:
     """Everything OpenVINO cannot build is already refused by the precision table."""

@@ -9,8 +9,9 @@ Precision lives in the graph: every network is strongly typed (TensorRT 11 remov
 builds strongly typed networks too). fp32 and tf32 engines build from the fp32 export (tf32 is a
 math mode of fp32 layers), bf16 and fp16 engines from the export's typed variant of that dtype
 (export/typed.py: 16-bit weights and activations, fp32 islands where the model needs them, fp32
-I/O), int8/fp8 from a calibrated Q/DQ graph (engines/quantize.py; explicit quantization). No
-precision flags, no layer pins.
+I/O), int8/fp8 from a calibrated Q/DQ graph put into the bf16 (fp16 before Ampere) variant
+(engines/quantize.py, engines/typed_qdq.py; explicit quantization, the rest in 16 bit). No precision
+flags, no layer pins.
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ def default_precisions(versions: Mapping | None = None, target: Mapping | None =
     if target and _compute_capability(target) < BF16_MIN_COMPUTE_CAPABILITY:
         return {c: Precision.FP32 if c == TEXT_ENCODER else Precision.FP16 for c in COMPONENTS}
     return {c: Precision.BF16 for c in COMPONENTS}
+
+
+def quantized_base(component: str, target: Mapping) -> Precision | None:
+    """int8/fp8 Q/DQ pairs go into the component's default 16-bit variant (bf16; fp16 before Ampere), so
+    the layers not quantized run in 16 bit as ModelOpt's recipes deploy them; Gemma2 where it would be
+    fp16 (it overflows) keeps an fp32 base."""
+    base = default_precisions(None, target)[component]
+    return base if base in TYPED_PRECISIONS else None
 
 
 def profile(spec, model, options) -> dict:

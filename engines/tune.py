@@ -19,7 +19,8 @@ winner can differ per network. So:
 Candidates: ONNX Runtime fp32 / fp16 (typed variant; only on CPUs with fp16 arithmetic) / int8, and
 OpenVINO fp32 / bf16 (only on CPUs with bf16 instructions: elsewhere it is emulated) / int8, for what
 each backend builds per component (engines/precision.py) and is installed here. int8 candidates need
-calibration (`calibrate=False` leaves them out).
+calibration (`calibrate=False` leaves them out) and are left out where calibrating would not fit in
+memory (a 10 GB text encoder on a 24 GB machine).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 from sprintrt import machine
-from sprintrt.defaults import (DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE, DEFAULT_PROMPT, TUNE_MIN_COSINE,
-                               TUNE_MIN_SECONDS, TUNE_RUNS)
+from sprintrt.defaults import (CALIBRATION_MEMORY_FACTOR, DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE,
+                               DEFAULT_PROMPT, TUNE_MAX_RUNS, TUNE_MIN_COSINE, TUNE_MIN_RUNS, TUNE_MIN_SECONDS)
 from sprintrt.engines import manifest as M
 from sprintrt.engines.backend import backend_module, canonical
 from sprintrt.engines.build import build_engines, intact, read_existing, read_export_info, write_manifest
@@ -71,8 +72,17 @@ class Candidate:
         return cls(backend, Precision.parse(precision))
 
 
-def candidates(component: str, record: dict, target: dict, calibrate: bool) -> list[Candidate]:
-    """Every candidate this machine can build for `component`, the fp32 ONNX Runtime reference first."""
+def calibration_fits(record: dict, memory_bytes: int | None) -> bool:
+    """Whether calibrating this graph for int8 fits in this machine's memory (see CALIBRATION_MEMORY_FACTOR)."""
+    size = record["bytes"] + (record.get("external_data") or {}).get("bytes", 0)
+    return memory_bytes is None or size * CALIBRATION_MEMORY_FACTOR <= memory_bytes
+
+
+def candidates(component: str, record: dict, target: dict, calibrate: bool,
+               memory_bytes: int | None = None) -> list[Candidate]:
+    """Every candidate this machine can build for `component`, the fp32 ONNX Runtime reference first.
+    int8 only with `calibrate` and where calibration fits in `memory_bytes` (None: do not check)."""
+    calibrate = calibrate and calibration_fits(record, memory_bytes)
     found = []
     for backend in CPU_BACKENDS:
         if machine.library_version(backend) is None:
@@ -136,7 +146,7 @@ def measure(engine, feeds: dict) -> tuple[float, dict]:
     """(median seconds per call after one warm-up call, the outputs of the warm-up call)."""
     outputs = engine(**feeds)
     times: list[float] = []
-    while len(times) < TUNE_RUNS and sum(times) < TUNE_MIN_SECONDS:
+    while len(times) < TUNE_MIN_RUNS or (len(times) < TUNE_MAX_RUNS and sum(times) < TUNE_MIN_SECONDS):
         t0 = time.perf_counter()
         engine(**feeds)
         times.append(time.perf_counter() - t0)
@@ -176,11 +186,11 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
     target = machine.cpu_target()
     prompts = read_prompts(prompts_file)[:count]
     description = calibration_description(prompts_file, prompts, DEFAULT_CALIBRATION_SIZE, "int8")
-    plan, used = {}, set()
+    plan, used, skipped = {}, set(), {}
     per_component = isinstance(candidate_names, dict)
     for comp in components:
         record = info["components"][comp]
-        available = candidates(comp, record, target, calibrate)
+        available = candidates(comp, record, target, calibrate, machine.memory_bytes())
         wanted = candidate_names.get(comp) if per_component else candidate_names
         if wanted is not None:
             chosen = [Candidate.parse(n) for n in wanted]
@@ -192,6 +202,12 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
         used |= set(available)
         uses_int8 = any(c.precision in QUANTIZED for c in available)
         plan[comp] = (available, tuning_key(comp, record, available, target, description if uses_int8 else None, size))
+        if calibrate and not calibration_fits(record, machine.memory_bytes()) and \
+                any(Precision.INT8 in ALLOWED[b][comp] for b in CPU_BACKENDS):
+            size_gb = (record["bytes"] + (record.get("external_data") or {}).get("bytes", 0)) / 2**30
+            skipped[comp] = (f"int8 skipped: calibrating {size_gb:.1f} GB of weights needs about "
+                             f"{CALIBRATION_MEMORY_FACTOR * size_gb:.0f} GB, this machine has "
+                             f"{machine.memory_bytes() / 2**30:.0f} GB")
     if candidate_names is not None and not per_component:  # a candidate no component can use is a mistake
         unusable = [n for n in candidate_names if Candidate.parse(n) not in used]
         if unusable:
@@ -210,7 +226,10 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
             return engine_dir
         shutil.rmtree(scratch, ignore_errors=True)
         try:
-            entries = _tune(onnx_dir, scratch, info, todo, plan, prompts, description, size, rebuild, say)
+            entries = _tune(onnx_dir, scratch, info, todo, plan, prompts, description, size, say)
+            for comp, note in skipped.items():
+                if comp in entries:
+                    entries[comp]["tuning"]["skipped"] = note
             for comp, entry in entries.items():  # the chosen engine's files move into the engine directory
                 src = scratch / entry.pop("_dir")
                 for f in M.engine_files(entry):
@@ -228,7 +247,7 @@ def _reusable(engine_dir: Path, entry: dict | None, key: str) -> bool:
 
 
 def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict, prompts: list[str],
-          description: str, size: int, rebuild: bool, say) -> dict:
+          description: str, size: int, say) -> dict:
     from sprintrt.engines.calibration import lazy_calibration
 
     ref_dir = _candidate_dir(scratch, Candidate(*REFERENCE))
@@ -302,6 +321,8 @@ def table(manifest: dict) -> list[str]:
         if not tuning:
             lines.append(f"{comp:13s} {entry['backend']}:{entry['precision']} (not tuned)")
             continue
+        if tuning.get("skipped"):
+            lines.append(f"{comp:13s} {tuning['skipped']}")
         for row in tuning["candidates"]:
             mark = "chosen" if row["candidate"] == tuning["chosen"] else ""
             if "error" in row:

@@ -197,7 +197,7 @@ def cmd_bench(args) -> None:
         baselines=args.baselines.split(","), warmup=args.warmup, runs=args.runs, workdir=Path(args.workdir),
         prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads,
         calibration_count=args.calibration_count, vae=args.vae, prompt_cache=args.prompt_cache,
-        strength=args.strength)
+        strength=args.strength, optimum_python=args.optimum_python)
     config.check()
     console = _console()
     doc = B.run_bench(config, say=console.print)
@@ -353,8 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", default="1")
     s.add_argument("--steps", default="1", help="comma-separated step counts, e.g. 1,2")
     s.add_argument("--candidates", default="ort:fp32",
-                   help="comma-separated backend:precision, e.g. ort:fp32,ov:bf16,trt:bf16")
-    s.add_argument("--baselines", default="torch-fp32,torch-bf16", help="torch-fp32, torch-bf16, torch-compile-bf16")
+                   help="comma-separated backend:precision, e.g. ort:fp32,ov:bf16,trt:bf16; `auto`: the "
+                        "engines `build --backend auto` tunes on this CPU")
+    s.add_argument("--baselines", default="torch-fp32,torch-bf16",
+                   help="torch-fp32, torch-bf16, torch-compile-bf16, optimum-intel (needs --optimum-python)")
+    s.add_argument("--optimum-python", help="the python of an environment with optimum-intel, for the optimum-intel "
+                                            "baseline (see benchmarks/optimum_intel.py)")
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--prompt", default=D.DEFAULT_PROMPT)

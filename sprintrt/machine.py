@@ -7,6 +7,7 @@ Nothing here runs at import time: every probe is a function, called when a decis
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import shutil
 import subprocess
@@ -59,6 +60,14 @@ def cpu_has_int8_dot(target: dict | None = None) -> bool:
     if target.get("arch") not in ("x86_64", "AMD64", "i686", "i386"):
         return True
     return bool(INT8_DOT_ISA & set(target["isa"]))
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def gpus() -> list[dict]:

@@ -100,6 +100,8 @@ def test_schema_violations_are_named(tiny_results):
     (dict(resolutions=[(500, 512)]), "resolution 500x512"),
     (dict(batches=[0]), "batch 0"),
     (dict(candidates=[]), "no candidates"),
+    (dict(baselines=["torch-fp32", "optimum-intel"]), "needs --optimum-python"),
+    (dict(baselines=["torch-fp32", "optimum-intel"], optimum_python=__file__, strength=0.5), "text to image"),
 ])
 def test_nonsense_options_are_refused(kw, match):
     with pytest.raises(InvalidInputError, match=match):
@@ -162,3 +164,17 @@ def test_image_to_image_benchmark(tiny_checkpoint, tiny_results):
     with pytest.raises(InvalidInputError, match="strength=1.5"):
         B.BenchConfig(strength=1.5).check()
 
+
+
+def test_auto_candidate_benchmarks_the_tuned_engines(tiny_checkpoint, tmp_path):
+    """`--candidates auto`: the engines `build --backend auto` tunes on this CPU, with the choice reported."""
+    pytest.importorskip("openvino")
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], warmup=0, runs=1,
+                           workdir=tmp_path, baselines=["torch-fp32"], candidates=[B.Candidate.parse("auto")],
+                           calibration_count=2)
+    doc = B.run_bench(config, say=lambda *a: None)
+    (auto,) = [s for s in doc["results"][0]["systems"] if s["kind"] == "candidate"]
+    assert auto["name"] == "sprintrt auto tuned"
+    assert set(auto["tuned"]) == {"text_encoder", "transformer", "vae_decoder", "vae_encoder"}
+    assert all(choice.split(":")[0] in ("onnxruntime", "openvino") for choice in auto["tuned"].values())
+    assert auto["image_vs_reference"]["psnr_db"] >= 35.0  # every choice passed the quality gate

@@ -117,9 +117,10 @@ def test_stale_engine_is_refused(trt_engine_dir, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_quantized_transformer_engine_stays_close(precision, onnx_dir, sprint_pipe, tmp_path):
-    """Strongly typed explicit quantization: the calibrated Q/DQ transformer builds and its images stay
-    within the INT8 CPU threshold (40 dB, tests/engines/test_int8.py) of the fp32 ONNX Runtime pipeline."""
+def test_quantized_transformer_engine_stays_close(precision, typed_onnx_dir, sprint_pipe, tmp_path):
+    """Strongly typed explicit quantization on the bf16 base: the calibrated Q/DQ transformer builds and its
+    images stay within the INT8 CPU threshold (40 dB, tests/engines/test_int8.py) of the fp32 ONNX Runtime
+    pipeline."""
     from sprintrt.metrics import psnr
     from sprintrt.engines.trt_build import FP8_MIN_COMPUTE_CAPABILITY, target
     from sprintrt.engines.calibration import build_quantized_engines
@@ -128,9 +129,10 @@ def test_quantized_transformer_engine_stays_close(precision, onnx_dir, sprint_pi
     cc = tuple(int(x) for x in target()["compute_capability"].split("."))
     if precision == "fp8" and cc < FP8_MIN_COMPUTE_CAPABILITY:
         pytest.skip(f"fp8 needs compute capability >= 8.9, this GPU has {cc}")
-    out = build_quantized_engines(onnx_dir, tmp_path / "q", count=4, size=256, backend="tensorrt", precision=precision)
+    out = build_quantized_engines(typed_onnx_dir, tmp_path / "q", count=4, size=256, backend="tensorrt",
+                                  precision=f"transformer={precision}")
     entry = json.loads((out / "manifest.json").read_text())["components"]["transformer"]
-    assert entry["precision"] == precision and entry["strongly_typed"]
+    assert entry["precision"] == precision and entry["strongly_typed"] and entry["qdq_base"] == "bf16"
     kw = dict(prompt="a red fox in snow", num_inference_steps=1, intermediate_timesteps=None, height=256, width=256,
               use_resolution_binning=False, output_type="np")
     ours = SprintPipeline.from_engines(out)(**kw, generator=torch.Generator().manual_seed(0)).images

@@ -151,3 +151,12 @@ def test_candidates_follow_the_cpu(onnx_dir):
     assert names(epyc, True) == ["onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:int8"]
     assert names(epyc, False) == ["onnxruntime:fp32", "openvino:fp32"]
     assert names(xeon, False) == ["onnxruntime:fp32", "onnxruntime:fp16", "openvino:fp32", "openvino:bf16"]
+
+
+def test_int8_is_left_out_where_calibration_would_not_fit_in_memory(onnx_dir):
+    record = json.loads((onnx_dir / "export_info.json").read_text())["components"][TRANSFORMER]
+    epyc = {"kind": "cpu", "arch": "x86_64", "name": "EPYC", "isa": ["avx2", "fma"]}
+    size = record["bytes"] + (record.get("external_data") or {}).get("bytes", 0)
+    roomy = [c.name for c in T.candidates(TRANSFORMER, record, epyc, True, memory_bytes=100 * size)]
+    tight = [c.name for c in T.candidates(TRANSFORMER, record, epyc, True, memory_bytes=2 * size)]
+    assert "onnxruntime:int8" in roomy and not any(n.endswith(":int8") for n in tight)
