@@ -20,7 +20,7 @@ Candidates: ONNX Runtime fp32 / fp16 (typed variant; only on CPUs with fp16 arit
 OpenVINO fp32 / bf16 (only on CPUs with bf16 instructions: elsewhere it is emulated) / int8, for what
 each backend builds per component (engines/precision.py) and is installed here. int8 candidates need
 calibration (`calibrate=False` leaves them out) and are left out where calibrating would not fit in
-memory (a 10 GB text encoder on a 24 GB machine).
+memory (the real 8 GB text encoder on a 24 GB machine).
 """
 
 from __future__ import annotations
