@@ -60,6 +60,7 @@ class ComponentPlan:
     source_record: dict  # the record of the graph built from: the fp32 graph or a typed variant
     source_dtype: str  # "fp32", or the typed variant's dtype (for int8/fp8: the base the Q/DQ pairs go into)
     fp32_source: Path  # the fp32 graph (what int8/fp8 calibration runs)
+    quant_label: str | None = None  # int8/fp8: the recipe and what decides the Q/DQ graph (engines/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,12 @@ class BuildPlan:
     versions: dict
     components: tuple[ComponentPlan, ...]
     calibration: dict
+    qdq_cache: Path | None = None  # where Q/DQ graphs are kept for other builds of the same run (the tuner's)
 
 
 def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime", precision=None,
                components=None, profile: ProfileOptions | None = None,
-               calibration: dict | None = None) -> BuildPlan:
+               calibration: dict | None = None, qdq_cache: Path | None = None) -> BuildPlan:
     """Check everything that can fail without building and derive each component's key. Writes nothing.
     `components` None means every component the export holds."""
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
@@ -109,14 +111,16 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
         fp32_source = check_onnx_file(onnx_dir, comp, record) if prec in QUANTIZED else onnx_dir / record["file"]
         spec = S.SPEC_BUILDERS[comp](model)
         dims = mod.profile(spec, model, profile or ProfileOptions())
-        label = prec.value
+        label, quant_label = prec.value, None
         if prec in QUANTIZED:  # the recipe and the calibration set are part of what the engine computes
             from sprintrt.engines.quantize import recipe_label
 
-            label = recipe_label(prec.value, target, comp, calibration[comp][0])
+            label = quant_label = recipe_label(prec.value, target, comp, calibration[comp][0])
         key = M.cache_key(target, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
-        plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record, dtype, fp32_source))
-    return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target, versions, tuple(plans), calibration)
+        plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record, dtype, fp32_source,
+                                   quant_label))
+    return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target, versions, tuple(plans), calibration,
+                     Path(qdq_cache) if qdq_cache else None)
 
 
 def _source_dtype(comp: str, prec: Precision, mod: BuildBackend, target: dict) -> str:
@@ -157,7 +161,8 @@ def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
                                                           input_shapes(comp.spec, comp.profile), plan.target,
                                                           plan.versions)
     finally:
-        if source != comp.source:  # the Q/DQ graph lives on inside the built engine
+        temporary = source != comp.source and (plan.qdq_cache is None or source.parent != plan.qdq_cache)
+        if temporary:  # the Q/DQ graph lives on inside the built engine
             source.unlink(missing_ok=True)
             source.with_name(source.name + ".data").unlink(missing_ok=True)
     return {
@@ -171,32 +176,51 @@ def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
 
 
 def _quantized_source(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[Path, dict]:
-    """The Q/DQ graph an int8/fp8 engine is built from (a temporary file beside `path`): calibrated on the
-    fp32 graph, then carried onto the 16-bit base where the backend has one (engines/typed_qdq.py)."""
-    from sprintrt.engines.quantize import quantize_qdq
-
-    qdq = path.with_name(path.name + ".qdq.onnx")
-    description, feeds = plan.calibration[comp.name]
-    feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
-    info = quantize_qdq(comp.fp32_source, qdq, feeds, comp.precision.value, target=plan.target, component=comp.name)
-    info["calibration"] = description
+    """The Q/DQ graph an int8/fp8 engine is built from: calibrated on the fp32 graph, then carried onto the
+    16-bit base where the backend has one (engines/typed_qdq.py). A temporary file beside `path` unless
+    the plan keeps Q/DQ graphs in a cache."""
+    qdq, info = _calibrated_qdq(plan, comp, path)
     if comp.source_dtype == "fp32":
         return qdq, info
     from sprintrt.engines.typed_qdq import qdq_on_variant
 
     typed = path.with_name(path.name + f".qdq-{comp.source_dtype}.onnx")
     try:
-        info.update(qdq_on_variant(qdq, comp.fp32_source, comp.source, typed, comp.source_dtype))
+        info = {**info, **qdq_on_variant(qdq, comp.fp32_source, comp.source, typed, comp.source_dtype)}
     finally:
-        qdq.unlink(missing_ok=True)
-        qdq.with_name(qdq.name + ".data").unlink(missing_ok=True)
+        if plan.qdq_cache is None:
+            qdq.unlink(missing_ok=True)
+            qdq.with_name(qdq.name + ".data").unlink(missing_ok=True)
     return typed, info
+
+
+def _calibrated_qdq(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[Path, dict]:
+    """(the fp32 Q/DQ graph, what quantize_qdq did), reused from the plan's cache when it holds one made
+    from the same graph by the same recipe and calibration (another backend of the tuner's run)."""
+    from sprintrt.engines.quantize import quantize_qdq
+
+    description, feeds = plan.calibration[comp.name]
+    if plan.qdq_cache is None:
+        qdq, record = path.with_name(path.name + ".qdq.onnx"), None
+    else:
+        digest = hashlib.sha256((comp.record["sha256"] + comp.quant_label).encode()).hexdigest()[:16]
+        qdq = plan.qdq_cache / f"{comp.name}-{digest}.qdq.onnx"
+        record = qdq.with_name(qdq.name + ".json")  # written last: its presence means the graph is complete
+        if record.is_file() and qdq.is_file():
+            return qdq, json.loads(record.read_text())
+        plan.qdq_cache.mkdir(parents=True, exist_ok=True)
+    feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
+    info = quantize_qdq(comp.fp32_source, qdq, feeds, comp.precision.value, target=plan.target, component=comp.name)
+    info["calibration"] = description
+    if record is not None:
+        record.write_text(json.dumps(info))
+    return qdq, info
 
 
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",
                   precision=None, components=None, rebuild: bool = False,
                   profile: ProfileOptions | None = None, calibration: dict | None = None,
-                  progress: Callable[[str, str], None] | None = None) -> Path:
+                  progress: Callable[[str, str], None] | None = None, qdq_cache: Path | None = None) -> Path:
     """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
 
     Args:
@@ -208,6 +232,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
         calibration: for int8/fp8 components, {component: (description, input feeds)}, the feeds a
             list or a callable returning one (called only if the engine is built, not reused); the
             description (prompts, count, size) goes into the engine key.
+        qdq_cache: keep the calibrated Q/DQ graphs there and reuse them (the tuner builds the same int8
+            graph for ONNX Runtime and OpenVINO); None: quantize into a temporary file.
 
     An engine whose key (target, library version, precision, profile, source ONNX hash) matches and
     whose files are intact is reused unless `rebuild`. Files are written under new names and the
@@ -216,7 +242,7 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "
     """
     from filelock import FileLock
 
-    plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration)
+    plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration, qdq_cache)
     plan.engine_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(plan.engine_dir / ".build.lock")):
         old = read_existing(plan.engine_dir, plan.info)

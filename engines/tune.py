@@ -8,9 +8,10 @@ winner can differ per network. So:
 1. An fp32 ONNX Runtime reference is built (the quality reference and the calibration engines) and
    one pipeline call at `size`² records every component's inputs (the VAE encoder, which a text-to-image
    call does not run, gets the spec's sample inputs at that size).
-2. Each candidate is built (engines/build.py, so the usual keys, checks and atomic writes apply), loaded
-   alone, run once to warm up, then timed (median of up to TUNE_RUNS runs), and its outputs are compared
-   with the reference's: cosine >= TUNE_MIN_COSINE (sprintrt/defaults.py) or it is never chosen.
+2. Each candidate is built (engines/build.py, so the usual keys, checks and atomic writes apply; the
+   int8 Q/DQ graph is calibrated once and shared by ONNX Runtime and OpenVINO), loaded alone, run once
+   to warm up, then timed (median of TUNE_MIN_RUNS or more calls), and its outputs are compared with
+   the reference's: cosine >= TUNE_MIN_COSINE (sprintrt/defaults.py) or it is never chosen.
 3. The fastest passing candidate's files are moved into the engine directory; its manifest entry carries
    the whole table under "tuning" (candidates, seconds, cosine, pass/fail, the choice) and a tuning key
    (machine, library versions, source graphs, candidates, calibration, size, gate). A later build with
@@ -271,7 +272,7 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
             say(f"building {cand.name} for {', '.join(comps)}")
             calibration = {c: (description, feeds_of(c)) for c in comps if cand.precision in QUANTIZED}
             build_engines(onnx_dir, cand_dir, backend=cand.backend, precision={c: cand.precision for c in comps},
-                          components=comps, calibration=calibration or None)
+                          components=comps, calibration=calibration or None, qdq_cache=scratch / "qdq")
             manifest = M.read_manifest(cand_dir)
         except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded, not fatal
             for comp in comps:

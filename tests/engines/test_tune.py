@@ -160,3 +160,21 @@ def test_int8_is_left_out_where_calibration_would_not_fit_in_memory(onnx_dir):
     roomy = [c.name for c in T.candidates(TRANSFORMER, record, epyc, True, memory_bytes=100 * size)]
     tight = [c.name for c in T.candidates(TRANSFORMER, record, epyc, True, memory_bytes=2 * size)]
     assert "onnxruntime:int8" in roomy and not any(n.endswith(":int8") for n in tight)
+
+
+def test_int8_is_calibrated_and_quantized_once_for_both_backends(onnx_dir, tmp_path, monkeypatch):
+    import sprintrt.engines.quantize as Q
+
+    calls, real = [], Q.quantize_qdq
+
+    def counting(*a, **k):
+        calls.append(k["component"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(Q, "quantize_qdq", counting)
+    out = T.tune_engines(onnx_dir, tmp_path / "e", components=[TRANSFORMER], candidate_names=["ort:int8", "ov:int8"],
+                         count=2, size=SIZE)
+    assert calls == [TRANSFORMER]
+    rows = {r["candidate"]: r for r in _manifest(out)["components"][TRANSFORMER]["tuning"]["candidates"]}
+    assert set(rows) == {"onnxruntime:fp32", "onnxruntime:int8", "openvino:int8"}
+    assert 0.999 <= rows["openvino:int8"]["cosine"] < 1.0  # OpenVINO ran the shared Q/DQ graph as int8
