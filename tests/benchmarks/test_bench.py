@@ -178,3 +178,46 @@ def test_auto_candidate_benchmarks_the_tuned_engines(tiny_checkpoint, tmp_path):
     assert set(auto["tuned"]) == {"text_encoder", "transformer", "vae_decoder", "vae_encoder"}
     assert all(choice.split(":")[0] in ("onnxruntime", "openvino") for choice in auto["tuned"].values())
     assert auto["image_vs_reference"]["psnr_db"] >= 35.0  # every choice passed the quality gate
+
+
+_FAKE_OPTIMUM = '''
+import argparse, json, sys
+import numpy as np
+p = argparse.ArgumentParser()
+for a in ("--model", "--ov-dir", "--call", "--seed", "--warmup", "--runs", "--image", "--threads"):
+    p.add_argument(a)
+args = p.parse_args(sys.argv[2:])  # argv[1] is benchmarks/optimum_intel.py
+call = json.loads(args.call)
+if "{mode}" == "killed":
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
+np.save(args.image, np.zeros((len(call["prompt"]), call["height"], call["width"], 3), np.float32))
+runs = [dict(total=0.5, text_encoder=0.1, transformer=[0.1] * call["num_inference_steps"], vae_decoder=0.1)
+        for _ in range(int(args.runs))]
+print(json.dumps(dict(runs=runs, load_seconds=1.0, export_seconds=0.0, peak_rss_gb=1.5, image=args.image,
+                      versions={{"optimum-intel": "fake"}})))
+'''
+
+
+@pytest.mark.parametrize("mode", ["ok", "killed"])
+def test_optimum_baseline_contract(tiny_results, tiny_checkpoint, tmp_path, mode):
+    """The optimum-intel baseline runs in another environment: its JSON line becomes a baseline entry
+    (stages, peak RSS, its image compared with diffusers fp32); a killed worker is a clear error."""
+    _, work = tiny_results  # reuse the export and engines
+    worker = tmp_path / "worker.py"
+    worker.write_text(_FAKE_OPTIMUM.format(mode=mode))
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {worker} \"$@\"\n")
+    python.chmod(0o755)
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], steps=[2], warmup=0,
+                           runs=2, workdir=work, baselines=["torch-fp32", "optimum-intel"], optimum_python=str(python))
+    if mode == "killed":
+        with pytest.raises(RuntimeError, match="killed by signal 9.*out of memory"):
+            B.run_bench(config, say=lambda *a: None)
+        return
+    doc = B.run_bench(config, say=lambda *a: None)
+    (entry,) = [s for s in doc["results"][0]["systems"] if s["name"] == "optimum-intel"]
+    assert entry["kind"] == "baseline" and entry["peak_rss_gb"] == 1.5 and entry["end_to_end"]["median"] == 0.5
+    assert len(entry["transformer_steps"]) == 2 and entry["stages"]["vae_decoder"]["median"] == 0.1
+    assert entry["image_vs_reference"]["psnr_db"] < 20  # the fake's black image really was compared
+    assert "optimum-intel" in B.report(doc)
