@@ -17,7 +17,7 @@ from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, TEXT_TO_IMA
 from sprintrt.prompts import read_prompts
 
 
-class _Recorder:
+class Recorder:
     """Wraps an engine; keeps a copy of every call's inputs."""
 
     def __init__(self, engine):
@@ -48,7 +48,7 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
     if count is not None:
         _check_count(count)
         prompts = prompts[:count]
-    recorders = {c: _Recorder(pipe.engine(c)) for c in components}
+    recorders = {c: Recorder(pipe.engine(c)) for c in components}
     for c, recorder in recorders.items():
         pipe.set_engine(c, recorder)
     try:

@@ -114,21 +114,13 @@ def tuning_key(component: str, record: dict, cands: list[Candidate], target: dic
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class _Recorder:
-    def __init__(self, engine):
-        self.engine, self.feeds = engine, []
-
-    def __call__(self, **feeds):
-        self.feeds.append({k: v.copy() for k, v in feeds.items()})
-        return self.engine(**feeds)
-
-
 def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
     """{component: the inputs it gets in one {size}² call of the default prompt (1 step)}."""
+    from sprintrt.engines.calibration import Recorder
     from sprintrt.runtime.pipeline import SprintPipeline
 
     pipe = SprintPipeline.from_engines(engine_dir)
-    recorders = {c: _Recorder(pipe.engine(c)) for c in S.TEXT_TO_IMAGE}
+    recorders = {c: Recorder(pipe.engine(c)) for c in S.TEXT_TO_IMAGE}
     for c, r in recorders.items():
         pipe.set_engine(c, r)
     pipe(DEFAULT_PROMPT, num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
