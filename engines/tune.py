@@ -73,10 +73,13 @@ class Candidate:
         return cls(backend, Precision.parse(precision))
 
 
+def _weights_bytes(record: dict) -> int:
+    return record["bytes"] + (record.get("external_data") or {}).get("bytes", 0)
+
+
 def calibration_fits(record: dict, memory_bytes: int | None) -> bool:
     """Whether calibrating this graph for int8 fits in this machine's memory (see CALIBRATION_MEMORY_FACTOR)."""
-    size = record["bytes"] + (record.get("external_data") or {}).get("bytes", 0)
-    return memory_bytes is None or size * CALIBRATION_MEMORY_FACTOR <= memory_bytes
+    return memory_bytes is None or _weights_bytes(record) * CALIBRATION_MEMORY_FACTOR <= memory_bytes
 
 
 def candidates(component: str, record: dict, target: dict, calibrate: bool,
@@ -179,33 +182,7 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
     target = machine.cpu_target()
     prompts = read_prompts(prompts_file)[:count]
     description = calibration_description(prompts_file, prompts, DEFAULT_CALIBRATION_SIZE, "int8")
-    plan, used, skipped = {}, set(), {}
-    per_component = isinstance(candidate_names, dict)
-    for comp in components:
-        record = info["components"][comp]
-        available = candidates(comp, record, target, calibrate, machine.memory_bytes())
-        wanted = candidate_names.get(comp) if per_component else candidate_names
-        if wanted is not None:
-            chosen = [Candidate.parse(n) for n in wanted]
-            unknown = [c.name for c in chosen if c not in available]
-            if unknown and per_component:
-                raise InvalidInputError(f"candidates {unknown} cannot be built for {comp} here: expected some of "
-                                        f"{[c.name for c in available]}. Fix: name only those")
-            available = [a for a in available if a in chosen or (a.backend, a.precision) == REFERENCE]
-        used |= set(available)
-        uses_int8 = any(c.precision in QUANTIZED for c in available)
-        plan[comp] = (available, tuning_key(comp, record, available, target, description if uses_int8 else None, size))
-        if calibrate and not calibration_fits(record, machine.memory_bytes()) and \
-                any(Precision.INT8 in ALLOWED[b][comp] for b in CPU_BACKENDS):
-            size_gb = (record["bytes"] + (record.get("external_data") or {}).get("bytes", 0)) / 2**30
-            skipped[comp] = (f"int8 skipped: calibrating {size_gb:.1f} GB of weights needs about "
-                             f"{CALIBRATION_MEMORY_FACTOR * size_gb:.0f} GB, this machine has "
-                             f"{machine.memory_bytes() / 2**30:.0f} GB")
-    if candidate_names is not None and not per_component:  # a candidate no component can use is a mistake
-        unusable = [n for n in candidate_names if Candidate.parse(n) not in used]
-        if unusable:
-            raise InvalidInputError(f"candidates {unusable} cannot be built for any of {list(components)} here. "
-                                    "Fix: name candidates this machine has (`sprintrt doctor` lists them)")
+    plan, skipped = _plan(info, components, candidate_names, calibrate, target, description, size)
 
     engine_dir.mkdir(parents=True, exist_ok=True)
     scratch = engine_dir.with_name(f".{engine_dir.name}.tune")
@@ -233,6 +210,40 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return engine_dir
+
+
+def _plan(info: dict, components, candidate_names, calibrate: bool, target: dict, description: str,
+          size: int) -> tuple[dict, dict]:
+    """({component: (candidates, tuning key)}, {component: why int8 was left out}); refuses, before any
+    work, candidate names this machine cannot build."""
+    plan, used, skipped = {}, set(), {}
+    per_component = isinstance(candidate_names, dict)
+    memory = machine.memory_bytes()
+    for comp in components:
+        record = info["components"][comp]
+        available = candidates(comp, record, target, calibrate, memory)
+        wanted = candidate_names.get(comp) if per_component else candidate_names
+        if wanted is not None:
+            chosen = [Candidate.parse(n) for n in wanted]
+            unknown = [c.name for c in chosen if c not in available]
+            if unknown and per_component:
+                raise InvalidInputError(f"candidates {unknown} cannot be built for {comp} here: expected some of "
+                                        f"{[c.name for c in available]}. Fix: name only those")
+            available = [a for a in available if a in chosen or (a.backend, a.precision) == REFERENCE]
+        used |= set(available)
+        uses_int8 = any(c.precision in QUANTIZED for c in available)
+        plan[comp] = (available, tuning_key(comp, record, available, target, description if uses_int8 else None, size))
+        if calibrate and not calibration_fits(record, memory) and \
+                any(Precision.INT8 in ALLOWED[b][comp] for b in CPU_BACKENDS):
+            gb = _weights_bytes(record) / 2**30
+            skipped[comp] = (f"int8 skipped: calibrating {gb:.1f} GB of weights needs about "
+                             f"{CALIBRATION_MEMORY_FACTOR * gb:.0f} GB, this machine has {memory / 2**30:.0f} GB")
+    if candidate_names is not None and not per_component:  # a candidate no component can use is a mistake
+        unusable = [n for n in candidate_names if Candidate.parse(n) not in used]
+        if unusable:
+            raise InvalidInputError(f"candidates {unusable} cannot be built for any of {list(components)} here. "
+                                    "Fix: name candidates this machine has (`sprintrt doctor` lists them)")
+    return plan, skipped
 
 
 def _reusable(engine_dir: Path, entry: dict | None, key: str) -> bool:
