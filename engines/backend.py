@@ -38,6 +38,9 @@ class BuildBackend(Protocol):
     LIBRARY: str  # the library whose version is in the engine key
     SUFFIX: str  # the engine file's suffix
     TYPED_PRECISIONS: frozenset  # precisions built from the export's typed variant, not the fp32 graph
+    # precisions built from the typed variant when the export has one, else from the fp32 graph (the backend's
+    # precision hint makes the rest 16-bit); a subset of TYPED_PRECISIONS
+    VARIANT_OPTIONAL: frozenset
 
     def target(self) -> dict:
         """The device engines are built for here (CPU ISA, or GPU name and compute capability).

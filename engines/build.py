@@ -104,7 +104,7 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
             raise InvalidInputError(f"precision {prec.value} for {comp} needs calibration data. Fix: build with the CLI "
                                     f"(`sprintrt build ... --precision {comp}={prec.value}` calibrates on a prompt file) "
                                     "or pass calibration={component: (description, feeds)}")
-        dtype = _source_dtype(comp, prec, mod, target)
+        dtype = _source_dtype(comp, prec, mod, target, record)
         source_record = _source_record(onnx_dir, comp, record, prec, dtype, mod)
         mod.check_buildable(comp, prec, source_record, versions, target)
         source = check_onnx_file(onnx_dir, comp, source_record)
@@ -123,11 +123,13 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
                      Path(qdq_cache) if qdq_cache else None)
 
 
-def _source_dtype(comp: str, prec: Precision, mod: BuildBackend, target: dict) -> str:
+def _source_dtype(comp: str, prec: Precision, mod: BuildBackend, target: dict, record: dict) -> str:
     """Which exported graph `prec` is built from: the typed variant for the backend's typed precisions
-    (bf16/fp16 on TensorRT, fp16 on ONNX Runtime), the backend's 16-bit base for int8/fp8 (TensorRT:
-    the layers not quantized run in it), else the fp32 graph."""
+    (bf16/fp16 on TensorRT, fp16 on ONNX Runtime, bf16 on OpenVINO where the export has it), the backend's
+    16-bit base for int8/fp8 (TensorRT: the layers not quantized run in it), else the fp32 graph."""
     if prec in mod.TYPED_PRECISIONS:
+        if prec in mod.VARIANT_OPTIONAL and prec.value not in record.get("variants", {}):
+            return "fp32"
         return prec.value
     if prec in QUANTIZED:
         base = mod.quantized_base(comp, target)

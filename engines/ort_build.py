@@ -26,6 +26,7 @@ SUFFIX = ".ort.onnx"
 PROVIDER = "CPUExecutionProvider"
 # fp16 engines run the export's typed fp16 variant (ORT's CPU provider runs fp16 graphs; it has no bf16 Conv).
 TYPED_PRECISIONS = frozenset({Precision.FP16})
+VARIANT_OPTIONAL: frozenset = frozenset()  # fp16 needs the typed graph
 
 
 def target() -> dict:

@@ -57,6 +57,7 @@ def versions() -> dict:
 
 # Precisions built from the export's typed (16-bit) variant rather than the fp32 graph.
 TYPED_PRECISIONS = frozenset({Precision.BF16, Precision.FP16})
+VARIANT_OPTIONAL: frozenset = frozenset()  # strongly typed: the precision must be in the graph
 BF16_MIN_COMPUTE_CAPABILITY = (8, 0)  # Ampere and later
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper
 

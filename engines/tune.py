@@ -99,7 +99,8 @@ def candidates(component: str, record: dict, target: dict, calibrate: bool,
                 continue  # emulated without AVX512-BF16/AMX: slow
             if p == Precision.FP16 and not machine.cpu_has_fp16(target):
                 continue  # ONNX Runtime converts fp16 to fp32 around every op without fp16 arithmetic
-            if p in mod.TYPED_PRECISIONS and p.value not in record.get("variants", {}):
+            needs_variant = p in mod.TYPED_PRECISIONS and p not in mod.VARIANT_OPTIONAL
+            if needs_variant and p.value not in record.get("variants", {}):
                 continue  # not exported (`sprintrt export --dtypes`)
             found.append(Candidate(backend, p))
     found.sort(key=lambda c: (c.backend, c.precision.value) != REFERENCE)

@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
     s.add_argument("--dtypes", default="fp32,bf16",
                    help="graphs to export per component: fp32 (always) and strongly typed bf16/fp16 variants with "
-                        "fp32 islands, for TensorRT bf16/fp16 and ONNX Runtime fp16 engines (default fp32,bf16)")
+                        "fp32 islands, for TensorRT bf16/fp16, ONNX Runtime fp16 and OpenVINO bf16 engines (default "
+                        "fp32,bf16)")
     s.add_argument("--vae", default=None, metavar="PATH_OR_ID",
                    help="a drop-in AutoencoderDC to export instead of the checkpoint's VAE decoder, e.g. "
                         "mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers (a lighter decoder)")
