@@ -279,9 +279,7 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
         identity = hashlib.sha256((identity + model_identity(vae_dir)).encode()).hexdigest()
     onnx_dir = work / f"onnx-{identity[:12]}"
     info_path = onnx_dir / "export_info.json"
-    # Typed variants only for the candidates that build from one (TensorRT bf16/fp16, ONNX Runtime fp16).
-    dtypes = ("fp32", *sorted({c.precision for c in config.candidates if c.precision in ("bf16", "fp16")
-                               and c.backend != "openvino"}))
+    dtypes = ("fp32", *_variant_dtypes(config.candidates))
     info = json.loads(info_path.read_text()) if info_path.exists() else None
     stale = info is not None and info.get("exporter") != exporter_fingerprint()
     if stale:
@@ -313,6 +311,17 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
             engines[cand] = build_engines(onnx_dir, engine_dir, backend=cand.backend, precision=cand.precision)
         _check_profile(engines[cand], cand, config)
     return ckpt, onnx_dir, engines
+
+
+def _variant_dtypes(cands) -> list[str]:
+    """Typed variants the candidates build from: bf16/fp16 candidates (TensorRT, ONNX Runtime fp16, OpenVINO
+    bf16), and for `auto` the 16-bit types this CPU computes in (the tuner's bf16/fp16 candidates)."""
+    from sprintrt import machine
+
+    wanted = {c.precision for c in cands if c.precision in ("bf16", "fp16")}
+    if any(c.backend == AUTO for c in cands):
+        wanted |= {d for d, has in (("bf16", machine.cpu_has_bf16()), ("fp16", machine.cpu_has_fp16())) if has}
+    return sorted(wanted)
 
 
 def _check_profile(engine_dir: Path, cand: Candidate, config: BenchConfig) -> None:

@@ -221,3 +221,15 @@ def test_optimum_baseline_contract(tiny_results, tiny_checkpoint, tmp_path, mode
     assert len(entry["transformer_steps"]) == 2 and entry["stages"]["vae_decoder"]["median"] == 0.1
     assert entry["image_vs_reference"]["psnr_db"] < 20  # the fake's black image really was compared
     assert "optimum-intel" in B.report(doc)
+
+
+@pytest.mark.parametrize("bf16_cpu", [True, False])
+def test_the_export_has_the_variants_the_candidates_build_from(monkeypatch, bf16_cpu):
+    from sprintrt import machine
+
+    monkeypatch.setattr(machine, "cpu_has_bf16", lambda target=None: bf16_cpu)
+    monkeypatch.setattr(machine, "cpu_has_fp16", lambda target=None: False)
+    parse = lambda names: [B.Candidate.parse(n) for n in names]  # noqa: E731
+    assert B._variant_dtypes(parse(["ort:fp32", "ort:int8"])) == []
+    assert B._variant_dtypes(parse(["ov:bf16", "ort:fp16"])) == ["bf16", "fp16"]  # OpenVINO bf16 reads the variant
+    assert B._variant_dtypes(parse(["ort:fp32", "auto"])) == (["bf16"] if bf16_cpu else [])  # the tuner's candidates
