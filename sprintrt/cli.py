@@ -150,6 +150,24 @@ def cmd_generate(args) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(path)
     print(f"image written to {path} ({out.timings['total']:.2f} s end to end)")
+    note = "" if args.no_binning else binning_note(args.height, args.width, pipe.vae_scale_factor)
+    if note:
+        print(note)
+
+
+def binning_note(height: int, width: int, multiple: int) -> str:
+    """Resolution binning (diffusers' default) generates at the 1024px model's nearest bin and resizes: a
+    512² image costs a 1024² decode, 4x the VAE decoder's work. Say so, and how to avoid it."""
+    from sprintrt.runtime.image import classify_height_width_bin
+
+    bh, bw = classify_height_width_bin(height, width)
+    if (bh, bw) == (height, width):
+        return ""
+    note = f"note: generated at {bh}x{bw} (resolution binning, as diffusers does) and resized to {height}x{width}"
+    if height % multiple or width % multiple:  # --no-binning would refuse this size
+        return note
+    return (f"{note}; --no-binning generates {height}x{width} itself, {bh * bw / (height * width):.1f}x fewer pixels "
+            "to decode")
 
 
 def cmd_drift(args) -> None:

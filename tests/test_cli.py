@@ -20,6 +20,16 @@ def test_generate_writes_png(engine_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert str(out) in r.stdout
     assert Image.open(out).size == (150, 200)
+    assert "generated at 1152x896 (resolution binning" in r.stdout  # what binning costs is said
+
+
+def test_binning_note_names_the_size_generated_and_the_way_out():
+    from sprintrt.cli import binning_note
+
+    note = binning_note(512, 512, 32)
+    assert "generated at 1024x1024" in note and "--no-binning generates 512x512 itself, 4.0x fewer pixels" in note
+    assert "--no-binning" not in binning_note(200, 150, 32)  # a size --no-binning refuses is not suggested
+    assert binning_note(1024, 1024, 32) == ""  # a bin size: nothing to say
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
