@@ -38,7 +38,7 @@ from typing import Callable
 from sprintrt import machine
 from sprintrt.defaults import (CALIBRATION_MEMORY_FACTOR, DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE,
                                DEFAULT_PROMPT, TUNE_MAX_RUNS, TUNE_MIN_COSINE, TUNE_MIN_RUNS, TUNE_MIN_SECONDS)
-from sprintrt.engines import manifest as M
+from sprintrt.engines import manifest as M, ov_build
 from sprintrt.engines.backend import backend_module, canonical
 from sprintrt.engines.build import build_engines, intact, read_existing, read_export_info, write_manifest
 from sprintrt.engines.precision import ALLOWED, QUANTIZED, Precision
@@ -202,11 +202,14 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
                 if comp in entries:
                     entries[comp]["tuning"]["skipped"] = note
             for comp, entry in entries.items():  # the chosen engine's files move into the engine directory
-                src = scratch / entry.pop("_dir")
+                src = entry.pop("_dir")
                 for f in M.engine_files(entry):
                     shutil.move(str(src / f["file"]), engine_dir / f["file"])
-                if entry["backend"] == "openvino" and (src / "ov_cache").is_dir():
-                    shutil.copytree(src / "ov_cache", engine_dir / "ov_cache", dirs_exist_ok=True)
+                if entry["backend"] == "openvino" and (src / ov_build.CACHE).is_dir():
+                    # the candidate was built alone in its directory: every blob in its cache is its own
+                    (engine_dir / ov_build.CACHE).mkdir(exist_ok=True)
+                    for blob in (src / ov_build.CACHE).iterdir():
+                        shutil.move(str(blob), engine_dir / ov_build.CACHE / blob.name)
             write_manifest(onnx_dir, engine_dir, info, {**old, **entries})
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -266,24 +269,29 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
                                 DEFAULT_CALIBRATION_SIZE, say=say, reuse=True)
     tables: dict[str, list[dict]] = {c: [] for c in todo}
     references: dict[str, dict] = {}
+    best: dict[str, dict] = {}  # per component, the fastest passing row so far; its files are the only ones kept
     by_candidate: dict[Candidate, list[str]] = {}
     for comp in todo:
         for cand in plan[comp][0]:
             by_candidate.setdefault(cand, []).append(comp)
     for cand, comps in by_candidate.items():  # the reference first: the others are compared with it
-        cand_dir = _candidate_dir(scratch, cand)
-        try:
-            say(f"building {cand.name} for {', '.join(comps)}")
-            calibration = {c: (description, feeds_of(c)) for c in comps if cand.precision in QUANTIZED}
-            build_engines(onnx_dir, cand_dir, backend=cand.backend, precision={c: cand.precision for c in comps},
-                          components=comps, calibration=calibration or None, qdq_cache=scratch / "qdq")
-            manifest = M.read_manifest(cand_dir)
-        except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded, not fatal
-            for comp in comps:
-                tables[comp].append({"candidate": cand.name, "error": f"build failed: {e}"[:300], "passed": False})
-            continue
         for comp in comps:
+            # One directory per candidate and component, deleted as soon as it loses: at real size every
+            # engine is 1-16 GB, and keeping them all until the end filled a 50 GB disk (measured).
+            is_reference = (cand.backend, cand.precision) == REFERENCE
+            cand_dir = ref_dir if is_reference else _candidate_dir(scratch, cand) / comp
             row = {"candidate": cand.name}
+            try:
+                if not is_reference:
+                    say(f"building {cand.name} for {comp}")
+                    calibration = {comp: (description, feeds_of(comp))} if cand.precision in QUANTIZED else None
+                    build_engines(onnx_dir, cand_dir, backend=cand.backend, precision={comp: cand.precision},
+                                  components=(comp,), calibration=calibration, qdq_cache=scratch / "qdq")
+                manifest = M.read_manifest(cand_dir)
+            except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded
+                tables[comp].append({**row, "error": f"build failed: {e}"[:300], "passed": False})
+                shutil.rmtree(cand_dir, ignore_errors=True)
+                continue
             try:
                 engine = load_engine(manifest, comp)
                 try:
@@ -295,21 +303,22 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
                 agreement = _agreement(outputs, references[comp])
                 row.update(seconds=round(seconds, 4), cosine=round(agreement, 6),
                            passed=bool(agreement >= TUNE_MIN_COSINE))
-                row["_entry"] = dict(manifest.components[comp], _dir=cand_dir.name)
             except (SprintError, RuntimeError, ValueError) as e:
                 row.update(error=f"run failed: {e}"[:300], passed=False)
             tables[comp].append(row)
+            if row["passed"] and (comp not in best or row["seconds"] < best[comp]["seconds"]):
+                loser, best[comp] = best.get(comp), dict(row, _entry=dict(manifest.components[comp]), _dir=cand_dir)
+            else:
+                loser = dict(row, _dir=cand_dir)
+            if loser is not None and loser["_dir"] != ref_dir:  # the reference serves calibration until the end
+                shutil.rmtree(loser["_dir"], ignore_errors=True)
     entries = {}
     for comp in todo:
-        rows = tables[comp]
-        passing = [r for r in rows if r["passed"]]
-        best = min(passing, key=lambda r: r["seconds"])  # the reference always passes against itself
-        entry = best.pop("_entry")
-        for r in rows:
-            r.pop("_entry", None)
+        choice = best[comp]  # the reference always passes against itself
+        entry = dict(choice["_entry"], _dir=choice["_dir"])
         entry["tuning"] = {"key": plan[comp][1], "size": size, "min_cosine": TUNE_MIN_COSINE,
-                           "chosen": best["candidate"], "candidates": rows}
-        say(f"{comp}: {best['candidate']} ({best['seconds']:.3f} s)")
+                           "chosen": choice["candidate"], "candidates": tables[comp]}
+        say(f"{comp}: {choice['candidate']} ({choice['seconds']:.3f} s)")
         entries[comp] = entry
     return entries
 

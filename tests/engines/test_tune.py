@@ -66,6 +66,36 @@ def test_a_second_build_reuses_the_choice_without_timing(tuned, onnx_dir, monkey
     assert _manifest(tuned) == before
 
 
+def test_losing_candidates_are_deleted_as_they_lose_and_the_reference_is_built_once(onnx_dir, tmp_path,
+                                                                                     monkeypatch):
+    """At real size every engine is 1-16 GB: keeping every candidate until the end filled a 50 GB disk."""
+    out = tmp_path / "e"
+    scratch = out.with_name(".e.tune")
+    real_measure, real_build = T.measure, T.build_engines
+    seen, builds = [], []
+
+    def measure(engine, feeds):  # what is on disk while each candidate is timed
+        seen.append({c: sorted(d.parent.name for d in scratch.glob(f"*/{c}")) for c in (TRANSFORMER, VAE_DECODER)})
+        return real_measure(engine, feeds)
+
+    def build(onnx, engine_dir, **kw):
+        builds.append((kw["backend"], kw["precision"], tuple(kw.get("components") or ())))
+        return real_build(onnx, engine_dir, **kw)
+
+    monkeypatch.setattr(T, "measure", measure)
+    monkeypatch.setattr(T, "build_engines", build)
+    T.tune_engines(onnx_dir, out, components=[TRANSFORMER, VAE_DECODER], candidate_names=[*FLOAT, "ov:bf16"]
+                   if T.machine.cpu_has_bf16() else FLOAT, size=SIZE)
+    assert all(len(dirs) <= 2 for call in seen for dirs in call.values()), seen  # the best so far + the one timed
+    assert [b for b in builds if b[:2] == ("onnxruntime", "fp32")] == [("onnxruntime", "fp32", builds[0][2])]
+    manifest = _manifest(out)
+    for entry in manifest["components"].values():
+        assert (out / entry["file"]).is_file()
+        if entry["backend"] == "openvino":  # only the chosen engines' compiled blobs came along
+            assert (out / "ov_cache").is_dir()
+    assert not scratch.exists()
+
+
 def test_a_candidate_failing_the_gate_is_never_chosen_even_when_fastest(onnx_dir, tmp_path, monkeypatch):
     """OpenVINO's engines are replaced by a broken one that answers instantly with zeros."""
     real_load = T.load_engine
