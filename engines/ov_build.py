@@ -85,7 +85,7 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
     try:
         model = ov.Core().read_model(str(source))
-        ov.save_model(model, str(tmp), compress_to_fp16=False)  # keep fp32 weights: precision is a run-time hint
+        ov.save_model(model, str(tmp), compress_to_fp16=False)  # keep the source's weight type (fp32, or bf16)
         os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
         os.replace(tmp, out)
     finally:
