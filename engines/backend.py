@@ -41,6 +41,9 @@ class BuildBackend(Protocol):
     # precisions built from the typed variant when the export has one, else from the fp32 graph (the backend's
     # precision hint makes the rest 16-bit); a subset of TYPED_PRECISIONS
     VARIANT_OPTIONAL: frozenset
+    # precision → the libraries besides LIBRARY that decide what its engines compute at build time (their
+    # versions go into the engine key; running the engine does not need them), e.g. NNCF for OpenVINO's int8w
+    PRECISION_LIBRARIES: Mapping
 
     def target(self) -> dict:
         """The device engines are built for here (CPU ISA, or GPU name and compute capability).
@@ -52,9 +55,9 @@ class BuildBackend(Protocol):
     def default_precisions(self, versions: Mapping | None = None, target: Mapping | None = None) -> dict:
         """{component: Precision} used for components the user does not name."""
 
-    def quantized_base(self, component: str, target: Mapping):
-        """The typed variant's dtype (a Precision) whose graph int8/fp8 Q/DQ pairs are put into, so that the
-        layers not quantized run in it; None: the fp32 graph."""
+    def quantized_base(self, component: str, target: Mapping, precision):
+        """The typed variant's dtype (a Precision) whose graph int8/fp8 Q/DQ pairs (or int8w's compressed
+        weights) are put into, so that the layers not quantized run in it; None: the fp32 graph."""
 
     def check_buildable(self, component: str, precision, export_record: Mapping, versions: Mapping,
                         target: Mapping) -> None:

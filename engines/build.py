@@ -25,6 +25,7 @@ from sprintrt.engines.profiles import ProfileOptions, input_shapes
 from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
 from sprintrt.export import specs as S
 from sprintrt.files import file_mismatch, sha256_file
+from sprintrt.machine import library_version
 
 
 def read_export_info(onnx_dir: Path) -> dict:
@@ -111,7 +112,8 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
         fp32_source = check_onnx_file(onnx_dir, comp, record) if prec in QUANTIZED else onnx_dir / record["file"]
         spec = S.SPEC_BUILDERS[comp](model)
         dims = mod.profile(spec, model, profile or ProfileOptions())
-        label, quant_label = prec.value, None
+        label = "-".join([prec.value, *(f"{lib}{library_version(lib)}" for lib in mod.PRECISION_LIBRARIES.get(prec, ()))])
+        quant_label = None
         if prec in QUANTIZED:  # the recipe and the calibration set are part of what the engine computes
             from sprintrt.engines.quantize import recipe_label
 
@@ -126,14 +128,17 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
 def _source_dtype(comp: str, prec: Precision, mod: BuildBackend, target: dict, record: dict) -> str:
     """Which exported graph `prec` is built from: the typed variant for the backend's typed precisions
     (bf16/fp16 on TensorRT, fp16 on ONNX Runtime, bf16 on OpenVINO where the export has it), the backend's
-    16-bit base for int8/fp8 (TensorRT: the layers not quantized run in it), else the fp32 graph."""
+    16-bit base for int8/fp8 (TensorRT: the layers not quantized run in it) and int8w (OpenVINO on bf16 CPUs,
+    where the export has it), else the fp32 graph."""
     if prec in mod.TYPED_PRECISIONS:
         if prec in mod.VARIANT_OPTIONAL and prec.value not in record.get("variants", {}):
             return "fp32"
         return prec.value
-    if prec in QUANTIZED:
-        base = mod.quantized_base(comp, target)
-        return base.value if base is not None else "fp32"
+    if prec in QUANTIZED or prec == Precision.INT8W:
+        base = mod.quantized_base(comp, target, prec)
+        if base is None or (prec in mod.VARIANT_OPTIONAL and base.value not in record.get("variants", {})):
+            return "fp32"
+        return base.value
     return "fp32"
 
 

@@ -27,6 +27,7 @@ PROVIDER = "CPUExecutionProvider"
 # fp16 engines run the export's typed fp16 variant (ORT's CPU provider runs fp16 graphs; it has no bf16 Conv).
 TYPED_PRECISIONS = frozenset({Precision.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # fp16 needs the typed graph
+PRECISION_LIBRARIES: dict = {}
 
 
 def target() -> dict:
@@ -45,7 +46,7 @@ def default_precisions(versions: Mapping | None = None, target: Mapping | None =
     return {c: Precision.FP32 for c in COMPONENTS}  # the CPU provider has no bf16 kernels
 
 
-def quantized_base(component: str, target: Mapping):
+def quantized_base(component: str, target: Mapping, precision: Precision):
     """None: int8 layers run ORT's int8 kernels and the rest fp32 (its CPU provider has no bf16)."""
     return None
 

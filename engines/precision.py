@@ -5,7 +5,8 @@ What each backend may build per component (ALLOWED) follows what SANA-Sprint is 
 docs say it "must stay in bf16"); the transformer in bf16 or fp16 (its linear-attention matmuls,
 normaliser division and epsilon pinned to fp32); the DC-AE decoder in bf16, fp16 or fp32. ONNX
 Runtime's CPU backend builds fp32, fp16 from the typed variants (not Gemma2) and int8 (Q/DQ) for the
-text encoder, transformer and VAE decoder; OpenVINO fp32, bf16 and the same int8 graphs. Each backend
+text encoder, transformer and VAE decoder; OpenVINO fp32, bf16, the same int8 graphs, and int8w (int8
+weights, NNCF's weight compression, no calibration) for the text encoder and transformer. Each backend
 module's `default_precisions()` picks the defaults for the machine and library version at hand.
 """
 
@@ -24,6 +25,9 @@ class Precision(str, Enum):
     BF16 = "bf16"
     INT8 = "int8"
     FP8 = "fp8"
+    # int8 weights only (per-channel), compute in the backend's float precision: NNCF's weight compression,
+    # as optimum-intel applies to large OpenVINO models by default. Needs no calibration data.
+    INT8W = "int8w"
 
     @classmethod
     def parse(cls, value: "str | Precision") -> "Precision":
@@ -43,8 +47,9 @@ ALLOWED = {
     # fp16: the export's typed fp16 variants (fp32 islands kept)
     "onnxruntime": {TEXT_ENCODER: (P.FP32, P.INT8), TRANSFORMER: (P.FP32, P.FP16, P.INT8),
                     VAE_DECODER: (P.FP32, P.FP16, P.INT8), VAE_ENCODER: (P.FP32, P.FP16)},
-    # bf16: a run-time hint on the fp32 graph; int8: OpenVINO runs the same Q/DQ graph with its int8 kernels
-    "openvino": {TEXT_ENCODER: (P.FP32, P.BF16, P.INT8), TRANSFORMER: (P.FP32, P.BF16, P.INT8),
+    # bf16: a run-time hint (from the bf16 variant where exported); int8: OpenVINO runs the same Q/DQ graph
+    # with its int8 kernels; int8w: weight compression of the matmul layers (the decoder is convolutions)
+    "openvino": {TEXT_ENCODER: (P.FP32, P.BF16, P.INT8, P.INT8W), TRANSFORMER: (P.FP32, P.BF16, P.INT8, P.INT8W),
                  VAE_DECODER: (P.FP32, P.BF16, P.INT8), VAE_ENCODER: (P.FP32, P.BF16)},
     "tensorrt": {
         # int8 / fp8: explicit Q/DQ quantization, strongly typed (fp8 needs compute capability >= 8.9)

@@ -58,6 +58,7 @@ def versions() -> dict:
 # Precisions built from the export's typed (16-bit) variant rather than the fp32 graph.
 TYPED_PRECISIONS = frozenset({Precision.BF16, Precision.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # strongly typed: the precision must be in the graph
+PRECISION_LIBRARIES: dict = {}
 BF16_MIN_COMPUTE_CAPABILITY = (8, 0)  # Ampere and later
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper
 
@@ -70,7 +71,7 @@ def default_precisions(versions: Mapping | None = None, target: Mapping | None =
     return {c: Precision.BF16 for c in COMPONENTS}
 
 
-def quantized_base(component: str, target: Mapping) -> Precision | None:
+def quantized_base(component: str, target: Mapping, precision: Precision) -> Precision | None:
     """int8/fp8 Q/DQ pairs go into the component's default 16-bit variant (bf16; fp16 before Ampere), so
     the layers not quantized run in 16 bit as ModelOpt's recipes deploy them; Gemma2 where it would be
     fp16 (it overflows) keeps an fp32 base."""

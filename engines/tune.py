@@ -18,7 +18,8 @@ winner can differ per network. So:
    the same key reuses the choice without timing anything.
 
 Candidates: ONNX Runtime fp32 / fp16 (typed variant; only on CPUs with fp16 arithmetic) / int8, and
-OpenVINO fp32 / bf16 (only on CPUs with bf16 instructions: elsewhere it is emulated) / int8, for what
+OpenVINO fp32 / bf16 (only on CPUs with bf16 instructions: elsewhere it is emulated) / int8 / int8w
+(int8 weights, no calibration; where NNCF is installed), for what
 each backend builds per component (engines/precision.py) and is installed here. int8 candidates need
 calibration (`calibrate=False` leaves them out) and are left out where calibrating would not fit in
 memory (the real 8 GB text encoder on a 24 GB machine).
@@ -99,6 +100,8 @@ def candidates(component: str, record: dict, target: dict, calibrate: bool,
                 continue  # emulated without AVX512-BF16/AMX: slow
             if p == Precision.FP16 and not machine.cpu_has_fp16(target):
                 continue  # ONNX Runtime converts fp16 to fp32 around every op without fp16 arithmetic
+            if any(machine.library_version(lib) is None for lib in mod.PRECISION_LIBRARIES.get(p, ())):
+                continue  # e.g. int8w without NNCF
             needs_variant = p in mod.TYPED_PRECISIONS and p not in mod.VARIANT_OPTIONAL
             if needs_variant and p.value not in record.get("variants", {}):
                 continue  # not exported (`sprintrt export --dtypes`)
@@ -111,7 +114,7 @@ def tuning_key(component: str, record: dict, cands: list[Candidate], target: dic
                size: int) -> str:
     """Everything that changes the measurement: machine, libraries, source graphs, candidates, calibration,
     size and gate."""
-    libraries = {b: machine.library_version(b) for b in CPU_BACKENDS}
+    libraries = {b: machine.library_version(b) for b in (*CPU_BACKENDS, "nncf")}  # NNCF writes the int8w candidates
     sources = {"fp32": record["sha256"], **{d: v["sha256"] for d, v in record.get("variants", {}).items()}}
     text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, size,
                        TUNE_MIN_COSINE], sort_keys=True)

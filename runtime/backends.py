@@ -60,7 +60,8 @@ class OvEngine(Engine):
 
         ov = ov_build.openvino()
         entry = manifest.components[component]
-        config = ov_build.compile_config(Precision.parse(entry["precision"]), manifest.root / ov_build.CACHE, threads)
+        config = ov_build.compile_config(Precision.parse(entry["precision"]), manifest.root / ov_build.CACHE, threads,
+                                         target=entry["target"])
         try:
             self.compiled = ov.Core().compile_model(str(manifest.component_file(component)), "CPU", config)
         except RuntimeError as e:

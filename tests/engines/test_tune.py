@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sprintrt.engines.tune as T
+from sprintrt import machine
 from sprintrt.defaults import TUNE_MIN_COSINE
 from sprintrt.errors import InvalidInputError
 from sprintrt.export.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
@@ -178,9 +179,21 @@ def test_candidates_follow_the_cpu(onnx_dir):
     epyc = {"kind": "cpu", "arch": "x86_64", "name": "EPYC", "isa": ["avx2", "fma"]}
     xeon = {"kind": "cpu", "arch": "x86_64", "name": "Xeon", "isa": ["avx2", "avx512_bf16", "avx512_fp16"]}
     names = lambda target, cal: [c.name for c in T.candidates(TRANSFORMER, record, target, cal)]  # noqa: E731
-    assert names(epyc, True) == ["onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:int8"]
-    assert names(epyc, False) == ["onnxruntime:fp32", "openvino:fp32"]
-    assert names(xeon, False) == ["onnxruntime:fp32", "onnxruntime:fp16", "openvino:fp32", "openvino:bf16"]
+    int8w = ["openvino:int8w"] if machine.library_version("nncf") else []  # needs no calibration
+    assert names(epyc, True) == ["onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:int8", *int8w]
+    assert names(epyc, False) == ["onnxruntime:fp32", "openvino:fp32", *int8w]
+    assert names(xeon, False) == ["onnxruntime:fp32", "onnxruntime:fp16", "openvino:fp32", "openvino:bf16", *int8w]
+
+
+def test_int8w_is_a_candidate_only_where_nncf_is_installed(onnx_dir, monkeypatch):
+    info = json.loads((onnx_dir / "export_info.json").read_text())["components"]
+    epyc = {"kind": "cpu", "arch": "x86_64", "name": "EPYC", "isa": ["avx2", "fma"]}
+    real = machine.library_version
+    monkeypatch.setattr(machine, "library_version", lambda lib: real(lib) if lib != "nncf" else "3.4.0")
+    assert "openvino:int8w" in [c.name for c in T.candidates(TRANSFORMER, info[TRANSFORMER], epyc, False)]
+    assert "openvino:int8w" not in [c.name for c in T.candidates(VAE_DECODER, info[VAE_DECODER], epyc, False)]
+    monkeypatch.setattr(machine, "library_version", lambda lib: real(lib) if lib != "nncf" else None)
+    assert "openvino:int8w" not in [c.name for c in T.candidates(TRANSFORMER, info[TRANSFORMER], epyc, False)]
 
 
 def test_int8_is_left_out_where_calibration_would_not_fit_in_memory(onnx_dir):
