@@ -58,6 +58,16 @@ def cmd_export(args) -> None:
     print(f"ONNX files written to {out}")
 
 
+def _calibrates(precision: str | None) -> bool:
+    """Whether --precision asks for a calibrated Q/DQ component (int8/fp8); int8w (weights only) needs no calibration."""
+    from sprintrt.engines.precision import QUANTIZED
+
+    if not precision:
+        return False
+    values = [part.partition("=")[2] or part for part in precision.split(",")]
+    return any(v.strip().lower() in {p.value for p in QUANTIZED} for v in values)
+
+
 def cmd_build(args) -> None:
     from sprintrt.engines.backend import auto_backend
     from sprintrt.engines.build import build_engines
@@ -66,7 +76,7 @@ def cmd_build(args) -> None:
     console = _console()
     profile = ProfileOptions(max_batch=args.max_batch, max_sequence_length=args.max_sequence_length,
                              complex_human_instruction=not args.no_chi, static=_parse_static(args.static))
-    quantized = args.precision and any(q in args.precision for q in ("int8", "fp8"))
+    quantized = _calibrates(args.precision)
     tune = args.backend == "auto" and not args.no_tune and not args.precision and auto_backend() != "tensorrt"
     with console.status("building engines") as status:
         if tune:
@@ -312,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{D.DEFAULT_CALIBRATION_SIZE})")
     s.add_argument("--precision", default=None,
                    help="one precision for all (fp32, tf32, bf16, fp16; int8/fp8 quantize every component with a "
-                        "recipe) or per component, e.g. transformer=fp16,vae_decoder=int8; default: the backend's "
+                        "recipe) or per component, e.g. transformer=fp16,vae_decoder=int8 (OpenVINO also "
+                        "text_encoder=int8w: int8 weights, no calibration); default: the backend's "
                         "safe per-component choice")
     s.add_argument("--rebuild", action="store_true", help="rebuild even if an up-to-date engine exists")
     s.add_argument("--max-batch", type=int, default=D.DEFAULT_MAX_BATCH,

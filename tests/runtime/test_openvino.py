@@ -133,3 +133,17 @@ def test_int8w_without_nncf_or_off_openvino_is_a_typed_error_before_any_work(onn
     with pytest.raises(MissingDependencyError, match="pip install nncf"):
         build_engines(onnx_dir, tmp_path / "ov", backend="openvino", precision="transformer=int8w")
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_cli_builds_int8w_without_calibrating(onnx_dir, tmp_path):
+    """`--precision text_encoder=int8w` must not take the calibration path (which "int8" in the text once did):
+    an empty calibration prompt file is never read."""
+    pytest.importorskip("nncf")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = subprocess.run([sys.executable, "-m", "sprintrt.cli", "build", str(onnx_dir), "-o", str(tmp_path / "e"),
+                        "--backend", "openvino", "--precision", "text_encoder=int8w",
+                        "--calibration-prompts", str(empty)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert m["components"]["text_encoder"]["precision"] == "int8w"
