@@ -197,3 +197,24 @@ def test_an_fp16_engine_whose_optimised_graph_outgrows_protobuf_keeps_external_w
     entry = manifest.components["transformer"]
     assert [f["file"] for f in entry["extra_files"]] == [entry["file"] + ".data"]
     load_engine(manifest, "transformer").release()  # the saved graph finds its weights
+
+
+def test_openvino_int8w_compresses_the_bf16_variant_only_on_cpus_with_bf16(bf16_dir, onnx_dir, monkeypatch):
+    """int8w computes in bf16 where the CPU has it, so it compresses the bf16 variant's weights there (half
+    the bytes to read); elsewhere it computes in fp32 from the fp32 graph; an export without the bf16 variant
+    falls back to the fp32 graph."""
+    from sprintrt.engines import ov_build
+    from sprintrt.engines.build import plan_build
+
+    bf16_cpu = {"kind": "cpu", "arch": "x86_64", "name": "Zen 5", "isa": ["avx2", "avx512_bf16"]}
+    avx2_cpu = {"kind": "cpu", "arch": "x86_64", "name": "Zen 3", "isa": ["avx2", "fma"]}
+
+    def source(onnx, target):
+        monkeypatch.setattr(ov_build, "target", lambda: target)
+        (plan,) = plan_build(onnx, bf16_dir.parent / "unused", backend="openvino", precision="transformer=int8w",
+                             components=("transformer",)).components
+        return plan.source_dtype, plan.source.name, ov_build.hint(plan.precision, target)
+
+    assert source(bf16_dir, bf16_cpu) == ("bf16", "transformer.bf16.onnx", "bf16")
+    assert source(bf16_dir, avx2_cpu) == ("fp32", "transformer.onnx", "f32")
+    assert source(onnx_dir, bf16_cpu) == ("fp32", "transformer.onnx", "bf16")  # no bf16 variant exported
