@@ -10,7 +10,8 @@ from sprintrt import machine
 def facts() -> dict:
     return {"cpu": machine.cpu_target(), "python": platform.python_version(), "gpus": machine.gpus(),
             "tensorrt": machine.library_version("tensorrt"), "openvino": machine.library_version("openvino"),
-            "onnxruntime": machine.library_version("onnxruntime"), "onnxruntime_providers": _ort_providers()}
+            "onnxruntime": machine.library_version("onnxruntime"), "onnxruntime_providers": _ort_providers(),
+            "nncf": machine.library_version("nncf")}
 
 
 def _ort_providers() -> list[str]:
@@ -34,7 +35,9 @@ def can_build(f: dict) -> list[str]:
     if f["openvino"]:
         bf16 = "bf16 (this CPU has bf16 instructions; the default)" if machine.cpu_has_bf16(cpu) \
             else "bf16 emulated, slow (no AVX512-BF16/AMX here; fp32 is the default)"
-        lines.append(f"openvino fp32, {bf16}, int8 (the same Q/DQ graphs) (CPU)")
+        int8w = "int8w (int8 weights, NNCF: text encoder, transformer)" if f.get("nncf") \
+            else "int8w needs nncf (pip install nncf)"
+        lines.append(f"openvino fp32, {bf16}, int8 (the same Q/DQ graphs), {int8w} (CPU)")
     if f["gpus"] and f["tensorrt"]:
         gpu = f["gpus"][0]
         cc = tuple(int(x) for x in gpu["compute_capability"].split(".")[:2])

@@ -168,3 +168,5 @@ def test_doctor_reports_this_machine():
     r = subprocess.run([sys.executable, "-m", "sprintrt.cli", "doctor"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
     assert "CPU" in r.stdout and "GPU          none visible" in r.stdout and "can build    onnxruntime fp32" in r.stdout
+    if machine.library_version("openvino"):  # int8w: what NNCF's presence allows
+        assert ("int8w (int8 weights, NNCF" if machine.library_version("nncf") else "int8w needs nncf") in r.stdout
