@@ -112,7 +112,8 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
         fp32_source = check_onnx_file(onnx_dir, comp, record) if prec in QUANTIZED else onnx_dir / record["file"]
         spec = S.SPEC_BUILDERS[comp](model)
         dims = mod.profile(spec, model, profile or ProfileOptions())
-        label = "-".join([prec.value, *(f"{lib}{library_version(lib)}" for lib in mod.PRECISION_LIBRARIES.get(prec, ()))])
+        libraries = mod.PRECISION_LIBRARIES.get(prec, ())  # e.g. int8w: "int8w-nncf3.4.0"
+        label = "-".join([prec.value, *(f"{lib}{library_version(lib)}" for lib in libraries)])
         quant_label = None
         if prec in QUANTIZED:  # the recipe and the calibration set are part of what the engine computes
             from sprintrt.engines.quantize import recipe_label
