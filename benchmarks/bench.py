@@ -585,7 +585,8 @@ def report(doc: dict) -> str:
              f"{', ' + ', '.join(g['name'] for g in m['gpus']) if m['gpus'] else ', no GPU'}); "
              f"{', '.join(f'{k} {v}' for k, v in doc['versions'].items())}.",
              f"Median of {st['runs']} runs after {st['warmup']} warm-up; text length {st['text_length']} "
-             f"({'with' if st['complex_human_instruction'] else 'without'} the complex human instruction); "
+             f"({'with' if st['complex_human_instruction'] else 'without'} the complex human instruction"
+             f"{'; sprintrt runs the text encoder over the prompt after the instruction, whose cached prefix the warm-up computed' if st['complex_human_instruction'] else ''}); "
              f"images compared with {st['reference']}. Created {doc['created']}.", ""]
     for r in doc["results"]:
         lines += [f"## {r['height']}x{r['width']}, batch {r['batch']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}",

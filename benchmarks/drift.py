@@ -75,6 +75,7 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
     for c, tap in taps.items():
         ref_pipe.set_engine(c, tap)
     ref_pipe.trim_padding = False  # record the padded text the candidates' engines are compared on
+    ref_pipe.reuse_instruction_prefix = False  # ... every token of it, the instruction's too
     ref_images = [_generate(ref_pipe, p, s, size, steps, strength) for p, s in cases]
     recorded = {c: tap.calls for c, tap in taps.items()}
     ref_precisions = {c: e["precision"] for c, e in read_manifest(reference).components.items()}

@@ -13,7 +13,8 @@ from sprintrt.defaults import (CALIBRATION_STEPS, DEFAULT_CALIBRATION_COUNT, DEF
                                VAE_CALIBRATION_LATENT_SIDE, VAE_CALIBRATION_SAMPLES,
                                intermediate_timesteps_for)
 from sprintrt.errors import InvalidInputError
-from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, TEXT_TO_IMAGE, TRANSFORMER, VAE_DECODER
+from sprintrt.export.specs import (DEFAULT_COMPLEX_HUMAN_INSTRUCTION, TEXT_ENCODER, TEXT_TO_IMAGE, TRANSFORMER,
+                                   VAE_DECODER)
 from sprintrt.prompts import read_prompts
 
 
@@ -49,6 +50,10 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
         _check_count(count)
         prompts = prompts[:count]
     recorders = {c: Recorder(pipe.engine(c)) for c in components}
+    # A quantized text encoder sees every token of its prompts, the instruction's too, as the pipeline's
+    # first call per instruction does (later calls reuse the instruction's cached prefix).
+    reuse = pipe.reuse_instruction_prefix
+    pipe.reuse_instruction_prefix = TEXT_ENCODER not in components
     for c, recorder in recorders.items():
         pipe.set_engine(c, recorder)
     try:
@@ -63,6 +68,7 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
     finally:
         for c, recorder in recorders.items():
             pipe.set_engine(c, recorder.engine)
+        pipe.reuse_instruction_prefix = reuse
     feeds = {c: recorder.feeds for c, recorder in recorders.items()}
     if VAE_DECODER in feeds:
         feeds[VAE_DECODER] = [{k: _centre_crop(v, VAE_CALIBRATION_LATENT_SIDE) for k, v in f.items()}

@@ -19,7 +19,7 @@ from sprintrt.files import file_mismatch, write_text_atomic
 
 MANIFEST = "manifest.json"
 # 2: every file an engine needs is listed under "extra_files" (format 1 listed OpenVINO's only, as "sidecars").
-FORMAT = 2
+FORMAT = 3  # 3: the text encoder takes a key/value past (export/specs.py text_encoder_spec)
 
 
 def engine_files(entry: dict) -> list[dict]:

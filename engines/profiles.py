@@ -5,7 +5,8 @@ spec's full ranges. TensorRT engines are tuned for a profile, so theirs is as na
 batch 1..max_batch (opt 1); latent sizes spanning every ASPECT_RATIO_1024_BIN entry (and the 512
 bins); the text length of the transformer fixed by max_sequence_length (the pipeline pads to it), the
 text encoder's from one token up to that padded length (the pipeline runs the encoder on the real
-tokens only). A static profile (one batch, one size) is what CUDA graphs need.
+tokens only, after the instruction's cached prefix, whose length is the past's). A static profile
+(one batch, one size) is what CUDA graphs need.
 """
 
 from __future__ import annotations
@@ -43,10 +44,16 @@ TYPICAL_PROMPT_TOKENS = 48
 
 def _text_len_range(model: S.ModelDims, opts: ProfileOptions) -> tuple[int, int, int]:
     """The text encoder sees the padded length at most, and as little as one token: the pipeline runs it
-    on the real tokens only (the padding cannot change the images), so the length varies per call."""
+    on the real tokens only (the padding cannot change the images), after the instruction's cached prefix,
+    so the length varies per call and is typically a prompt's own tokens."""
     longest = text_length(model, opts)
+    return 1, min(longest, TYPICAL_PROMPT_TOKENS), longest
+
+
+def _past_len_range(model: S.ModelDims, opts: ProfileOptions) -> tuple[int, int, int]:
+    """One masked slot without an instruction; its tokens (the cached prefix) with one."""
     chi = model.chi_tokens if opts.complex_human_instruction else 0
-    return 1, min(longest, chi + TYPICAL_PROMPT_TOKENS), longest
+    return 1, max(chi, 1), max(chi, 1)
 
 
 def full_profile(spec: S.ComponentSpec) -> dict[str, dict]:
@@ -65,7 +72,7 @@ def tensorrt_profile(spec: S.ComponentSpec, model: S.ModelDims, opts: ProfileOpt
     lo, hi = bin_latent_range(model, opts.resolutions)
     opt = 1024 // model.vae_scale_factor  # the pipeline's default 1024 x 1024
     ranges = {"batch": (1, 1, opts.max_batch), "latent_height": (lo, opt, hi), "latent_width": (lo, opt, hi),
-              "text_len": _text_len_range(model, opts), "text_seq": (opts.max_sequence_length,) * 3}
+              "text_len": _text_len_range(model, opts), "past_len": _past_len_range(model, opts), "text_seq": (opts.max_sequence_length,) * 3}
     if opts.static is not None:
         batch, height, width = opts.static
         f = model.vae_scale_factor

@@ -133,6 +133,8 @@ def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, S.
         vocab_size=int(te["vocab_size"]), text_hidden=int(te["hidden_size"]),
         latent_channels=int(tr.get("in_channels", 32)), vae_scale_factor=vae_scale_factor,
         text_len_max=max(tokenized_length(MAX_SEQUENCE_LENGTH_LIMIT, n_chi), MAX_SEQUENCE_LENGTH_LIMIT),
+        text_layers=int(te["num_hidden_layers"]), text_kv_heads=int(te["num_key_value_heads"]),
+        text_head_dim=int(te.get("head_dim") or te["hidden_size"] // te["num_attention_heads"]),
         chi_tokens=n_chi)
     constants = S.PipelineConstants(
         sigma_data=float(sched.get("sigma_data", 0.5)),

@@ -254,6 +254,10 @@ class ModelDims:
     latent_channels: int
     vae_scale_factor: int  # pixels per latent: 2 ** (VAE stages - 1), as SanaSprintPipeline computes it
     text_len_max: int  # longest tokenized text: tokenized_length(MAX_SEQUENCE_LENGTH_LIMIT, chi_tokens)
+    # Gemma2's key/value cache layout [layers, 2, batch, kv_heads, positions, head_dim] (text_encoder_spec)
+    text_layers: int
+    text_kv_heads: int
+    text_head_dim: int
     chi_tokens: int = 0  # tokens of the default complex human instruction, <bos> included
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     max_batch: int = 8
@@ -290,17 +294,30 @@ def _latent(m: ModelDims, name: str, sample: int, probes: tuple[int, ...]) -> Di
 
 
 def text_encoder_spec(m: ModelDims) -> ComponentSpec:
+    """Gemma2 over new tokens after cached ones (the instruction prefix, see runtime/text_prefix.py).
+
+    past_key_values holds the keys and values of `past_len` earlier positions, past_attention_mask says
+    which of them are real (1) or placeholders (0: a masked slot stands for "no prefix", the graph has no
+    empty axis). The new tokens' positions continue after the real past ones. present_key_values are the
+    new tokens' keys and values, to be passed as the past of a later call.
+    """
     seq = Dim("text_len", 1, min(DEFAULT_MAX_SEQUENCE_LENGTH, m.text_len_max), m.text_len_max, sample=16,
               probes=(7, 37))
+    past = Dim("past_len", 1, max(m.chi_tokens, 1), m.text_len_max, sample=5, probes=(3, 11))
     b = _batch(m)
+    kv = (m.text_layers, 2, b)
     return ComponentSpec(
         TEXT_ENCODER,
         inputs=(
             TensorSpec("input_ids", "int64", (b, seq), values="token_ids", high=m.vocab_size),
             TensorSpec("attention_mask", "int64", (b, seq), values="padding_mask"),
+            TensorSpec("past_key_values", "float32", kv + (m.text_kv_heads, past, m.text_head_dim)),
+            TensorSpec("past_attention_mask", "int64", (b, past), values="padding_mask"),
         ),
-        outputs=(TensorSpec("last_hidden_state", "float32", (b, seq, m.text_hidden)),),
-        notes="Gemma2Model decoder, eager attention (keeps logit soft-capping); output is after the final RMSNorm.",
+        outputs=(TensorSpec("last_hidden_state", "float32", (b, seq, m.text_hidden)),
+                 TensorSpec("present_key_values", "float32", kv + (m.text_kv_heads, seq, m.text_head_dim))),
+        notes="Gemma2Model decoder with a key/value past, eager attention (keeps logit soft-capping); "
+              "last_hidden_state is after the final RMSNorm.",
     )
 
 

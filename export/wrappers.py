@@ -43,19 +43,38 @@ class BroadcastMaskSanaAttnProcessor:
 
 
 class TextEncoderWrapper(nn.Module):
-    """Gemma2Model(input_ids, attention_mask) -> last_hidden_state (after the final RMSNorm).
+    """Gemma2Model(input_ids, attention_mask, past) -> (last_hidden_state, the new tokens' keys/values).
 
-    Inside the graph: embedding x sqrt(hidden), causal + key-padding mask, eager attention with logit
-    soft-capping, final RMSNorm. No KV cache. The select_index slicing stays on the host.
+    Inside the graph: embedding x sqrt(hidden), causal + key-padding mask over past and new positions,
+    eager attention with logit soft-capping, final RMSNorm. The past arrives as one tensor
+    [layers, 2, batch, kv_heads, past_len, head_dim] (see specs.text_encoder_spec), is loaded into a
+    transformers DynamicCache, and the new positions are numbered after the real past ones, so a run
+    after a cached prefix computes what one run over prefix + new tokens computes. The select_index
+    slicing stays on the host.
     """
 
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids, attention_mask):
-        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
-        return (out.last_hidden_state,)
+    def forward(self, input_ids, attention_mask, past_key_values, past_attention_mask):
+        from transformers.cache_utils import DynamicCache
+
+        config = self.text_encoder.config
+        # Full-length layers for every layer: the sliding-window layers' own cache (DynamicCache(config=...))
+        # trims itself to 4095 positions, which the exporter turns into a static 4095 axis. No text here comes
+        # near the window, and the attention masks still apply it (they read config.sliding_window).
+        cache = DynamicCache()
+        for layer in range(config.num_hidden_layers):
+            cache.update(past_key_values[layer, 0], past_key_values[layer, 1], layer)
+        new = input_ids.shape[1]
+        positions = past_attention_mask.sum(dim=1, keepdim=True) + torch.arange(new, device=input_ids.device)
+        out = self.text_encoder(input_ids=input_ids, attention_mask=torch.cat([past_attention_mask, attention_mask], 1),
+                                position_ids=positions, past_key_values=cache, use_cache=True, return_dict=True)
+        # Each layer's cache now ends with the new positions' keys and values.
+        present = torch.stack([torch.stack([cache.layers[i].keys[:, :, -new:], cache.layers[i].values[:, :, -new:]])
+                               for i in range(config.num_hidden_layers)])
+        return out.last_hidden_state, present
 
 
 class TransformerWrapper(nn.Module):

@@ -29,6 +29,7 @@ from sprintrt.runtime.noise import noise_source
 from sprintrt.runtime.prompt import PromptTokenizer, preprocess, select_index
 from sprintrt.runtime.prompt_cache import PromptEmbeddingCache
 from sprintrt.runtime.scheduler import SCMScheduler
+from sprintrt.runtime.text_prefix import TextEncoderRunner
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # Stages timed once per step: their timings are a list, one entry per step.
@@ -91,10 +92,15 @@ class SprintPipeline:
         self.limits = {c: profile_limits(manifest, c) for c in engines}
         # Run the text encoder on the real tokens only (see _run_text_encoder); False feeds it the padding too.
         self.trim_padding = True
+        # Compute the complex human instruction's text-encoder work once and reuse it for every prompt
+        # (runtime/text_prefix.py); False runs the encoder over every token of every prompt.
+        self.reuse_instruction_prefix = True
         self.prompt_cache: PromptEmbeddingCache | None = None  # opt-in: from_engines(prompt_cache=...)
         self.vae_slicing = False
         self.vae_tiling: V.Tiling | None = None
         te = manifest.components.get(S.TEXT_ENCODER, {})
+        self._text_runner = (TextEncoderRunner(self.model_dims, self.limits[S.TEXT_ENCODER])
+                             if S.TEXT_ENCODER in self.limits else None)
         self._encoder_id = f"{te.get('key', '')}:{te.get('sha256', '')}"
 
     @classmethod
@@ -144,6 +150,8 @@ class SprintPipeline:
         """Replace the engine of a loaded component, e.g. by a wrapper that records its calls."""
         self.engine(component)
         setattr(self, component, engine)
+        if component == S.TEXT_ENCODER and self._text_runner is not None:
+            self._text_runner.clear()  # a prefix is cached per engine
 
     # ---- VAE memory switches (diffusers: pipe.vae.enable_slicing() / enable_tiling()) ---------------
     def enable_vae_slicing(self) -> None:
@@ -293,7 +301,7 @@ class SprintPipeline:
             with clock("tokenize"):
                 ids, mask = self.tokenizer(prompts, max_sequence_length, chi)
             with clock("text_encoder"):
-                hidden = self._encode_tokens(ids, mask)
+                hidden = self._encode_tokens(ids, mask, chi)
             index = select_index(max_sequence_length)
             embeds, mask = hidden[:, index], mask[:, index]
         embeds = np.repeat(embeds, num_images_per_prompt, axis=0) if num_images_per_prompt > 1 else embeds
@@ -312,16 +320,16 @@ class SprintPipeline:
                           "lower max_sequence_length or rebuild the engines with a longer text profile")
         return prompts, chi
 
-    def _encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _encode_tokens(self, ids: np.ndarray, mask: np.ndarray, chi: str | None) -> np.ndarray:
         """Gemma2 hidden states [B, L, D] of right-padded tokens, through the prompt cache if there is one."""
         cache = self.prompt_cache
         if cache is None:
-            return self._run_text_encoder(ids, mask)
+            return self._run_text_encoder(ids, mask, chi)
         keys = [cache.key(self._encoder_id, ids[r], mask[r]) for r in range(len(ids))]
         rows = [cache.get(k) for k in keys]
         missing = [r for r, row in enumerate(rows) if row is None]
         if missing:
-            hidden = self._run_text_encoder(ids[missing], mask[missing])
+            hidden = self._run_text_encoder(ids[missing], mask[missing], chi)
             for i, r in enumerate(missing):
                 rows[r] = hidden[i, :int(mask[r].sum())]  # the real tokens; the rest is never read
                 cache.put(keys[r], rows[r])
@@ -330,13 +338,14 @@ class SprintPipeline:
             full[r, :len(row)] = row
         return full
 
-    def _run_text_encoder(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run_text_encoder(self, ids: np.ndarray, mask: np.ndarray, chi: str | None) -> np.ndarray:
         """Gemma2 hidden states [B, L, D] of right-padded tokens.
 
         With trim_padding (the default) the encoder runs only up to the longest real row, and the
         padded tail is zeros instead of Gemma's hidden states of <pad>. The images do not change:
         Gemma2 is causal, so no real token sees the padding, and the transformer reads text only
         through cross-attention, where padded keys get a -10000 bias, i.e. softmax weight exactly 0.
+        With reuse_instruction_prefix the instruction's positions come from its cached prefix.
         """
         length = ids.shape[1]
         if self.trim_padding:
@@ -344,7 +353,10 @@ class SprintPipeline:
             n = min(max(used, self.limits[S.TEXT_ENCODER]["text_len"].min), length)
         else:
             n = length
-        hidden = self.text_encoder(input_ids=ids[:, :n], attention_mask=mask[:, :n])["last_hidden_state"]
+        prefix = None
+        if chi and self.reuse_instruction_prefix:
+            prefix = self._text_runner.prefix(self.text_encoder, self.tokenizer.instruction_ids(chi))
+        hidden = self._text_runner.encode(self.text_encoder, ids[:, :n], mask[:, :n], prefix)
         if n == length:
             return hidden
         full = np.zeros((ids.shape[0], length, hidden.shape[2]), dtype=hidden.dtype)

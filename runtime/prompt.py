@@ -67,6 +67,11 @@ class PromptTokenizer:
             self._chi_len[text] = len(self._tok.encode(text, add_special_tokens=True).ids)
         return self._chi_len[text]
 
+    def instruction_ids(self, chi: str) -> np.ndarray:
+        """The token ids an instruction alone tokenizes to (<bos> first), unpadded: the prefix every
+        prompt's tokens start with (up to a merge at the boundary, see runtime/text_prefix.py)."""
+        return np.array(self._tok.encode(chi, add_special_tokens=True).ids, dtype=np.int64)
+
     def text_length(self, max_sequence_length: int, chi: str | None) -> int:
         return tokenized_length(max_sequence_length, self.count(chi) if chi else None)
 

@@ -13,6 +13,7 @@ from sprintrt.errors import InvalidInputError
 from sprintrt.export import specs as S
 
 MODEL = S.ModelDims(vocab_size=1024, text_hidden=2304, latent_channels=32, vae_scale_factor=32, text_len_max=624,
+                    text_layers=26, text_kv_heads=4, text_head_dim=256,
                     chi_tokens=114)
 
 

@@ -37,16 +37,28 @@ def _ort(onnx_dir, name):
 
 
 def test_text_encoder_matches_gemma2(onnx_dir, reference_pipe):
-    """Against Gemma2Model itself, on real tokenized prompts of two batch sizes and lengths."""
-    tok = reference_pipe.tokenizer
-    for prompts, length in ((["a cat"], 9), (["a red fox in snow", "a lighthouse", "x"], 23)):
+    """Against Gemma2Model itself, on real tokenized prompts of two batch sizes and lengths: one run without a
+    past, and the same tokens split in two runs (the first's present_key_values as the second's past). Over the
+    real tokens: a padded position whose every key is masked (left padding) averages over the past's masked
+    placeholder slot too; nothing reads those positions."""
+    from sprintrt.runtime.text_prefix import no_past
+
+    dims = S.ModelDims.from_json(json.loads((onnx_dir / S.EXPORT_INFO).read_text())["model_dims"])
+    sess, tok = _ort(onnx_dir, "text_encoder"), reference_pipe.tokenizer
+    for prompts, length, split in ((["a cat"], 9, 2), (["a red fox in snow", "a lighthouse", "x"], 23, 4)):
         enc = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
         ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        out = _ort(onnx_dir, "text_encoder").run(None, {"input_ids": ids, "attention_mask": mask})[0]
         with torch.no_grad():
             ref = reference_pipe.text_encoder(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0].numpy()
+        real, bound = mask.astype(bool), FP32.atol * max(1.0, np.abs(ref).max())
+        out = sess.run(None, {"input_ids": ids, "attention_mask": mask, **no_past(dims, len(ids))})[0]
         assert out.shape == ref.shape
-        assert np.abs(out - ref).max() <= FP32.atol * max(1.0, np.abs(ref).max())
+        assert np.abs(out - ref)[real].max() <= bound
+        head, present = sess.run(None, {"input_ids": ids[:, :split], "attention_mask": mask[:, :split],
+                                        **no_past(dims, len(ids))})
+        tail = sess.run(None, {"input_ids": ids[:, split:], "attention_mask": mask[:, split:],
+                               "past_key_values": present, "past_attention_mask": mask[:, :split]})[0]
+        assert np.abs(np.concatenate([head, tail], 1) - ref)[real].max() <= bound
 
 
 def test_transformer_matches_diffusers_with_its_own_attention(onnx_dir, reference_pipe, tiny_checkpoint):

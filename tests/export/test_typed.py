@@ -158,7 +158,9 @@ def test_openvino_bf16_builds_from_the_bf16_variant_with_half_the_weights(bf16_d
     and its text encoder stays as close to the fp32 engine as the bf16 hint on the fp32 graph does."""
     from sprintrt.engines.build import build_engines
     from sprintrt.engines.manifest import read_manifest
+    from sprintrt.export import specs as S
     from sprintrt.runtime.backends import load_engine
+    from sprintrt.runtime.text_prefix import no_past
 
     comps = ("text_encoder",)
     dirs = {"ov-bf16": build_engines(bf16_dir, tmp_path / "b", backend="openvino", precision="bf16", components=comps),
@@ -173,8 +175,9 @@ def test_openvino_bf16_builds_from_the_bf16_variant_with_half_the_weights(bf16_d
     assert 0.4 < bin_bytes["ov-bf16"] / bin_bytes["ov-fp32"] < 0.6, bin_bytes
     ids = np.random.RandomState(0).randint(0, 200, size=(2, 11)).astype(np.int64)
     mask = np.ones_like(ids)
-    ref, ours = (load_engine(manifests[k], "text_encoder")(input_ids=ids, attention_mask=mask)["last_hidden_state"]
-                 for k in ("ort-fp32", "ov-bf16"))
+    past = no_past(S.ModelDims.from_json(manifests["ort-fp32"].data["model_dims"]), len(ids))
+    ref, ours = (load_engine(manifests[k], "text_encoder")(input_ids=ids, attention_mask=mask, **past)
+                 ["last_hidden_state"] for k in ("ort-fp32", "ov-bf16"))
     agreement = cosine(ours, ref)
     assert np.abs(ours - ref).max() > 0 and agreement > 0.999, agreement  # measured 0.99998 (tiny)
 

@@ -119,10 +119,12 @@ def test_timings_cover_every_stage(sprint_pipe):
 def test_trimmed_text_padding_gives_diffusers_images(trim, reference_pipe, sprint_pipe, monkeypatch, engine_spy):
     """The encoder runs on the real tokens only (trim) or on the full padded text; both give diffusers'
     images (TOL), and trimming really shortens the encoder's input: 2 prompts of different lengths
-    run at the longer one's token count."""
+    run at the longer one's token count (the instruction's prefix reuse is off here:
+    tests/runtime/test_text_prefix.py covers it)."""
     recorder = engine_spy(sprint_pipe.text_encoder, "input_ids")
     monkeypatch.setattr(sprint_pipe, "text_encoder", recorder)
     monkeypatch.setattr(sprint_pipe, "trim_padding", trim)
+    monkeypatch.setattr(sprint_pipe, "reuse_instruction_prefix", False)
     prompts = ["a koi pond", "a steaming cup of coffee next to an open notebook on a wooden desk"]
     kw = dict(prompt=prompts, num_inference_steps=2, height=128, width=128, use_resolution_binning=False)
     ref, ours = _run_both(reference_pipe, sprint_pipe, **kw)
