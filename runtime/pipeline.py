@@ -309,6 +309,13 @@ class SprintPipeline:
         mask = np.tile(mask, (num_images_per_prompt, 1))
         return embeds, mask
 
+    def cache_instruction(self, complex_human_instruction=S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION) -> None:
+        """Run the instruction through the text encoder now, which the first prompt with it would otherwise
+        do (a server calls this before it reports ready, so no request pays for it)."""
+        if self.text_encoder is not None and complex_human_instruction and self.reuse_instruction_prefix:
+            chi = "\n".join(complex_human_instruction)
+            self._text_runner.prefix(self.text_encoder, self.tokenizer.instruction_ids(chi))
+
     def _tokenized_prompts(self, prompt, max_sequence_length, complex_human_instruction) -> tuple[list[str], str | None]:
         """The preprocessed prompts and the instruction text, once the tokenized length fits the engines."""
         prompts = preprocess(prompt)

@@ -83,6 +83,7 @@ class Server:
 
         self.options = options
         self.pipe = SprintPipeline.from_engines(options.engine_dir, threads=options.threads)
+        self.pipe.cache_instruction()  # the default instruction's text-encoder prefix, before the first request
         engine_batch = self.pipe.limits["transformer"]["batch"].max
         self.max_images = min(options.max_batch, engine_batch)
         self.metrics = Metrics()

@@ -94,3 +94,16 @@ def test_reuse_can_be_switched_off(sprint_pipe, monkeypatch, engine_spy):
     ids, mask = sprint_pipe.tokenizer(["a koi pond"], 300, CHI)
     sprint_pipe._encode_tokens(ids, mask, CHI)
     assert spy.shapes == [(1, int(mask.sum()))]
+
+
+def test_cache_instruction_runs_it_ahead_of_the_first_prompt(sprint_pipe, engine_spy):
+    spy = engine_spy(sprint_pipe.text_encoder, "input_ids")
+    sprint_pipe.set_engine("text_encoder", spy)
+    try:
+        sprint_pipe.cache_instruction()
+        instruction = len(sprint_pipe.tokenizer.instruction_ids(CHI))
+        assert spy.shapes == [(1, instruction)]
+        sprint_pipe.encode_prompt("an owl", complex_human_instruction=list(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
+        assert len(spy.shapes) == 2 and spy.shapes[1][1] < 10
+    finally:
+        sprint_pipe.set_engine("text_encoder", spy.engine)
