@@ -72,7 +72,8 @@ def tensorrt_profile(spec: S.ComponentSpec, model: S.ModelDims, opts: ProfileOpt
     lo, hi = bin_latent_range(model, opts.resolutions)
     opt = 1024 // model.vae_scale_factor  # the pipeline's default 1024 x 1024
     ranges = {"batch": (1, 1, opts.max_batch), "latent_height": (lo, opt, hi), "latent_width": (lo, opt, hi),
-              "text_len": _text_len_range(model, opts), "past_len": _past_len_range(model, opts), "text_seq": (opts.max_sequence_length,) * 3}
+              "text_len": _text_len_range(model, opts), "past_len": _past_len_range(model, opts),
+              "text_seq": (opts.max_sequence_length,) * 3}
     if opts.static is not None:
         batch, height, width = opts.static
         f = model.vae_scale_factor

@@ -59,18 +59,24 @@ class PromptTokenizer:
         self.pad_id = self._tok.token_to_id(self.pad_token)
         self._tok.no_padding()
         self._tok.no_truncation()
-        self._chi_len: dict[str, int] = {}
+        self._instructions: dict[str, np.ndarray] = {}
 
     def count(self, text: str) -> int:
         """len(tokenizer.encode(text)) with special tokens, untruncated (how diffusers counts the CHI)."""
-        if text not in self._chi_len:
-            self._chi_len[text] = len(self._tok.encode(text, add_special_tokens=True).ids)
-        return self._chi_len[text]
+        return len(self.instruction_ids(text))
 
     def instruction_ids(self, chi: str) -> np.ndarray:
-        """The token ids an instruction alone tokenizes to (<bos> first), unpadded: the prefix every
-        prompt's tokens start with (up to a merge at the boundary, see runtime/text_prefix.py)."""
-        return np.array(self._tok.encode(chi, add_special_tokens=True).ids, dtype=np.int64)
+        """The token ids an instruction alone tokenizes to (<bos> first), unpadded, kept per instruction:
+        the prefix every prompt's tokens start with (up to a merge at the boundary, see
+        runtime/text_prefix.py)."""
+        ids = self._instructions.get(chi)
+        if ids is None:
+            ids = np.array(self._tok.encode(chi, add_special_tokens=True).ids, dtype=np.int64)
+            ids.setflags(write=False)
+            if len(self._instructions) >= 64:  # requests may each bring their own instruction: stay bounded
+                self._instructions.pop(next(iter(self._instructions)))
+            self._instructions[chi] = ids
+        return ids
 
     def text_length(self, max_sequence_length: int, chi: str | None) -> int:
         return tokenized_length(max_sequence_length, self.count(chi) if chi else None)
