@@ -362,6 +362,10 @@ def test_vae_calibration_uses_capped_centre_crops(engine_dir):
     prompts = read_prompts(None)[:VAE_CALIBRATION_SAMPLES]  # x 2 schedules: more calls than the cap
     feeds = record_calibration(pipe, ("text_encoder", "vae_decoder"), prompts, 512, 384, steps=(1, 2))
     assert len(feeds["text_encoder"]) == len(prompts)
+    # The text encoder is calibrated on every token, the instruction's too (no cached prefix as its past),
+    # and the pipeline reuses the prefix again afterwards.
+    assert not any(f["past_attention_mask"].any() for f in feeds["text_encoder"])
+    assert pipe.reuse_instruction_prefix
     assert len(feeds["vae_decoder"]) == VAE_CALIBRATION_SAMPLES
     side = VAE_CALIBRATION_LATENT_SIDE
     assert {f["latent"].shape for f in feeds["vae_decoder"]} == {(1, 32, side, side)}  # 16 x 12 latents, cropped
