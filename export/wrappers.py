@@ -140,6 +140,67 @@ def channels_first_rms_norms(module: nn.Module) -> int:
     return len(targets)
 
 
+# Which 3x3 taps (columns) each 2x2 tap (rows) sums, for output phase 0 and 1 of nearest x2 then a 3x3 conv:
+# high-res row 2i reads low-res rows i-1, i, i (taps 0 | 1+2); row 2i+1 reads i, i, i+1 (taps 0+1 | 2).
+_PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+class SubPixelUpBlock(nn.Module):
+    """diffusers' DCUpBlock2d(interpolate=True, mode "nearest") as one 2x2 convolution of the low-res input.
+
+    Nearest x2 followed by a 3x3 convolution reads each low-res pixel several times, so each of the
+    four output phases (row parity a, column parity b) is a 2x2 convolution of the low-res input
+    whose taps are sums of the 3x3 taps (_PHASE_TAPS). The shortcut (input channels repeated, then
+    pixel-shuffled) is one more tap of weight 1 on the pixel it copies. One Conv with padding 1
+    computes all four phases as 4·out channels; pixel_shuffle interleaves them. Phase 0 reads conv
+    row i and phase 1 conv row i+1, so phase 1 goes in pixel_shuffle's slot 0 and phase 0 in slot 1:
+    the shuffled image is then the output shifted by one pixel, and a crop finishes it.
+
+    The same numbers (fp32: within ~1e-6 of diffusers) with 4/9 of the convolution's multiply-adds
+    and no Resize, repeat or add. Measured on the real 0.6B decoder at 512² in OpenVINO bf16 (AMD
+    EPYC Zen 5, 2 cores): 2.84 s → 2.44-2.51 s per image. Kernels are summed in float64, then stored
+    in the block's dtype.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        conv = block.conv
+        out_channels, in_channels = conv.weight.shape[:2]
+        taps = torch.tensor(_PHASE_TAPS, dtype=torch.float64)
+        # kernel[a, b, o, i, t, s]: phase (a, b)'s 2x2 kernel from output channel o to input channel i
+        kernel = torch.einsum("atk,oikl,bsl->aboits", taps, conv.weight.detach().double(), taps)
+        if block.shortcut:
+            # Output channel o, phase (a, b) copies input channel (4o + 2a + b) // repeats at low-res pixel
+            # (i, j): the tap (1 - a, 1 - b) of its kernel (phase 0 reads rows i-1, i; phase 1 rows i, i+1).
+            o = torch.arange(out_channels)
+            for a in (0, 1):
+                for b in (0, 1):
+                    kernel[a, b, o, (4 * o + 2 * a + b) // block.repeats, 1 - a, 1 - b] += 1.0
+        # pixel_shuffle's channel order is o·4 + 2·slot_a + slot_b, with slot = 1 - phase.
+        kernel = kernel.flip(0, 1).permute(2, 0, 1, 3, 4, 5).reshape(4 * out_channels, in_channels, 2, 2)
+        self.conv = nn.Conv2d(in_channels, 4 * out_channels, 2, 1, 1, bias=conv.bias is not None,
+                              device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            self.conv.weight.copy_(kernel)
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias.detach().repeat_interleave(4))
+
+    def forward(self, x):
+        height, width = x.shape[2], x.shape[3]
+        return F.pixel_shuffle(self.conv(x), 2)[:, :, 1:2 * height + 1, 1:2 * width + 1]
+
+
+def sub_pixel_upsampling(module: nn.Module) -> int:
+    """Replace every nearest-interpolating DCUpBlock2d under `module` by SubPixelUpBlock. Returns the count."""
+    from diffusers.models.autoencoders.autoencoder_dc import DCUpBlock2d
+
+    targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+               if isinstance(child, DCUpBlock2d) and child.interpolate and child.interpolation_mode == "nearest"]
+    for parent, name, child in targets:
+        setattr(parent, name, SubPixelUpBlock(child))
+    return len(targets)
+
+
 class VaeDecoderWrapper(nn.Module):
     """AutoencoderDC.decode(latent) -> sample. The caller divides by scaling_factor first."""
 
@@ -147,6 +208,7 @@ class VaeDecoderWrapper(nn.Module):
         super().__init__()
         self.vae = vae
         channels_first_rms_norms(vae.decoder)
+        sub_pixel_upsampling(vae.decoder)
 
     def forward(self, latent):
         return (self.vae.decode(latent, return_dict=False)[0],)
