@@ -397,7 +397,7 @@ def _optimum_entries(ckpt: Path, shapes: list, config: BenchConfig, chi) -> list
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 how = (f"was killed by signal {-r.returncode} (9: most likely out of memory; optimum-intel's exporter "
-                       "holds the whole pipeline in fp32)" if r.returncode < 0 else f"exited with {r.returncode}")
+                       "holds the whole pipeline and its traced graphs: more than 24 GB at the real 0.6B size)" if r.returncode < 0 else f"exited with {r.returncode}")
                 raise RuntimeError(f"the {OPTIMUM} baseline {how}: {' '.join(cmd[:2])}\n{r.stderr.strip()[-1500:]}")
             res = json.loads(r.stdout.strip().splitlines()[-1])
             image = np.load(image_path)
