@@ -34,7 +34,7 @@ from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt.files import sha256_file, write_text_atomic
 from sprintrt.export import specs as S
 from sprintrt.export.graph_passes import (cancel_transpose_pairs, cast_expanded_constants, castlike_constants,
-                                          module_scopes, prune_unused,
+                                          fold_weight_transposes, module_scopes, prune_unused,
                                           restore_module_scopes, sequences_to_split, typed_list_constants)
 
 OPSET = 18
@@ -203,8 +203,9 @@ def trace_to_onnx(module, spec: S.ComponentSpec):
 def trace_to_onnx_file(module, spec: S.ComponentSpec, path: Path) -> None:
     """Large models: the exporter streams the weights straight from the torch tensors into
     `<path>.data`; the graph passes then run on the graph alone. No protobuf copy of the weights is
-    ever made, and no constant folding (it would load every weight again): shape subgraphs stay,
-    which ONNX Runtime, OpenVINO and TensorRT fold themselves."""
+    ever made, and no general constant folding (it would load every weight again): shape subgraphs
+    stay, which ONNX Runtime, OpenVINO and TensorRT fold themselves; the weights' Transposes are folded
+    one tensor at a time (fold_weight_transposes)."""
     import onnx
 
     program = _trace(module, spec)
@@ -213,6 +214,7 @@ def trace_to_onnx_file(module, spec: S.ComponentSpec, path: Path) -> None:
     gc.collect()
     proto = onnx.load(str(path), load_external_data=False)
     finish_graph(proto, fold=False)
+    fold_weight_transposes(proto, path.parent)  # rewrites those weights inside <path>.data
     onnx.save_model(proto, str(path))  # the initializers still point into <path>.data
 
 

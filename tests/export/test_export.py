@@ -137,15 +137,27 @@ def test_model_facts_agree_with_the_loaded_pipeline(tiny_checkpoint, reference_p
     assert constants.guidance_embeds_scale == reference_pipe.transformer.config.guidance_embeds_scale
 
 
-def test_large_model_path_streams_weights_to_external_data(tiny_checkpoint, tmp_path, monkeypatch):
-    """Models over 2 GB (Gemma2-2B, the 1.6B transformer) take the streaming path; force it on the
-    tiny transformer and check the result is as valid as the in-memory path's."""
+def test_large_model_path_streams_weights_to_external_data(tiny_checkpoint, onnx_dir, tmp_path, monkeypatch):
+    """Models over 2 GB (Gemma2-2B, the 0.6B and 1.6B transformers) take the streaming path; force it on
+    the tiny text encoder and transformer and check the result is as valid as the in-memory path's, with
+    the same weight layers visible to the int8 recipes (before the weights' Transposes were folded, the
+    real models' linear layers were all hidden behind them)."""
+    import onnx
+
     import sprintrt.export.onnx_export as E  # noqa: F401 (its `files` module holds the threshold)
+    from sprintrt.engines.quantize import quantizable_nodes
     from sprintrt.export.trt_lint import lint
 
     monkeypatch.setattr(E.files, "EXTERNAL_DATA_BYTES", 0)
-    out = export_model(tiny_checkpoint, tmp_path / "onnx", components=("transformer",))
-    rec = json.loads((out / "export_info.json").read_text())["components"]["transformer"]
+    out = export_model(tiny_checkpoint, tmp_path / "onnx", components=("text_encoder", "transformer"))
+    info = json.loads((out / "export_info.json").read_text())["components"]
+    for comp in ("text_encoder", "transformer"):
+        graph = onnx.load(str(out / f"{comp}.onnx"), load_external_data=False)
+        weights = {i.name for i in graph.graph.initializer}
+        assert not [n.name for n in graph.graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+        assert len(quantizable_nodes(graph, comp)[0]) == len(quantizable_nodes(onnx_dir / f"{comp}.onnx", comp)[0]) > 0
+        assert all(r["cosine"] >= FP32.min_cosine for r in info[comp]["validation"])  # the folded weights are right
+    rec = info["transformer"]
     assert rec["external_data"]["file"] == "transformer.onnx.data" and (out / "transformer.onnx.data").is_file()
     assert len(rec["validation"]) >= 2 and all(r["cosine"] >= FP32.min_cosine for r in rec["validation"])
     assert rec["trt_lint"] == [] and lint(out / "transformer.onnx") == []
