@@ -123,11 +123,25 @@ def lazy_calibration(onnx_dir: str | Path, engines: Path, components, prompts: l
                 finally:
                     if not reuse:
                         shutil.rmtree(engines, ignore_errors=True)
+                    _return_freed_memory()
             say(f"quantizing {component}")
             return recorded[component]
         return feeds
 
     return feeds_of
+
+
+def _return_freed_memory() -> None:
+    """Give the heap pages the calibration engines freed back to the OS before quantizing: glibc keeps
+    them otherwise (measured with the real 0.6B engines: 5.4 GB still resident after they were released)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,

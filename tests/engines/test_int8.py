@@ -369,3 +369,27 @@ def test_vae_calibration_uses_capped_centre_crops(engine_dir):
     assert len(feeds["vae_decoder"]) == VAE_CALIBRATION_SAMPLES
     side = VAE_CALIBRATION_LATENT_SIDE
     assert {f["latent"].shape for f in feeds["vae_decoder"]} == {(1, 32, side, side)}  # 16 x 12 latents, cropped
+
+
+def test_a_graph_without_visible_weight_layers_is_refused(onnx_dir, tmp_path):
+    """ONNX Runtime reads an empty nodes_to_quantize as "quantize every node": a graph whose weights all
+    sit behind Transposes (the real-size exports before the Transposes were folded) must be refused,
+    not quantized wholesale."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(onnx_dir / "text_encoder.onnx"))
+    weights = {i.name for i in graph.graph.initializer}
+    nodes = []
+    for n in graph.graph.node:  # hide every weight behind an Identity, as Transposes hid them
+        if n.op_type == "MatMul" and n.input[1] in weights:
+            hidden = n.input[1] + "_hidden"
+            nodes.append(helper.make_node("Identity", [n.input[1]], [hidden]))
+            n.input[1] = hidden
+        nodes.append(n)
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    path = tmp_path / "hidden.onnx"
+    onnx.save(graph, str(path))
+    with pytest.raises(InvalidInputError, match="quantize nothing.*re-export"):
+        quantizable_nodes(path, "text_encoder")
