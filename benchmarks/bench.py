@@ -36,7 +36,13 @@ STAGES = ("tokenize", "text_encoder", "preprocess", "vae_encoder", "transformer"
 OPTIMUM = "optimum-intel"
 BASELINES = ("torch-fp32", "torch-bf16", "torch-compile-bf16", OPTIMUM)
 REFERENCE = "torch-fp32"
+TORCH_DEVICES = ("cpu", "cuda")
 AUTO = "auto"
+
+
+class SystemFailed(RuntimeError):
+    """A system other than the reference could not be timed (its process was killed, the optimum-intel
+    environment failed): the benchmark reports it under `failed` and keeps every other system's numbers."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,9 @@ class BenchConfig:
     prompt_cache: bool = False  # also time sprintrt systems on a repeated prompt with the embedding cache
     strength: float | None = None  # image to image from input_picture() at this strength; None: text to image
     optimum_python: str | None = None  # the python of an environment with optimum-intel (the optimum-intel baseline)
+    # Where the diffusers baselines run: "cuda" times them on an NVIDIA GPU (the PyTorch row GPU engines are
+    # compared with; needs no TensorRT), synchronising the device around every stage.
+    torch_device: str = "cpu"
 
     def check(self) -> None:
         """Refuse nonsense before any work is done."""
@@ -112,8 +121,19 @@ class BenchConfig:
         for s in self.steps:
             if not isinstance(s, int) or s < 1:
                 raise InvalidInputError(f"steps {s!r} is not allowed: expected an integer >= 1. Fix: --steps 1,2")
-        if not self.candidates:
-            raise InvalidInputError("no candidates: expected at least one backend:precision. Fix: --candidates ort:fp32")
+        if self.torch_device not in TORCH_DEVICES:
+            raise InvalidInputError(f"torch_device={self.torch_device!r} is not allowed: expected one of "
+                                    f"{list(TORCH_DEVICES)}. Fix: --torch-device cuda on an NVIDIA machine, else cpu")
+        if self.torch_device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise InvalidInputError("torch_device='cuda': this PyTorch sees no CUDA GPU (a CPU-only wheel, or no "
+                                        "NVIDIA driver). Fix: install a CUDA build of torch on an NVIDIA machine, or "
+                                        "--torch-device cpu")
+            if OPTIMUM in self.baselines:
+                raise InvalidInputError(f"baseline {OPTIMUM!r} runs on the CPU, not with --torch-device cuda. Fix: "
+                                        "benchmark it in a CPU run")
         if self.strength is not None and not 0 < self.strength <= 1:
             raise InvalidInputError(f"strength={self.strength} is not allowed: expected (0, 1] for image to image. "
                                     f"Fix: --strength {D.DEFAULT_STRENGTH}, or leave it out for text to image")
@@ -198,7 +218,8 @@ def steps_run(steps: int, strength: float | None) -> int:
 
 # ---- systems under test -------------------------------------------------------------------------
 
-def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | None = None, img2img: bool = False):
+def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | None = None, img2img: bool = False,
+                  device: str = "cpu"):
     import torch
 
     from sprintrt.benchmarks.torch_timing import run_timed
@@ -217,11 +238,14 @@ def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | No
 
         pipe = SanaSprintImg2ImgPipeline(**pipe.components)
         pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
     if "compile" in name:
         pipe.transformer = torch.compile(pipe.transformer)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
 
     def run(call, seed):
+        # The noise is drawn on the CPU generator and moved to the device, as diffusers does for a CPU
+        # generator: the same noise, and so comparable images, on every device.
         out, timings = run_timed(pipe, **call, generator=torch.Generator().manual_seed(seed))
         return np.asarray(out.images, dtype=np.float32), timings
 
@@ -273,6 +297,8 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path, dict[Candidate,
         if not (ckpt / "model_index.json").exists():
             say(f"making a seeded random {config.arch} checkpoint in {ckpt}")
             make_checkpoint(ckpt, config.arch, config.seed)
+    if not config.candidates:  # baselines only: nothing to export or build
+        return ckpt, None, {}
     identity = model_identity(ckpt)
     vae_dir = resolve_vae(config.vae) if config.vae else None
     if vae_dir is not None:  # the ONNX (and engines) of another decoder live apart
@@ -368,10 +394,17 @@ def _run_isolated(system, kind: str, ckpt: Path, engines: dict, shapes: list, co
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from concurrent.futures.process import BrokenProcessPool
+
     if system == OPTIMUM:
         return _optimum_entries(ckpt, shapes, config, chi)
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_system_worker, system, kind, ckpt, engines, shapes, config, chi).result()
+        try:
+            return pool.submit(_system_worker, system, kind, ckpt, engines, shapes, config, chi).result()
+        except BrokenProcessPool:
+            name = system if kind == "baseline" else system.name
+            raise SystemFailed(f"{name}'s process died before reporting (most likely killed for memory: "
+                               "run fewer or smaller shapes, or this system on a larger machine)") from None
 
 
 def _optimum_entries(ckpt: Path, shapes: list, config: BenchConfig, chi) -> list[dict]:
@@ -398,7 +431,7 @@ def _optimum_entries(ckpt: Path, shapes: list, config: BenchConfig, chi) -> list
             if r.returncode != 0:
                 how = (f"was killed by signal {-r.returncode} (9: most likely out of memory; optimum-intel's exporter "
                        "holds the whole pipeline and its traced graphs: more than 24 GB at the real 0.6B size)" if r.returncode < 0 else f"exited with {r.returncode}")
-                raise RuntimeError(f"the {OPTIMUM} baseline {how}: {' '.join(cmd[:2])}\n{r.stderr.strip()[-1500:]}")
+                raise SystemFailed(f"the {OPTIMUM} baseline {how}: {' '.join(cmd[:2])}\n{r.stderr.strip()[-1500:]}")
             res = json.loads(r.stdout.strip().splitlines()[-1])
             image = np.load(image_path)
         entries.append({"name": OPTIMUM, "kind": "baseline", **summarise(res["runs"]), "_image": image,
@@ -420,7 +453,8 @@ def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, c
         t0 = time.perf_counter()
         if kind == "baseline":
             vae_dir = resolve_vae(config.vae) if config.vae else None
-            pipe, run = _torch_system(ckpt, system, config.threads, vae_dir, img2img=config.strength is not None)
+            pipe, run = _torch_system(ckpt, system, config.threads, vae_dir, img2img=config.strength is not None,
+                                      device=config.torch_device)
         else:
             pipe, run = _sprint_system(engines[system], config.threads, img2img=config.strength is not None)
         load_seconds = time.perf_counter() - t0
@@ -435,7 +469,8 @@ def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, c
             if config.prompt_cache and kind == "candidate":
                 entry["cached_prompt"] = _cached_prompt_timings(pipe, run, call, config)
             if kind == "baseline":
-                entry.update(backend="pytorch", precision="bf16" if "bf16" in system else "fp32")
+                entry.update(backend="pytorch", precision="bf16" if "bf16" in system else "fp32",
+                             device=config.torch_device)
             else:
                 m = read_manifest(engines[system])
                 if system.backend == AUTO:
@@ -445,10 +480,13 @@ def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, c
                              engine_bytes={c: sum(f["bytes"] for f in engine_files(e)) for c, e in m.components.items()})
             entries.append(entry)
     gpu_gb = _gpu_memory_used_gb() if kind == "candidate" and system.backend == "tensorrt" else None
+    torch_gpu_gb = _torch_gpu_peak_gb() if kind == "baseline" and config.torch_device == "cuda" else None
     for entry in entries:
         entry.update(peak_rss_gb=round(mem.peak / 2**30, 2), load_seconds=round(load_seconds, 2))
         if gpu_gb is not None:
             entry["gpu_memory_used_gb"] = gpu_gb
+        if torch_gpu_gb is not None:
+            entry["gpu_memory_peak_gb"] = torch_gpu_gb
     return entries
 
 
@@ -460,17 +498,26 @@ def run_bench(config: BenchConfig, say=print) -> dict:
 
     config.check()
     ckpt, onnx_dir, engines = prepare(config, say)
-    info = json.loads((onnx_dir / "export_info.json").read_text())
+    model, onnx_bytes = _model_facts(ckpt, onnx_dir, config)
     chi = list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION) if config.complex_human_instruction else None
     systems = [(b, "baseline") for b in config.baselines] + [(c, "candidate") for c in config.candidates]
     shapes = [(r, b, s) for r in config.resolutions for b in config.batches for s in config.steps]
     results = {(r, b, s): [] for r, b, s in shapes}
+    failed = []
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=len(systems))
         for system, kind in systems:
             name = system if kind == "baseline" else system.name
             bar.update(task, description=f"{name}: {len(shapes)} shapes x ({config.warmup} warm-up + {config.runs} runs)")
-            for shape, entry in zip(shapes, _run_isolated(system, kind, ckpt, engines, shapes, config, chi)):
+            try:
+                entries = _run_isolated(system, kind, ckpt, engines, shapes, config, chi)
+            except SystemFailed as e:
+                if name == REFERENCE:  # nothing to compare the others with
+                    raise
+                say(f"{name} not measured: {e}")
+                failed.append({"name": name, "kind": kind, "error": str(e)})
+                entries = []
+            for shape, entry in zip(shapes, entries):
                 results[shape].append(entry)
             bar.advance(task)
     doc = {
@@ -479,14 +526,15 @@ def run_bench(config: BenchConfig, say=print) -> dict:
         "machine": machine(),
         "versions": versions(),
         "model": {"source": config.model or f"seeded random {config.arch} (seed {config.seed})", "arch": config.arch,
-                  "identity": info["model"]["identity"]},
+                  "identity": model["identity"]},
         "settings": {"warmup": config.warmup, "runs": config.runs, "prompt": config.prompt,
                      "complex_human_instruction": config.complex_human_instruction,
-                     "text_length": _text_length(info, config), "threads": config.threads,
-                     "reference": REFERENCE, "binning": False, "strength": config.strength},
-        "onnx_bytes": {c: r["bytes"] + (r.get("external_data") or {}).get("bytes", 0)
-                       for c, r in info["components"].items()},
+                     "text_length": _text_length(model["chi_tokens"], config), "threads": config.threads,
+                     "reference": REFERENCE, "binning": False, "strength": config.strength,
+                     "torch_device": config.torch_device},
+        "onnx_bytes": onnx_bytes,
         "results": [],
+        "failed": failed,
     }
     for ((h, w), batch, steps), entries in results.items():
         ref = next(e["_image"] for e in entries if e["name"] == REFERENCE)
@@ -516,8 +564,31 @@ def _gpu_memory_used_gb() -> float | None:
         return None
 
 
-def _text_length(info: dict, config: BenchConfig) -> int:
-    chi = info["model_dims"]["chi_tokens"] if config.complex_human_instruction else None
+def _model_facts(ckpt: Path, onnx_dir: Path | None, config: BenchConfig) -> tuple[dict, dict]:
+    """({identity, chi_tokens}, {component: ONNX bytes}) from the export, or from the checkpoint's configs
+    when nothing was exported (a baselines-only run)."""
+    if onnx_dir is not None:
+        info = json.loads((onnx_dir / "export_info.json").read_text())
+        return ({"identity": info["model"]["identity"], "chi_tokens": info["model_dims"]["chi_tokens"]},
+                {c: r["bytes"] + (r.get("external_data") or {}).get("bytes", 0) for c, r in info["components"].items()})
+    from sprintrt.export.onnx_export import model_facts, model_identity, resolve_vae
+
+    vae_dir = resolve_vae(config.vae) if config.vae else None
+    identity = model_identity(ckpt)
+    if vae_dir is not None:
+        identity = hashlib.sha256((identity + model_identity(vae_dir)).encode()).hexdigest()
+    return {"identity": identity, "chi_tokens": model_facts(ckpt, vae_dir)[0].chi_tokens}, {}
+
+
+def _torch_gpu_peak_gb() -> float:
+    """The most GPU memory PyTorch's allocator held in this process (weights, activations, workspaces)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def _text_length(chi_tokens: int, config: BenchConfig) -> int:
+    chi = chi_tokens if config.complex_human_instruction else None
     return D.tokenized_length(D.DEFAULT_MAX_SEQUENCE_LENGTH, chi)
 
 
@@ -569,6 +640,8 @@ def validate(doc: dict) -> None:
             ran = r.get("steps_run", r["steps"])
             need(len(s["transformer_steps"]) == ran, f"{s['name']} has {len(s['transformer_steps'])} step timings, not {ran}")
             need(s["engine_sum"]["median"] <= s["end_to_end"]["median"] * 1.001, f"{s['name']} stages exceed end to end")
+    for f in doc.get("failed", []):
+        need(set(f) == {"name", "kind", "error"}, f"failed system entry {f!r} needs name, kind and error")
 
 
 def _fmt_s(x: float) -> str:
@@ -597,11 +670,17 @@ def report(doc: dict) -> str:
             e, g = s["end_to_end"], s["stages"].get
             q = s["image_vs_reference"]
             ps = "identical" if q["psnr_db"] == float("inf") else f"{q['psnr_db']:.1f}"
+            where = f" ({s['device']})" if s.get("device", "cpu") != "cpu" else ""
             lines.append(
-                f"| {s['name']} | {_fmt_s(e['min'])} / **{_fmt_s(e['median'])}** / {_fmt_s(e['p90'])} | "
+                f"| {s['name']}{where} | {_fmt_s(e['min'])} / **{_fmt_s(e['median'])}** / {_fmt_s(e['p90'])} | "
                 f"{_fmt_s(g('text_encoder', {'median': 0})['median'])} | {_fmt_s(g('transformer', {'median': 0})['median'])} | "
                 f"{_fmt_s(g('vae_decoder', {'median': 0})['median'])} | {100 * s['overhead']['fraction']:.1f}% | "
                 f"{ref / e['median']:.2f}x | {s['peak_rss_gb']} | {ps} | {q['max_abs']:.2g} |")
+        on_gpu = [(s["name"], s.get("gpu_memory_peak_gb", s.get("gpu_memory_used_gb"))) for s in r["systems"]
+                  if "gpu_memory_peak_gb" in s or "gpu_memory_used_gb" in s]
+        if on_gpu:
+            lines += ["", "GPU memory (PyTorch: its allocator's peak; TensorRT: in use with the engines loaded): "
+                      + ", ".join(f"{n} {gb} GB" for n, gb in on_gpu)]
         cached = [s for s in r["systems"] if "cached_prompt" in s]
         if cached:
             lines += ["", "Repeated prompt, with the prompt-embedding cache (`from_engines(prompt_cache=...)`), apart from "
@@ -610,6 +689,8 @@ def report(doc: dict) -> str:
             lines += [f"| {s['name']} | {_fmt_s(s['cached_prompt']['end_to_end']['median'])} | "
                       f"{_fmt_s(s['cached_prompt']['text_encoder']['median'])} |" for s in cached]
         lines.append("")
+    for f in doc.get("failed", []):
+        lines += [f"**Not measured: {f['name']}** ({f['kind']}): {f['error'].splitlines()[0]}", ""]
     lines.append("Overhead = end to end − the engines (text encoder, transformer, VAE decoder and, image to image, "
                  "VAE encoder): tokenizing, scheduling, noise, pre- and post-processing and the runtime itself. Each "
                  "system is loaded and timed in a fresh process, one after another; peak RSS is that process's "

@@ -221,11 +221,11 @@ def cmd_bench(args) -> None:
         resolutions=[B.parse_resolution(r) for r in args.resolutions.split(",")],
         batches=[_int_list_item(v, "--batches") for v in args.batches.split(",")],
         steps=[_int_list_item(v, "--steps") for v in args.steps.split(",")],
-        candidates=[B.Candidate.parse(c) for c in args.candidates.split(",")],
+        candidates=[] if args.candidates == "none" else [B.Candidate.parse(c) for c in args.candidates.split(",")],
         baselines=args.baselines.split(","), warmup=args.warmup, runs=args.runs, workdir=Path(args.workdir),
         prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads,
         calibration_count=args.calibration_count, vae=args.vae, prompt_cache=args.prompt_cache,
-        strength=args.strength, optimum_python=args.optimum_python)
+        strength=args.strength, optimum_python=args.optimum_python, torch_device=args.torch_device)
     config.check()
     console = _console()
     doc = B.run_bench(config, say=console.print)
@@ -384,9 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", default="1", help="comma-separated step counts, e.g. 1,2")
     s.add_argument("--candidates", default="ort:fp32",
                    help="comma-separated backend:precision, e.g. ort:fp32,ov:bf16,trt:bf16; `auto`: the "
-                        "engines `build --backend auto` tunes on this CPU")
+                        "engines `build --backend auto` tunes on this CPU; `none`: the baselines only")
     s.add_argument("--baselines", default="torch-fp32,torch-bf16",
                    help="torch-fp32, torch-bf16, torch-compile-bf16, optimum-intel (needs --optimum-python)")
+    s.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the diffusers baselines run (cuda: the PyTorch GPU row, e.g. bf16 at 1024; needs "
+                        "a CUDA build of torch, not TensorRT)")
     s.add_argument("--optimum-python", help="the python of an environment with optimum-intel, for the optimum-intel "
                                             "baseline (see benchmarks/optimum_intel.py)")
     s.add_argument("--warmup", type=int, default=1)

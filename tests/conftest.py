@@ -11,12 +11,21 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    reason = _gpu_missing_reason()
-    if reason is None:
-        return
+    reasons = {"gpu": _gpu_missing_reason(), "cuda": _cuda_missing_reason()}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
+        for marker, reason in reasons.items():
+            if reason is not None and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _cuda_missing_reason():
+    try:
+        import torch
+    except ImportError:
+        return "needs PyTorch with CUDA; torch is not installed"
+    if not torch.cuda.is_available():
+        return "needs a CUDA build of PyTorch and an NVIDIA GPU; this torch sees none"
+    return None
 
 
 def _gpu_missing_reason():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -99,7 +100,7 @@ def test_schema_violations_are_named(tiny_results):
     (dict(baselines=["torch-bf16"]), "lack 'torch-fp32'"),
     (dict(resolutions=[(500, 512)]), "resolution 500x512"),
     (dict(batches=[0]), "batch 0"),
-    (dict(candidates=[]), "no candidates"),
+    (dict(torch_device="tpu"), "torch_device='tpu'"),
     (dict(baselines=["torch-fp32", "optimum-intel"]), "needs --optimum-python"),
     (dict(baselines=["torch-fp32", "optimum-intel"], optimum_python=__file__, strength=0.5), "text to image"),
 ])
@@ -138,7 +139,7 @@ def test_an_onnx_cache_from_other_export_code_is_exported_again(tiny_results, ti
     info = json.loads(info_path.read_text())
     assert info["exporter"] == exporter_fingerprint()
     said = []
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, workdir=mine, candidates=[])
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, workdir=mine, candidates=[B.Candidate("onnxruntime", "fp32")])
     B.prepare(config, say=said.append)
     assert not any("other export code" in m for m in said)  # up to date: reused
     info_path.write_text(json.dumps(dict(info, exporter="0" * 64)))
@@ -202,7 +203,8 @@ print(json.dumps(dict(runs=runs, load_seconds=1.0, export_seconds=0.0, peak_rss_
 @pytest.mark.parametrize("mode", ["ok", "killed"])
 def test_optimum_baseline_contract(tiny_results, tiny_checkpoint, tmp_path, mode):
     """The optimum-intel baseline runs in another environment: its JSON line becomes a baseline entry
-    (stages, peak RSS, its image compared with diffusers fp32); a killed worker is a clear error."""
+    (stages, peak RSS, its image compared with diffusers fp32); a killed worker is reported as not measured,
+    with the reason, and every other system's numbers are kept."""
     _, work = tiny_results  # reuse the export and engines
     worker = tmp_path / "worker.py"
     worker.write_text(_FAKE_OPTIMUM.format(mode=mode))
@@ -211,11 +213,13 @@ def test_optimum_baseline_contract(tiny_results, tiny_checkpoint, tmp_path, mode
     python.chmod(0o755)
     config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], steps=[2], warmup=0,
                            runs=2, workdir=work, baselines=["torch-fp32", "optimum-intel"], optimum_python=str(python))
-    if mode == "killed":
-        with pytest.raises(RuntimeError, match="killed by signal 9.*out of memory"):
-            B.run_bench(config, say=lambda *a: None)
-        return
     doc = B.run_bench(config, say=lambda *a: None)
+    if mode == "killed":
+        assert [s["name"] for s in doc["results"][0]["systems"]] == ["torch-fp32", "sprintrt onnxruntime fp32"]
+        (failed,) = doc["failed"]
+        assert failed["name"] == "optimum-intel" and re.search("killed by signal 9.*out of memory", failed["error"])
+        assert "Not measured: optimum-intel" in B.report(doc)
+        return
     (entry,) = [s for s in doc["results"][0]["systems"] if s["name"] == "optimum-intel"]
     assert entry["kind"] == "baseline" and entry["peak_rss_gb"] == 1.5 and entry["end_to_end"]["median"] == 0.5
     assert len(entry["transformer_steps"]) == 2 and entry["stages"]["vae_decoder"]["median"] == 0.1
@@ -233,3 +237,54 @@ def test_the_export_has_the_variants_the_candidates_build_from(monkeypatch, bf16
     assert B._variant_dtypes(parse(["ort:fp32", "ort:int8"])) == []
     assert B._variant_dtypes(parse(["ov:bf16", "ort:fp16"])) == ["bf16", "fp16"]  # OpenVINO bf16 reads the variant
     assert B._variant_dtypes(parse(["ort:fp32", "auto"])) == (["bf16"] if bf16_cpu else [])  # the tuner's candidates
+
+
+def test_torch_stage_hooks_synchronise_around_every_stage(reference_pipe):
+    """On a GPU the hooks must wait for the queued kernels before reading the clock, or a stage is timed
+    as its launch. The sync is called before and after every hooked call (checked here with a counter;
+    on CUDA it is torch.cuda.synchronize)."""
+    import torch
+
+    from sprintrt.benchmarks.torch_timing import device_sync, stage_hooks
+
+    assert device_sync(reference_pipe) is None  # nothing to wait for on a CPU
+    calls, timings = [], {}
+    with stage_hooks(reference_pipe, timings, sync=lambda: calls.append(1)), torch.inference_mode():
+        reference_pipe(prompt="a cat", num_inference_steps=2, intermediate_timesteps=1.3, height=64, width=64,
+                       use_resolution_binning=False, output_type="np", generator=torch.Generator().manual_seed(0))
+    hooked = 1 + len(timings["transformer"]) + 1  # text encoder, each step, VAE decoder
+    assert len(timings["transformer"]) == 2 and len(calls) == 2 * hooked
+
+
+def test_baselines_only_bench_exports_nothing(tiny_checkpoint, tmp_path):
+    """`--candidates none`: the diffusers rows alone (e.g. the GPU baseline on a machine without TensorRT)."""
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(64, 64)], warmup=0, runs=1,
+                           workdir=tmp_path, baselines=["torch-fp32"], candidates=[])
+    doc = B.run_bench(config, say=lambda *a: None)
+    (entry,) = doc["results"][0]["systems"]
+    assert entry["name"] == "torch-fp32" and entry["device"] == "cpu" and doc["onnx_bytes"] == {}
+    assert doc["settings"]["text_length"] > 0 and not list(tmp_path.glob("onnx-*"))
+
+
+def test_cuda_baselines_need_a_cuda_torch():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch sees a GPU")
+    with pytest.raises(InvalidInputError, match="torch_device='cuda'.*Fix"):
+        B.BenchConfig(torch_device="cuda").check()
+    with pytest.raises(InvalidInputError, match="torch_device='tpu'"):
+        B.BenchConfig(torch_device="tpu").check()
+
+
+@pytest.mark.cuda
+def test_gpu_baseline_row(tiny_checkpoint, tmp_path):
+    """The PyTorch GPU row: diffusers fp32 and bf16 on CUDA, per stage, with the GPU memory they held."""
+    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], warmup=1, runs=2,
+                           workdir=tmp_path, baselines=["torch-fp32", "torch-bf16"], candidates=[], torch_device="cuda")
+    doc = B.run_bench(config, say=lambda *a: None)
+    fp32, bf16 = doc["results"][0]["systems"]
+    assert fp32["device"] == bf16["device"] == "cuda" and fp32["gpu_memory_peak_gb"] > 0
+    assert set(bf16["stages"]) >= {"text_encoder", "transformer", "vae_decoder"}
+    assert bf16["image_vs_reference"]["psnr_db"] > 25
+    assert "torch-bf16 (cuda)" in B.report(doc)
