@@ -22,7 +22,7 @@ OpenVINO fp32 / bf16 (only on CPUs with bf16 instructions: elsewhere it is emula
 (int8 weights, no calibration; where NNCF is installed), for what
 each backend builds per component (engines/precision.py) and is installed here. int8 candidates need
 calibration (`calibrate=False` leaves them out) and are left out where calibrating would not fit in
-memory (the real 8 GB text encoder on a 24 GB machine).
+memory (CALIBRATION_MEMORY_FACTOR times the weights; the real 8 GB text encoder fits 24 GB).
 """
 
 from __future__ import annotations
