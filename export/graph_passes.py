@@ -208,15 +208,17 @@ def fold_weight_transposes(proto: onnx.ModelProto, base_dir) -> int:
     folded, keep = 0, []
     for node in proto.graph.node:
         init = inits.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
-        if init is None or readers.get(init.name) != 1 or init.name in outputs or init.data_location != onnx.TensorProto.EXTERNAL \
-                and not init.HasField("raw_data"):
+        external = init is not None and init.data_location == onnx.TensorProto.EXTERNAL
+        foldable = init is not None and readers.get(init.name) == 1 and init.name not in outputs \
+            and (external or init.HasField("raw_data"))
+        if not foldable:
             keep.append(node)
             continue
         shape = tuple(init.dims)
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(shape)))[::-1])
         item = np.dtype(tensor_dtype_to_np_dtype(init.data_type)).itemsize
         raw = np.dtype(f"V{item}")  # bytes only: the same code moves fp32, fp16 and bf16 weights
-        if init.data_location == onnx.TensorProto.EXTERNAL:
+        if external:
             where = {e.key: e.value for e in init.external_data}
             offset, length = int(where.get("offset", 0)), int(where["length"])
             with open(Path(base_dir) / where["location"], "r+b") as f:
