@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sprintrt.benchmarks.bench import stage_seconds
-from sprintrt.defaults import DEFAULT_PROMPT, intermediate_timesteps_for
+from sprintrt import defaults as D
+from sprintrt.benchmarks.measure import stage_seconds
 from sprintrt.metrics import max_abs, psnr
 
 ROWS = (("text encoder (+ tokenize)", ("tokenize", "text_encoder")), ("transformer, all steps", ("transformer",)),
@@ -25,30 +25,33 @@ def median_timings(runs: list[dict]) -> dict:
     return {label: statistics.median(sum(stage_seconds(t, k) for k in keys) for t in runs) for label, keys in ROWS}
 
 
-def run_demo(workdir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 2, size: int = 512, runs: int = 3, console=None) -> dict:
+def run_demo(workdir: Path = D.OUT_DIR / "demo", prompt: str = D.DEFAULT_PROMPT, steps: int = D.DEFAULT_STEPS,
+             size: int = D.BENCH_SIZE, runs: int = D.BENCH_RUNS, console=None) -> dict:
     import torch
 
     from sprintrt.benchmarks.torch_timing import run_timed
     from sprintrt.engines.build import build_engines
     from sprintrt.export.checkpoint import load_pipeline, make_checkpoint
-    from sprintrt.export.onnx_export import export_model, model_identity
+    from sprintrt.export.onnx_export import export_model
+    from sprintrt.export_info import EXPORT_INFO
+    from sprintrt.files import model_identity
     from sprintrt.runtime.pipeline import SprintPipeline
 
     say = console.print if console else print
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt, onnx_dir, engine_dir = workdir / "checkpoint-tiny", workdir / "onnx", workdir / "engines"
     if not (ckpt / "model_index.json").exists():
-        make_checkpoint(ckpt, "tiny", seed=0)
+        make_checkpoint(ckpt, "tiny", seed=D.DEFAULT_SEED)
     say(f"[1/4] checkpoint: {ckpt}")
-    info_path = onnx_dir / "export_info.json"
+    info_path = onnx_dir / EXPORT_INFO
     if not info_path.exists() or json.loads(info_path.read_text())["model"]["identity"] != model_identity(ckpt):
         # fp32 only: the demo builds ONNX Runtime fp32 engines (`sprintrt export` adds bf16 variants for TensorRT).
         export_model(ckpt, onnx_dir, progress=lambda c: say(f"      exporting + validating {c}"), dtypes=("fp32",))
     say(f"[2/4] ONNX (validated against PyTorch): {onnx_dir}")
-    build_engines(onnx_dir, engine_dir, backend="onnxruntime", precision="fp32")
+    build_engines(onnx_dir, engine_dir, backend=D.DEFAULT_BACKEND, precision="fp32")
     say(f"[3/4] ONNX Runtime engines + manifest: {engine_dir}")
 
-    call = dict(prompt=prompt, num_inference_steps=steps, intermediate_timesteps=intermediate_timesteps_for(steps),
+    call = dict(prompt=prompt, num_inference_steps=steps, intermediate_timesteps=D.intermediate_timesteps_for(steps),
                 height=size, width=size, use_resolution_binning=False, output_type="np")
     ours = SprintPipeline.from_engines(engine_dir)
     ref = load_pipeline(ckpt)

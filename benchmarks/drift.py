@@ -17,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sprintrt.defaults import intermediate_timesteps_for
+from sprintrt import defaults as D
+from sprintrt import specs as S
+from sprintrt.benchmarks.measure import input_picture
 from sprintrt.errors import InvalidInputError
 from sprintrt.files import write_json_and_markdown
-from sprintrt.export import specs as S
+from sprintrt.manifest import read_manifest
 from sprintrt.metrics import cosine, max_abs, psnr
+from sprintrt.runtime.recording import recording
 
 SCHEMA = "sprintrt-drift/1"
 # The output of each component that the next stage reads.
@@ -29,35 +32,20 @@ OUTPUTS = {S.TEXT_ENCODER: "last_hidden_state", S.TRANSFORMER: "noise_pred", S.V
            S.VAE_ENCODER: "latent"}
 
 
-class _Tap:
-    """Wraps an engine; records each call's inputs and outputs."""
-
-    def __init__(self, engine):
-        self.engine, self.calls = engine, []
-
-    def __call__(self, **feeds):
-        out = self.engine(**feeds)
-        self.calls.append(({k: v.copy() for k, v in feeds.items()}, {k: v.copy() for k, v in out.items()}))
-        return out
-
-
 def _generate(pipe, prompt: str, seed: int, size: int, steps: int, strength: float | None) -> np.ndarray:
     import torch
 
-    from sprintrt.benchmarks.bench import input_picture
-
     extra = {} if strength is None else dict(image=input_picture(size, size), strength=strength)
-    return pipe(prompt, num_inference_steps=steps, intermediate_timesteps=intermediate_timesteps_for(steps), height=size,
+    return pipe(prompt, num_inference_steps=steps, intermediate_timesteps=D.intermediate_timesteps_for(steps), height=size,
                 width=size, use_resolution_binning=False, output_type="np",
                 generator=torch.Generator().manual_seed(seed), **extra).images
 
 
 def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts: list[str], seeds: list[int],
-              size: int = 512, steps: int = 1, threads: int | None = None, say=print,
+              size: int = D.DRIFT_SIZE, steps: int = D.DRIFT_STEPS, threads: int | None = None, say=print,
               strength: float | None = None) -> dict:
     """The drift document (schema SCHEMA) of each candidate engine directory against `reference`; with
     `strength`, of image to image from a fixed picture (the VAE encoder's drift included)."""
-    from sprintrt.engines.manifest import read_manifest
     from sprintrt.runtime.img2img import SprintImg2ImgPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
 
@@ -71,12 +59,10 @@ def run_drift(reference: str | Path, candidates: dict[str, str | Path], prompts:
     cases = [(p, s) for p in prompts for s in seeds]
     say(f"reference {reference}: {len(cases)} images")
     ref_pipe = pipeline.from_engines(reference, threads=threads)
-    taps = {c: _Tap(ref_pipe.engine(c)) for c in pipeline.COMPONENTS}
-    for c, tap in taps.items():
-        ref_pipe.set_engine(c, tap)
     ref_pipe.trim_padding = False  # record the padded text the candidates' engines are compared on
     ref_pipe.reuse_instruction_prefix = False  # ... every token of it, the instruction's too
-    ref_images = [_generate(ref_pipe, p, s, size, steps, strength) for p, s in cases]
+    with recording(ref_pipe, pipeline.COMPONENTS, outputs=True) as taps:
+        ref_images = [_generate(ref_pipe, p, s, size, steps, strength) for p, s in cases]
     recorded = {c: tap.calls for c, tap in taps.items()}
     ref_precisions = {c: e["precision"] for c, e in read_manifest(reference).components.items()}
     del ref_pipe, taps

@@ -4,7 +4,7 @@
 presence and what it can build here, the cache keys) and writes nothing; `build_component` turns one
 planned component into an engine file and its manifest entry; `build_engines` runs both under the
 directory's lock and switches the manifest atomically. The backend-specific work is behind the
-BuildBackend contract (engines/backend.py): no backend is named here.
+BuildBackend contract (engines/registry.py): no backend is named here.
 """
 
 from __future__ import annotations
@@ -12,39 +12,41 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sprintrt.engines import manifest as M
-from sprintrt.engines.backend import BuildBackend, BuildResult, auto_backend, backend_module, canonical
-from sprintrt.engines.precision import QUANTIZED, Precision, resolve_precisions
+from sprintrt import manifest as M
+from sprintrt import specs as S
+from sprintrt.defaults import DEFAULT_BACKEND
+from sprintrt.engines.precision import QUANTIZED, Precision, PrecisionRequest, resolve_precisions
 from sprintrt.engines.profiles import ProfileOptions, input_shapes
+from sprintrt.engines.registry import AUTO, BuildBackend, BuildResult, auto_backend, backend_module, canonical
 from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
-from sprintrt.export import specs as S
+from sprintrt.export_info import check_onnx_file, read_export_info
 from sprintrt.files import file_mismatch, sha256_file
 from sprintrt.machine import library_version
 
 
-def read_export_info(onnx_dir: Path) -> dict:
-    path = onnx_dir / S.EXPORT_INFO
-    if not onnx_dir.is_dir() or not path.is_file():
-        raise ModelLoadError(f"{str(onnx_dir)!r} is not an sprintrt ONNX directory (no {S.EXPORT_INFO}). "
-                             f"Fix: create it with `sprintrt export MODEL -o {onnx_dir}`")
-    return json.loads(path.read_text())
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
-def check_onnx_file(onnx_dir: Path, component: str, record: dict) -> Path:
-    """The ONNX file (and its external weights) must be exactly what the export wrote: catches truncation."""
-    for entry in (record, record.get("external_data")):
-        if entry:
-            problem = file_mismatch(onnx_dir / entry["file"], entry["bytes"], entry["sha256"])
-            if problem:
-                raise ModelLoadError(f"{problem} (the export wrote {entry['bytes']} bytes): {component} cannot be "
-                                     f"built from it. Fix: re-run `sprintrt export` into {onnx_dir}")
-    return onnx_dir / record["file"]
+def cache_key(target: dict, backend: str, library_version: str, precision: str, dims: dict, onnx_sha256: str) -> str:
+    """Readable, complete key: device + backend version + precision + profile + source ONNX hash.
+
+    Every field that changes what the engine computes or where it may run is in the key, so a
+    cached engine is reused only for exactly the same inputs (demoDiffusion's omits GPU and profile).
+    """
+    if target["kind"] == "cpu":
+        device = f"{target['arch']}-{'.'.join(target['isa']) or 'baseline'}"
+    else:
+        device = f"{target['name']}-sm{target['compute_capability']}"
+    profile = "_".join(f"{n}{d['min']}-{d['opt']}-{d['max']}" for n, d in sorted(dims.items()))
+    return "__".join(_slug(p) for p in (device, f"{backend}{library_version}", precision, profile, onnx_sha256[:16]))
 
 
 @dataclass(frozen=True)
@@ -78,15 +80,16 @@ class BuildPlan:
     qdq_cache: Path | None = None  # where Q/DQ graphs are kept for other builds of the same run (the tuner's)
 
 
-def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime", precision=None,
+def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFAULT_BACKEND, precision=None,
                components=None, profile: ProfileOptions | None = None,
                calibration: dict | None = None, qdq_cache: Path | None = None) -> BuildPlan:
     """Check everything that can fail without building and derive each component's key. Writes nothing.
     `components` None means every component the export holds."""
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
-    backend = auto_backend() if backend == "auto" else canonical(backend)
+    backend = auto_backend() if backend == AUTO else canonical(backend)
     mod = backend_module(backend)
     calibration = calibration or {}
+    request = PrecisionRequest.parse(precision)
     info = read_export_info(onnx_dir)
     if components is None:
         components = tuple(c for c in S.COMPONENTS if c in info["components"])
@@ -94,9 +97,9 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
     if missing:
         raise ModelLoadError(f"{onnx_dir} has no export of {missing}. Fix: `sprintrt export MODEL -o {onnx_dir}`")
     # Precisions first: a wrong --precision is an error even on a machine that lacks the backend.
-    resolve_precisions(precision, backend, components)
-    target, versions = mod.target(), mod.versions()  # raise before anything is written
-    precisions = resolve_precisions(precision, backend, components, mod.default_precisions(versions, target))
+    resolve_precisions(request, backend, components)
+    target, versions = mod.build_target(), mod.library_versions()  # raise before anything is written
+    precisions = resolve_precisions(request, backend, components, mod.default_precisions(versions, target))
     model = S.ModelDims.from_json(info["model_dims"])
     plans = []
     for comp in components:
@@ -119,7 +122,7 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onn
             from sprintrt.engines.quantize import recipe_label
 
             label = quant_label = recipe_label(prec.value, target, comp, calibration[comp][0])
-        key = M.cache_key(target, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
+        key = cache_key(target, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
         plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record, dtype, fp32_source,
                                    quant_label))
     return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target, versions, tuple(plans), calibration,
@@ -225,7 +228,7 @@ def _calibrated_qdq(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[P
     return qdq, info
 
 
-def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = "onnxruntime",
+def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFAULT_BACKEND,
                   precision=None, components=None, rebuild: bool = False,
                   profile: ProfileOptions | None = None, calibration: dict | None = None,
                   progress: Callable[[str, str], None] | None = None, qdq_cache: Path | None = None) -> Path:

@@ -13,28 +13,32 @@ from pathlib import Path
 from typing import Mapping
 
 from sprintrt import machine
-from sprintrt.engines.backend import BuildResult
-from sprintrt.engines.precision import Precision
+from sprintrt.engines.precision import Precision as P
 from sprintrt.engines.profiles import full_profile
+from sprintrt.engines.registry import BuildResult
 from sprintrt.errors import MissingDependencyError
-from sprintrt.export.specs import COMPONENTS
 from sprintrt.files import EXTERNAL_DATA_BYTES
+from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 NAME = "onnxruntime"
 LIBRARY = "onnxruntime"
 SUFFIX = ".ort.onnx"
+DEVICE = "cpu"
 PROVIDER = "CPUExecutionProvider"
+# fp32; fp16 from the export's typed variants (not Gemma2); int8 from Q/DQ graphs for the components with a recipe.
+ALLOWED = {TEXT_ENCODER: (P.FP32, P.INT8), TRANSFORMER: (P.FP32, P.FP16, P.INT8),
+           VAE_DECODER: (P.FP32, P.FP16, P.INT8), VAE_ENCODER: (P.FP32, P.FP16)}
 # fp16 engines run the export's typed fp16 variant (ORT's CPU provider runs fp16 graphs; it has no bf16 Conv).
-TYPED_PRECISIONS = frozenset({Precision.FP16})
+TYPED_PRECISIONS = frozenset({P.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # fp16 needs the typed graph
 PRECISION_LIBRARIES: dict = {}
 
 
-def target() -> dict:
+def build_target() -> dict:
     return machine.cpu_target()
 
 
-def versions() -> dict:
+def library_versions() -> dict:
     version = machine.library_version("onnxruntime")
     if version is None:
         raise MissingDependencyError("the onnxruntime backend needs the 'onnxruntime' package. Fix: pip install "
@@ -42,16 +46,28 @@ def versions() -> dict:
     return {LIBRARY: version}
 
 
+def auto_preference() -> int:
+    """The fallback everywhere it is installed (OpenVINO wins on bf16 CPUs, TensorRT on NVIDIA GPUs)."""
+    return 1 if machine.library_version(LIBRARY) else 0
+
+
+def capabilities(target: Mapping) -> str:
+    int8 = "int8 (Q/DQ: text encoder, transformer, VAE decoder)"
+    if not machine.cpu_has_int8_dot(dict(target)):
+        int8 += " with 7-bit weights (no VNNI: 8-bit int8 kernels saturate)"
+    return f"fp32, fp16 (typed variants), {int8} (CPU, {PROVIDER})"
+
+
 def default_precisions(versions: Mapping | None = None, target: Mapping | None = None) -> dict:
-    return {c: Precision.FP32 for c in COMPONENTS}  # the CPU provider has no bf16 kernels
+    return {c: P.FP32 for c in COMPONENTS}  # the CPU provider has no bf16 kernels
 
 
-def quantized_base(component: str, target: Mapping, precision: Precision):
+def quantized_base(component: str, target: Mapping, precision: P):
     """None: int8 layers run ORT's int8 kernels and the rest fp32 (its CPU provider has no bf16)."""
     return None
 
 
-def check_buildable(component: str, precision: Precision, export_record: Mapping, versions: Mapping,
+def check_buildable(component: str, precision: P, export_record: Mapping, versions: Mapping,
                     target: Mapping) -> None:
     """Everything ONNX Runtime cannot build is already refused by the precision table."""
 
@@ -60,8 +76,8 @@ def profile(spec, model, options) -> dict:
     return full_profile(spec)  # ORT sessions take any shape in the spec's ranges
 
 
-def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict,
-                    target_info: Mapping, library_versions: Mapping) -> BuildResult:
+def build_component(source: Path, out: Path, component: str, precision: P, shapes: dict, target: Mapping,
+                    versions: Mapping) -> BuildResult:
     """Optimise `source` for this CPU into `out` (written under a temporary name, then renamed).
 
     ORT sessions take any shape in the spec's ranges, so `shapes` only goes into the manifest."""
@@ -77,7 +93,7 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     # pointing into the source's .data file (a temporary one, for int8 Q/DQ graphs).
     # A 16-bit source can double: the CPU provider computes fp16 in fp32 and its optimiser folds the weights'
     # Casts into fp32 copies (measured: the real fp16 transformer, 1.19 GB, optimised to 2.37 GB > protobuf's 2 GB).
-    growth = 2 if precision in (Precision.FP16, Precision.BF16) else 1
+    growth = 2 if precision in (P.FP16, P.BF16) else 1
     external = (source.with_name(source.name + ".data").exists()
                 or source.stat().st_size * growth > EXTERNAL_DATA_BYTES)
     if external:

@@ -14,16 +14,22 @@ from pathlib import Path
 from typing import Mapping
 
 from sprintrt import machine
-from sprintrt.engines.backend import BuildResult
 from sprintrt.engines.precision import Precision
 from sprintrt.engines.profiles import full_profile
+from sprintrt.engines.registry import BuildResult
 from sprintrt.errors import MissingDependencyError
-from sprintrt.export.specs import COMPONENTS
+from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 NAME = "openvino"
 LIBRARY = "openvino"
 SUFFIX = ".xml"
-CACHE = "ov_cache"
+DEVICE = "cpu"
+CACHE = "ov_cache"  # the compiled blobs, beside the IRs (the manifest entry names it as "cache_dir")
+P = Precision
+# bf16: a run-time hint (from the bf16 variant where exported); int8: OpenVINO runs the same Q/DQ graphs as ONNX
+# Runtime with its int8 kernels; int8w: weight compression of the matmul layers (the decoder is convolutions).
+ALLOWED = {TEXT_ENCODER: (P.FP32, P.BF16, P.INT8, P.INT8W), TRANSFORMER: (P.FP32, P.BF16, P.INT8, P.INT8W),
+           VAE_DECODER: (P.FP32, P.BF16, P.INT8), VAE_ENCODER: (P.FP32, P.BF16)}
 # int8: the Q/DQ graph's quantized layers run OpenVINO's int8 kernels; the rest keeps fp32.
 HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}
 # int8w: int8 weights (per channel, asymmetric: optimum-intel's default int8 weight format), decompressed in
@@ -50,7 +56,7 @@ def openvino():
     return ov
 
 
-def target() -> dict:
+def build_target() -> dict:
     return machine.cpu_target()
 
 
@@ -64,8 +70,21 @@ def nncf():
     return module
 
 
-def versions() -> dict:
+def library_versions() -> dict:
     return {LIBRARY: openvino().__version__}  # NNCF only writes int8w IRs: in their keys, not needed to run them
+
+
+def auto_preference() -> int:
+    """Beats ONNX Runtime on CPUs with bf16 instructions (its bf16 kernels; ORT's CPU provider has none)."""
+    return 2 if machine.library_version(LIBRARY) and machine.cpu_has_bf16() else 0
+
+
+def capabilities(target: Mapping) -> str:
+    bf16 = ("bf16 (this CPU has bf16 instructions; the default)" if machine.cpu_has_bf16(dict(target))
+            else "bf16 emulated, slow (no AVX512-BF16/AMX here; fp32 is the default)")
+    int8w = ("int8w (int8 weights, NNCF: text encoder, transformer)" if machine.library_version("nncf")
+             else "int8w needs nncf (pip install nncf)")
+    return f"fp32, {bf16}, int8 (the same Q/DQ graphs), {int8w} (CPU)"
 
 
 def hint(precision: Precision, target: Mapping | None = None) -> str:
@@ -100,17 +119,14 @@ def profile(spec, model, options) -> dict:
     return full_profile(spec)  # the IR keeps the ONNX's dynamic dims
 
 
-def compile_config(precision: Precision, cache_dir: Path, threads: int | None = None,
-                   target: Mapping | None = None) -> dict:
-    config = {"INFERENCE_PRECISION_HINT": hint(precision, target), "PERFORMANCE_HINT": "LATENCY",
-              "CACHE_DIR": str(cache_dir)}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    return config
+def compile_config(precision: Precision, target: Mapping | None = None) -> dict:
+    """How the engine is compiled, at build time (to fill the blob cache) and at run time (the manifest
+    records it, so the run side finds the cached blob instead of compiling again)."""
+    return {"INFERENCE_PRECISION_HINT": hint(precision, target), "PERFORMANCE_HINT": "LATENCY"}
 
 
-def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict,
-                    target_info: Mapping, library_versions: Mapping) -> BuildResult:
+def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict, target: Mapping,
+                    versions: Mapping) -> BuildResult:
     """Convert `source` to IR at `out` (+ .bin) and compile it once to fill the blob cache."""
     ov = openvino()
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
@@ -128,8 +144,10 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".bin").unlink(missing_ok=True)
-    ov.Core().compile_model(str(out), "CPU", compile_config(precision, out.parent / CACHE, target=target_info))
-    info = {"execution_provider": "OpenVINO CPU", "inference_precision": hint(precision, target_info)}
+    config = compile_config(precision, target)
+    ov.Core().compile_model(str(out), "CPU", dict(config, CACHE_DIR=str(out.parent / CACHE)))
+    info = {"execution_provider": "OpenVINO CPU", "inference_precision": hint(precision, target),
+            "compile_config": config, "cache_dir": CACHE}
     if precision == Precision.INT8W:
         info["weight_compression"] = f"nncf {nncf().__version__}: {WEIGHT_COMPRESSION.lower()} per channel"
     return BuildResult(info=info,

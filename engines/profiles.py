@@ -2,8 +2,8 @@
 
 A profile gives each dynamic dim of a component a (min, opt, max). ONNX Runtime engines take the
 spec's full ranges. TensorRT engines are tuned for a profile, so theirs is as narrow as the use:
-batch 1..max_batch (opt 1); latent sizes spanning every ASPECT_RATIO_1024_BIN entry (and the 512
-bins); the text length of the transformer fixed by max_sequence_length (the pipeline pads to it), the
+batch 1..max_batch (opt 1); latent sizes spanning every 1024 resolution bin (and the 512 bins;
+sprintrt/bins.py); the text length of the transformer fixed by max_sequence_length (the pipeline pads to it), the
 text encoder's from one token up to that padded length (the pipeline runs the encoder on the real
 tokens only, after the instruction's cached prefix, whose length is the past's). A static profile
 (one batch, one size) is what CUDA graphs need.
@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sprintrt import defaults as D
+from sprintrt import specs as S
+from sprintrt.bins import TABLES
 from sprintrt.errors import InvalidInputError
-from sprintrt.export import specs as S
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,11 @@ class ProfileOptions:
     max_sequence_length: int = D.DEFAULT_MAX_SEQUENCE_LENGTH
     complex_human_instruction: bool = True
     static: tuple[int, int, int] | None = None  # (batch, height px, width px): one shape only
-    resolutions: tuple[str, ...] = ("1024", "512")  # which bin tables the latent range must cover
+    resolutions: tuple[str, ...] = tuple(TABLES)  # which bin tables the latent range must cover
 
 
-def bin_latent_range(model: S.ModelDims, resolutions=("1024", "512")) -> tuple[int, int]:
-    tables = {"1024": S.ASPECT_RATIO_1024_BIN, "512": S.ASPECT_RATIO_512_BIN}
-    sides = [side for r in resolutions for hw in tables[r].values() for side in hw]
+def bin_latent_range(model: S.ModelDims, resolutions=tuple(TABLES)) -> tuple[int, int]:
+    sides = [side for r in resolutions for hw in TABLES[r].values() for side in hw]
     f = model.vae_scale_factor
     return min(sides) // f, max(sides) // f
 

@@ -33,7 +33,7 @@ from typing import Mapping
 
 from sprintrt import machine
 from sprintrt.errors import InvalidInputError
-from sprintrt.export.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER
+from sprintrt.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER
 
 # Per component with an int8/fp8 recipe: the weight layers kept in higher precision (module-path parts).
 KEEP_HIGH_PRECISION = {
@@ -71,7 +71,7 @@ def quantizable_nodes(model, component: str) -> tuple[list[str], list[str]]:
                                 f"{list(QUANTIZABLE)}. Fix: keep it in a float precision")
     kept_scopes = KEEP_HIGH_PRECISION[component]
 
-    from sprintrt.export.graph_passes import module_scopes
+    from sprintrt.onnx_scopes import module_scopes
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)

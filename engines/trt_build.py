@@ -22,15 +22,22 @@ from typing import Mapping
 
 
 from sprintrt import machine
-from sprintrt.engines.backend import BuildResult
 from sprintrt.engines.precision import Precision
 from sprintrt.engines.profiles import tensorrt_profile
+from sprintrt.engines.registry import BuildResult
 from sprintrt.errors import InvalidInputError, MissingDependencyError, ModelLoadError
-from sprintrt.export.specs import COMPONENTS, TEXT_ENCODER
+from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 NAME = "tensorrt"
 LIBRARY = "tensorrt"
 SUFFIX = ".plan"
+DEVICE = "gpu"
+P = Precision
+# int8 / fp8: explicit Q/DQ quantization, strongly typed (fp8 needs compute capability >= 8.9)
+ALLOWED = {TEXT_ENCODER: (P.FP32, P.TF32, P.BF16, P.INT8),
+           TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8, P.FP8),
+           VAE_DECODER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8),
+           VAE_ENCODER: (P.FP32, P.TF32, P.BF16, P.FP16)}
 WORKSPACE_BYTES = 8 << 30
 BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT's default; 5 searches longer for a few % more
 INSTALL = ("Fix: run the TensorRT build on a machine with an NVIDIA GPU and driver, with TensorRT installed "
@@ -38,21 +45,34 @@ INSTALL = ("Fix: run the TensorRT build on a machine with an NVIDIA GPU and driv
            "On a CPU machine use --backend onnxruntime or openvino")
 
 
-def target() -> dict:
+def build_target() -> dict:
     """The GPU engines are built for (device 0 or $CUDA_VISIBLE_DEVICES' first). Raises if there is none."""
-    gpus = machine.gpus()
-    if not gpus:
-        raise MissingDependencyError(f"no NVIDIA GPU is visible (nvidia-smi is missing or lists none). {INSTALL}")
-    gpu = gpus[0]
-    return {"kind": "gpu", "name": gpu["name"], "compute_capability": gpu["compute_capability"]}
+    try:
+        return machine.gpu_target()
+    except MissingDependencyError as e:
+        raise MissingDependencyError(f"{e}. {INSTALL}") from None
 
 
-def versions() -> dict:
+def library_versions() -> dict:
     try:
         import tensorrt as trt
-    except ImportError as e:
+    except Exception as e:  # ImportError, or the pip stub that raises on import where no real TensorRT installs
         raise MissingDependencyError(f"TensorRT is not installed ({e}). {INSTALL}") from e
     return {LIBRARY: trt.__version__}
+
+
+def auto_preference() -> int:
+    """Wins wherever an NVIDIA GPU and TensorRT are both present."""
+    return 3 if machine.gpus() and machine.library_version(LIBRARY) else 0
+
+
+def capabilities(target: Mapping) -> str:
+    cc = _compute_capability(target)
+    precisions = ["fp32", "tf32", "fp16", "int8"]
+    precisions += ["bf16"] if cc >= BF16_MIN_COMPUTE_CAPABILITY else []
+    precisions += ["fp8"] if cc >= FP8_MIN_COMPUTE_CAPABILITY else []
+    return (f"{', '.join(precisions)} ({target['name']}; strongly typed networks: bf16/fp16 from the export's typed "
+            "variants, int8/fp8 from Q/DQ graphs)")
 
 
 # Precisions built from the export's typed (16-bit) variant rather than the fp32 graph.
@@ -92,14 +112,14 @@ def check_buildable(component: str, precision: Precision, export_record: Mapping
         raise ModelLoadError(f"{export_record.get('file', component + '.onnx')} is not ready for TensorRT: "
                              f"{findings[0]}{f' (and {len(findings) - 1} more)' if len(findings) > 1 else ''}. "
                              "Fix: re-export with this sprintrt version, whose graph passes remove these ops")
-    check_precision(precision, versions[LIBRARY], target)
+    check_precision(precision, target)
 
 
 def _compute_capability(gpu: Mapping) -> tuple[int, ...]:
     return tuple(int(x) for x in str(gpu.get("compute_capability", "0.0")).split(".")[:2])
 
 
-def check_precision(precision: Precision, trt_version: str, gpu: Mapping) -> None:
+def check_precision(precision: Precision, gpu: Mapping) -> None:
     """Refuse a precision this GPU cannot run (every TensorRT version builds them strongly typed)."""
     cc = _compute_capability(gpu)
     if precision == Precision.BF16 and cc < BF16_MIN_COMPUTE_CAPABILITY:
@@ -152,12 +172,12 @@ def _limit_workspace(builder, network, config):
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
 
 
-def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict,
-                    target_info: Mapping, library_versions: Mapping) -> BuildResult:
+def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict, target: Mapping,
+                    versions: Mapping) -> BuildResult:
     """Build one engine into `out` (written under a temporary name, then renamed).
 
     `shapes` maps each input to its min/opt/max shapes (engines.profiles.input_shapes)."""
-    cache = timing_cache_path(target_info, library_versions[LIBRARY])
+    cache = timing_cache_path(target, versions[LIBRARY])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

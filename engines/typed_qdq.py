@@ -42,7 +42,7 @@ def _leaf(scope: str) -> str:
 
 def pair_layers(fp32, typed) -> list[tuple]:
     """[(fp32 node, typed node)] of the two graphs' weight layers; a typed error if they differ."""
-    from sprintrt.export.graph_passes import module_scopes
+    from sprintrt.onnx_scopes import module_scopes
 
     a, b = weight_layers(fp32), weight_layers(typed)
     sa, sb = module_scopes(fp32), module_scopes(typed)

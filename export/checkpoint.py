@@ -16,9 +16,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from sprintrt.defaults import ARCHS, DEFAULT_ARCH, DEFAULT_SEED
 from sprintrt.errors import InvalidInputError, ModelLoadError
-
-ARCHS = ("tiny", "0.6B", "1.6B")
 
 # The sprint flags shared by every architecture (docs/SANA_SPRINT_SPEC.md §6.2).
 _SPRINT_TRANSFORMER = dict(
@@ -73,7 +72,7 @@ def arch_configs(arch: str) -> dict:
             "vae": dict(real["vae_dc_ae_f32c32_sana_1_1"]), "text_encoder": gemma}
 
 
-def make_checkpoint(out: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
+def make_checkpoint(out: str | Path, arch: str = DEFAULT_ARCH, seed: int = DEFAULT_SEED) -> Path:
     """Write a seeded random checkpoint of `arch` to `out` in the diffusers layout. Returns `out`.
 
     Args:

@@ -4,9 +4,9 @@
   folding feeds a double shape to Expand and ONNX Runtime refuses the graph.
 - castlike_constants: `F.pad(..., value=1.0)` in the linear attention exports as
   CastLike(double 1.0, x); TensorRT has no DOUBLE CastLike, and the cast of a constant is a constant.
-- module_scopes / restore_module_scopes: the exporter tags each node with the PyTorch module it
-  came from (`pkg.torch.onnx.name_scopes`); constant folding drops node metadata, and quantization
-  needs it to keep whole modules (time embedding, caption projection, ...) in higher precision.
+- restore_module_scopes (sprintrt/onnx_scopes.py): the exporter tags each node with the PyTorch module
+  it came from; constant folding drops node metadata, and quantization needs it to keep whole modules
+  (time embedding, caption projection, ...) in higher precision.
 - cancel_transpose_pairs: DC-AE normalises channels-last views of NCHW tensors, so each RMSNorm
   sits between two Transposes; OpenVINO ran them as slow layout copies (1.3 s of 5.2 s in the real
   decoder at 512², bf16). With the norm computed on axis 1 (export/wrappers.py) the transposes
@@ -253,32 +253,6 @@ def prune_unused(proto: onnx.ModelProto) -> int:
         for i in dead_inits:
             proto.graph.initializer.remove(i)
         removed += len(dead) + len(dead_inits)
-
-
-SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-
-
-def module_scopes(proto: onnx.ModelProto) -> dict[str, str]:
-    """First output name → the module path of the node that computes it, e.g. 'transformer.time_embed'."""
-    import ast
-
-    scopes = {}
-    for n in proto.graph.node:
-        for prop in n.metadata_props:
-            if prop.key == SCOPE_KEY and n.output:
-                parts = [p for p in ast.literal_eval(prop.value) if p]
-                scopes[n.output[0]] = ".".join(parts)
-    return scopes
-
-
-def restore_module_scopes(proto: onnx.ModelProto, scopes: dict[str, str]) -> int:
-    """Put the module paths back on the nodes that survived folding (matched by output name)."""
-    count = 0
-    for n in proto.graph.node:
-        if n.output and n.output[0] in scopes and not any(p.key == SCOPE_KEY for p in n.metadata_props):
-            n.metadata_props.add(key=SCOPE_KEY, value=repr([""] + scopes[n.output[0]].split(".")))
-            count += 1
-    return count
 
 
 def cast_expanded_constants(proto: onnx.ModelProto) -> int:

@@ -29,13 +29,16 @@ from pathlib import Path
 from dataclasses import asdict
 
 from sprintrt import files
-from sprintrt.defaults import MAX_SEQUENCE_LENGTH_LIMIT, tokenized_length
+from sprintrt import specs as S
+from sprintrt.defaults import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, MAX_SEQUENCE_LENGTH_LIMIT, tokenized_length
 from sprintrt.errors import InvalidInputError, ModelLoadError
-from sprintrt.files import sha256_file, write_text_atomic
-from sprintrt.export import specs as S
+from sprintrt.export_info import EXPORT_INFO
+from sprintrt.export_info import FORMAT as EXPORT_INFO_FORMAT
+from sprintrt.files import model_identity, sha256_file, write_text_atomic
 from sprintrt.export.graph_passes import (cancel_transpose_pairs, cast_expanded_constants, castlike_constants,
-                                          fold_weight_transposes, module_scopes, prune_unused,
-                                          restore_module_scopes, sequences_to_split, typed_list_constants)
+                                          fold_weight_transposes, prune_unused, sequences_to_split,
+                                          typed_list_constants)
+from sprintrt.onnx_scopes import module_scopes, restore_module_scopes
 
 OPSET = 18
 
@@ -71,21 +74,13 @@ def download_from_hub(name: str, repo_id: str | Path, example: str, allow_patter
 
 
 def exporter_fingerprint() -> str:
-    """sha256 over this package's export code (the .py files that decide what the graphs contain):
-    an ONNX directory written by another version of them may hold different graphs."""
+    """sha256 over the export code (this package's .py files and the specs its graphs are traced to: the
+    files that decide what the graphs contain): an ONNX directory written by another version of them may
+    hold different graphs."""
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
+    for f in [*sorted(Path(__file__).parent.glob("*.py")), Path(S.__file__)]:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def model_identity(path: Path) -> str:
-    """sha256 over every config and weight file of a checkpoint: equal iff the model is the same."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".model", ".txt")):
-        h.update(str(f.relative_to(path)).encode())
-        sha256_file(f, h)
     return h.hexdigest()
 
 
@@ -127,7 +122,7 @@ def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, S.
         _check_drop_in_vae(vae, replacement, vae_dir)
         vae = replacement
     sched = read_config(src, "scheduler", "scheduler_config.json")
-    n_chi = len(load_tokenizer(src).encode("\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
+    n_chi = len(load_tokenizer(src).encode("\n".join(DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
     vae_scale_factor = 2 ** (len(vae["encoder_block_out_channels"]) - 1)  # as SanaSprintPipeline computes it
     dims = S.ModelDims(
         vocab_size=int(te["vocab_size"]), text_hidden=int(te["hidden_size"]),
@@ -330,9 +325,10 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     The files are written into a temporary sibling directory and moved in place only when every
     export passed validation, so a failure never leaves a half-written ONNX directory behind.
     """
-    from sprintrt.export.typed import DEFAULT_DTYPES, parse_dtypes
+    from sprintrt.defaults import DEFAULT_EXPORT_DTYPES
+    from sprintrt.export.typed import parse_dtypes
 
-    dtypes = parse_dtypes(DEFAULT_DTYPES if dtypes is None else dtypes)
+    dtypes = parse_dtypes(DEFAULT_EXPORT_DTYPES if dtypes is None else dtypes)
     unknown = [c for c in components if c not in S.COMPONENTS]
     if unknown or not components:
         raise InvalidInputError(f"components={list(components)!r} is not allowed: expected a non-empty subset of "
@@ -343,7 +339,7 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     vae_dir = resolve_vae(vae) if vae is not None else None
     dims, constants = model_facts(src, vae_dir)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / S.EXPORT_INFO).is_file():
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO).is_file():
         raise InvalidInputError(f"out_dir={str(out_dir)!r} exists and is not an sprintrt ONNX directory. "
                                 "Fix: choose a new or empty directory (nothing there was touched)")
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -351,8 +347,9 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     tmp.mkdir(parents=True)
     try:
         info = {
-            "format": 1,
-            "model": {"source": str(model), "identity": model_identity(src),
+            "format": EXPORT_INFO_FORMAT,
+            # The identity covers a replacement VAE too: engines of another decoder are another model's.
+            "model": {"source": str(model), "identity": model_identity(src, vae_dir),
                       **({"vae": {"source": str(vae), "identity": model_identity(vae_dir)}} if vae_dir else {})},
             "model_dims": asdict(dims),
             "pipeline": asdict(constants),
@@ -367,7 +364,7 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
             if progress:
                 progress(component)
             info["components"][component] = export_component(src, component, tmp, dims, validate, vae_dir, dtypes)
-        write_text_atomic(tmp / S.EXPORT_INFO, json.dumps(info, indent=1))
+        write_text_atomic(tmp / EXPORT_INFO, json.dumps(info, indent=1))
         if out_dir.exists():  # an earlier export of ours: replace it whole
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -8,17 +8,17 @@ complex human instruction and the shipped prompt file so prompts tokenize into r
 from __future__ import annotations
 
 import json
-from importlib import resources
 
-from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION as DEFAULT_CHI
+from sprintrt.defaults import DEFAULT_COMPLEX_HUMAN_INSTRUCTION as DEFAULT_CHI
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 VOCAB_SIZE = 1024
 
 
 def shipped_prompts() -> list[str]:
-    text = resources.files("sprintrt.export").joinpath("data/prompts.txt").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    from sprintrt.prompts import read_prompts
+
+    return read_prompts(None)
 
 
 def build_tokenizer():

@@ -26,11 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sprintrt import specs as S
+from sprintrt.defaults import EXPORT_DTYPES as DTYPES
 from sprintrt.errors import ExportValidationError, InvalidInputError
-from sprintrt.export import specs as S
-
-DTYPES = ("fp32", "bf16", "fp16")
-DEFAULT_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sprintrt.errors import ExportValidationError
-from sprintrt.export.specs import ComponentSpec
+from sprintrt.specs import ComponentSpec
 from sprintrt.metrics import compare
 
 

@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from sprintrt.export.specs import ASPECT_RATIO_1024_BIN
-
-
-def classify_height_width_bin(height: int, width: int, ratios=ASPECT_RATIO_1024_BIN) -> tuple[int, int]:
-    """The bin whose ratio is closest to height/width (first one wins ties, as in diffusers)."""
-    ar = float(height / width)
-    closest = min(ratios.keys(), key=lambda r: abs(float(r) - ar))
-    h, w = ratios[closest]
-    return int(h), int(w)
 
 
 def _bilinear_taps(in_size: int, out_size: int):

@@ -15,10 +15,11 @@ import math
 import numpy as np
 
 from sprintrt import defaults as D
+from sprintrt import specs as S
 from sprintrt.errors import invalid
-from sprintrt.export import specs as S
 from sprintrt.runtime import image as I
-from sprintrt.runtime.pipeline import Clock, SprintPipeline, generate_arguments
+from sprintrt.runtime.call import IMAGE_TO_IMAGE, CallArguments, pipeline_call
+from sprintrt.runtime.pipeline import Clock, SprintPipeline
 from sprintrt.runtime.scheduler import SCMScheduler, cos32, sin32
 
 
@@ -31,41 +32,14 @@ def start_index(num_inference_steps: int, strength: float) -> int:
 class SprintImg2ImgPipeline(SprintPipeline):
     COMPONENTS = S.IMAGE_TO_IMAGE  # the text-to-image engines and the VAE encoder
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        num_inference_steps: int = D.DEFAULT_STEPS,
-        timesteps: list[float] | None = None,
-        max_timesteps: float | None = D.DEFAULT_MAX_TIMESTEPS,
-        intermediate_timesteps: float | None = D.DEFAULT_INTERMEDIATE_TIMESTEPS,
-        guidance_scale: float = D.DEFAULT_GUIDANCE_SCALE,
-        image=None,
-        strength: float = D.DEFAULT_STRENGTH,
-        num_images_per_prompt: int = 1,
-        height: int = D.DEFAULT_HEIGHT,
-        width: int = D.DEFAULT_WIDTH,
-        eta: float = 0.0,
-        generator=None,
-        latents=None,
-        prompt_embeds=None,
-        prompt_attention_mask=None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        clean_caption: bool = False,
-        use_resolution_binning: bool = True,
-        max_sequence_length: int = D.DEFAULT_MAX_SEQUENCE_LENGTH,
-        complex_human_instruction: list[str] | None = list(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION),
-    ):
+    @pipeline_call(IMAGE_TO_IMAGE)
+    def __call__(self, args: CallArguments):
         """Generate images from `image` and the prompt. Arguments and defaults are
-        SanaSprintImg2ImgPipeline.__call__'s: `image` is a PIL image, an HxWx3 NumPy array or a 3xHxW torch
-        tensor with values in [0, 1] (or a list / batch of them), `strength` in (0, 1] is how much of the
-        schedule runs (1: all of it, from almost pure noise). Returns SprintPipelineOutput."""
-        self._check_strength(strength)
-        kind, images = I.image_batch(image)
-        if self.vae_encoder is None:
-            raise invalid("image", "an image", "a pipeline with the vae_encoder engine",
-                          "export and build the vae_encoder (`sprintrt export` does by default), then load "
-                          "SprintImg2ImgPipeline.from_engines(dir)")
+        SanaSprintImg2ImgPipeline.__call__'s (runtime/call.py): `image` is a PIL image, an HxWx3 NumPy array or
+        a 3xHxW torch tensor with values in [0, 1] (or a list / batch of them), `strength` in (0, 1] is how
+        much of the schedule runs (1: all of it, from almost pure noise). Returns SprintPipelineOutput."""
+        kind, images = self._check_image(args)
+        strength = args.strength
 
         def start(scheduler: SCMScheduler, shape: tuple, draw, user_latents, clock: Clock):
             t0 = start_index(len(scheduler.timesteps) - 1, strength)
@@ -84,7 +58,22 @@ class SprintImg2ImgPipeline(SprintPipeline):
             t = scheduler.timesteps[t0]
             return cos32(t) * image_latents + sin32(t) * noise, steps
 
-        return self._generate(start, **generate_arguments(locals()))
+        return self._generate(start, args)
+
+    @pipeline_call(IMAGE_TO_IMAGE)
+    def check_arguments(self, args: CallArguments) -> None:
+        """Raise the InvalidInputError a call with these arguments would raise, without running an engine."""
+        self._check_image(args)
+        self._check_arguments(args)
+
+    def _check_image(self, args: CallArguments) -> tuple[str, object]:
+        self._check_strength(args.strength)
+        kind, images = I.image_batch(args.image)
+        if self.vae_encoder is None:
+            raise invalid("image", "an image", "a pipeline with the vae_encoder engine",
+                          "export and build the vae_encoder (`sprintrt export` does by default), then load "
+                          "SprintImg2ImgPipeline.from_engines(dir)")
+        return kind, images
 
     @staticmethod
     def _check_strength(strength) -> None:

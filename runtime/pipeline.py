@@ -17,23 +17,26 @@ from pathlib import Path
 import numpy as np
 
 from sprintrt import defaults as D
-from sprintrt.engines.backend import machine_for
-from sprintrt.engines.manifest import check_loadable, read_manifest
+from sprintrt import specs as S
+from sprintrt.bins import classify_height_width_bin
 from sprintrt.errors import InvalidInputError, invalid
-from sprintrt.export import specs as S
+from sprintrt.manifest import read_manifest
 from sprintrt.runtime import image as I
 from sprintrt.runtime import vae_decode as V
-from sprintrt.runtime.backends import default_threads, load_engine
-from sprintrt.runtime.engine import profile_limits
+from sprintrt.runtime.call import TEXT_TO_IMAGE, CallArguments, pipeline_call
+from sprintrt.runtime.engine import RunOptions, profile_limits
 from sprintrt.runtime.noise import noise_source
 from sprintrt.runtime.prompt import PromptTokenizer, preprocess, select_index
 from sprintrt.runtime.prompt_cache import PromptEmbeddingCache
 from sprintrt.runtime.scheduler import SCMScheduler
+from sprintrt.runtime.registry import check_engines, load_engines
 from sprintrt.runtime.text_prefix import TextEncoderRunner
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # Stages timed once per step: their timings are a list, one entry per step.
 PER_STEP_STAGES = ("transformer",)
+# What a callback_on_step_end may ask to see and replace (diffusers' `_callback_tensor_inputs`).
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds")
 
 
 @dataclass
@@ -61,18 +64,6 @@ class Clock:
                 self.timings[stage] = self.timings.get(stage, 0.0) + seconds
 
 
-def generate_arguments(call_locals: dict) -> dict:
-    """The arguments of a pipeline __call__ that SprintPipeline._generate takes (`eta` is ignored, as in
-    diffusers; image-to-image's own arguments are consumed by its start hook)."""
-    return {k: call_locals[k] for k in GENERATE_ARGUMENTS}
-
-
-GENERATE_ARGUMENTS = ("prompt", "num_inference_steps", "timesteps", "max_timesteps", "intermediate_timesteps",
-                      "guidance_scale", "num_images_per_prompt", "height", "width", "generator", "latents",
-                      "prompt_embeds", "prompt_attention_mask", "output_type", "return_dict", "clean_caption",
-                      "use_resolution_binning", "max_sequence_length", "complex_human_instruction")
-
-
 class SprintPipeline:
     """Text to image over engines; see the module docstring."""
 
@@ -98,6 +89,7 @@ class SprintPipeline:
         self.prompt_cache: PromptEmbeddingCache | None = None  # opt-in: from_engines(prompt_cache=...)
         self.vae_slicing = False
         self.vae_tiling: V.Tiling | None = None
+        self._interrupt = False  # a callback_on_step_end sets it to skip the remaining steps, as in diffusers
         te = manifest.components.get(S.TEXT_ENCODER, {})
         self._text_runner = (TextEncoderRunner(self.model_dims, self.limits[S.TEXT_ENCODER])
                              if S.TEXT_ENCODER in self.limits else None)
@@ -117,23 +109,17 @@ class SprintPipeline:
             verify_sha256: hash every engine file against the manifest (size is always checked).
             components: load a subset (e.g. without the VAE for output_type="latent"); default: what
                 this pipeline runs (text to image: text encoder, transformer, VAE decoder).
-            cuda_graph: TensorRT engines replay CUDA graphs at repeated shapes (static-profile engines).
+            cuda_graph: GPU engines replay CUDA graphs at repeated shapes (static-profile engines).
             prompt_cache: reuse text-encoder outputs of repeated prompts: a PromptEmbeddingCache (may be
                 shared between pipelines) or its size in prompts. Off by default.
         """
         if prompt_cache is not None and not isinstance(prompt_cache, PromptEmbeddingCache):
             prompt_cache = PromptEmbeddingCache(prompt_cache)
+        options = RunOptions(threads=threads, cuda_graph=cuda_graph)  # checks threads before anything loads
         components = tuple(cls.COMPONENTS if components is None else components)
         manifest = read_manifest(engine_dir)
-        check_loadable(manifest, components, expect_model=expect_model, verify_sha256=verify_sha256,
-                       machine=machine_for)
-        threads = threads or default_threads()
-        stream = None
-        if any(manifest.components[c]["backend"] == "tensorrt" for c in components):
-            from polygraphy import cuda
-
-            stream = cuda.Stream()  # one stream for every TensorRT engine of the pipeline
-        engines = {c: load_engine(manifest, c, threads, stream=stream, cuda_graph=cuda_graph) for c in components}
+        check_engines(manifest, components, expect_model=expect_model, verify_sha256=verify_sha256)
+        engines = load_engines(manifest, components, options)
         tokenizer = PromptTokenizer(manifest.root / manifest.data["tokenizer"])
         pipe = cls(engines, tokenizer, manifest)
         pipe.prompt_cache = prompt_cache
@@ -178,32 +164,16 @@ class SprintPipeline:
         self.vae_tiling = None
 
     # ---- the call -------------------------------------------------------------------------
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        num_inference_steps: int = D.DEFAULT_STEPS,
-        timesteps: list[float] | None = None,
-        max_timesteps: float | None = D.DEFAULT_MAX_TIMESTEPS,
-        intermediate_timesteps: float | None = D.DEFAULT_INTERMEDIATE_TIMESTEPS,
-        guidance_scale: float = D.DEFAULT_GUIDANCE_SCALE,
-        num_images_per_prompt: int = 1,
-        height: int = D.DEFAULT_HEIGHT,
-        width: int = D.DEFAULT_WIDTH,
-        eta: float = 0.0,
-        generator=None,
-        latents=None,
-        prompt_embeds=None,
-        prompt_attention_mask=None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        clean_caption: bool = False,
-        use_resolution_binning: bool = True,
-        max_sequence_length: int = D.DEFAULT_MAX_SEQUENCE_LENGTH,
-        complex_human_instruction: list[str] | None = list(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION),
-    ):
-        """Generate images. Arguments and defaults are SanaSprintPipeline.__call__'s; `eta` is ignored
-        there too. Returns SprintPipelineOutput(images, timings), or (images,) if return_dict is False."""
-        return self._generate(self._start_from_noise, **generate_arguments(locals()))
+    @pipeline_call(TEXT_TO_IMAGE)
+    def __call__(self, args: CallArguments):
+        """Generate images. Arguments and defaults are SanaSprintPipeline.__call__'s (runtime/call.py); `eta` is
+        ignored there too. Returns SprintPipelineOutput(images, timings), or (images,) if return_dict is False."""
+        return self._generate(self._start_from_noise, args)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a callback_on_step_end to skip the remaining steps (as in diffusers)."""
+        return self._interrupt
 
     def _start_from_noise(self, scheduler: SCMScheduler, shape: tuple, draw, latents, clock: Clock):
         """Text to image: the start is noise (or the caller's latents) times sigma_data, every step runs."""
@@ -214,39 +184,40 @@ class SprintPipeline:
             x = self._check_latents(latents, shape)
         return x * np.float32(self.constants.sigma_data), scheduler.steps()
 
-    def _generate(self, start, *, prompt, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
-                  guidance_scale, num_images_per_prompt, height, width, generator, latents, prompt_embeds,
-                  prompt_attention_mask, output_type, return_dict, clean_caption, use_resolution_binning,
-                  max_sequence_length, complex_human_instruction):
+    def _generate(self, start, args: CallArguments):
         """The steps every SANA-Sprint pipeline shares; `start(scheduler, shape, draw, latents, clock)` gives
         the starting latents and the TrigFlow steps to run (text to image: noise and all of them)."""
         clock = Clock()
         t_start = time.perf_counter()
         # 1. Check the arguments and bin the size (before any engine runs).
-        (height, width), scheduler = self._check_call(
-            num_inference_steps, timesteps, max_timesteps, intermediate_timesteps, guidance_scale,
-            num_images_per_prompt, height, width, output_type, clean_caption, use_resolution_binning,
-            max_sequence_length)
+        (height, width), scheduler = self._check_call(args)
         orig_size = (height, width)
-        if use_resolution_binning:
-            height, width = I.classify_height_width_bin(height, width)
+        if args.use_resolution_binning:
+            height, width = classify_height_width_bin(height, width)
+        callback, callback_inputs = args.callback_on_step_end, args.callback_on_step_end_tensor_inputs
+        if callback is not None and hasattr(callback, "tensor_inputs"):  # diffusers' PipelineCallback objects
+            callback_inputs = callback.tensor_inputs
+        self._interrupt = False
 
         # 2. Encode the prompt.
-        embeds, mask = self.encode_prompt(prompt, num_images_per_prompt, prompt_embeds, prompt_attention_mask,
-                                          max_sequence_length, complex_human_instruction, clock)
+        embeds, mask = self.encode_prompt(args.prompt, args.num_images_per_prompt, args.prompt_embeds,
+                                          args.prompt_attention_mask, args.max_sequence_length,
+                                          args.complex_human_instruction, clock)
 
         # 3. Prepare the starting latents and the steps to run.
         batch = embeds.shape[0]
         f = self.vae_scale_factor
         shape = (batch, self.model_dims.latent_channels, height // f, width // f)
-        draw = noise_source(generator, batch)
-        x, steps = start(scheduler, shape, draw, latents, clock)
-        guidance = np.full((batch,), np.float32(guidance_scale), dtype=np.float32) * np.float32(
+        draw = noise_source(args.generator, batch)
+        x, steps = start(scheduler, shape, draw, args.latents, clock)
+        guidance = np.full((batch,), np.float32(args.guidance_scale), dtype=np.float32) * np.float32(
             self.constants.guidance_embeds_scale)
 
         # 4. Denoise: one transformer call per TrigFlow step, noise drawn on every step (the last included).
         x0 = x
-        for step in steps:
+        for i, step in enumerate(steps):
+            if self._interrupt:
+                continue
             with clock("scheduler"):
                 x_in = scheduler.model_input(x, step)
                 timestep = np.full((batch,), step.sflow, dtype=np.float32)
@@ -257,17 +228,30 @@ class SprintPipeline:
                 noise = draw(shape)
             with clock("scheduler"):
                 x, x0 = scheduler.step(x, x_in, flow, step, noise)
+            if callback is not None:
+                x, embeds = self._run_callback(callback, callback_inputs, i, step.t, x, embeds)
         out_latents = x0 / np.float32(self.constants.sigma_data)
 
         # 5. Decode, resize back to the requested size, post-process.
-        if output_type == "latent":
+        if args.output_type == "latent":
             images = out_latents
         else:
-            images = self._decode(out_latents, orig_size if use_resolution_binning else None, output_type, clock)
+            images = self._decode(out_latents, orig_size if args.use_resolution_binning else None, args.output_type,
+                                  clock)
         clock.timings["total"] = time.perf_counter() - t_start
-        if not return_dict:
+        if not args.return_dict:
             return (images,)
         return SprintPipelineOutput(images=images, timings=clock.timings)
+
+    def _run_callback(self, callback, names, i: int, t, latents: np.ndarray, embeds: np.ndarray):
+        """diffusers' callback_on_step_end(pipe, step index, timestep, {name: tensor}) with NumPy arrays; the
+        latents and prompt embeddings it returns replace the pipeline's."""
+        out = callback(self, i, t, {n: {"latents": latents, "prompt_embeds": embeds}[n] for n in names}) or {}
+        if "latents" in out:
+            latents = self._check_latents(out["latents"], latents.shape, "callback_on_step_end's latents")
+        if "prompt_embeds" in out:
+            embeds = self._check_latents(out["prompt_embeds"], embeds.shape, "callback_on_step_end's prompt_embeds")
+        return latents, embeds
 
     def _decode(self, latents: np.ndarray, resize_to: tuple[int, int] | None, output_type: str, clock: Clock):
         if self.vae_decoder is None:
@@ -309,7 +293,7 @@ class SprintPipeline:
         mask = np.tile(mask, (num_images_per_prompt, 1))
         return embeds, mask
 
-    def cache_instruction(self, complex_human_instruction=S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION) -> None:
+    def cache_instruction(self, complex_human_instruction=D.DEFAULT_COMPLEX_HUMAN_INSTRUCTION) -> None:
         """Run the instruction through the text encoder now, which the first prompt with it would otherwise
         do (a server calls this before it reports ready, so no request pays for it)."""
         if self.text_encoder is not None and complex_human_instruction and self.reuse_instruction_prefix:
@@ -371,37 +355,48 @@ class SprintPipeline:
         return full
 
     # ---- input checks -----------------------------------------------------------------------
-    def check_arguments(self, prompt=None, num_inference_steps: int = D.DEFAULT_STEPS, timesteps=None,
-                        max_timesteps: float | None = D.DEFAULT_MAX_TIMESTEPS,
-                        intermediate_timesteps: float | None = D.DEFAULT_INTERMEDIATE_TIMESTEPS,
-                        guidance_scale: float = D.DEFAULT_GUIDANCE_SCALE, num_images_per_prompt: int = 1,
-                        height: int = D.DEFAULT_HEIGHT, width: int = D.DEFAULT_WIDTH, generator=None,
-                        output_type: str = "pil", clean_caption: bool = False, use_resolution_binning: bool = True,
-                        max_sequence_length: int = D.DEFAULT_MAX_SEQUENCE_LENGTH,
-                        complex_human_instruction=list(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)) -> None:
+    @pipeline_call(TEXT_TO_IMAGE)
+    def check_arguments(self, args: CallArguments) -> None:
         """Raise the InvalidInputError a call with these arguments would raise, without running an engine
-        (a server checks each request before it joins a batch)."""
-        self._check_call(num_inference_steps, timesteps, max_timesteps, intermediate_timesteps, guidance_scale,
-                         num_images_per_prompt, height, width, output_type, clean_caption, use_resolution_binning,
-                         max_sequence_length)
-        if prompt is not None:
-            self._tokenized_prompts(prompt, max_sequence_length, complex_human_instruction)
-        batch = len(preprocess(prompt)) * num_images_per_prompt if prompt is not None else num_images_per_prompt
-        noise_source(generator, batch)
+        (a server checks each request before it joins a batch). Takes __call__'s arguments."""
+        self._check_arguments(args)
 
-    def _check_call(self, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps, guidance_scale,
-                    num_images_per_prompt, height, width, output_type, clean_caption, use_resolution_binning,
-                    max_sequence_length) -> tuple[tuple[int, int], SCMScheduler]:
+    def _check_arguments(self, args: CallArguments) -> None:
+        self._check_call(args)
+        if args.prompt is not None:
+            self._tokenized_prompts(args.prompt, args.max_sequence_length, args.complex_human_instruction)
+        n = args.num_images_per_prompt
+        noise_source(args.generator, len(preprocess(args.prompt)) * n if args.prompt is not None else n)
+
+    def _check_call(self, args: CallArguments) -> tuple[tuple[int, int], SCMScheduler]:
         """Every check of a call's scalars and size; returns the size to generate and the scheduler."""
-        self._check_scalars(guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption)
-        if use_resolution_binning:
+        self._check_scalars(args.guidance_scale, args.num_images_per_prompt, args.output_type, args.max_sequence_length,
+                            args.clean_caption)
+        self._check_extensions(args.attention_kwargs, args.callback_on_step_end, args.callback_on_step_end_tensor_inputs)
+        height, width = args.height, args.width
+        if args.use_resolution_binning:
             self._check_binnable(height, width)
-            self._check_size(*I.classify_height_width_bin(height, width))
+            self._check_size(*classify_height_width_bin(height, width))
         else:
             self._check_size(height, width)
         scheduler = SCMScheduler(self.constants.sigma_data)
-        scheduler.set_timesteps(num_inference_steps, timesteps, max_timesteps, intermediate_timesteps)
+        scheduler.set_timesteps(args.num_inference_steps, args.timesteps, args.max_timesteps,
+                                args.intermediate_timesteps)
         return (height, width), scheduler
+
+    @staticmethod
+    def _check_extensions(attention_kwargs, callback, callback_inputs) -> None:
+        if attention_kwargs:
+            raise invalid("attention_kwargs", attention_kwargs, "None: the engines' attention (and any LoRA scale) is "
+                          "compiled in", "fuse a LoRA into the checkpoint before `sprintrt export`, and drop the argument")
+        if callback is not None and not callable(callback):
+            raise invalid("callback_on_step_end", callback, "a callable (pipe, step, timestep, callback_kwargs) -> dict",
+                          "pass a function, or None")
+        names = getattr(callback, "tensor_inputs", callback_inputs) or []
+        unknown = [n for n in names if n not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise invalid("callback_on_step_end_tensor_inputs", names, f"names from {list(CALLBACK_TENSOR_INPUTS)}",
+                          f"drop {unknown}")
 
     def _check_scalars(self, guidance_scale, num_images_per_prompt, output_type, max_sequence_length, clean_caption):
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)) \
@@ -463,11 +458,13 @@ class SprintPipeline:
                               "pick a size inside the profile or rebuild the engines with a wider one "
                               "(`sprintrt build ... --rebuild`; TensorRT: a wider --static or bin range)")
 
-    def _check_latents(self, latents, shape) -> np.ndarray:
+    def _check_latents(self, latents, shape, name: str = "latents") -> np.ndarray:
         if type(latents).__module__.startswith("torch"):
             latents = latents.detach().cpu().float().numpy()
         arr = np.asarray(latents, dtype=np.float32)
-        if arr.shape != shape:
-            raise invalid("latents", f"array of shape {arr.shape}", f"shape {shape} (batch, channels, height/"
-                          f"{self.vae_scale_factor}, width/{self.vae_scale_factor})", "draw latents of that shape")
+        if arr.shape != tuple(shape):
+            what = (f"(batch, channels, height/{self.vae_scale_factor}, width/{self.vae_scale_factor})"
+                    if name == "latents" else "(the shape it was given)")
+            raise invalid(name, f"array of shape {arr.shape}", f"shape {tuple(shape)} {what}",
+                          "pass an array of that shape")
         return arr

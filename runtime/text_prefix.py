@@ -4,7 +4,7 @@ Every prompt with the complex human instruction (CHI) starts with the same ~120 
 text encoder's work per image. Gemma2 is causal: the hidden states, keys and values at those positions
 depend on those tokens only. So they are computed once per instruction (an `InstructionPrefix`), and each
 prompt then runs the encoder over its own tokens only, with the cached keys and values as the past (the
-graph's interface: export/specs.py text_encoder_spec). The result is the one full run's, up to float
+graph's interface: sprintrt/specs.py text_encoder_spec). The result is the one full run's, up to float
 rounding (tests/runtime/test_text_prefix.py compares both with transformers' Gemma2Model).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sprintrt.export import specs as S
+from sprintrt import specs as S
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sprintrt import defaults as D
 from sprintrt.serving import api
 
 # Stages reported in the latency histogram (SprintPipelineOutput.timings' names).
@@ -25,10 +26,10 @@ STAGES = ("tokenize", "text_encoder", "transformer", "noise", "scheduler", "vae_
 @dataclass(frozen=True)
 class ServeOptions:
     engine_dir: str
-    max_batch: int = 4  # images per engine call (at most the engines' batch profile)
-    max_wait_ms: float = 10.0  # how long the batcher waits to fill a batch
-    max_queued: int = 16  # requests admitted per replica (running + waiting); more get 503
-    timeout_s: float = 120.0  # per request, from arrival to answer
+    max_batch: int = D.DEFAULT_MAX_BATCH  # images per engine call (at most the engines' batch profile)
+    max_wait_ms: float = D.SERVE_MAX_WAIT_MS  # how long the batcher waits to fill a batch
+    max_queued: int = D.SERVE_MAX_QUEUED  # requests admitted per replica (running + waiting); more get 503
+    timeout_s: float = D.SERVE_TIMEOUT_S  # per request, from arrival to answer
     replicas: int = 1
     num_gpus: float = 0.0  # per replica (1 for one replica per GPU)
     threads: int | None = None  # engine threads per replica
@@ -213,7 +214,7 @@ def build_app(args: dict):
     return create_deployment(options).bind(asdict(options))
 
 
-def write_config(options: ServeOptions, path: str | Path, host: str = "0.0.0.0", port: int = 8000) -> Path:
+def write_config(options: ServeOptions, path: str | Path, host: str = D.SERVE_HOST, port: int = D.SERVE_PORT) -> Path:
     """A Ray Serve config file for `serve deploy` on a cluster (one application, this deployment)."""
     import yaml
 
@@ -243,7 +244,7 @@ def deploy(options: ServeOptions, name: str = "sprintrt", route_prefix: str = "/
     serve.run(create_deployment(options).bind(asdict(options)), name=name, route_prefix=route_prefix)
 
 
-def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+def run(options: ServeOptions, host: str = D.SERVE_HOST, port: int = D.SERVE_PORT, address: str | None = None,
         blocking: bool = True, say=print):
     """Start (or join, with `address`) Ray, start Serve on host:port, deploy, and block until Ctrl-C."""
     import ray

@@ -29,14 +29,14 @@ SCHEMA = "sprintrt-loadtest/1"
 @dataclass(frozen=True)
 class LoadConfig:
     url: str
-    concurrency: int = 4
-    requests: int = 32
-    size: str = "512x512"
-    steps: int = 1
+    concurrency: int = D.LOADTEST_CONCURRENCY
+    requests: int = D.LOADTEST_REQUESTS
+    size: str = D.LOADTEST_SIZE
+    steps: int = D.BENCH_STEPS
     n: int = 1
     prompt: str = D.DEFAULT_PROMPT
-    duration_s: float = 600.0  # hard stop for the whole run
-    timeout_s: float = 300.0  # per request
+    duration_s: float = D.LOADTEST_DURATION_S  # hard stop for the whole run
+    timeout_s: float = D.LOADTEST_TIMEOUT_S  # per request
 
     def check(self) -> None:
         for name in ("concurrency", "requests", "steps", "n"):

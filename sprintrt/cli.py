@@ -2,18 +2,22 @@
 
 Each subcommand imports its stage inside the handler, so `sprintrt generate` on a production box
 loads neither torch nor diffusers. Typed errors print as one line (what, expected, fix) and exit 2.
+Every default comes from the library (the option dataclasses, the pipeline's call signature,
+sprintrt/defaults.py); none is written here.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import sys
 import time
 from pathlib import Path
 
 from sprintrt import defaults as D
-from sprintrt.errors import SprintError
+from sprintrt.errors import InvalidInputError, SprintError
 from sprintrt.quiet import quiet_libraries as _quiet_libraries
 
 
@@ -23,7 +27,42 @@ def _console():
     return Console(stderr=False, highlight=False)
 
 
-# ---- subcommands ---------------------------------------------------------------------------------
+def default(owner, name: str):
+    """The default of a dataclass field or a function parameter `name` of `owner`."""
+    if dataclasses.is_dataclass(owner):
+        f = {f.name: f for f in dataclasses.fields(owner)}[name]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(owner, inspect.Signature):
+        return owner.parameters[name].default
+    return inspect.signature(owner).parameters[name].default
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def _list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _int_list_item(value: str, flag: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInputError(f"{flag} item {value!r} is not an integer. Fix: e.g. {flag} 1,2") from None
+
+
+# ---- make-checkpoint ---------------------------------------------------------------------------------
+
+def add_make_checkpoint(sub) -> None:
+    from sprintrt.export.checkpoint import make_checkpoint
+
+    s = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint in the diffusers layout")
+    s.add_argument("out")
+    s.add_argument("--arch", default=default(make_checkpoint, "arch"), choices=D.ARCHS)
+    s.add_argument("--seed", type=int, default=default(make_checkpoint, "seed"))
+    s.set_defaults(fn=cmd_make_checkpoint)
+
 
 def cmd_make_checkpoint(args) -> None:
     _quiet_libraries()
@@ -34,9 +73,31 @@ def cmd_make_checkpoint(args) -> None:
     print(f"checkpoint ({args.arch}, seed {args.seed}) written to {out}")
 
 
+# ---- export ---------------------------------------------------------------------------------------
+
+def add_export(sub) -> None:
+    from sprintrt.specs import COMPONENTS
+
+    s = sub.add_parser("export", help="export the text encoder, transformer, VAE decoder and VAE encoder to "
+                                      "validated ONNX")
+    s.add_argument("model", help="checkpoint directory or hub id")
+    s.add_argument("-o", "--output", required=True, help="ONNX directory to write")
+    s.add_argument("--components", help=f"comma-separated subset of {','.join(COMPONENTS)}")
+    s.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
+    s.add_argument("--dtypes", default=_csv(D.DEFAULT_EXPORT_DTYPES),
+                   help=f"graphs to export per component, of {_csv(D.EXPORT_DTYPES)}: fp32 (always) and strongly typed "
+                        "bf16/fp16 variants with fp32 islands, for TensorRT bf16/fp16, ONNX Runtime fp16 and OpenVINO "
+                        "bf16 engines (default %(default)s)")
+    s.add_argument("--vae", default=None, metavar="PATH_OR_ID",
+                   help="a drop-in AutoencoderDC to export instead of the checkpoint's VAE decoder, e.g. "
+                        "mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers (a lighter decoder)")
+    s.set_defaults(fn=cmd_export)
+
+
 def cmd_export(args) -> None:
     _quiet_libraries()
     from sprintrt.export.onnx_export import export_model
+    from sprintrt.export_info import read_export_info
 
     console = _console()
     components = args.components.split(",") if args.components else None
@@ -44,7 +105,7 @@ def cmd_export(args) -> None:
         out = export_model(args.model, args.output, **({"components": components} if components else {}),
                            validate=not args.no_validate, vae=args.vae, dtypes=args.dtypes,
                            progress=lambda c: status.update(f"exporting and validating {c}"))
-    info = json.loads((out / "export_info.json").read_text())
+    info = read_export_info(out)
     for name, rec in info["components"].items():
         worst = max((r["max_abs"] for r in rec["validation"]), default=float("nan"))
         console.print(f"  {name}: {out / rec['file']}  ({rec['export_seconds']} s; max |onnx - torch| "
@@ -58,73 +119,107 @@ def cmd_export(args) -> None:
     print(f"ONNX files written to {out}")
 
 
-def _calibrates(precision: str | None) -> bool:
-    """Whether --precision asks for a calibrated Q/DQ component (int8/fp8); int8w (weights only) needs no calibration."""
-    from sprintrt.engines.precision import QUANTIZED
+# ---- build ----------------------------------------------------------------------------------------
 
-    if not precision:
-        return False
-    values = [part.partition("=")[2] or part for part in precision.split(",")]
-    return any(v.strip().lower() in {p.value for p in QUANTIZED} for v in values)
+def add_build(sub) -> None:
+    from sprintrt.engines.build import build_engines
+    from sprintrt.engines.profiles import ProfileOptions
+    from sprintrt.engines.registry import ALIASES, AUTO, BUILD_BACKENDS
+
+    s = sub.add_parser("build", help="build engines from an ONNX directory")
+    s.add_argument("onnx_dir")
+    s.add_argument("-o", "--output", required=True, help="engine directory to write")
+    s.add_argument("--backend", default=default(build_engines, "backend"),
+                   help=f"{' or '.join(BUILD_BACKENDS)} (or {', '.join(ALIASES)}), or {AUTO}: a GPU backend where its "
+                        "GPU is present; on a CPU, every installed backend and precision timed per component, the "
+                        "fastest that passes the quality gate kept (see --no-tune). Default %(default)s")
+    s.add_argument("--no-tune", action="store_true",
+                   help="with --backend auto: pick by rule of thumb instead of timing candidates")
+    s.add_argument("--candidates", help="with --backend auto: the CPU candidates to time, e.g. ort:fp32,ov:fp32,ort:int8 "
+                                        "(default: every one this machine can build)")
+    s.add_argument("--tune-size", type=int, default=D.DEFAULT_CALIBRATION_SIZE,
+                   help="with --backend auto: time candidates on the inputs of one SIZExSIZE call (default %(default)s)")
+    s.add_argument("--precision", default=None,
+                   help="one precision for all (fp32, tf32, bf16, fp16; int8/fp8 quantize every component with a "
+                        "recipe) or per component, e.g. transformer=fp16,vae_decoder=int8 (OpenVINO also "
+                        "text_encoder=int8w: int8 weights, no calibration); default: the backend's "
+                        "safe per-component choice")
+    s.add_argument("--rebuild", action="store_true", help="rebuild even if an up-to-date engine exists")
+    s.add_argument("--max-batch", type=int, default=default(ProfileOptions, "max_batch"),
+                   help="TensorRT profile: largest batch (default %(default)s)")
+    s.add_argument("--max-sequence-length", type=int, default=default(ProfileOptions, "max_sequence_length"),
+                   help="TensorRT profile: prompt tokens (default %(default)s)")
+    s.add_argument("--no-chi", action="store_true", help="TensorRT profile: prompts without the complex human instruction")
+    s.add_argument("--static", help="TensorRT profile: one shape BATCHxHEIGHTxWIDTH, e.g. 1x1024x1024 (CUDA graphs)")
+    s.add_argument("--calibration-prompts", help="int8/fp8: prompt file, one per line (default: the shipped prompts)")
+    s.add_argument("--calibration-count", type=int, default=D.DEFAULT_CALIBRATION_COUNT,
+                   help="int8/fp8: how many prompts (default %(default)s)")
+    s.add_argument("--calibration-size", type=int, default=D.DEFAULT_CALIBRATION_SIZE,
+                   help="int8/fp8: image size to calibrate at (default %(default)s)")
+    s.set_defaults(fn=cmd_build)
 
 
 def cmd_build(args) -> None:
-    from sprintrt.engines.backend import auto_backend
     from sprintrt.engines.build import build_engines
+    from sprintrt.engines.doctor import tuning_table
+    from sprintrt.engines.precision import PrecisionRequest
     from sprintrt.engines.profiles import ProfileOptions
+    from sprintrt.engines.registry import AUTO, auto_backend, tunes_here
+    from sprintrt.manifest import read_manifest
 
     console = _console()
     profile = ProfileOptions(max_batch=args.max_batch, max_sequence_length=args.max_sequence_length,
                              complex_human_instruction=not args.no_chi, static=_parse_static(args.static))
-    quantized = _calibrates(args.precision)
-    tune = args.backend == "auto" and not args.no_tune and not args.precision and auto_backend() != "tensorrt"
+    request = PrecisionRequest.parse(args.precision)  # a bad --precision fails here, before any work
+    backend = auto_backend() if args.backend == AUTO else args.backend
+    tune = args.backend == AUTO and not args.no_tune and not request and tunes_here(backend)
     with console.status("building engines") as status:
         if tune:
-            from sprintrt.engines.tune import tune_engines
+            from sprintrt.tuning.tune import tune_engines
 
             out = tune_engines(args.onnx_dir, args.output, candidate_names=_list(args.candidates),
                                prompts_file=args.calibration_prompts, count=args.calibration_count,
                                size=args.tune_size, rebuild=args.rebuild, progress=status.update)
-        elif quantized:
-            from sprintrt.engines.calibration import build_quantized_engines
+        elif request.calibrates:
+            from sprintrt.tuning.calibration import build_quantized_engines
 
-            backend = auto_backend() if args.backend == "auto" else args.backend
             out = build_quantized_engines(args.onnx_dir, args.output, args.calibration_prompts, args.calibration_count,
                                           args.calibration_size, profile, progress=status.update,
-                                          backend=backend, precision=args.precision)
+                                          backend=backend, precision=request)
         else:
-            out = build_engines(args.onnx_dir, args.output, backend=args.backend, precision=args.precision,
+            out = build_engines(args.onnx_dir, args.output, backend=backend, precision=request,
                                 rebuild=args.rebuild, profile=profile,
                                 progress=lambda c, what: status.update(f"{c}: {what}"))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out).data
     if tune:
-        from sprintrt.engines.tune import table
-
         console.print(f"  tuned on this CPU ({args.tune_size}x{args.tune_size} pipeline inputs; median seconds per call):")
-        for line in table(manifest):
+        for line in tuning_table(manifest):
             console.print(f"    {line}", soft_wrap=True)
-    elif args.backend == "auto":
-        console.print(f"  --backend auto chose {next(iter(manifest['components'].values()))['backend']} "
-                      f"({'rule of thumb, --no-tune' if args.no_tune else 'TensorRT: GPU present'})")
+    elif args.backend == AUTO:
+        why = "--no-tune" if args.no_tune else "--precision given"
+        console.print(f"  --backend auto chose {backend} "
+                      f"({'rule of thumb, ' + why if tunes_here(backend) else 'a GPU backend whose GPU is here'})")
     for name, entry in manifest["components"].items():
         console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
     print(f"engines and manifest written to {out}")
 
 
-def _list(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
 def _parse_static(value):
     if not value:
         return None
-    from sprintrt.errors import InvalidInputError
-
     try:
         batch, height, width = (int(v) for v in value.lower().split("x"))
     except ValueError:
         raise InvalidInputError(f"--static {value!r} is not BATCHxHEIGHTxWIDTH. Fix: e.g. --static 1x1024x1024") from None
     return batch, height, width
+
+
+# ---- doctor ---------------------------------------------------------------------------------------
+
+def add_doctor(sub) -> None:
+    s = sub.add_parser("doctor", help="what this machine has (CPU ISA, GPU, engine libraries) and can build")
+    s.add_argument("engine_dir", nargs="?", help="also show what `build --backend auto` measured and chose for it")
+    s.set_defaults(fn=cmd_doctor)
 
 
 def cmd_doctor(args) -> None:
@@ -135,7 +230,31 @@ def cmd_doctor(args) -> None:
         print(tuning_report(args.engine_dir))
 
 
+# ---- generate -------------------------------------------------------------------------------------
+
+def add_generate(sub) -> None:
+    from sprintrt.runtime.call import IMAGE_TO_IMAGE, TEXT_TO_IMAGE
+
+    s = sub.add_parser("generate", help="generate an image with built engines")
+    s.add_argument("engine_dir")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("-o", "--output", required=True, help="PNG file to write")
+    s.add_argument("--steps", type=int, default=default(TEXT_TO_IMAGE, "num_inference_steps"))
+    s.add_argument("--seed", type=int, default=D.DEFAULT_SEED)
+    s.add_argument("--height", type=int, default=default(TEXT_TO_IMAGE, "height"))
+    s.add_argument("--width", type=int, default=default(TEXT_TO_IMAGE, "width"))
+    s.add_argument("--guidance-scale", type=float, default=default(TEXT_TO_IMAGE, "guidance_scale"))
+    s.add_argument("--no-binning", action="store_true", help="use height/width as given (multiples of 32)")
+    s.add_argument("--image", default=None, metavar="IN.png", help="image to image: start from this picture")
+    s.add_argument("--strength", type=float, default=None,
+                   help="image to image: how much of the schedule runs, in (0, 1] (default "
+                        f"{default(IMAGE_TO_IMAGE, 'strength')})")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=cmd_generate)
+
+
 def cmd_generate(args) -> None:
+    from sprintrt.runtime.call import IMAGE_TO_IMAGE
     from sprintrt.runtime.img2img import SprintImg2ImgPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
 
@@ -144,11 +263,9 @@ def cmd_generate(args) -> None:
         from sprintrt.runtime.image import load_image_file
 
         # A file's alpha channel or palette is not part of the picture: generate from its RGB.
-        strength = D.DEFAULT_STRENGTH if args.strength is None else args.strength
+        strength = default(IMAGE_TO_IMAGE, "strength") if args.strength is None else args.strength
         extra = dict(image=load_image_file(args.image).convert("RGB"), strength=strength)
     elif args.strength is not None:
-        from sprintrt.errors import InvalidInputError
-
         raise InvalidInputError("--strength is for image to image. Fix: add --image IN.png, or drop --strength")
     cls = SprintImg2ImgPipeline if extra else SprintPipeline
     pipe = cls.from_engines(args.engine_dir, threads=args.threads)
@@ -168,7 +285,7 @@ def cmd_generate(args) -> None:
 def binning_note(height: int, width: int, multiple: int) -> str:
     """Resolution binning (diffusers' default) generates at the 1024px model's nearest bin and resizes: a
     512² image costs a 1024² decode, 4x the VAE decoder's work. Say so, and how to avoid it."""
-    from sprintrt.runtime.image import classify_height_width_bin
+    from sprintrt.bins import classify_height_width_bin
 
     bh, bw = classify_height_width_bin(height, width)
     if (bh, bw) == (height, width):
@@ -178,6 +295,28 @@ def binning_note(height: int, width: int, multiple: int) -> str:
         return note
     return (f"{note}; --no-binning generates {height}x{width} itself, {bh * bw / (height * width):.1f}x fewer pixels "
             "to decode")
+
+
+# ---- drift ----------------------------------------------------------------------------------------
+
+def add_drift(sub) -> None:
+    from sprintrt.benchmarks.drift import run_drift
+
+    s = sub.add_parser("drift", help="per-component and image drift of reduced-precision engines vs an fp32 "
+                                     "engine directory, over a prompt set and seeds (JSON + Markdown)")
+    s.add_argument("reference", help="the fp32 engine directory")
+    s.add_argument("candidates", nargs="+", help="engine directories to compare, each DIR or NAME=DIR")
+    s.add_argument("--prompts", type=int, default=D.DRIFT_PROMPTS,
+                   help="how many prompts of the prompt file (default %(default)s)")
+    s.add_argument("--prompts-file", help="one prompt per line (default: the shipped prompts)")
+    s.add_argument("--seeds", default=_csv(D.DRIFT_SEEDS))
+    s.add_argument("--size", type=int, default=default(run_drift, "size"))
+    s.add_argument("--steps", type=int, default=default(run_drift, "steps"))
+    s.add_argument("--strength", type=float, default=default(run_drift, "strength"),
+                   help="measure image to image from a fixed picture at this strength (default: text to image)")
+    s.add_argument("--threads", type=int, default=default(run_drift, "threads"))
+    s.add_argument("-o", "--output", default=str(D.OUT_DIR / "drift.json"))
+    s.set_defaults(fn=cmd_drift)
 
 
 def cmd_drift(args) -> None:
@@ -199,48 +338,118 @@ def cmd_drift(args) -> None:
     print(f"results written to {', '.join(str(p) for p in paths)}")
 
 
+# ---- bench ----------------------------------------------------------------------------------------
+
+def add_bench(sub) -> None:
+    from sprintrt.benchmarks.config import BASELINES, TORCH_DEVICES, BenchConfig
+
+    def resolutions(values) -> str:
+        return _csv(h if h == w else f"{h}x{w}" for h, w in values)
+
+    s = sub.add_parser("bench", help="latency, memory and image agreement vs diffusers (JSON + Markdown + PNG)")
+    s.add_argument("--model", help="checkpoint directory or hub id (default: a seeded random --arch checkpoint)")
+    s.add_argument("--arch", default=default(BenchConfig, "arch"), choices=D.ARCHS)
+    s.add_argument("--seed", type=int, default=default(BenchConfig, "seed"))
+    s.add_argument("--resolutions", default=resolutions(default(BenchConfig, "resolutions")),
+                   help="comma-separated HEIGHT or HEIGHTxWIDTH, e.g. 512,768x1280 (default %(default)s)")
+    s.add_argument("--batches", default=_csv(default(BenchConfig, "batches")))
+    s.add_argument("--steps", default=_csv(default(BenchConfig, "steps")),
+                   help="comma-separated step counts, e.g. 1,2 (default %(default)s)")
+    s.add_argument("--candidates", default=_csv(c.name for c in default(BenchConfig, "candidates")),
+                   help="comma-separated backend:precision, e.g. ort:fp32,ov:bf16,trt:bf16; `auto`: the "
+                        "engines `build --backend auto` tunes on this CPU; `none`: the baselines only "
+                        "(default %(default)s)")
+    s.add_argument("--baselines", default=_csv(default(BenchConfig, "baselines")),
+                   help=f"some of {_csv(BASELINES)} (optimum-intel needs --optimum-python; default %(default)s)")
+    s.add_argument("--torch-device", default=default(BenchConfig, "torch_device"), choices=TORCH_DEVICES,
+                   help="where the diffusers baselines run (cuda: the PyTorch GPU row, e.g. bf16 at 1024; needs "
+                        "a CUDA build of torch, not TensorRT)")
+    s.add_argument("--optimum-python", help="the python of an environment with optimum-intel, for the optimum-intel "
+                                            "baseline (see benchmarks/optimum_intel.py)")
+    s.add_argument("--warmup", type=int, default=default(BenchConfig, "warmup"))
+    s.add_argument("--runs", type=int, default=default(BenchConfig, "runs"))
+    s.add_argument("--prompt", default=default(BenchConfig, "prompt"))
+    s.add_argument("--no-chi", action="store_true", help="prompts without the complex human instruction")
+    s.add_argument("--threads", type=int, default=default(BenchConfig, "threads"))
+    s.add_argument("--calibration-count", type=int, default=default(BenchConfig, "calibration_count"),
+                   help="int8 candidates: calibration prompts (default %(default)s)")
+    s.add_argument("--vae", default=None, metavar="PATH_OR_ID", help="a drop-in AutoencoderDC for every system")
+    s.add_argument("--prompt-cache", action="store_true",
+                   help="also time sprintrt systems on a repeated prompt with the prompt-embedding cache")
+    s.add_argument("--strength", type=float, default=default(BenchConfig, "strength"),
+                   help="benchmark image to image from a fixed picture at this strength (default: text to image)")
+    s.add_argument("--workdir", default=str(default(BenchConfig, "workdir")),
+                   help="where checkpoints, ONNX and engines are cached (default %(default)s)")
+    s.add_argument("-o", "--output", default=str(default(BenchConfig, "workdir") / "results.json"))
+    s.add_argument("--report", help="only turn a stored results JSON into Markdown + PNG beside it")
+    s.set_defaults(fn=cmd_bench)
+
+
 def cmd_bench(args) -> None:
-    from sprintrt.benchmarks import bench as B
-
     if args.report:
-        doc = json.loads(Path(args.report).read_text())
-        try:
-            B.validate(doc)
-        except ValueError as e:
-            from sprintrt.errors import InvalidInputError
+        from sprintrt.benchmarks import report as R
 
+        try:
+            doc = json.loads(Path(args.report).read_text())
+            R.validate(doc)
+        except (OSError, ValueError) as e:  # a missing file, bad JSON, or a document of another schema
             raise InvalidInputError(f"{args.report}: {e}. Fix: pass a JSON written by `sprintrt bench`") from None
         md, png = Path(args.report).with_suffix(".md"), Path(args.report).with_suffix(".png")
-        md.write_text(B.report(doc))
-        B.plot(doc, png)
+        md.write_text(R.report(doc))
+        R.plot(doc, png)
         print(f"report written to {md} and {png}")
         return
     _quiet_libraries()
-    config = B.BenchConfig(
+    from sprintrt.benchmarks import report as R
+    from sprintrt.benchmarks.bench import run_bench
+    from sprintrt.benchmarks.config import BenchConfig, parse_candidate, parse_resolution
+
+    config = BenchConfig(
         model=args.model, arch=None if args.model else args.arch, seed=args.seed,
-        resolutions=[B.parse_resolution(r) for r in args.resolutions.split(",")],
+        resolutions=[parse_resolution(r) for r in args.resolutions.split(",")],
         batches=[_int_list_item(v, "--batches") for v in args.batches.split(",")],
         steps=[_int_list_item(v, "--steps") for v in args.steps.split(",")],
-        candidates=[] if args.candidates == "none" else [B.Candidate.parse(c) for c in args.candidates.split(",")],
+        candidates=[] if args.candidates == "none" else [parse_candidate(c) for c in args.candidates.split(",")],
         baselines=args.baselines.split(","), warmup=args.warmup, runs=args.runs, workdir=Path(args.workdir),
         prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads,
         calibration_count=args.calibration_count, vae=args.vae, prompt_cache=args.prompt_cache,
         strength=args.strength, optimum_python=args.optimum_python, torch_device=args.torch_device)
     config.check()
     console = _console()
-    doc = B.run_bench(config, say=console.print)
-    paths = B.write_outputs(doc, args.output)
-    print(B.report(doc))
+    doc = run_bench(config, say=console.print)
+    paths = R.write_outputs(doc, args.output)
+    print(R.report(doc))
     print(f"results written to {', '.join(str(p) for p in paths)}")
 
 
-def _int_list_item(value: str, flag: str) -> int:
-    from sprintrt.errors import InvalidInputError
+# ---- serve ----------------------------------------------------------------------------------------
 
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidInputError(f"{flag} item {value!r} is not an integer. Fix: e.g. {flag} 1,2") from None
+def add_serve(sub) -> None:
+    from sprintrt.serving.app import ServeOptions, run
+
+    s = sub.add_parser("serve", help="serve engines over HTTP (POST /v1/images/generations) with Ray Serve: dynamic "
+                                     "batching, backpressure, health and Prometheus metrics")
+    s.add_argument("engine_dir")
+    s.add_argument("--host", default=default(run, "host"), help="address to listen on (default %(default)s)")
+    s.add_argument("--port", type=int, default=default(run, "port"))
+    s.add_argument("--replicas", type=int, default=default(ServeOptions, "replicas"),
+                   help="pipeline replicas (each loads the engines once)")
+    s.add_argument("--max-batch", type=int, default=default(ServeOptions, "max_batch"),
+                   help="images per engine call (capped by the engines' batch profile)")
+    s.add_argument("--max-wait-ms", type=float, default=default(ServeOptions, "max_wait_ms"),
+                   help="how long to wait to fill a batch")
+    s.add_argument("--max-queued", type=int, default=default(ServeOptions, "max_queued"),
+                   help="requests per replica before answering 503")
+    s.add_argument("--timeout-s", type=float, default=default(ServeOptions, "timeout_s"),
+                   help="per-request limit (then 503)")
+    s.add_argument("--num-gpus", type=float, default=default(ServeOptions, "num_gpus"),
+                   help="GPUs per replica (1: one replica per GPU)")
+    s.add_argument("--threads", type=int, default=default(ServeOptions, "threads"), help="engine threads per replica")
+    s.add_argument("--address", default=default(run, "address"),
+                   help="join a running Ray cluster (e.g. auto) instead of a local Ray")
+    s.add_argument("--write-config", default=None, metavar="FILE",
+                   help="write a Ray Serve config for `serve deploy` instead of serving")
+    s.set_defaults(fn=cmd_serve)
 
 
 def cmd_serve(args) -> None:
@@ -257,6 +466,26 @@ def cmd_serve(args) -> None:
     run(options, host=args.host, port=args.port, address=args.address)
 
 
+# ---- loadtest -------------------------------------------------------------------------------------
+
+def add_loadtest(sub) -> None:
+    from sprintrt.serving.loadtest import LoadConfig
+
+    s = sub.add_parser("loadtest", help="send a bounded load to a `sprintrt serve` URL: latency percentiles, "
+                                        "throughput, answers by status (JSON + Markdown)")
+    s.add_argument("url", help="e.g. http://127.0.0.1:8000 (only servers you run)")
+    s.add_argument("--concurrency", type=int, default=default(LoadConfig, "concurrency"))
+    s.add_argument("--requests", type=int, default=default(LoadConfig, "requests"))
+    s.add_argument("--size", default=default(LoadConfig, "size"), help="WIDTHxHEIGHT (default %(default)s)")
+    s.add_argument("--steps", type=int, default=default(LoadConfig, "steps"))
+    s.add_argument("--n", type=int, default=default(LoadConfig, "n"), help="images per request")
+    s.add_argument("--duration-s", type=float, default=default(LoadConfig, "duration_s"),
+                   help="stop sending after this long")
+    s.add_argument("--timeout-s", type=float, default=default(LoadConfig, "timeout_s"), help="per request")
+    s.add_argument("-o", "--output", default=str(D.OUT_DIR / "loadtest.json"))
+    s.set_defaults(fn=cmd_loadtest)
+
+
 def cmd_loadtest(args) -> None:
     from sprintrt.serving import loadtest
 
@@ -266,6 +495,20 @@ def cmd_loadtest(args) -> None:
     paths = loadtest.write_outputs(doc, args.output)
     print(loadtest.report(doc))
     print(f"results written to {', '.join(str(p) for p in paths)}")
+
+
+# ---- demo -----------------------------------------------------------------------------------------
+
+def add_demo(sub) -> None:
+    from sprintrt.benchmarks.demo import run_demo
+
+    s = sub.add_parser("demo", help="tiny checkpoint → export → build → generate, timed against diffusers")
+    s.add_argument("--workdir", default=str(default(run_demo, "workdir")))
+    s.add_argument("--prompt", default=default(run_demo, "prompt"))
+    s.add_argument("--steps", type=int, default=default(run_demo, "steps"))
+    s.add_argument("--size", type=int, default=default(run_demo, "size"))
+    s.add_argument("--runs", type=int, default=default(run_demo, "runs"))
+    s.set_defaults(fn=cmd_demo)
 
 
 def cmd_demo(args) -> None:
@@ -278,175 +521,16 @@ def cmd_demo(args) -> None:
 
 # ---- parser ----------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    from sprintrt.engines.backend import ALIASES, BACKENDS
-    from sprintrt.export.specs import COMPONENTS
+SUBCOMMANDS = (add_make_checkpoint, add_export, add_build, add_doctor, add_generate, add_drift, add_bench, add_serve,
+               add_loadtest, add_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sprintrt", description="Deployment compiler for SANA-Sprint: "
                                 "checkpoint → ONNX → engines → images.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint in the diffusers layout")
-    s.add_argument("out")
-    s.add_argument("--arch", default="tiny", choices=["tiny", "0.6B", "1.6B"])
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=cmd_make_checkpoint)
-
-    s = sub.add_parser("export", help="export text encoder, transformer and VAE decoder to validated ONNX")
-    s.add_argument("model", help="checkpoint directory or hub id")
-    s.add_argument("-o", "--output", required=True, help="ONNX directory to write")
-    s.add_argument("--components", help=f"comma-separated subset of {','.join(COMPONENTS)}")
-    s.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
-    s.add_argument("--dtypes", default="fp32,bf16",
-                   help="graphs to export per component: fp32 (always) and strongly typed bf16/fp16 variants with "
-                        "fp32 islands, for TensorRT bf16/fp16, ONNX Runtime fp16 and OpenVINO bf16 engines (default "
-                        "fp32,bf16)")
-    s.add_argument("--vae", default=None, metavar="PATH_OR_ID",
-                   help="a drop-in AutoencoderDC to export instead of the checkpoint's VAE decoder, e.g. "
-                        "mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers (a lighter decoder)")
-    s.set_defaults(fn=cmd_export)
-
-    s = sub.add_parser("build", help="build engines from an ONNX directory")
-    s.add_argument("onnx_dir")
-    s.add_argument("-o", "--output", required=True, help="engine directory to write")
-    s.add_argument("--backend", default="onnxruntime",
-                   help=f"{' or '.join(BACKENDS)} (or {', '.join(ALIASES)}), or auto: TensorRT on an NVIDIA GPU; on "
-                        "a CPU, every installed backend and precision timed per component, the fastest that passes "
-                        "the quality gate kept (see --no-tune)")
-    s.add_argument("--no-tune", action="store_true",
-                   help="with --backend auto: pick by rule of thumb instead of timing candidates")
-    s.add_argument("--candidates", help="with --backend auto: the CPU candidates to time, e.g. ort:fp32,ov:fp32,ort:int8 "
-                                        "(default: every one this machine can build)")
-    s.add_argument("--tune-size", type=int, default=D.DEFAULT_CALIBRATION_SIZE,
-                   help=f"with --backend auto: time candidates on the inputs of one SIZExSIZE call (default "
-                        f"{D.DEFAULT_CALIBRATION_SIZE})")
-    s.add_argument("--precision", default=None,
-                   help="one precision for all (fp32, tf32, bf16, fp16; int8/fp8 quantize every component with a "
-                        "recipe) or per component, e.g. transformer=fp16,vae_decoder=int8 (OpenVINO also "
-                        "text_encoder=int8w: int8 weights, no calibration); default: the backend's "
-                        "safe per-component choice")
-    s.add_argument("--rebuild", action="store_true", help="rebuild even if an up-to-date engine exists")
-    s.add_argument("--max-batch", type=int, default=D.DEFAULT_MAX_BATCH,
-                   help=f"TensorRT profile: largest batch (default {D.DEFAULT_MAX_BATCH})")
-    s.add_argument("--max-sequence-length", type=int, default=D.DEFAULT_MAX_SEQUENCE_LENGTH,
-                   help=f"TensorRT profile: prompt tokens (default {D.DEFAULT_MAX_SEQUENCE_LENGTH})")
-    s.add_argument("--no-chi", action="store_true", help="TensorRT profile: prompts without the complex human instruction")
-    s.add_argument("--static", help="TensorRT profile: one shape BATCHxHEIGHTxWIDTH, e.g. 1x1024x1024 (CUDA graphs)")
-    s.add_argument("--calibration-prompts", help="int8/fp8: prompt file, one per line (default: the shipped 68 prompts)")
-    s.add_argument("--calibration-count", type=int, default=D.DEFAULT_CALIBRATION_COUNT,
-                   help=f"int8/fp8: how many prompts (default {D.DEFAULT_CALIBRATION_COUNT})")
-    s.add_argument("--calibration-size", type=int, default=D.DEFAULT_CALIBRATION_SIZE,
-                   help=f"int8/fp8: image size to calibrate at (default {D.DEFAULT_CALIBRATION_SIZE})")
-    s.set_defaults(fn=cmd_build)
-
-    s = sub.add_parser("doctor", help="what this machine has (CPU ISA, GPU, TensorRT, ONNX Runtime, OpenVINO) and "
-                                      "can build")
-    s.add_argument("engine_dir", nargs="?", help="also show what `build --backend auto` measured and chose for it")
-    s.set_defaults(fn=cmd_doctor)
-
-    s = sub.add_parser("generate", help="generate an image with built engines")
-    s.add_argument("engine_dir")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("-o", "--output", required=True, help="PNG file to write")
-    s.add_argument("--steps", type=int, default=D.DEFAULT_STEPS)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--height", type=int, default=D.DEFAULT_HEIGHT)
-    s.add_argument("--width", type=int, default=D.DEFAULT_WIDTH)
-    s.add_argument("--guidance-scale", type=float, default=D.DEFAULT_GUIDANCE_SCALE)
-    s.add_argument("--no-binning", action="store_true", help="use height/width as given (multiples of 32)")
-    s.add_argument("--image", default=None, metavar="IN.png", help="image to image: start from this picture")
-    s.add_argument("--strength", type=float, default=None,
-                   help=f"image to image: how much of the schedule runs, in (0, 1] (default {D.DEFAULT_STRENGTH})")
-    s.add_argument("--threads", type=int, default=None)
-    s.set_defaults(fn=cmd_generate)
-
-    s = sub.add_parser("drift", help="per-component and image drift of reduced-precision engines vs an fp32 "
-                                     "engine directory, over a prompt set and seeds (JSON + Markdown)")
-    s.add_argument("reference", help="the fp32 engine directory")
-    s.add_argument("candidates", nargs="+", help="engine directories to compare, each DIR or NAME=DIR")
-    s.add_argument("--prompts", type=int, default=4, help="how many prompts of the prompt file (default 4)")
-    s.add_argument("--prompts-file", help="one prompt per line (default: the shipped 68 prompts)")
-    s.add_argument("--seeds", default="0,1")
-    s.add_argument("--size", type=int, default=512)
-    s.add_argument("--steps", type=int, default=1)
-    s.add_argument("--strength", type=float, default=None,
-                   help="measure image to image from a fixed picture at this strength (default: text to image)")
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("-o", "--output", default="out/drift.json")
-    s.set_defaults(fn=cmd_drift)
-
-    s = sub.add_parser("bench", help="latency, memory and image agreement vs diffusers (JSON + Markdown + PNG)")
-    s.add_argument("--model", help="checkpoint directory or hub id (default: a seeded random --arch checkpoint)")
-    s.add_argument("--arch", default="tiny", choices=["tiny", "0.6B", "1.6B"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--resolutions", default="512", help="comma-separated HEIGHT or HEIGHTxWIDTH, e.g. 512,768x1280")
-    s.add_argument("--batches", default="1")
-    s.add_argument("--steps", default="1", help="comma-separated step counts, e.g. 1,2")
-    s.add_argument("--candidates", default="ort:fp32",
-                   help="comma-separated backend:precision, e.g. ort:fp32,ov:bf16,trt:bf16; `auto`: the "
-                        "engines `build --backend auto` tunes on this CPU; `none`: the baselines only")
-    s.add_argument("--baselines", default="torch-fp32,torch-bf16",
-                   help="torch-fp32, torch-bf16, torch-compile-bf16, optimum-intel (needs --optimum-python)")
-    s.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the diffusers baselines run (cuda: the PyTorch GPU row, e.g. bf16 at 1024; needs "
-                        "a CUDA build of torch, not TensorRT)")
-    s.add_argument("--optimum-python", help="the python of an environment with optimum-intel, for the optimum-intel "
-                                            "baseline (see benchmarks/optimum_intel.py)")
-    s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--runs", type=int, default=3)
-    s.add_argument("--prompt", default=D.DEFAULT_PROMPT)
-    s.add_argument("--no-chi", action="store_true", help="prompts without the complex human instruction")
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--calibration-count", type=int, default=D.DEFAULT_CALIBRATION_COUNT,
-                   help=f"int8 candidates: calibration prompts (default {D.DEFAULT_CALIBRATION_COUNT})")
-    s.add_argument("--vae", default=None, metavar="PATH_OR_ID", help="a drop-in AutoencoderDC for every system")
-    s.add_argument("--prompt-cache", action="store_true",
-                   help="also time sprintrt systems on a repeated prompt with the prompt-embedding cache")
-    s.add_argument("--strength", type=float, default=None,
-                   help="benchmark image to image from a fixed picture at this strength (default: text to image)")
-    s.add_argument("--workdir", default="out/bench", help="where checkpoints, ONNX and engines are cached")
-    s.add_argument("-o", "--output", default="out/bench/results.json")
-    s.add_argument("--report", help="only turn a stored results JSON into Markdown + PNG beside it")
-    s.set_defaults(fn=cmd_bench)
-
-    s = sub.add_parser("serve", help="serve engines over HTTP (POST /v1/images/generations) with Ray Serve: dynamic "
-                                     "batching, backpressure, health and Prometheus metrics")
-    s.add_argument("engine_dir")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--replicas", type=int, default=1, help="pipeline replicas (each loads the engines once)")
-    s.add_argument("--max-batch", type=int, default=D.DEFAULT_MAX_BATCH,
-                   help="images per engine call (capped by the engines' batch profile)")
-    s.add_argument("--max-wait-ms", type=float, default=10.0, help="how long to wait to fill a batch")
-    s.add_argument("--max-queued", type=int, default=16, help="requests per replica before answering 503")
-    s.add_argument("--timeout-s", type=float, default=120.0, help="per-request limit (then 503)")
-    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (1: one replica per GPU)")
-    s.add_argument("--threads", type=int, default=None, help="engine threads per replica")
-    s.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto) instead of a local Ray")
-    s.add_argument("--write-config", default=None, metavar="FILE",
-                   help="write a Ray Serve config for `serve deploy` instead of serving")
-    s.set_defaults(fn=cmd_serve)
-
-    s = sub.add_parser("loadtest", help="send a bounded load to a `sprintrt serve` URL: latency percentiles, "
-                                        "throughput, answers by status (JSON + Markdown)")
-    s.add_argument("url", help="e.g. http://127.0.0.1:8000 (only servers you run)")
-    s.add_argument("--concurrency", type=int, default=4)
-    s.add_argument("--requests", type=int, default=32)
-    s.add_argument("--size", default="512x512", help="WIDTHxHEIGHT")
-    s.add_argument("--steps", type=int, default=1)
-    s.add_argument("--n", type=int, default=1, help="images per request")
-    s.add_argument("--duration-s", type=float, default=600.0, help="stop sending after this long")
-    s.add_argument("--timeout-s", type=float, default=300.0, help="per request")
-    s.add_argument("-o", "--output", default="out/loadtest.json")
-    s.set_defaults(fn=cmd_loadtest)
-
-    s = sub.add_parser("demo", help="tiny checkpoint → export → build → generate, timed against diffusers")
-    s.add_argument("--workdir", default="out/demo")
-    s.add_argument("--prompt", default=D.DEFAULT_PROMPT)
-    s.add_argument("--steps", type=int, default=D.DEFAULT_STEPS)
-    s.add_argument("--size", type=int, default=512)
-    s.add_argument("--runs", type=int, default=3)
-    s.set_defaults(fn=cmd_demo)
+    for add in SUBCOMMANDS:
+        add(sub)
     return p
 
 

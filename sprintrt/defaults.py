@@ -1,10 +1,14 @@
 """Every default and shared constant of sprintrt, in one place (Torch-TensorRT's `_defaults` in spirit).
 
-The CLI, the pipeline, the profiles, calibration, the benchmarks and the tests read these names; none
-of them restates a value. Pure Python: importable by the runtime on a box without torch.
+The pipeline's call signature (runtime/call.py), the option dataclasses (ServeOptions, LoadConfig,
+BenchConfig, ProfileOptions), calibration, the tuner and the tests read these names; the CLI takes its
+defaults from those dataclasses and signatures (tests/test_cli.py checks that it writes none). Pure
+Python: importable by the runtime on a box without torch.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 # ---- diffusers' SanaSprintPipeline.__call__ defaults (docs/SANA_SPRINT_SPEC.md §1-§2) ----------------
 DEFAULT_STEPS = 2
@@ -38,8 +42,22 @@ def tokenized_length(max_sequence_length: int, chi_tokens: int | None) -> int:
 
 # ---- what the CLI, demo and benchmarks generate by default -----------------------------------------
 DEFAULT_PROMPT = "a small fluffy white cat asleep on a sunny windowsill"
+DEFAULT_SEED = 0  # generate, make-checkpoint, bench: the same seed gives the same weights and images
 
-# ---- int8 / fp8 calibration (engines/calibration.py) -------------------------------------------------
+# ---- checkpoints and export ----------------------------------------------------------------------
+ARCHS = ("tiny", "0.6B", "1.6B")  # `make-checkpoint --arch`: tiny (tests, demo) or the released architectures
+DEFAULT_ARCH = "tiny"
+# Graphs `sprintrt export` writes per component: the fp32 graph and the bf16 variant (TensorRT's and OpenVINO
+# bf16's source); fp16 on request.
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+DEFAULT_EXPORT_DTYPES = ("fp32", "bf16")
+
+# ---- `sprintrt build` --------------------------------------------------------------------------------
+# Runs on every CPU; `auto` picks or tunes per machine. Its fp32 engines are also the reference every reduced
+# precision is compared with and the engines calibration inputs are recorded with.
+DEFAULT_BACKEND = "onnxruntime"
+
+# ---- int8 / fp8 calibration (tuning/calibration.py) -------------------------------------------------
 # Prompts of the shipped prompt file recorded for calibration, and the image size they are run at.
 DEFAULT_CALIBRATION_COUNT = 16
 DEFAULT_CALIBRATION_SIZE = 512
@@ -53,7 +71,7 @@ VAE_CALIBRATION_SAMPLES = 8
 # 512² took more than 24 GB (killed, measured). A convolution's ranges are those of its neighbourhoods.
 VAE_CALIBRATION_LATENT_SIDE = 8
 
-# ---- `sprintrt build --backend auto`: per-component tuning on CPUs (engines/tune.py) -------------------
+# ---- `sprintrt build --backend auto`: per-component tuning on CPUs (tuning/tune.py) -------------------
 # The quality gate: a candidate's outputs must have at least this cosine similarity with the fp32 ONNX
 # Runtime reference's on the same inputs, for every output, or it is never chosen. Measured on the tiny
 # checkpoint: int8 transformer 0.9999, OpenVINO fp32 1.0; a broken engine is far below.
@@ -73,3 +91,40 @@ CALIBRATION_MEMORY_FACTOR = 2
 
 # ---- engine profiles ----------------------------------------------------------------------------------
 DEFAULT_MAX_BATCH = 4  # TensorRT profiles: largest batch (ONNX Runtime / OpenVINO take the spec's range)
+
+# ---- `sprintrt bench`, `drift` and `demo` --------------------------------------------------------------
+OUT_DIR = Path("out")  # where the CLI writes results, work directories and the demo, unless told otherwise
+BENCH_SIZE = 512  # pixels a side (binning off): the paper's 512 px model and a CPU-friendly size
+BENCH_STEPS = 1
+BENCH_WARMUP = 1
+BENCH_RUNS = 3
+DRIFT_PROMPTS = 4  # prompts of the prompt file, each at every seed
+DRIFT_SEEDS = (0, 1)
+DRIFT_SIZE = 512
+DRIFT_STEPS = 1
+
+# ---- `sprintrt serve` and `loadtest` -----------------------------------------------------------------
+SERVE_HOST = "127.0.0.1"  # loopback: a server is reachable from elsewhere only when asked for
+SERVE_PORT = 8000
+SERVE_MAX_WAIT_MS = 10.0  # how long the batcher waits to fill a batch
+SERVE_MAX_QUEUED = 16  # requests admitted per replica (running + waiting); more get 503
+SERVE_TIMEOUT_S = 120.0  # per request, from arrival to answer
+LOADTEST_CONCURRENCY = 4
+LOADTEST_REQUESTS = 32
+LOADTEST_SIZE = "512x512"
+LOADTEST_DURATION_S = 600.0  # hard stop for the whole run
+LOADTEST_TIMEOUT_S = 300.0  # per request
+
+# ---- the complex human instruction (docs/SANA_SPRINT_SPEC.md §1.2) ---------------------------------
+# diffusers' default (SanaSprintPipeline.__call__), kept here so the runtime has it without diffusers.
+# Joined with "\n" and prepended to every prompt.
+DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
+    "User Prompt: ",
+)

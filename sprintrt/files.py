@@ -1,4 +1,5 @@
-"""Helpers shared by export/, engines/ and benchmarks/: content hashes, atomic replacement, versions."""
+"""Helpers shared by export/, engines/ and benchmarks/: content hashes (files, the model's identity), atomic
+replacement, versions."""
 
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ def sha256_file(path: str | Path, h=None) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def model_identity(checkpoint: str | Path, vae_dir: str | Path | None = None) -> str:
+    """sha256 over every config and weight file of a checkpoint (and of a drop-in VAE that replaces its own):
+    equal iff the model that generates the images is the same. Export records it; engines carry it;
+    benchmarks and drift name their work directories by it."""
+    h = hashlib.sha256()
+    for root, tag in ((Path(checkpoint), ""), *(((Path(vae_dir), "vae:"),) if vae_dir is not None else ())):
+        for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".model",
+                                                                                   ".txt")):
+            h.update((tag + str(f.relative_to(root))).encode())
+            sha256_file(f, h)
     return h.hexdigest()
 
 

@@ -94,3 +94,22 @@ def library_version(module: str) -> str | None:
     except Exception:  # ImportError, or a broken stub (TensorRT's pip stub raises on import)
         return None
     return getattr(mod, "__version__", None)
+
+
+NO_GPU = "no NVIDIA GPU is visible (nvidia-smi is missing or lists none)"
+
+
+def gpu_target() -> dict:
+    """The GPU engines are built for and run on (device 0, or $CUDA_VISIBLE_DEVICES' first): name and compute
+    capability. Raises MissingDependencyError when there is none."""
+    from sprintrt.errors import MissingDependencyError
+
+    found = gpus()
+    if not found:
+        raise MissingDependencyError(NO_GPU)
+    return {"kind": "gpu", "name": found[0]["name"], "compute_capability": found[0]["compute_capability"]}
+
+
+def current_target(kind: str) -> dict:
+    """This machine as a target of `kind` ("cpu" or "gpu"), to compare with the target an engine was built for."""
+    return cpu_target() if kind == "cpu" else gpu_target()

@@ -12,7 +12,7 @@ from sprintrt.errors import InvalidInputError
 def read_prompts(path: str | Path | None = None) -> list[str]:
     """The non-empty, stripped lines of `path`, or of the shipped prompt file when `path` is None."""
     if path is None:
-        text = resources.files("sprintrt.export").joinpath("data/prompts.txt").read_text()
+        text = resources.files("sprintrt").joinpath("data/prompts.txt").read_text()
     else:
         path = Path(path)
         if not path.is_file():

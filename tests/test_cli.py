@@ -46,3 +46,39 @@ def test_generate_rejects_bad_size(engine_dir, tmp_path):
     r = _run("generate", engine_dir, "--prompt", "a cat", "-o", tmp_path / "x.png", "--no-binning", "--height", "100")
     assert r.returncode == 2 and "height=100" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_cli_writes_no_default_of_its_own():
+    """Every default comes from the library (option dataclasses, the pipeline's call signature, defaults.py): an
+    `add_argument(..., default=<literal>)` in cli.py would be a second copy that can drift from it."""
+    import ast
+    from pathlib import Path
+
+    import sprintrt.cli
+
+    tree = ast.parse(Path(sprintrt.cli.__file__).read_text())
+    literals = [f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument"
+                for kw in node.keywords if kw.arg == "default"
+                and isinstance(kw.value, ast.Constant) and kw.value.value is not None]
+    assert not literals, literals
+
+
+def test_cli_defaults_follow_the_library():
+    from sprintrt.benchmarks.config import BenchConfig
+    from sprintrt.cli import build_parser
+    from sprintrt.serving.app import ServeOptions
+    from sprintrt.serving.loadtest import LoadConfig
+
+    p = build_parser()
+    serve = p.parse_args(["serve", "e"])
+    assert (serve.max_batch, serve.max_wait_ms, serve.max_queued, serve.timeout_s) == tuple(
+        getattr(ServeOptions("e"), f) for f in ("max_batch", "max_wait_ms", "max_queued", "timeout_s"))
+    assert serve.host == "127.0.0.1"  # loopback unless asked
+    load = p.parse_args(["loadtest", "http://x"])
+    assert (load.concurrency, load.requests, load.size) == (LoadConfig("u").concurrency, LoadConfig("u").requests,
+                                                            LoadConfig("u").size)
+    bench = p.parse_args(["bench"])
+    assert (bench.runs, bench.warmup, bench.arch) == (BenchConfig().runs, BenchConfig().warmup, BenchConfig().arch)
+    gen = p.parse_args(["generate", "e", "--prompt", "x", "-o", "x.png"])
+    assert (gen.steps, gen.height, gen.guidance_scale) == (2, 1024, 4.5)  # diffusers' SanaSprintPipeline defaults

@@ -37,24 +37,16 @@ def test_unknown_public_name_is_an_attribute_error():
     assert "SprintPipeline" in dir(sprintrt)
 
 
-def test_every_build_backend_satisfies_the_contract():
-    from sprintrt.engines import ort_build, ov_build, trt_build
-    from sprintrt.engines.backend import BACKENDS, BuildBackend, backend_module
-
-    assert [backend_module(name) for name in BACKENDS] == [ort_build, ov_build, trt_build]
-    for name in BACKENDS:
-        mod = backend_module(name)
-        assert isinstance(mod, BuildBackend) and mod.NAME == name
-
-
 def test_engines_share_one_base_with_a_lifecycle(engine_dir):
     import numpy as np
 
-    from sprintrt.engines.manifest import read_manifest
+    from sprintrt.manifest import read_manifest
     from sprintrt.errors import EngineDirError, InvalidInputError
-    from sprintrt.runtime.backends import OrtEngine, OvEngine, load_engine
+    from sprintrt.runtime.ort_engine import OrtEngine
+    from sprintrt.runtime.ov_engine import OvEngine
+    from sprintrt.runtime.registry import load_engine
     from sprintrt.runtime.engine import Engine
-    from sprintrt.runtime.trt_backend import TrtEngine
+    from sprintrt.runtime.trt_engine import TrtEngine
 
     assert all(issubclass(cls, Engine) for cls in (OrtEngine, OvEngine, TrtEngine))
     manifest = read_manifest(engine_dir)
@@ -70,7 +62,7 @@ def test_engines_share_one_base_with_a_lifecycle(engine_dir):
 
 
 def test_pipeline_constants_live_next_to_model_dims(engine_dir):
-    from sprintrt.export import specs as S
+    from sprintrt import specs as S
     from sprintrt.runtime.pipeline import SprintPipeline
 
     pipe = SprintPipeline.from_engines(engine_dir, components=("transformer",))

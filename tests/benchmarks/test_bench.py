@@ -13,7 +13,12 @@ import sys
 
 import pytest
 
-from sprintrt.benchmarks import bench as B
+from sprintrt.benchmarks import config as C
+from sprintrt.benchmarks import prepare as P
+from sprintrt.benchmarks import report as R
+from sprintrt.benchmarks.bench import run_bench
+from sprintrt.benchmarks.measure import ENGINE_STAGES
+from sprintrt.engines.precision import EngineChoice, Precision
 from sprintrt.errors import InvalidInputError
 from sprintrt.metrics import PARITY_MAX_ABS
 
@@ -22,15 +27,15 @@ from sprintrt.metrics import PARITY_MAX_ABS
 def tiny_results(tiny_checkpoint, tmp_path_factory):
     """A real (tiny, fast) benchmark run: two sizes, 1 and 2 steps, fp32 and bf16 baselines."""
     work = tmp_path_factory.mktemp("bench")
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128), (160, 224)], steps=[1, 2],
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128), (160, 224)], steps=[1, 2],
                            warmup=0, runs=2, workdir=work, baselines=["torch-fp32", "torch-bf16"], prompt_cache=True)
-    doc = B.run_bench(config, say=lambda *a: None)
+    doc = run_bench(config, say=lambda *a: None)
     return doc, work
 
 
 def test_results_follow_the_schema(tiny_results):
     doc, _ = tiny_results
-    B.validate(doc)
+    R.validate(doc)
     assert len(doc["results"]) == 4
     names = [s["name"] for s in doc["results"][0]["systems"]]
     assert names == ["torch-fp32", "torch-bf16", "sprintrt onnxruntime fp32"]
@@ -44,7 +49,7 @@ def test_cached_prompt_numbers_are_reported_apart(tiny_results):
         assert "cached_prompt" not in by["torch-fp32"]  # diffusers has no such cache
         cached = by["sprintrt onnxruntime fp32"]["cached_prompt"]
         assert set(cached["end_to_end"]) == set(cached["text_encoder"]) == {"min", "median", "p90"}
-    md = B.report(doc)
+    md = R.report(doc)
     assert md.count("Repeated prompt, with the prompt-embedding cache") == 4
 
 
@@ -52,7 +57,7 @@ def test_stage_times_sum_to_at_most_end_to_end(tiny_results):
     doc, _ = tiny_results
     for r in doc["results"]:
         for s in r["systems"]:
-            stages = sum(v["median"] for k, v in s["stages"].items() if k in B.ENGINE_STAGES)
+            stages = sum(v["median"] for k, v in s["stages"].items() if k in ENGINE_STAGES)
             assert stages <= s["end_to_end"]["median"] * 1.001
             assert s["end_to_end"]["min"] <= s["end_to_end"]["median"] <= s["end_to_end"]["p90"]
             assert len(s["transformer_steps"]) == r["steps"]
@@ -86,11 +91,11 @@ def test_schema_violations_are_named(tiny_results):
     broken = copy.deepcopy(doc)
     broken["results"][0]["systems"][0]["engine_sum"]["median"] = 1e9
     with pytest.raises(ValueError, match="stages exceed end to end"):
-        B.validate(broken)
+        R.validate(broken)
     broken = copy.deepcopy(doc)
     del broken["results"][0]["systems"][2]["peak_rss_gb"]
     with pytest.raises(ValueError, match="lacks 'peak_rss_gb'"):
-        B.validate(broken)
+        R.validate(broken)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -106,21 +111,21 @@ def test_schema_violations_are_named(tiny_results):
 ])
 def test_nonsense_options_are_refused(kw, match):
     with pytest.raises(InvalidInputError, match=match):
-        B.BenchConfig(**kw).check()
+        C.BenchConfig(**kw).check()
 
 
 def test_unknown_backend_and_bad_resolution_text():
     with pytest.raises(InvalidInputError, match="backend 'cuda'"):
-        B.Candidate.parse("cuda:fp16")
+        C.parse_candidate("cuda:fp16")
     with pytest.raises(InvalidInputError, match="HEIGHTxWIDTH"):
-        B.parse_resolution("big")
+        C.parse_resolution("big")
 
 
 def test_resolution_outside_the_engine_profile_is_refused_before_timing(tiny_results, tiny_checkpoint):
     _, work = tiny_results  # the same workdir: the export and engines are reused, only the check runs
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(8192, 512)], workdir=work)
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(8192, 512)], workdir=work)
     with pytest.raises(InvalidInputError, match="8192x512 is outside.*profile"):
-        B.prepare(config, say=lambda *a: None)
+        P.prepare(config, say=lambda *a: None)
 
 
 def test_an_onnx_cache_from_other_export_code_is_exported_again(tiny_results, tiny_checkpoint, tmp_path):
@@ -139,11 +144,11 @@ def test_an_onnx_cache_from_other_export_code_is_exported_again(tiny_results, ti
     info = json.loads(info_path.read_text())
     assert info["exporter"] == exporter_fingerprint()
     said = []
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, workdir=mine, candidates=[B.Candidate("onnxruntime", "fp32")])
-    B.prepare(config, say=said.append)
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, workdir=mine, candidates=[EngineChoice("onnxruntime", Precision.FP32)])
+    P.prepare(config, say=said.append)
     assert not any("other export code" in m for m in said)  # up to date: reused
     info_path.write_text(json.dumps(dict(info, exporter="0" * 64)))
-    B.prepare(config, say=said.append)
+    P.prepare(config, say=said.append)
     assert any("other export code" in m for m in said)
     assert json.loads(info_path.read_text())["exporter"] == exporter_fingerprint()
 
@@ -152,28 +157,28 @@ def test_image_to_image_benchmark(tiny_checkpoint, tiny_results):
     """--strength benchmarks diffusers' SanaSprintImg2ImgPipeline against SprintImg2ImgPipeline from the same
     picture: the VAE encoder is timed, fewer steps run, the images agree."""
     _, work = tiny_results  # the export and engines are reused
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 160)], steps=[2], warmup=0,
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 160)], steps=[2], warmup=0,
                            runs=1, workdir=work, baselines=["torch-fp32"], strength=0.3)
-    doc = B.run_bench(config, say=lambda *a: None)
+    doc = run_bench(config, say=lambda *a: None)
     (r,) = doc["results"]
     assert r["steps_run"] == 1 and doc["settings"]["strength"] == 0.3
     by = {s["name"]: s for s in r["systems"]}
     ours = by["sprintrt onnxruntime fp32"]
     assert "vae_encoder" in ours["stages"] and len(ours["transformer_steps"]) == 1
     assert ours["image_vs_reference"]["max_abs"] <= PARITY_MAX_ABS
-    assert "image to image, strength 0.3" in B.report(doc)
+    assert "image to image, strength 0.3" in R.report(doc)
     with pytest.raises(InvalidInputError, match="strength=1.5"):
-        B.BenchConfig(strength=1.5).check()
+        C.BenchConfig(strength=1.5).check()
 
 
 
 def test_auto_candidate_benchmarks_the_tuned_engines(tiny_checkpoint, tmp_path):
     """`--candidates auto`: the engines `build --backend auto` tunes on this CPU, with the choice reported."""
     pytest.importorskip("openvino")
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], warmup=0, runs=1,
-                           workdir=tmp_path, baselines=["torch-fp32"], candidates=[B.Candidate.parse("auto")],
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], warmup=0, runs=1,
+                           workdir=tmp_path, baselines=["torch-fp32"], candidates=[C.parse_candidate("auto")],
                            calibration_count=2)
-    doc = B.run_bench(config, say=lambda *a: None)
+    doc = run_bench(config, say=lambda *a: None)
     (auto,) = [s for s in doc["results"][0]["systems"] if s["kind"] == "candidate"]
     assert auto["name"] == "sprintrt auto tuned"
     assert set(auto["tuned"]) == {"text_encoder", "transformer", "vae_decoder", "vae_encoder"}
@@ -211,20 +216,20 @@ def test_optimum_baseline_contract(tiny_results, tiny_checkpoint, tmp_path, mode
     python = tmp_path / "python"
     python.write_text(f"#!/bin/sh\nexec {sys.executable} {worker} \"$@\"\n")
     python.chmod(0o755)
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], steps=[2], warmup=0,
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], steps=[2], warmup=0,
                            runs=2, workdir=work, baselines=["torch-fp32", "optimum-intel"], optimum_python=str(python))
-    doc = B.run_bench(config, say=lambda *a: None)
+    doc = run_bench(config, say=lambda *a: None)
     if mode == "killed":
         assert [s["name"] for s in doc["results"][0]["systems"]] == ["torch-fp32", "sprintrt onnxruntime fp32"]
         (failed,) = doc["failed"]
         assert failed["name"] == "optimum-intel" and re.search("killed by signal 9.*out of memory", failed["error"])
-        assert "Not measured: optimum-intel" in B.report(doc)
+        assert "Not measured: optimum-intel" in R.report(doc)
         return
     (entry,) = [s for s in doc["results"][0]["systems"] if s["name"] == "optimum-intel"]
     assert entry["kind"] == "baseline" and entry["peak_rss_gb"] == 1.5 and entry["end_to_end"]["median"] == 0.5
     assert len(entry["transformer_steps"]) == 2 and entry["stages"]["vae_decoder"]["median"] == 0.1
     assert entry["image_vs_reference"]["psnr_db"] < 20  # the fake's black image really was compared
-    assert "optimum-intel" in B.report(doc)
+    assert "optimum-intel" in R.report(doc)
 
 
 @pytest.mark.parametrize("bf16_cpu", [True, False])
@@ -233,10 +238,10 @@ def test_the_export_has_the_variants_the_candidates_build_from(monkeypatch, bf16
 
     monkeypatch.setattr(machine, "cpu_has_bf16", lambda target=None: bf16_cpu)
     monkeypatch.setattr(machine, "cpu_has_fp16", lambda target=None: False)
-    parse = lambda names: [B.Candidate.parse(n) for n in names]  # noqa: E731
-    assert B._variant_dtypes(parse(["ort:fp32", "ort:int8"])) == []
-    assert B._variant_dtypes(parse(["ov:bf16", "ort:fp16"])) == ["bf16", "fp16"]  # OpenVINO bf16 reads the variant
-    assert B._variant_dtypes(parse(["ort:fp32", "auto"])) == (["bf16"] if bf16_cpu else [])  # the tuner's candidates
+    parse = lambda names: [C.parse_candidate(n) for n in names]  # noqa: E731
+    assert P.variant_dtypes_for(parse(["ort:fp32", "ort:int8"])) == []
+    assert P.variant_dtypes_for(parse(["ov:bf16", "ort:fp16"])) == ["bf16", "fp16"]  # OpenVINO bf16 reads the variant
+    assert P.variant_dtypes_for(parse(["ort:fp32", "auto"])) == (["bf16"] if bf16_cpu else [])  # the tuner's candidates
 
 
 def test_torch_stage_hooks_synchronise_around_every_stage(reference_pipe):
@@ -258,9 +263,9 @@ def test_torch_stage_hooks_synchronise_around_every_stage(reference_pipe):
 
 def test_baselines_only_bench_exports_nothing(tiny_checkpoint, tmp_path):
     """`--candidates none`: the diffusers rows alone (e.g. the GPU baseline on a machine without TensorRT)."""
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(64, 64)], warmup=0, runs=1,
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(64, 64)], warmup=0, runs=1,
                            workdir=tmp_path, baselines=["torch-fp32"], candidates=[])
-    doc = B.run_bench(config, say=lambda *a: None)
+    doc = run_bench(config, say=lambda *a: None)
     (entry,) = doc["results"][0]["systems"]
     assert entry["name"] == "torch-fp32" and entry["device"] == "cpu" and doc["onnx_bytes"] == {}
     assert doc["settings"]["text_length"] > 0 and not list(tmp_path.glob("onnx-*"))
@@ -272,19 +277,19 @@ def test_cuda_baselines_need_a_cuda_torch():
     if torch.cuda.is_available():
         pytest.skip("this torch sees a GPU")
     with pytest.raises(InvalidInputError, match="torch_device='cuda'.*Fix"):
-        B.BenchConfig(torch_device="cuda").check()
+        C.BenchConfig(torch_device="cuda").check()
     with pytest.raises(InvalidInputError, match="torch_device='tpu'"):
-        B.BenchConfig(torch_device="tpu").check()
+        C.BenchConfig(torch_device="tpu").check()
 
 
 @pytest.mark.cuda
 def test_gpu_baseline_row(tiny_checkpoint, tmp_path):
     """The PyTorch GPU row: diffusers fp32 and bf16 on CUDA, per stage, with the GPU memory they held."""
-    config = B.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], warmup=1, runs=2,
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], warmup=1, runs=2,
                            workdir=tmp_path, baselines=["torch-fp32", "torch-bf16"], candidates=[], torch_device="cuda")
-    doc = B.run_bench(config, say=lambda *a: None)
+    doc = run_bench(config, say=lambda *a: None)
     fp32, bf16 = doc["results"][0]["systems"]
     assert fp32["device"] == bf16["device"] == "cuda" and fp32["gpu_memory_peak_gb"] > 0
     assert set(bf16["stages"]) >= {"text_encoder", "transformer", "vae_decoder"}
     assert bf16["image_vs_reference"]["psnr_db"] > 25
-    assert "torch-bf16 (cuda)" in B.report(doc)
+    assert "torch-bf16 (cuda)" in R.report(doc)

@@ -9,10 +9,9 @@ import shutil
 import pytest
 
 from sprintrt import machine
-from sprintrt.engines import manifest as M
-from sprintrt.engines.build import build_engines
+from sprintrt.engines.build import build_engines, cache_key
 from sprintrt.errors import InvalidInputError, ModelLoadError
-from sprintrt.export.specs import COMPONENTS
+from sprintrt.specs import COMPONENTS
 from sprintrt.files import sha256_file
 
 
@@ -96,19 +95,19 @@ def test_bad_build_options(onnx_dir, tmp_path, kw, match):
 def test_cache_key_changes_with_every_field():
     target = machine.cpu_target()
     dims = {"batch": {"min": 1, "opt": 1, "max": 8}}
-    base = M.cache_key(target, "onnxruntime", "1.0", "fp32", dims, "a" * 64)
+    base = cache_key(target, "onnxruntime", "1.0", "fp32", dims, "a" * 64)
     variants = [
-        M.cache_key({**target, "isa": ["avx2"]}, "onnxruntime", "1.0", "fp32", dims, "a" * 64),
-        M.cache_key(target, "onnxruntime", "1.1", "fp32", dims, "a" * 64),
-        M.cache_key(target, "onnxruntime", "1.0", "int8", dims, "a" * 64),
-        M.cache_key(target, "onnxruntime", "1.0", "fp32", {"batch": {"min": 1, "opt": 2, "max": 8}}, "a" * 64),
-        M.cache_key(target, "onnxruntime", "1.0", "fp32", dims, "b" * 64),
+        cache_key({**target, "isa": ["avx2"]}, "onnxruntime", "1.0", "fp32", dims, "a" * 64),
+        cache_key(target, "onnxruntime", "1.1", "fp32", dims, "a" * 64),
+        cache_key(target, "onnxruntime", "1.0", "int8", dims, "a" * 64),
+        cache_key(target, "onnxruntime", "1.0", "fp32", {"batch": {"min": 1, "opt": 2, "max": 8}}, "a" * 64),
+        cache_key(target, "onnxruntime", "1.0", "fp32", dims, "b" * 64),
     ]
     assert len({base, *variants}) == 6
 
 
 def test_auto_backend_picks_what_wins_here(onnx_dir, tmp_path):
-    from sprintrt.engines.backend import auto_backend
+    from sprintrt.engines.registry import auto_backend
 
     expected = "openvino" if machine.cpu_has_bf16() else "onnxruntime"
     assert auto_backend() == expected  # this CPU box has no GPU; OpenVINO is installed by the Makefile

@@ -36,7 +36,7 @@ def _weight_stack(path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from sprintrt.export.graph_passes import SCOPE_KEY
+    from sprintrt.onnx_scopes import SCOPE_KEY
 
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"

@@ -15,7 +15,7 @@ from sprintrt.engines.build import build_engines
 from sprintrt.engines.quantize import quantizable_nodes, quantize_qdq
 from sprintrt.defaults import intermediate_timesteps_for
 from sprintrt.errors import InvalidInputError
-from sprintrt.engines.calibration import transformer_calibration
+from sprintrt.tuning.calibration import transformer_calibration
 from sprintrt.metrics import cosine, psnr
 from sprintrt.prompts import read_prompts
 from sprintrt.runtime.pipeline import SprintPipeline
@@ -206,7 +206,7 @@ def test_drift_report_isolates_the_quantized_component(engine_dir, int8_engine_d
 def test_quantized_build_reuses_its_engine_without_calibrating_again(onnx_dir, tmp_path, monkeypatch):
     """The calibration description is in the key; a second build with the same settings must neither
     record calibration data (minutes at real size) nor rebuild, and leaves no scratch directory."""
-    import sprintrt.engines.calibration as C
+    import sprintrt.tuning.calibration as C
 
     out = tmp_path / "q"
     C.build_quantized_engines(onnx_dir, out, count=2, size=128)
@@ -322,14 +322,14 @@ ALL_INT8_PSNR_DB = 28.0
 @pytest.fixture(scope="module")
 def all_int8_dir(onnx_dir, tmp_path_factory):
     """`--precision int8`: every component with a recipe in int8 (the VAE encoder keeps fp32)."""
-    from sprintrt.engines.calibration import build_quantized_engines
+    from sprintrt.tuning.calibration import build_quantized_engines
 
     return build_quantized_engines(onnx_dir, tmp_path_factory.mktemp("all-int8") / "engines", count=6, size=256)
 
 
 @pytest.mark.parametrize("component,kept_scopes", [("vae_decoder", ["conv_in", "conv_out"]), ("text_encoder", [])])
 def test_qdq_placement_beyond_the_transformer(onnx_dir, all_int8_dir, component, kept_scopes):
-    from sprintrt.export.graph_passes import module_scopes
+    from sprintrt.onnx_scopes import module_scopes
 
     source = onnx.load(str(onnx_dir / f"{component}.onnx"))
     quantize, keep = quantizable_nodes(source, component)
@@ -356,7 +356,7 @@ def test_drift_of_every_int8_component(engine_dir, all_int8_dir):
 
 def test_vae_calibration_uses_capped_centre_crops(engine_dir):
     from sprintrt.defaults import VAE_CALIBRATION_LATENT_SIDE, VAE_CALIBRATION_SAMPLES
-    from sprintrt.engines.calibration import record_calibration
+    from sprintrt.tuning.calibration import record_calibration
 
     pipe = SprintPipeline.from_engines(engine_dir)
     prompts = read_prompts(None)[:VAE_CALIBRATION_SAMPLES]  # x 2 schedules: more calls than the cap

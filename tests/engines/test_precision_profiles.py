@@ -10,7 +10,8 @@ import pytest
 from sprintrt.engines.precision import Precision, resolve_precisions
 from sprintrt.engines.profiles import ProfileOptions, bin_latent_range, input_shapes, tensorrt_profile
 from sprintrt.errors import InvalidInputError
-from sprintrt.export import specs as S
+from sprintrt import specs as S
+from sprintrt.bins import TABLES
 
 MODEL = S.ModelDims(vocab_size=1024, text_hidden=2304, latent_channels=32, vae_scale_factor=32, text_len_max=624,
                     text_layers=26, text_kv_heads=4, text_head_dim=256,
@@ -44,7 +45,7 @@ def test_bad_precisions(value, match):
 
 @pytest.mark.parametrize("table", ["1024", "512"])
 def test_every_bin_fits_the_dynamic_profile(table):
-    bins = S.ASPECT_RATIO_1024_BIN if table == "1024" else S.ASPECT_RATIO_512_BIN
+    bins = TABLES[table]
     for name in ("transformer", "vae_decoder", "vae_encoder"):
         prof = tensorrt_profile(S.SPEC_BUILDERS[name](MODEL), MODEL, ProfileOptions())
         for h, w in bins.values():
@@ -69,7 +70,7 @@ def test_vae_encoder_profile_takes_pixels_of_every_bin():
 def test_text_lengths_follow_the_pipeline_padding(tiny_checkpoint):
     """The transformer's text length is exactly what the runtime tokenizer pads to; the text encoder's
     reaches it and goes down to one token (the pipeline trims the padding before the encoder)."""
-    from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
+    from sprintrt.defaults import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
     from sprintrt.runtime.prompt import PromptTokenizer
 
     tok = PromptTokenizer(tiny_checkpoint / "tokenizer")

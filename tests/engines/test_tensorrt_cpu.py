@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from sprintrt import machine
-from sprintrt.engines import manifest as M
+from sprintrt import manifest as M
 from sprintrt.engines import trt_build
-from sprintrt.engines.build import build_engines
+from sprintrt.engines.build import build_engines, cache_key
 from sprintrt.engines.precision import Precision
 from sprintrt.errors import EngineDirError, MissingDependencyError
 
@@ -88,18 +88,17 @@ A100 = {"kind": "gpu", "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8
 T4 = {"kind": "gpu", "name": "Tesla T4", "compute_capability": "7.5"}
 
 
-def test_what_each_tensorrt_version_and_gpu_can_build():
+def test_what_each_gpu_can_build():
     from sprintrt.errors import InvalidInputError
 
-    for version in ("10.13.3", "11.1.0", "11.4.0"):  # strongly typed everywhere: the version does not matter
-        for p in (Precision.BF16, Precision.FP16, Precision.TF32, Precision.FP32, Precision.INT8, Precision.FP8):
-            trt_build.check_precision(p, version, H100)
+    for p in (Precision.BF16, Precision.FP16, Precision.TF32, Precision.FP32, Precision.INT8, Precision.FP8):
+        trt_build.check_precision(p, H100)
     with pytest.raises(InvalidInputError, match="compute capability >= 8.9.*A100"):
-        trt_build.check_precision(Precision.FP8, "11.1.0", A100)
-    trt_build.check_precision(Precision.BF16, "11.1.0", A100)
+        trt_build.check_precision(Precision.FP8, A100)
+    trt_build.check_precision(Precision.BF16, A100)
     with pytest.raises(InvalidInputError, match="bf16.*compute capability >= 8.0.*T4.*fp16"):
-        trt_build.check_precision(Precision.BF16, "11.1.0", T4)
-    trt_build.check_precision(Precision.FP16, "11.1.0", T4)
+        trt_build.check_precision(Precision.BF16, T4)
+    trt_build.check_precision(Precision.FP16, T4)
     assert set(trt_build.default_precisions({"tensorrt": "11.1.0"}, H100).values()) == {Precision.BF16}
     t4 = trt_build.default_precisions({"tensorrt": "11.1.0"}, T4)
     assert t4["text_encoder"] == Precision.FP32 and t4["transformer"] == t4["vae_decoder"] == Precision.FP16
@@ -118,19 +117,19 @@ def test_fp8_is_refused_off_tensorrt():
 def test_gpu_cache_key_names_gpu_capability_version_precision_profile_and_onnx():
     gpu = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     dims = {"batch": {"min": 1, "opt": 1, "max": 4}}
-    key = M.cache_key(gpu, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32)
+    key = cache_key(gpu, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32)
     assert key.startswith("NVIDIA-H100-80GB-HBM3-sm9.0__tensorrt10.13.0__bf16__batch1-1-4__abababab")
-    others = [M.cache_key({**gpu, "name": "NVIDIA A100"}, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32),
-              M.cache_key({**gpu, "compute_capability": "8.0"}, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32),
-              M.cache_key(gpu, "tensorrt", "10.12.0", "bf16", dims, "ab" * 32),
-              M.cache_key(gpu, "tensorrt", "10.13.0", "fp16", dims, "ab" * 32),
-              M.cache_key(gpu, "tensorrt", "10.13.0", "bf16", {"batch": {"min": 1, "opt": 1, "max": 8}}, "ab" * 32),
-              M.cache_key(gpu, "tensorrt", "10.13.0", "bf16", dims, "cd" * 32)]
+    others = [cache_key({**gpu, "name": "NVIDIA A100"}, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32),
+              cache_key({**gpu, "compute_capability": "8.0"}, "tensorrt", "10.13.0", "bf16", dims, "ab" * 32),
+              cache_key(gpu, "tensorrt", "10.12.0", "bf16", dims, "ab" * 32),
+              cache_key(gpu, "tensorrt", "10.13.0", "fp16", dims, "ab" * 32),
+              cache_key(gpu, "tensorrt", "10.13.0", "bf16", {"batch": {"min": 1, "opt": 1, "max": 8}}, "ab" * 32),
+              cache_key(gpu, "tensorrt", "10.13.0", "bf16", dims, "cd" * 32)]
     assert len({key, *others}) == 7
     # canonical: dim order does not matter
     two = {"b": {"min": 1, "opt": 1, "max": 2}, "a": {"min": 1, "opt": 2, "max": 3}}
-    assert M.cache_key(gpu, "tensorrt", "1", "bf16", two, "0" * 64) == \
-        M.cache_key(gpu, "tensorrt", "1", "bf16", dict(reversed(two.items())), "0" * 64)
+    assert cache_key(gpu, "tensorrt", "1", "bf16", two, "0" * 64) == \
+        cache_key(gpu, "tensorrt", "1", "bf16", dict(reversed(two.items())), "0" * 64)
 
 
 def _fake_tensorrt_manifest(engine_dir):
@@ -144,16 +143,26 @@ def _fake_tensorrt_manifest(engine_dir):
     return M.read_manifest(engine_dir)
 
 
-@pytest.mark.parametrize("machine,match", [
-    (({"kind": "gpu", "name": "NVIDIA A100", "compute_capability": "8.0"}, {"tensorrt": "10.13.0"}), "built for"),
-    (({"kind": "gpu", "name": "NVIDIA H100", "compute_capability": "9.0"}, {"tensorrt": "10.12.0"}), "tensorrt 10.13.0"),
+@pytest.mark.parametrize("here,match", [
+    (({"name": "NVIDIA A100", "compute_capability": "8.0"}, "10.13.0"), "built for"),
+    (({"name": "NVIDIA H100", "compute_capability": "9.0"}, "10.12.0"), "tensorrt 10.13.0"),
 ])
-def test_stale_tensorrt_engines_are_refused(copy_engine_dir, machine, match):
+def test_stale_tensorrt_engines_are_refused(copy_engine_dir, monkeypatch, here, match):
+    """The run side's own check (runtime/engine.py Engine.machine_problem) against a machine that differs in its
+    GPU or its TensorRT version from the one the engines were built on."""
+    from sprintrt.runtime.registry import check_engines
+
+    gpu, version = here
     manifest = _fake_tensorrt_manifest(copy_engine_dir)
+    real_version = machine.library_version
+    monkeypatch.setattr(machine, "gpus", lambda: [{"kind": "gpu", **gpu, "driver": "580"}])
+    monkeypatch.setattr(machine, "library_version", lambda lib: version if lib == "tensorrt" else real_version(lib))
     with pytest.raises(EngineDirError, match=match + ".*--rebuild"):
-        M.check_loadable(manifest, ["transformer"], machine=lambda backend: machine)
-    same = ({"kind": "gpu", "name": "NVIDIA H100", "compute_capability": "9.0"}, {"tensorrt": "10.13.0"})
-    M.check_loadable(manifest, ["transformer"], machine=lambda backend: same)  # the matching machine loads
+        check_engines(manifest, ["transformer"])
+    monkeypatch.setattr(machine, "gpus", lambda: [{"kind": "gpu", "name": "NVIDIA H100", "compute_capability": "9.0",
+                                                   "driver": "580"}])
+    monkeypatch.setattr(machine, "library_version", lambda lib: "10.13.0" if lib == "tensorrt" else real_version(lib))
+    check_engines(manifest, ["transformer"])  # the matching machine loads
 
 
 def test_loading_tensorrt_engines_on_a_cpu_is_a_typed_error(copy_engine_dir):

@@ -46,10 +46,10 @@ def test_builds_every_component(trt_engine_dir):
 
 @pytest.mark.parametrize("component", ["text_encoder", "transformer", "vae_decoder", "vae_encoder"])
 def test_tensorrt_matches_onnxruntime(trt_engine_dir, engine_dir, component):
-    from sprintrt.engines.manifest import read_manifest
-    from sprintrt.runtime.backends import OrtEngine
+    from sprintrt.manifest import read_manifest
+    from sprintrt.runtime.ort_engine import OrtEngine
     from sprintrt.runtime.engine import component_spec
-    from sprintrt.runtime.trt_backend import TrtEngine
+    from sprintrt.runtime.trt_engine import TrtEngine
 
     trt_m, ort_m = read_manifest(trt_engine_dir), read_manifest(engine_dir)
     spec = component_spec(trt_m, component)
@@ -123,7 +123,7 @@ def test_quantized_transformer_engine_stays_close(precision, typed_onnx_dir, spr
     pipeline."""
     from sprintrt.metrics import psnr
     from sprintrt.engines.trt_build import FP8_MIN_COMPUTE_CAPABILITY, target
-    from sprintrt.engines.calibration import build_quantized_engines
+    from sprintrt.tuning.calibration import build_quantized_engines
     from sprintrt.runtime.pipeline import SprintPipeline
 
     cc = tuple(int(x) for x in target()["compute_capability"].split("."))

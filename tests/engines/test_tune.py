@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import sprintrt.engines.tune as T
+import sprintrt.tuning.tune as T
 from sprintrt import machine
 from sprintrt.defaults import TUNE_MIN_COSINE
+from sprintrt.engines.doctor import tuning_table
 from sprintrt.errors import InvalidInputError
-from sprintrt.export.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
+from sprintrt.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 from sprintrt.metrics import PARITY_MAX_ABS
 from sprintrt.runtime.pipeline import SprintPipeline
 
@@ -161,7 +162,7 @@ def test_mixed_backend_directory_loads_and_matches_diffusers(mixed, reference_pi
 
 
 def test_tuning_table_and_bad_candidates(mixed, onnx_dir, tmp_path):
-    lines = T.table(_manifest(mixed))
+    lines = tuning_table(_manifest(mixed))
     assert any(l.startswith(TEXT_ENCODER) and "openvino:fp32" in l and "chosen" in l for l in lines)
     with pytest.raises(InvalidInputError, match="BACKEND:PRECISION"):
         T.tune_engines(onnx_dir, tmp_path / "x", candidate_names=["ort"])

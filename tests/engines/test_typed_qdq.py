@@ -11,7 +11,7 @@ import pytest
 
 from sprintrt.engines import trt_build
 from sprintrt.engines.build import build_engines
-from sprintrt.engines.calibration import record_calibration
+from sprintrt.tuning.calibration import record_calibration
 from sprintrt.engines.quantize import quantizable_nodes, quantize_qdq
 from sprintrt.engines.typed_qdq import QDQ_MIN_OPSET, pair_layers, qdq_on_variant
 from sprintrt.errors import ModelLoadError
@@ -96,10 +96,10 @@ H100 = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9
 
 def _fake_tensorrt(monkeypatch, gpu, built: dict):
     """TensorRT 11.4 on `gpu`; build_component records the graph it was given instead of building."""
-    monkeypatch.setattr(trt_build, "target", lambda: dict(gpu))
-    monkeypatch.setattr(trt_build, "versions", lambda: {"tensorrt": "11.4.0"})
+    monkeypatch.setattr(trt_build, "build_target", lambda: dict(gpu))
+    monkeypatch.setattr(trt_build, "library_versions", lambda: {"tensorrt": "11.4.0"})
 
-    def build_component(source, out, component, precision, shapes, target_info, library_versions):
+    def build_component(source, out, component, precision, shapes, target, versions):
         model = onnx.load(str(source))
         built[component] = {i.data_type for i in model.graph.initializer}, [n.op_type for n in model.graph.node]
         out.write_bytes(b"plan")

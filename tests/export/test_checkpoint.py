@@ -8,7 +8,7 @@ import pytest
 
 from sprintrt.errors import InvalidInputError, ModelLoadError
 from sprintrt.export.checkpoint import arch_configs, load_pipeline, make_checkpoint
-from sprintrt.export.onnx_export import model_identity
+from sprintrt.files import model_identity
 
 
 def test_layout_and_sprint_flags(tiny_checkpoint):

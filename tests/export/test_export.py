@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from sprintrt.errors import ExportValidationError, InvalidInputError
-from sprintrt.export import specs as S
+from sprintrt import specs as S
+from sprintrt.export_info import EXPORT_INFO
+from sprintrt.defaults import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 from sprintrt.export.checkpoint import load_component
 from sprintrt.export.onnx_export import export_model, model_facts, wrapper_for
 from sprintrt.export.validate import FP32, validate_onnx
@@ -43,7 +45,7 @@ def test_text_encoder_matches_gemma2(onnx_dir, reference_pipe):
     placeholder slot too; nothing reads those positions."""
     from sprintrt.runtime.text_prefix import no_past
 
-    dims = S.ModelDims.from_json(json.loads((onnx_dir / S.EXPORT_INFO).read_text())["model_dims"])
+    dims = S.ModelDims.from_json(json.loads((onnx_dir / EXPORT_INFO).read_text())["model_dims"])
     sess, tok = _ort(onnx_dir, "text_encoder"), reference_pipe.tokenizer
     for prompts, length, split in ((["a cat"], 9, 2), (["a red fox in snow", "a lighthouse", "x"], 23, 4)):
         enc = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
@@ -131,7 +133,7 @@ def test_model_facts_agree_with_the_loaded_pipeline(tiny_checkpoint, reference_p
     dims, constants = model_facts(tiny_checkpoint)
     assert dims.vae_scale_factor == reference_pipe.vae_scale_factor
     assert dims.text_hidden == reference_pipe.text_encoder.config.hidden_size
-    assert dims.chi_tokens == len(reference_pipe.tokenizer.encode("\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
+    assert dims.chi_tokens == len(reference_pipe.tokenizer.encode("\n".join(DEFAULT_COMPLEX_HUMAN_INSTRUCTION)))
     assert constants.vae_scaling_factor == reference_pipe.vae.config.scaling_factor
     assert constants.sigma_data == reference_pipe.scheduler.config.sigma_data
     assert constants.guidance_embeds_scale == reference_pipe.transformer.config.guidance_embeds_scale

@@ -10,7 +10,7 @@ import torch
 from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 
-from sprintrt.export import specs as S
+from sprintrt import specs as S
 from sprintrt.export.graph_passes import typed_list_constants
 from sprintrt.export.onnx_export import trace_to_onnx
 from sprintrt.export.wrappers import BroadcastMaskSanaAttnProcessor, TransformerWrapper

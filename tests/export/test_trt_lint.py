@@ -7,7 +7,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from sprintrt.export import specs as S
+from sprintrt import specs as S
 from sprintrt.export.graph_passes import sequences_to_split
 from sprintrt.export.onnx_export import trace_to_onnx
 from sprintrt.export.trt_lint import lint, operator_table

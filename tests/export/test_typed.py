@@ -157,9 +157,9 @@ def test_openvino_bf16_builds_from_the_bf16_variant_with_half_the_weights(bf16_d
     """OpenVINO reads the bf16 variant where the export has one (bf16 weights: half the IR, less memory),
     and its text encoder stays as close to the fp32 engine as the bf16 hint on the fp32 graph does."""
     from sprintrt.engines.build import build_engines
-    from sprintrt.engines.manifest import read_manifest
-    from sprintrt.export import specs as S
-    from sprintrt.runtime.backends import load_engine
+    from sprintrt.manifest import read_manifest
+    from sprintrt import specs as S
+    from sprintrt.runtime.registry import load_engine
     from sprintrt.runtime.text_prefix import no_past
 
     comps = ("text_encoder",)
@@ -188,8 +188,8 @@ def test_an_fp16_engine_whose_optimised_graph_outgrows_protobuf_keeps_external_w
     (1.19 GB) came out at 2.37 GB, over protobuf's 2 GB. The build plans for the doubling."""
     from sprintrt.engines import ort_build
     from sprintrt.engines.build import build_engines
-    from sprintrt.engines.manifest import read_manifest
-    from sprintrt.runtime.backends import load_engine
+    from sprintrt.manifest import read_manifest
+    from sprintrt.runtime.registry import load_engine
 
     info = json.loads((onnx_dir / "export_info.json").read_text())
     fp16_bytes = info["components"]["transformer"]["variants"]["fp16"]["bytes"]
@@ -213,7 +213,7 @@ def test_openvino_int8w_compresses_the_bf16_variant_only_on_cpus_with_bf16(bf16_
     avx2_cpu = {"kind": "cpu", "arch": "x86_64", "name": "Zen 3", "isa": ["avx2", "fma"]}
 
     def source(onnx, target):
-        monkeypatch.setattr(ov_build, "target", lambda: target)
+        monkeypatch.setattr(ov_build, "build_target", lambda: target)
         (plan,) = plan_build(onnx, bf16_dir.parent / "unused", backend="openvino", precision="transformer=int8w",
                              components=("transformer",)).components
         return plan.source_dtype, plan.source.name, ov_build.hint(plan.precision, target)

@@ -9,22 +9,21 @@ import torch.nn.functional as F
 from diffusers.image_processor import PixArtImageProcessor, VaeImageProcessor
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
 
+from sprintrt import bins
 from sprintrt.runtime import image as I
 
 
 def test_bin_tables_are_diffusers_tables():
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN
 
-    from sprintrt.export import specs as S
-
-    assert {k: tuple(int(x) for x in v) for k, v in ASPECT_RATIO_1024_BIN.items()} == S.ASPECT_RATIO_1024_BIN
-    assert {k: tuple(int(x) for x in v) for k, v in ASPECT_RATIO_512_BIN.items()} == S.ASPECT_RATIO_512_BIN
+    assert {k: tuple(int(x) for x in v) for k, v in ASPECT_RATIO_1024_BIN.items()} == bins.ASPECT_RATIO_1024_BIN
+    assert {k: tuple(int(x) for x in v) for k, v in ASPECT_RATIO_512_BIN.items()} == bins.ASPECT_RATIO_512_BIN
 
 
 @pytest.mark.parametrize("h,w", [(1024, 1024), (300, 200), (200, 300), (512, 2048), (4000, 100), (100, 4000),
                                  (777, 1000), (1000, 1070)])
 def test_binning_matches_diffusers(h, w):
-    assert I.classify_height_width_bin(h, w) == PixArtImageProcessor.classify_height_width_bin(h, w, ASPECT_RATIO_1024_BIN)
+    assert bins.classify_height_width_bin(h, w) == PixArtImageProcessor.classify_height_width_bin(h, w, ASPECT_RATIO_1024_BIN)
 
 
 @pytest.mark.parametrize("src,dst", [((64, 96), (40, 50)), ((32, 32), (100, 70)), ((1216, 832), (300, 200)),

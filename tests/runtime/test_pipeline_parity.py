@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from sprintrt.export import specs as S
+from sprintrt.defaults import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 from sprintrt.metrics import PARITY_MAX_ABS
 
 TOL = PARITY_MAX_ABS  # max |diff| vs diffusers, images in [0, 1] (sprintrt/metrics.py)
-CHI = S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION
+CHI = DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 
 CASES = {
     "1 step": dict(prompt="A cat sleeping on a windowsill", num_inference_steps=1, intermediate_timesteps=None,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sprintrt.errors import InvalidInputError
-from sprintrt.export.specs import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
+from sprintrt.defaults import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 from sprintrt.runtime.prompt import PromptTokenizer, preprocess, select_index
 
 CHI = "\n".join(DEFAULT_COMPLEX_HUMAN_INSTRUCTION)

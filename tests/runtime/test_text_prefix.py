@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sprintrt.export import specs as S
+from sprintrt import specs as S
+from sprintrt.defaults import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 from sprintrt.runtime.text_prefix import TextEncoderRunner, shared_length
 
-CHI = "\n".join(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION)
+CHI = "\n".join(DEFAULT_COMPLEX_HUMAN_INSTRUCTION)
 TOL = 1e-4
 
 
@@ -103,7 +104,7 @@ def test_cache_instruction_runs_it_ahead_of_the_first_prompt(sprint_pipe, engine
         sprint_pipe.cache_instruction()
         instruction = len(sprint_pipe.tokenizer.instruction_ids(CHI))
         assert spy.shapes == [(1, instruction)]
-        sprint_pipe.encode_prompt("an owl", complex_human_instruction=list(S.DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
+        sprint_pipe.encode_prompt("an owl", complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
         assert len(spy.shapes) == 2 and spy.shapes[1][1] < 10
     finally:
         sprint_pipe.set_engine("text_encoder", spy.engine)

@@ -2,31 +2,20 @@
 component's real inputs, recorded while an fp32 SprintPipeline generates from a prompt file at the
 timesteps actually run (t = max for 1 step, plus the intermediate step for 2 steps).
 
-This builds engines, so it lives in engines/ and uses the runtime (never the other way round).
+It runs engines to build engines, so it sits above both engines/ and runtime/ (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sprintrt.defaults import (CALIBRATION_STEPS, DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE,
-                               VAE_CALIBRATION_LATENT_SIDE, VAE_CALIBRATION_SAMPLES,
+from sprintrt.defaults import (CALIBRATION_STEPS, DEFAULT_BACKEND, DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE,
+                               DEFAULT_COMPLEX_HUMAN_INSTRUCTION, VAE_CALIBRATION_LATENT_SIDE, VAE_CALIBRATION_SAMPLES,
                                intermediate_timesteps_for)
 from sprintrt.errors import InvalidInputError
-from sprintrt.export.specs import (DEFAULT_COMPLEX_HUMAN_INSTRUCTION, TEXT_ENCODER, TEXT_TO_IMAGE, TRANSFORMER,
-                                   VAE_DECODER)
 from sprintrt.prompts import read_prompts
-
-
-class Recorder:
-    """Wraps an engine; keeps a copy of every call's inputs."""
-
-    def __init__(self, engine):
-        self.engine, self.feeds = engine, []
-
-    def __call__(self, **feeds):
-        self.feeds.append({k: v.copy() for k, v in feeds.items()})
-        return self.engine(**feeds)
+from sprintrt.runtime.recording import recording
+from sprintrt.specs import TEXT_ENCODER, TEXT_TO_IMAGE, TRANSFORMER, VAE_DECODER
 
 
 def _check_count(count) -> None:
@@ -49,25 +38,22 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
     if count is not None:
         _check_count(count)
         prompts = prompts[:count]
-    recorders = {c: Recorder(pipe.engine(c)) for c in components}
     # A quantized text encoder sees every token of its prompts, the instruction's too, as the pipeline's
     # first call per instruction does (later calls reuse the instruction's cached prefix).
     reuse = pipe.reuse_instruction_prefix
     pipe.reuse_instruction_prefix = TEXT_ENCODER not in components
-    for c, recorder in recorders.items():
-        pipe.set_engine(c, recorder)
     try:
-        for i, prompt in enumerate(prompts):
-            # Encode once per prompt (the text encoder is the slow part at real size), run every schedule.
-            embeds, mask = pipe.encode_prompt(prompt, complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
-            for n in steps:
-                decode = VAE_DECODER in recorders and len(recorders[VAE_DECODER].feeds) < VAE_CALIBRATION_SAMPLES
-                pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
-                     intermediate_timesteps=intermediate_timesteps_for(n), height=height, width=width,
-                     use_resolution_binning=False, generator=seed + i, output_type="np" if decode else "latent")
+        with recording(pipe, components) as recorders:
+            for i, prompt in enumerate(prompts):
+                # Encode once per prompt (the text encoder is the slow part at real size), run every schedule.
+                embeds, mask = pipe.encode_prompt(prompt,
+                                                  complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
+                for n in steps:
+                    decode = VAE_DECODER in recorders and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES
+                    pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
+                         intermediate_timesteps=intermediate_timesteps_for(n), height=height, width=width,
+                         use_resolution_binning=False, generator=seed + i, output_type="np" if decode else "latent")
     finally:
-        for c, recorder in recorders.items():
-            pipe.set_engine(c, recorder.engine)
         pipe.reuse_instruction_prefix = reuse
     feeds = {c: recorder.feeds for c, recorder in recorders.items()}
     if VAE_DECODER in feeds:
@@ -115,7 +101,7 @@ def lazy_calibration(onnx_dir: str | Path, engines: Path, components, prompts: l
                 try:
                     if not reuse:
                         say("fp32 engines for calibration")
-                        build_engines(onnx_dir, engines, backend="onnxruntime", precision="fp32", profile=profile,
+                        build_engines(onnx_dir, engines, backend=DEFAULT_BACKEND, precision="fp32", profile=profile,
                                       components=TEXT_TO_IMAGE)
                     say(f"calibrating {', '.join(components)} on {len(prompts)} prompts at {size}x{size}")
                     recorded.update(record_calibration(SprintPipeline.from_engines(engines), components, prompts,
@@ -147,7 +133,7 @@ def _return_freed_memory() -> None:
 def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,
                             count: int = DEFAULT_CALIBRATION_COUNT, size: int = DEFAULT_CALIBRATION_SIZE,
                             profile=None, progress=None,
-                            backend: str = "onnxruntime", precision="int8") -> Path:
+                            backend: str = DEFAULT_BACKEND, precision="int8") -> Path:
     """Engines with int8 (or fp8) components for `backend`: `precision` is "int8"/"fp8" (every component
     with a recipe that the backend quantizes) or per component, e.g. "transformer=int8,vae_decoder=int8".
     Unless engine_dir already holds those engines (same keys: the calibration description is part of

@@ -1,48 +1,35 @@
 """The engine directory's manifest.json: what each engine file is, what built it, and for what.
 
-One manifest describes every backend (ONNX Runtime, OpenVINO, TensorRT): per component the engine
-file and its sha256 (and those of the files it needs beside it), backend, precision, execution provider, the I/O spec with its dim ranges (the
-shape profile), the sha256 of the source ONNX, the library versions, the model's identity, the
-target machine and a readable cache key made of all of them. Loading refuses, with the reason and
-the fix, any engine whose manifest does not match the files, the model or the machine.
+The contract between engines/ (which writes it) and runtime/ (which reads it). One manifest describes
+every backend: per component the engine file and its sha256 (and those of the files it needs beside
+it), backend, precision, the I/O spec with its dim ranges (the shape profile), the sha256 of the
+source ONNX, the library versions, the model's identity, the target machine and a readable cache key
+made of all of them. Loading refuses, with the reason and the fix, any engine whose manifest does not
+match the files, the model or the machine.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sprintrt.errors import EngineDirError
 from sprintrt.files import file_mismatch, write_text_atomic
 
 MANIFEST = "manifest.json"
 # 2: every file an engine needs is listed under "extra_files" (format 1 listed OpenVINO's only, as "sidecars").
-FORMAT = 3  # 3: the text encoder takes a key/value past (export/specs.py text_encoder_spec)
+# 3: the text encoder takes a key/value past (sprintrt/specs.py text_encoder_spec).
+# 4: a backend records how its engines are opened at run time (OpenVINO: "compile_config", "cache_dir"), so the
+#    run side never asks a build module.
+FORMAT = 4
+REBUILD = "Fix: rebuild with `sprintrt build ONNX_DIR -o ENGINE_DIR --rebuild` on this machine"
 
 
 def engine_files(entry: dict) -> list[dict]:
     """The engine file's record and those of the files it needs beside it (IR weights, external data)."""
     return [entry, *entry.get("extra_files", [])]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
-
-
-def cache_key(target: dict, backend: str, library_version: str, precision: str, dims: dict, onnx_sha256: str) -> str:
-    """Readable, complete key: device + backend version + precision + profile + source ONNX hash.
-
-    Every field that changes what the engine computes or where it may run is in the key, so a
-    cached engine is reused only for exactly the same inputs (demoDiffusion's omits GPU and profile).
-    """
-    if target["kind"] == "cpu":
-        device = f"{target['arch']}-{'.'.join(target['isa']) or 'baseline'}"
-    else:
-        device = f"{target['name']}-sm{target['compute_capability']}"
-    profile = "_".join(f"{n}{d['min']}-{d['opt']}-{d['max']}" for n, d in sorted(dims.items()))
-    return "__".join(_slug(p) for p in (device, f"{backend}{library_version}", precision, profile, onnx_sha256[:16]))
 
 
 @dataclass
@@ -78,41 +65,36 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EngineDirError(f"{path} is not valid JSON ({e}). Fix: rebuild with `sprintrt build ... --rebuild`") from e
-    if data.get("format") != FORMAT or not isinstance(data.get("components"), dict):
-        raise EngineDirError(f"{path} has format {data.get('format')!r}, this sprintrt reads format {FORMAT}. "
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("components"), dict):
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise EngineDirError(f"{path} has format {got!r}, this sprintrt reads format {FORMAT}. "
                              "Fix: rebuild the engines with this version of sprintrt")
     return Manifest(path, data)
 
 
 def check_loadable(manifest: Manifest, components, *, expect_model: str | None = None, verify_sha256: bool = False,
-                   machine=None) -> None:
+                   machine: Callable[[dict], str | None] | None = None) -> None:
     """Raise EngineDirError if any engine may not be loaded here, naming the field, both values and the fix.
 
-    `machine(backend) -> (target, library_versions)` describes this machine; None skips those checks."""
-    rebuild = "Fix: rebuild with `sprintrt build ONNX_DIR -o ENGINE_DIR --rebuild` on this machine"
+    `machine(entry)` says why the engine of a manifest entry cannot run on this machine (None: it can);
+    None skips those checks."""
     identities = {c["model_identity"] for c in manifest.components.values()}
     model = manifest.data["model"]["identity"]
     if identities != {model}:
         raise EngineDirError(f"{manifest.path}: components come from different models ({sorted(identities)}); "
-                             f"the manifest names model {model}. {rebuild}")
+                             f"the manifest names model {model}. {REBUILD}")
     if expect_model is not None and expect_model != model:
         raise EngineDirError(f"{manifest.path} was built from model {model[:16]}… ({manifest.data['model']['source']}), "
                              f"not the expected {expect_model[:16]}…. Fix: point at the engines of this model, or build them")
     for name in components:
         if name not in manifest.components:
-            raise EngineDirError(f"{manifest.path} has no '{name}' engine (it has {sorted(manifest.components)}). {rebuild}")
+            raise EngineDirError(f"{manifest.path} has no '{name}' engine (it has {sorted(manifest.components)}). {REBUILD}")
         comp = manifest.components[name]
         for entry in engine_files(comp):
             problem = file_mismatch(manifest.root / entry["file"], entry["bytes"],
                                     entry["sha256"] if verify_sha256 else None)
             if problem:
-                raise EngineDirError(f"engine file {problem} (listed in {manifest.path}). {rebuild}")
-        if machine is None:
-            continue
-        here, library_versions = machine(comp["backend"])
-        if comp["target"] != here:
-            raise EngineDirError(f"'{name}' was built for {comp['target']}, this machine is {here}. {rebuild}")
-        for lib, built_with in comp.get("libraries", {}).items():
-            have = library_versions.get(lib)
-            if have is not None and have != built_with:
-                raise EngineDirError(f"'{name}' was built with {lib} {built_with}, this process has {lib} {have}. {rebuild}")
+                raise EngineDirError(f"engine file {problem} (listed in {manifest.path}). {REBUILD}")
+        problem = machine(comp) if machine is not None else None
+        if problem:
+            raise EngineDirError(f"'{name}' {problem}. {REBUILD}")

@@ -1,7 +1,7 @@
-"""TensorRT engine backend: deserialize once, one execution context, device buffers reused per shape.
+"""TensorRT engines (NVIDIA GPUs): deserialize once, one execution context, device buffers reused per shape.
 
 Lifecycle (Polygraphy BaseRunner's): load → infer → release. All engines of a pipeline share one
-CUDA stream (`polygraphy.cuda`, a thin ctypes wrapper of libcudart: no extra dependency).
+CUDA stream (`open_context`; `polygraphy.cuda`, a thin ctypes wrapper of libcudart: no extra dependency).
 
 Host ↔ device traffic per image, and why it is there:
 - inputs are uploaded when they change; an input with the same shape and contents (crc32) as in the
@@ -25,7 +25,6 @@ import zlib
 
 import numpy as np
 
-from sprintrt.engines.manifest import Manifest
 from sprintrt.errors import EngineDirError, MissingDependencyError
 from sprintrt.runtime.engine import Engine
 
@@ -63,22 +62,25 @@ class _PinnedBuffer:
 
 
 class TrtEngine(Engine):
-    def __init__(self, manifest: Manifest, component: str, stream=None, cuda_graph: bool = False):
-        super().__init__(manifest, component)
+    @classmethod
+    def open_context(cls):
+        """One CUDA stream for every TensorRT engine of a pipeline."""
+        _, cuda = _imports()
+        return cuda.Stream()
+
+    def _open(self, entry: dict, options, context) -> None:
         trt, cuda = _imports()
         self._trt, self._cuda = trt, cuda
-        path = manifest.component_file(component)
         logger = trt.Logger(trt.Logger.ERROR)
         self._runtime = trt.Runtime(logger)
-        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise EngineDirError(f"TensorRT could not deserialize {path} (built by another TensorRT or for another "
-                                 f"GPU?). Fix: rebuild with `sprintrt build ONNX_DIR -o ENGINE_DIR --backend tensorrt "
-                                 "--rebuild` on this machine")
+            raise EngineDirError(f"TensorRT could not deserialize {self.path} (built by another TensorRT or for another "
+                                 f"GPU?). {self.rebuild}")
         self.context = self.engine.create_execution_context()
-        self.stream = stream or cuda.Stream()
-        self._owns_stream = stream is None
-        self.cuda_graph = cuda_graph
+        self.stream = context or cuda.Stream()
+        self._owns_stream = context is None
+        self.cuda_graph = options.cuda_graph
         self._device: dict[str, object] = {}  # tensor name → cuda.DeviceArray, grown as needed
         self._last_host: dict[str, tuple] = {}  # input name → (shape, dtype, crc32) of what is on the device
         self._pinned: dict[str, _PinnedBuffer] = {}

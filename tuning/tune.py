@@ -32,89 +32,82 @@ import json
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from sprintrt import machine
-from sprintrt.defaults import (CALIBRATION_MEMORY_FACTOR, DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE,
-                               DEFAULT_PROMPT, TUNE_MAX_RUNS, TUNE_MIN_COSINE, TUNE_MIN_RUNS, TUNE_MIN_SECONDS)
-from sprintrt.engines import manifest as M, ov_build
-from sprintrt.engines.backend import backend_module, canonical
-from sprintrt.engines.build import build_engines, intact, read_existing, read_export_info, write_manifest
-from sprintrt.engines.precision import ALLOWED, QUANTIZED, Precision
+from sprintrt.defaults import (CALIBRATION_MEMORY_FACTOR, DEFAULT_BACKEND, DEFAULT_CALIBRATION_COUNT,
+                               DEFAULT_CALIBRATION_SIZE, DEFAULT_PROMPT, TUNE_MAX_RUNS, TUNE_MIN_COSINE, TUNE_MIN_RUNS,
+                               TUNE_MIN_SECONDS)
+from sprintrt.engines.build import build_engines, intact, read_existing, write_manifest
+from sprintrt.engines.precision import QUANTIZED, EngineChoice, Precision
+from sprintrt.engines.registry import backend_module, cpu_backends
 from sprintrt.errors import InvalidInputError, SprintError
-from sprintrt.export import specs as S
+from sprintrt.export_info import read_export_info, weights_bytes
+from sprintrt.manifest import engine_files, read_manifest
 from sprintrt.metrics import cosine
-from sprintrt.runtime.backends import load_engine
+from sprintrt.runtime.recording import recording
+from sprintrt.runtime.registry import load_engine
+from sprintrt import specs as S
 
-CPU_BACKENDS = ("onnxruntime", "openvino")
-REFERENCE = ("onnxruntime", Precision.FP32)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    backend: str
-    precision: Precision
-
-    @property
-    def name(self) -> str:
-        return f"{self.backend}:{self.precision.value}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Candidate":
-        """'ort:int8' / 'openvino:fp32' → Candidate; a typed error names the bad part."""
-        backend, sep, precision = text.strip().partition(":")
-        if not sep:
-            raise InvalidInputError(f"candidate {text!r} is not BACKEND:PRECISION. Fix: e.g. ort:fp32,ov:bf16,ort:int8")
-        backend = canonical(backend)
-        if backend not in CPU_BACKENDS:
-            raise InvalidInputError(f"candidate {text!r}: tuning times CPU backends only ({list(CPU_BACKENDS)}). "
-                                    "Fix: build TensorRT engines with --backend tensorrt")
-        return cls(backend, Precision.parse(precision))
+# What every candidate's outputs are compared with (and the engines that record the calibration inputs).
+QUALITY_REFERENCE = EngineChoice(DEFAULT_BACKEND, Precision.FP32)
 
 
-def _weights_bytes(record: dict) -> int:
-    return record["bytes"] + (record.get("external_data") or {}).get("bytes", 0)
+def parse_candidate(text: str) -> EngineChoice:
+    """'ort:int8' / 'openvino:fp32' → a CPU EngineChoice; a typed error names the bad part."""
+    choice = EngineChoice.parse(text)  # no default precision: a tuner candidate names one
+    if choice.backend not in cpu_backends():
+        raise InvalidInputError(f"candidate {text!r}: tuning times CPU backends only ({cpu_backends()}). "
+                                "Fix: build GPU engines with their --backend")
+    return choice
+
+
+def typed_dtypes_here(target: dict | None = None) -> list[str]:
+    """The 16-bit types this CPU computes in (the tuner's bf16/fp16 candidates). Elsewhere they are slower than
+    fp32: bf16 is emulated without AVX512-BF16/AMX, and ONNX Runtime converts fp16 to fp32 around every op
+    without fp16 arithmetic."""
+    return [dtype for dtype, has in (("bf16", machine.cpu_has_bf16(target)), ("fp16", machine.cpu_has_fp16(target)))
+            if has]
 
 
 def calibration_fits(record: dict, memory_bytes: int | None) -> bool:
     """Whether calibrating this graph for int8 fits in this machine's memory (see CALIBRATION_MEMORY_FACTOR)."""
-    return memory_bytes is None or _weights_bytes(record) * CALIBRATION_MEMORY_FACTOR <= memory_bytes
+    return memory_bytes is None or weights_bytes(record) * CALIBRATION_MEMORY_FACTOR <= memory_bytes
 
 
 def candidates(component: str, record: dict, target: dict, calibrate: bool,
-               memory_bytes: int | None = None) -> list[Candidate]:
+               memory_bytes: int | None = None) -> list[EngineChoice]:
     """Every candidate this machine can build for `component`, the fp32 ONNX Runtime reference first.
     int8 only with `calibrate` and where calibration fits in `memory_bytes` (None: do not check)."""
     calibrate = calibrate and calibration_fits(record, memory_bytes)
     found = []
-    for backend in CPU_BACKENDS:
-        if machine.library_version(backend) is None:
-            continue
+    for backend in cpu_backends():
         mod = backend_module(backend)
-        for p in ALLOWED[backend][component]:
+        for p in mod.ALLOWED[component]:
             if p in QUANTIZED and (p != Precision.INT8 or not calibrate):
                 continue
-            if p == Precision.BF16 and not machine.cpu_has_bf16(target):
-                continue  # emulated without AVX512-BF16/AMX: slow
-            if p == Precision.FP16 and not machine.cpu_has_fp16(target):
-                continue  # ONNX Runtime converts fp16 to fp32 around every op without fp16 arithmetic
+            if p in (Precision.BF16, Precision.FP16) and p.value not in typed_dtypes_here(target):
+                continue
             if any(machine.library_version(lib) is None for lib in mod.PRECISION_LIBRARIES.get(p, ())):
                 continue  # e.g. int8w without NNCF
             needs_variant = p in mod.TYPED_PRECISIONS and p not in mod.VARIANT_OPTIONAL
             if needs_variant and p.value not in record.get("variants", {}):
                 continue  # not exported (`sprintrt export --dtypes`)
-            found.append(Candidate(backend, p))
-    found.sort(key=lambda c: (c.backend, c.precision.value) != REFERENCE)
+            found.append(EngineChoice(backend, p))
+    found.sort(key=lambda c: c != QUALITY_REFERENCE)
     return found
 
 
-def tuning_key(component: str, record: dict, cands: list[Candidate], target: dict, calibration: str | None,
+def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: dict, calibration: str | None,
                size: int) -> str:
     """Everything that changes the measurement: machine, libraries, source graphs, candidates, calibration,
     size and gate."""
-    libraries = {b: machine.library_version(b) for b in (*CPU_BACKENDS, "nncf")}  # NNCF writes the int8w candidates
+    libraries = {}
+    for backend in cpu_backends():  # each backend's library and those that decide some of its engines (int8w: NNCF)
+        mod = backend_module(backend)
+        for lib in (mod.LIBRARY, *(lib for libs in mod.PRECISION_LIBRARIES.values() for lib in libs)):
+            libraries[lib] = machine.library_version(lib)
     sources = {"fp32": record["sha256"], **{d: v["sha256"] for d, v in record.get("variants", {}).items()}}
     text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, size,
                        TUNE_MIN_COSINE], sort_keys=True)
@@ -123,20 +116,17 @@ def tuning_key(component: str, record: dict, cands: list[Candidate], target: dic
 
 def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
     """{component: the inputs it gets in one {size}² call of the default prompt (1 step)}."""
-    from sprintrt.engines.calibration import Recorder
     from sprintrt.runtime.pipeline import SprintPipeline
 
     pipe = SprintPipeline.from_engines(engine_dir)
-    recorders = {c: Recorder(pipe.engine(c)) for c in S.TEXT_TO_IMAGE}
-    for c, r in recorders.items():
-        pipe.set_engine(c, r)
-    pipe(DEFAULT_PROMPT, num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
-         use_resolution_binning=False, generator=0, output_type="np")
+    with recording(pipe, S.TEXT_TO_IMAGE) as recorders:
+        pipe(DEFAULT_PROMPT, num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
+             use_resolution_binning=False, generator=0, output_type="np")
     # The last call of each: the text encoder's first call runs the instruction alone (computed once, then
     # reused), its last the prompt's own tokens after it, as every later image does.
     feeds = {c: r.feeds[-1] for c, r in recorders.items()}
-    for r in recorders.values():
-        r.engine.release()
+    for c in S.TEXT_TO_IMAGE:
+        pipe.engine(c).release()
     if S.VAE_ENCODER in components:
         spec = S.vae_encoder_spec(S.ModelDims.from_json(pipe.manifest.data["model_dims"]))
         side = size // pipe.manifest.data["model_dims"]["vae_scale_factor"]
@@ -175,8 +165,8 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
     """
     from filelock import FileLock
 
-    from sprintrt.engines.calibration import calibration_description
     from sprintrt.prompts import read_prompts
+    from sprintrt.tuning.calibration import calibration_description
 
     say = progress or (lambda msg: None)
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
@@ -208,13 +198,14 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
                     entries[comp]["tuning"]["skipped"] = note
             for comp, entry in entries.items():  # the chosen engine's files move into the engine directory
                 src = entry.pop("_dir")
-                for f in M.engine_files(entry):
+                for f in engine_files(entry):
                     shutil.move(str(src / f["file"]), engine_dir / f["file"])
-                if entry["backend"] == "openvino" and (src / ov_build.CACHE).is_dir():
+                cache = entry.get("cache_dir")  # a backend's compiled-blob cache beside its engines (OpenVINO's)
+                if cache and (src / cache).is_dir():
                     # the candidate was built alone in its directory: every blob in its cache is its own
-                    (engine_dir / ov_build.CACHE).mkdir(exist_ok=True)
-                    for blob in (src / ov_build.CACHE).iterdir():
-                        shutil.move(str(blob), engine_dir / ov_build.CACHE / blob.name)
+                    (engine_dir / cache).mkdir(exist_ok=True)
+                    for blob in (src / cache).iterdir():
+                        shutil.move(str(blob), engine_dir / cache / blob.name)
             write_manifest(onnx_dir, engine_dir, info, {**old, **entries})
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -233,22 +224,22 @@ def _plan(info: dict, components, candidate_names, calibrate: bool, target: dict
         available = candidates(comp, record, target, calibrate, memory)
         wanted = candidate_names.get(comp) if per_component else candidate_names
         if wanted is not None:
-            chosen = [Candidate.parse(n) for n in wanted]
+            chosen = [parse_candidate(n) for n in wanted]
             unknown = [c.name for c in chosen if c not in available]
             if unknown and per_component:
                 raise InvalidInputError(f"candidates {unknown} cannot be built for {comp} here: expected some of "
                                         f"{[c.name for c in available]}. Fix: name only those")
-            available = [a for a in available if a in chosen or (a.backend, a.precision) == REFERENCE]
+            available = [a for a in available if a in chosen or a == QUALITY_REFERENCE]
         used |= set(available)
         uses_int8 = any(c.precision in QUANTIZED for c in available)
         plan[comp] = (available, tuning_key(comp, record, available, target, description if uses_int8 else None, size))
         if calibrate and not calibration_fits(record, memory) and \
-                any(Precision.INT8 in ALLOWED[b][comp] for b in CPU_BACKENDS):
-            gb = _weights_bytes(record) / 2**30
+                any(Precision.INT8 in backend_module(b).ALLOWED[comp] for b in cpu_backends()):
+            gb = weights_bytes(record) / 2**30
             skipped[comp] = (f"int8 skipped: calibrating {gb:.1f} GB of weights needs about "
                              f"{CALIBRATION_MEMORY_FACTOR * gb:.0f} GB, this machine has {memory / 2**30:.0f} GB")
     if candidate_names is not None and not per_component:  # a candidate no component can use is a mistake
-        unusable = [n for n in candidate_names if Candidate.parse(n) not in used]
+        unusable = [n for n in candidate_names if parse_candidate(n) not in used]
         if unusable:
             raise InvalidInputError(f"candidates {unusable} cannot be built for any of {list(components)} here. "
                                     "Fix: name candidates this machine has (`sprintrt doctor` lists them)")
@@ -261,12 +252,13 @@ def _reusable(engine_dir: Path, entry: dict | None, key: str) -> bool:
 
 def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict, prompts: list[str],
           description: str, size: int, say) -> dict:
-    from sprintrt.engines.calibration import lazy_calibration
+    from sprintrt.tuning.calibration import lazy_calibration
 
-    ref_dir = _candidate_dir(scratch, Candidate(*REFERENCE))
+    ref_dir = _candidate_dir(scratch, QUALITY_REFERENCE)
     reference = tuple(c for c in S.COMPONENTS if c in info["components"])
     say("fp32 ONNX Runtime reference engines")
-    build_engines(onnx_dir, ref_dir, backend="onnxruntime", precision="fp32", components=reference)
+    build_engines(onnx_dir, ref_dir, backend=QUALITY_REFERENCE.backend, precision=QUALITY_REFERENCE.precision,
+                  components=reference)
     say(f"recording each component's inputs in one {size}x{size} call")
     feeds = timing_feeds(ref_dir, todo, size)
     quantized = sorted({c for c in todo for cand in plan[c][0] if cand.precision in QUANTIZED})
@@ -275,7 +267,7 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     tables: dict[str, list[dict]] = {c: [] for c in todo}
     references: dict[str, dict] = {}
     best: dict[str, dict] = {}  # per component, the fastest passing row so far; its files are the only ones kept
-    by_candidate: dict[Candidate, list[str]] = {}
+    by_candidate: dict[EngineChoice, list[str]] = {}
     for comp in todo:
         for cand in plan[comp][0]:
             by_candidate.setdefault(cand, []).append(comp)
@@ -283,7 +275,7 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
         for comp in comps:
             # One directory per candidate and component, deleted as soon as it loses: at real size every
             # engine is 1-16 GB, and keeping them all until the end filled a 50 GB disk (measured).
-            is_reference = (cand.backend, cand.precision) == REFERENCE
+            is_reference = cand == QUALITY_REFERENCE
             cand_dir = ref_dir if is_reference else _candidate_dir(scratch, cand) / comp
             row = {"candidate": cand.name}
             try:
@@ -292,7 +284,7 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
                     calibration = {comp: (description, feeds_of(comp))} if cand.precision in QUANTIZED else None
                     build_engines(onnx_dir, cand_dir, backend=cand.backend, precision={comp: cand.precision},
                                   components=(comp,), calibration=calibration, qdq_cache=scratch / "qdq")
-                manifest = M.read_manifest(cand_dir)
+                manifest = read_manifest(cand_dir)
             except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded
                 tables[comp].append({**row, "error": f"build failed: {e}"[:300], "passed": False})
                 shutil.rmtree(cand_dir, ignore_errors=True)
@@ -328,26 +320,5 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     return entries
 
 
-def _candidate_dir(scratch: Path, cand: Candidate) -> Path:
+def _candidate_dir(scratch: Path, cand: EngineChoice) -> Path:
     return scratch / f"{cand.backend}-{cand.precision.value}"
-
-
-def table(manifest: dict) -> list[str]:
-    """The tuning table of an engine directory's manifest, one line per candidate."""
-    lines = []
-    for comp, entry in manifest["components"].items():
-        tuning = entry.get("tuning")
-        if not tuning:
-            lines.append(f"{comp:13s} {entry['backend']}:{entry['precision']} (not tuned)")
-            continue
-        if tuning.get("skipped"):
-            lines.append(f"{comp:13s} {tuning['skipped']}")
-        for row in tuning["candidates"]:
-            mark = "chosen" if row["candidate"] == tuning["chosen"] else ""
-            if "error" in row:
-                lines.append(f"{comp:13s} {row['candidate']:18s} {row['error']}")
-                continue
-            gate = "ok" if row["passed"] else f"below the gate ({tuning['min_cosine']})"
-            lines.append(f"{comp:13s} {row['candidate']:18s} {row['seconds']:9.3f} s  cosine {row['cosine']:.6f}  "
-                         f"{gate} {mark}".rstrip())
-    return lines

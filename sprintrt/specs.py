@@ -1,8 +1,10 @@
-"""One declarative spec per exported component: tensor names, dtypes and dims with named ranges.
+"""The components and one declarative spec per component: tensor names, dtypes and dims with named ranges.
 
-Everything shape-related is derived from these specs: the exporter's dynamic axes, the sample inputs
-used to trace, the validation shapes (always other than the trace shape), the runtime's input checks,
-TensorRT optimization profiles and the manifest's I/O description. No shape formula is written twice.
+The contract between export/ (which traces each component to this interface), engines/ (which builds
+engines with these inputs and profiles) and runtime/ (which feeds them). Everything shape-related is
+derived from these specs: the exporter's dynamic axes, the sample inputs used to trace, the validation
+shapes (always other than the trace shape), the runtime's input checks, TensorRT optimization profiles
+and the manifest's I/O description. No shape formula is written twice.
 
 Pure data: stdlib + numpy only, so the runtime can import it on a box without torch.
 """
@@ -25,36 +27,6 @@ COMPONENTS = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER)
 # What each pipeline runs: text to image needs no encoder; image to image encodes its input image.
 TEXT_TO_IMAGE = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER)
 IMAGE_TO_IMAGE = COMPONENTS
-
-# diffusers' default complex human instruction (SanaSprintPipeline.__call__), kept here so the
-# runtime has it without diffusers. Joined with "\n" and prepended to every prompt
-# (docs/SANA_SPRINT_SPEC.md §1.2).
-DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
-    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",
-    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",
-    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
-    "Here are examples of how to transform or refine prompts:",
-    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
-    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",
-    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
-    "User Prompt: ",
-)
-# diffusers' ASPECT_RATIO_1024_BIN (pipelines/pixart_alpha): aspect ratio h/w → [height, width].
-ASPECT_RATIO_1024_BIN = {
-    "0.25": (512, 2048), "0.28": (512, 1856), "0.32": (576, 1792), "0.33": (576, 1728), "0.35": (576, 1664),
-    "0.4": (640, 1600), "0.42": (640, 1536), "0.48": (704, 1472), "0.5": (704, 1408), "0.52": (704, 1344),
-    "0.57": (768, 1344), "0.6": (768, 1280), "0.68": (832, 1216), "0.72": (832, 1152), "0.78": (896, 1152),
-    "0.82": (896, 1088), "0.88": (960, 1088), "0.94": (960, 1024), "1.0": (1024, 1024), "1.07": (1024, 960),
-    "1.13": (1088, 960), "1.21": (1088, 896), "1.29": (1152, 896), "1.38": (1152, 832), "1.46": (1216, 832),
-    "1.67": (1280, 768), "1.75": (1344, 768), "2.0": (1408, 704), "2.09": (1472, 704), "2.4": (1536, 640),
-    "2.5": (1600, 640), "3.0": (1728, 576), "4.0": (2048, 512),
-}
-
-# diffusers' ASPECT_RATIO_512_BIN is the 1024 table halved, entry by entry.
-ASPECT_RATIO_512_BIN = {k: (h // 2, w // 2) for k, (h, w) in ASPECT_RATIO_1024_BIN.items()}
-
-# Written by `sprintrt export` beside the ONNX files; read by `sprintrt build`.
-EXPORT_INFO = "export_info.json"
 
 
 @dataclass(frozen=True)
@@ -264,7 +236,7 @@ class ModelDims:
     # One latent pixel and up, as diffusers (ONNX Runtime and OpenVINO run any size); only a TensorRT
     # profile narrows the range (engines/profiles.py).
     latent_min: int = 1
-    latent_max: int = 128  # 4096 px at f32: covers every ASPECT_RATIO_1024_BIN entry (max 2048 px)
+    latent_max: int = 128  # 4096 px at f32: covers every bin of sprintrt/bins.py (max 2048 px)
 
     @classmethod
     def from_json(cls, d: Mapping) -> "ModelDims":
