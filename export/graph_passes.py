@@ -18,6 +18,9 @@
   projections and none of the transformer's linear layers were quantized), and ONNX Runtime's
   calibration session transposed every weight again per call (23 GB for the 8 GB text encoder). The
   pass transposes each such weight in its external-data file, one tensor in memory at a time.
+- fold_constants_onnxscript: what Polygraphy's fold leaves (a typed variant's bf16 constants, which ONNX
+  Runtime cannot evaluate) or is never given (graphs over 2 GB: small tensors only), e.g. ReduceMean axes
+  that TensorRT's parser needs as build-time constants.
 - sequences_to_split: the dynamo exporter with optimize=False writes torch.chunk/split as
   SplitToSequence + SequenceAt, which TensorRT's ONNX parser does not support; a plain Split with
   the same sizes is the same computation.
@@ -25,9 +28,14 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from sprintrt.onnx_scopes import module_scopes, restore_module_scopes
 
 
 def typed_list_constants(proto: onnx.ModelProto) -> int:
@@ -283,3 +291,38 @@ def cast_expanded_constants(proto: onnx.ModelProto) -> int:
     del proto.graph.node[:]
     proto.graph.node.extend(kept)
     return count
+
+
+# The folder's default limits (elements per tensor) for graphs whose weights stay in external data: shape
+# arithmetic folds, weights are never read.
+SMALL_TENSOR_ELEMENTS = 8192
+
+
+def fold_constants_onnxscript(proto: onnx.ModelProto, base_dir=None, limit: int | None = None) -> int:
+    """Fold constant subgraphs with onnxscript's folder (its own evaluator, in numpy). Polygraphy's fold runs
+    the constant subgraph in ONNX Runtime, which cannot evaluate a 16-bit variant's bf16 constants, so on a
+    typed variant it folds nothing, and a graph over 2 GB is never given to it: both kept e.g. ReduceMean's
+    axes as `Reshape(initializer, initializer)`, which TensorRT's parser rejects ("Axis input must resolve to a
+    build-time constant"). With `limit`, only tensors of at most that many elements are read or made, and small
+    tensors kept in external data (`base_dir`) are read into the graph first: the weights stay where they are.
+    Keeps each node's module path (sprintrt/onnx_scopes.py). Returns how many nodes went."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnxscript.optimizer import fold_constants
+
+    if base_dir is not None and limit is not None:
+        for t in proto.graph.initializer:
+            length = next((int(e.value) for e in t.external_data if e.key == "length"), None)
+            if uses_external_data(t) and length is not None and length <= limit * 8:
+                load_external_data_for_tensor(t, str(base_dir))
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+    before, scopes = len(proto.graph.node), module_scopes(proto)
+    logger = logging.getLogger("onnxscript")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it warns about every big external weight it leaves alone
+    try:
+        fold_constants(proto, input_size_limit=limit or sys.maxsize, output_size_limit=limit or sys.maxsize)
+    finally:
+        logger.setLevel(level)
+    restore_module_scopes(proto, scopes)
+    return before - len(proto.graph.node)

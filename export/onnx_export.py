@@ -31,13 +31,13 @@ from dataclasses import asdict
 from sprintrt import files
 from sprintrt import specs as S
 from sprintrt.defaults import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, MAX_SEQUENCE_LENGTH_LIMIT, tokenized_length
-from sprintrt.errors import InvalidInputError, ModelLoadError
+from sprintrt.errors import ExportValidationError, InvalidInputError, ModelLoadError
 from sprintrt.export_info import EXPORT_INFO
 from sprintrt.export_info import FORMAT as EXPORT_INFO_FORMAT
 from sprintrt.files import model_identity, sha256_file, write_text_atomic
-from sprintrt.export.graph_passes import (cancel_transpose_pairs, cast_expanded_constants, castlike_constants,
-                                          fold_weight_transposes, prune_unused, sequences_to_split,
-                                          typed_list_constants)
+from sprintrt.export.graph_passes import (SMALL_TENSOR_ELEMENTS, cancel_transpose_pairs, cast_expanded_constants,
+                                          castlike_constants, fold_constants_onnxscript, fold_weight_transposes,
+                                          prune_unused, sequences_to_split, typed_list_constants)
 from sprintrt.onnx_scopes import module_scopes, restore_module_scopes
 
 OPSET = 18
@@ -170,19 +170,29 @@ def _trace(module, spec: S.ComponentSpec):
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs], verbose=False)
 
 
-def finish_graph(proto, fold: bool = True):
-    """The graph passes every export gets (export/graph_passes.py), with Polygraphy's constant folding."""
+def finish_graph(proto, fold: bool = True, base_dir: Path | None = None):
+    """The graph passes every export gets (export/graph_passes.py), with Polygraphy's constant folding, then
+    onnxscript's for what ONNX Runtime cannot evaluate. With fold=False (graphs over 2 GB, weights in external
+    data under `base_dir`) only small tensors are folded."""
     from polygraphy.backend.onnx import fold_constants
 
     typed_list_constants(proto)
     if fold:
+        from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
+        from polygraphy.logger import G_LOGGER
+
         scopes = module_scopes(proto)
+        # Both loggers print to stdout; their warnings (a bf16 constant ONNX Runtime cannot evaluate: the onnxscript
+        # fold below takes it) are not the user's to act on.
+        G_LOGGER.module_severity, GS_LOGGER.severity = G_LOGGER.ERROR, GS_LOGGER.ERROR
         proto = fold_constants(proto, num_passes=None, fold_shapes=True, error_ok=False)
         restore_module_scopes(proto, scopes)
     sequences_to_split(proto)
     castlike_constants(proto)
     cast_expanded_constants(proto)
     cancel_transpose_pairs(proto)
+    # After the rewrites above: onnxscript's folder rewrites sequence ops its own way, leaving some behind.
+    fold_constants_onnxscript(proto, *((None, None) if fold else (base_dir, SMALL_TENSOR_ELEMENTS)))
     prune_unused(proto)
     return proto
 
@@ -198,9 +208,8 @@ def trace_to_onnx(module, spec: S.ComponentSpec):
 def trace_to_onnx_file(module, spec: S.ComponentSpec, path: Path) -> None:
     """Large models: the exporter streams the weights straight from the torch tensors into
     `<path>.data`; the graph passes then run on the graph alone. No protobuf copy of the weights is
-    ever made, and no general constant folding (it would load every weight again): shape subgraphs
-    stay, which ONNX Runtime, OpenVINO and TensorRT fold themselves; the weights' Transposes are folded
-    one tensor at a time (fold_weight_transposes)."""
+    ever made, and no general constant folding (it would load every weight again): small constants
+    (shape arithmetic) are folded, the weights' Transposes one tensor at a time (fold_weight_transposes)."""
     import onnx
 
     program = _trace(module, spec)
@@ -208,7 +217,7 @@ def trace_to_onnx_file(module, spec: S.ComponentSpec, path: Path) -> None:
     del program
     gc.collect()
     proto = onnx.load(str(path), load_external_data=False)
-    finish_graph(proto, fold=False)
+    finish_graph(proto, fold=False, base_dir=path.parent)
     fold_weight_transposes(proto, path.parent)  # rewrites those weights inside <path>.data
     onnx.save_model(proto, str(path))  # the initializers still point into <path>.data
 
@@ -306,9 +315,31 @@ def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims
     variants = {d: export_variant(src, component, d, out_dir, dims, module, validate, vae_dir)
                 for d in variant_dtypes(component, dtypes)}
     del module
-    gc.collect()  # free this network before the next one is loaded
+    gc.collect()  # free this network before the next one is loaded (and before the parser loads the graphs)
+    parser = check_with_trt_parser([path, *(out_dir / v["file"] for v in variants.values())])
     return {**_file_record(path), "export_seconds": round(seconds, 2), "validation": records,
-            "trt_lint": findings, "spec": spec.to_json(), "variants": variants}
+            "trt_lint": findings, "trt_parser": parser, "spec": spec.to_json(), "variants": variants}
+
+
+def check_with_trt_parser(paths) -> str | None:
+    """Parse each graph with a real TensorRT ONNX parser (sprintrt/trt_parser.py: TensorRT-RTX's runs on any
+    machine): a rejection is an ExportValidationError naming the node, its op and the parser's reason, and the
+    export writes nothing. Returns the parser's name, or None where none is installed (then the op-table lint,
+    trt_lint, is the only TensorRT check)."""
+    from sprintrt.trt_parser import parse_problems, parser_name
+
+    name = parser_name()
+    if name is None:
+        return None
+    for path in paths:
+        problems = parse_problems(path)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ExportValidationError(
+                f"{path.name} is rejected by TensorRT's ONNX parser ({name}): {problems[0]}{more}. Nothing was "
+                "written. Fix: this is a gap in sprintrt's export for this model: report it with the checkpoint's "
+                "config.json files; meanwhile `--dtypes fp32` or a CPU backend avoid the graph that fails")
+    return name
 
 
 def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS, validate: bool = True,

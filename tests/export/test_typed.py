@@ -133,12 +133,9 @@ def test_a_missing_variant_is_a_typed_error_before_any_work(onnx_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bf16_dir(tiny_checkpoint, tmp_path_factory):
-    from sprintrt.export.onnx_export import export_model
-
+def bf16_dir(typed_onnx_dir):
     pytest.importorskip("openvino")
-    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("bf16") / "onnx",
-                        components=("text_encoder", "transformer"), dtypes="fp32,bf16")
+    return typed_onnx_dir
 
 
 def test_bf16_variants_validate_in_openvino_and_keep_softmax_in_fp32(bf16_dir):
@@ -213,7 +210,7 @@ def test_openvino_int8w_compresses_the_bf16_variant_only_on_cpus_with_bf16(bf16_
     avx2_cpu = {"kind": "cpu", "arch": "x86_64", "name": "Zen 3", "isa": ["avx2", "fma"]}
 
     def source(onnx, target):
-        monkeypatch.setattr(ov_build, "build_target", lambda: target)
+        monkeypatch.setattr(ov_build, "build_target", lambda requested=None: target)
         (plan,) = plan_build(onnx, bf16_dir.parent / "unused", backend="openvino", precision="transformer=int8w",
                              components=("transformer",)).components
         return plan.source_dtype, plan.source.name, ov_build.hint(plan.precision, target)
