@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PIP) --upgrade pip
 	@test -z "$(TORCH)" || $(PIP) "$(TORCH)"
-	@$(PIP) -c constraints.txt -e ".[export,bench,dev,openvino,serve]"
+	@$(PIP) -c constraints.txt -e ".[export,bench,dev,openvino,serve,tensorrt-rtx]"
 	@touch $(STAMP)
 
 clean:

@@ -82,9 +82,10 @@ class BuildPlan:
 
 def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFAULT_BACKEND, precision=None,
                components=None, profile: ProfileOptions | None = None,
-               calibration: dict | None = None, qdq_cache: Path | None = None) -> BuildPlan:
+               calibration: dict | None = None, qdq_cache: Path | None = None, target: str | None = None) -> BuildPlan:
     """Check everything that can fail without building and derive each component's key. Writes nothing.
-    `components` None means every component the export holds."""
+    `components` None means every component the export holds; `target` names what an ahead-of-time backend
+    builds for (TensorRT-RTX's compute capabilities)."""
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     backend = auto_backend() if backend == AUTO else canonical(backend)
     mod = backend_module(backend)
@@ -98,8 +99,8 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFA
         raise ModelLoadError(f"{onnx_dir} has no export of {missing}. Fix: `sprintrt export MODEL -o {onnx_dir}`")
     # Precisions first: a wrong --precision is an error even on a machine that lacks the backend.
     resolve_precisions(request, backend, components)
-    target, versions = mod.build_target(), mod.library_versions()  # raise before anything is written
-    precisions = resolve_precisions(request, backend, components, mod.default_precisions(versions, target))
+    target_info, versions = mod.build_target(target), mod.library_versions()  # raise before anything is written
+    precisions = resolve_precisions(request, backend, components, mod.default_precisions(versions, target_info))
     model = S.ModelDims.from_json(info["model_dims"])
     plans = []
     for comp in components:
@@ -108,9 +109,9 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFA
             raise InvalidInputError(f"precision {prec.value} for {comp} needs calibration data. Fix: build with the CLI "
                                     f"(`sprintrt build ... --precision {comp}={prec.value}` calibrates on a prompt file) "
                                     "or pass calibration={component: (description, feeds)}")
-        dtype = _source_dtype(comp, prec, mod, target, record)
+        dtype = _source_dtype(comp, prec, mod, target_info, record)
         source_record = _source_record(onnx_dir, comp, record, prec, dtype, mod)
-        mod.check_buildable(comp, prec, source_record, versions, target)
+        mod.check_buildable(comp, prec, source_record, versions, target_info)
         source = check_onnx_file(onnx_dir, comp, source_record)
         fp32_source = check_onnx_file(onnx_dir, comp, record) if prec in QUANTIZED else onnx_dir / record["file"]
         spec = S.SPEC_BUILDERS[comp](model)
@@ -121,11 +122,11 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFA
         if prec in QUANTIZED:  # the recipe and the calibration set are part of what the engine computes
             from sprintrt.engines.quantize import recipe_label
 
-            label = quant_label = recipe_label(prec.value, target, comp, calibration[comp][0])
-        key = cache_key(target, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
+            label = quant_label = recipe_label(prec.value, target_info, comp, calibration[comp][0])
+        key = cache_key(target_info, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
         plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record, dtype, fp32_source,
                                    quant_label))
-    return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target, versions, tuple(plans), calibration,
+    return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target_info, versions, tuple(plans), calibration,
                      Path(qdq_cache) if qdq_cache else None)
 
 
@@ -231,7 +232,8 @@ def _calibrated_qdq(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[P
 def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFAULT_BACKEND,
                   precision=None, components=None, rebuild: bool = False,
                   profile: ProfileOptions | None = None, calibration: dict | None = None,
-                  progress: Callable[[str, str], None] | None = None, qdq_cache: Path | None = None) -> Path:
+                  progress: Callable[[str, str], None] | None = None, qdq_cache: Path | None = None,
+                  target: str | None = None) -> Path:
     """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
 
     Args:
@@ -245,6 +247,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
             description (prompts, count, size) goes into the engine key.
         qdq_cache: keep the calibrated Q/DQ graphs there and reuse them (the tuner builds the same int8
             graph for ONNX Runtime and OpenVINO); None: quantize into a temporary file.
+        target: what a backend that builds ahead of time builds for (TensorRT-RTX: compute capabilities,
+            "8.6,8.9,12.0"; None: its default); the other backends build for this machine and refuse one.
 
     An engine whose key (target, library version, precision, profile, source ONNX hash) matches and
     whose files are intact is reused unless `rebuild`. Files are written under new names and the
@@ -253,7 +257,7 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
     """
     from filelock import FileLock
 
-    plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration, qdq_cache)
+    plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration, qdq_cache, target)
     plan.engine_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(plan.engine_dir / ".build.lock")):
         old = read_existing(plan.engine_dir, plan.info)
@@ -310,5 +314,6 @@ def _remove_unreferenced(engine_dir: Path, entries: dict) -> None:
     keep = {e["file"] for entry in entries.values() for e in M.engine_files(entry)}
     for comp in S.COMPONENTS:
         for f in engine_dir.glob(f"{comp}-*"):
-            if f.name not in keep:
+            # what the run side derives from an engine it keeps (TensorRT-RTX's runtime cache) stays with it
+            if f.name not in keep and not any(f.name.startswith(k + ".") for k in keep):
                 f.unlink()

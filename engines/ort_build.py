@@ -15,7 +15,7 @@ from typing import Mapping
 from sprintrt import machine
 from sprintrt.engines.precision import Precision as P
 from sprintrt.engines.profiles import full_profile
-from sprintrt.engines.registry import BuildResult
+from sprintrt.engines.registry import BuildResult, refuse_target_request
 from sprintrt.errors import MissingDependencyError
 from sprintrt.files import EXTERNAL_DATA_BYTES
 from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
@@ -34,7 +34,8 @@ VARIANT_OPTIONAL: frozenset = frozenset()  # fp16 needs the typed graph
 PRECISION_LIBRARIES: dict = {}
 
 
-def build_target() -> dict:
+def build_target(requested: str | None = None) -> dict:
+    refuse_target_request(NAME, requested)
     return machine.cpu_target()
 
 

@@ -16,7 +16,7 @@ from typing import Mapping
 from sprintrt import machine
 from sprintrt.engines.precision import Precision
 from sprintrt.engines.profiles import full_profile
-from sprintrt.engines.registry import BuildResult
+from sprintrt.engines.registry import BuildResult, refuse_target_request
 from sprintrt.errors import MissingDependencyError
 from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
@@ -56,7 +56,8 @@ def openvino():
     return ov
 
 
-def build_target() -> dict:
+def build_target(requested: str | None = None) -> dict:
+    refuse_target_request(NAME, requested)
     return machine.cpu_target()
 
 

@@ -62,14 +62,15 @@ def _stride(n: int, component: str) -> int:
     return max(d for d in range(1, min(n, CALIBRATION_CHUNK[component]) + 1) if n % d == 0)
 
 
-def quantizable_nodes(model, component: str) -> tuple[list[str], list[str]]:
-    """(nodes to quantize, weight-bearing nodes kept in higher precision) of a component's exported graph."""
+def quantizable_nodes(model, component: str, keep_lists=KEEP_HIGH_PRECISION) -> tuple[list[str], list[str]]:
+    """(nodes to quantize, weight-bearing nodes kept in higher precision) of a component's exported graph;
+    `keep_lists` names the module paths each component keeps (the int8/fp8 recipes' by default)."""
     import onnx
 
-    if component not in KEEP_HIGH_PRECISION:
+    if component not in keep_lists:
         raise InvalidInputError(f"component={component!r} has no int8/fp8 recipe: expected one of "
-                                f"{list(QUANTIZABLE)}. Fix: keep it in a float precision")
-    kept_scopes = KEEP_HIGH_PRECISION[component]
+                                f"{list(keep_lists)}. Fix: keep it in a float precision")
+    kept_scopes = keep_lists[component]
 
     from sprintrt.onnx_scopes import module_scopes
 
@@ -119,10 +120,19 @@ def int8_saturates(target: Mapping | None) -> bool:
     return target.get("kind") == "cpu" and not machine.cpu_has_int8_dot(dict(target))
 
 
+def for_tensorrt(target: Mapping | None) -> bool:
+    """Whether the Q/DQ graph is for a GPU (TensorRT, TensorRT-RTX), whose parser takes only int8/fp8 into a
+    DequantizeLinear: a bias stays float there (ONNX Runtime's int32 bias DequantizeLinear is refused,
+    measured with TensorRT-RTX's parser)."""
+    return target is not None and target.get("kind") != "cpu"
+
+
 def recipe(precision: str, target: Mapping | None = None) -> str:
     """The name of the Q/DQ recipe used for `precision` on `target`: part of the engine key."""
     if precision == "int8" and int8_saturates(target):
         return "int8-w7"
+    if precision == "int8" and for_tensorrt(target):
+        return "int8-fbias"
     return precision
 
 
@@ -138,7 +148,7 @@ def _settings(precision: str, n_feeds: int, target: Mapping | None, component: s
     """quantize_static arguments per precision and target.
 
     int8: per-channel symmetric weights (7-bit where the target's kernels saturate, see the module
-    docstring), per-tensor symmetric activations, min/max ranges folded in strides (bounded memory). fp8 (E4M3, TensorRT on Ada/Hopper): per-tensor scales for both, as
+    docstring; float biases for TensorRT), per-tensor symmetric activations, min/max ranges folded in strides (bounded memory). fp8 (E4M3, TensorRT on Ada/Hopper): per-tensor scales for both, as
     TensorRT's FP8 recipe uses; ONNX Runtime calibrates float8 only with its "distribution" method,
     which keeps every sample's activations until the end: keep fp8 calibration sets small.
     """
@@ -149,7 +159,8 @@ def _settings(precision: str, n_feeds: int, target: Mapping | None, component: s
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                   "CalibStridedMinMax": _stride(n_feeds, component)})
+                                   "CalibStridedMinMax": _stride(n_feeds, component),
+                                   **({"QuantizeBias": False} if for_tensorrt(target) else {})})
     if precision == "fp8":
         return dict(per_channel=False, activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN,
                     calibrate_method=CalibrationMethod.Distribution, extra_options={"scenario": "same"})

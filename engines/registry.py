@@ -22,6 +22,7 @@ BUILD_BACKENDS = {
     "onnxruntime": ("sprintrt.engines.ort_build", ("ort",)),
     "openvino": ("sprintrt.engines.ov_build", ("ov",)),
     "tensorrt": ("sprintrt.engines.trt_build", ("trt",)),
+    "tensorrt-rtx": ("sprintrt.engines.rtx_build", ("rtx",)),
 }
 ALIASES = {alias: name for name, (_, aliases) in BUILD_BACKENDS.items() for alias in aliases}
 AUTO = "auto"
@@ -53,9 +54,11 @@ class BuildBackend(Protocol):
     # versions go into the engine key; running the engine does not need them), e.g. NNCF for OpenVINO's int8w
     PRECISION_LIBRARIES: Mapping
 
-    def build_target(self) -> dict:
-        """The device engines are built for here (CPU ISA, or GPU name and compute capability).
-        Raises MissingDependencyError when this machine has none."""
+    def build_target(self, requested: str | None = None) -> dict:
+        """The device engines are built for: this machine's (CPU ISA, or GPU name and compute capability; raises
+        MissingDependencyError when it has none), or, for a backend that builds ahead of time for devices it
+        does not need, `requested` (TensorRT-RTX: compute capabilities, "8.6,8.9"). A backend that builds for
+        this machine only refuses a request (refuse_target_request)."""
 
     def library_versions(self) -> dict:
         """{library: version} of what builds and runs the engines; raises MissingDependencyError if absent."""
@@ -84,6 +87,13 @@ class BuildBackend(Protocol):
     def build_component(self, source: Path, out: Path, component: str, precision, shapes: dict, target: Mapping,
                         versions: Mapping) -> BuildResult:
         """Build `out` from `source` (written under a temporary name, then renamed)."""
+
+
+def refuse_target_request(backend: str, requested: str | None) -> None:
+    """The build_target of a backend that builds for this machine only: a named target is a typed error."""
+    if requested is not None:
+        raise InvalidInputError(f"target={requested!r}: backend {backend!r} builds for this machine only. Fix: drop "
+                                "--compute-capability, or build with --backend tensorrt-rtx (ahead of time)")
 
 
 def canonical(name: str) -> str:

@@ -1,9 +1,10 @@
 """TensorRT engines, built with Polygraphy's loaders.
 
 The build is a composition of Polygraphy loaders (network from the ONNX path → builder config with
-the profile, optimisation level, workspace and a timing cache → serialized engine), so TensorRT is
-imported only when the composition runs; constructing it needs no TensorRT, which is how the CPU
-tests check it.
+the profile, optimisation level, workspace and a timing cache → serialized engine bytes), so TensorRT is
+imported only when the composition runs. The same composition builds TensorRT-RTX engines
+(engines/rtx_build.py), which is how the suite runs it for real on a CPU machine: TensorRT-RTX's builder
+has TensorRT's API and needs no GPU (tests/engines/test_tensorrt_cpu.py, with POLYGRAPHY_USE_TENSORRT_RTX=1).
 
 Precision lives in the graph: every network is strongly typed (TensorRT 11 removed weak typing; 10
 builds strongly typed networks too). fp32 and tf32 engines build from the fp32 export (tf32 is a
@@ -17,6 +18,7 @@ flags, no layer pins.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -24,8 +26,8 @@ from typing import Mapping
 from sprintrt import machine
 from sprintrt.engines.precision import Precision
 from sprintrt.engines.profiles import tensorrt_profile
-from sprintrt.engines.registry import BuildResult
-from sprintrt.errors import InvalidInputError, MissingDependencyError, ModelLoadError
+from sprintrt.engines.registry import BuildResult, refuse_target_request
+from sprintrt.errors import EngineBuildError, InvalidInputError, MissingDependencyError, ModelLoadError
 from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 NAME = "tensorrt"
@@ -45,8 +47,9 @@ INSTALL = ("Fix: run the TensorRT build on a machine with an NVIDIA GPU and driv
            "On a CPU machine use --backend onnxruntime or openvino")
 
 
-def build_target() -> dict:
+def build_target(requested: str | None = None) -> dict:
     """The GPU engines are built for (device 0 or $CUDA_VISIBLE_DEVICES' first). Raises if there is none."""
+    refuse_target_request(NAME, requested)
     try:
         return machine.gpu_target()
     except MissingDependencyError as e:
@@ -107,16 +110,21 @@ def check_buildable(component: str, precision: Precision, export_record: Mapping
                     target: Mapping) -> None:
     """Refuse, before any work, a graph TensorRT's operator table rejects, or a precision this GPU cannot
     build. `export_record` is the graph the engine is built from (the typed variant for bf16/fp16)."""
+    check_lint(component, export_record)
+    check_precision(precision, target)
+
+
+def check_lint(component: str, export_record: Mapping) -> None:
+    """Refuse a graph the export's op-table lint found TensorRT would reject (TensorRT-RTX shares this)."""
     findings = export_record.get("trt_lint", [])
     if findings:
         raise ModelLoadError(f"{export_record.get('file', component + '.onnx')} is not ready for TensorRT: "
                              f"{findings[0]}{f' (and {len(findings) - 1} more)' if len(findings) > 1 else ''}. "
                              "Fix: re-export with this sprintrt version, whose graph passes remove these ops")
-    check_precision(precision, target)
 
 
-def _compute_capability(gpu: Mapping) -> tuple[int, ...]:
-    return tuple(int(x) for x in str(gpu.get("compute_capability", "0.0")).split(".")[:2])
+def _compute_capability(gpu: Mapping) -> tuple[int, int]:
+    return machine.compute_capability(gpu.get("compute_capability", "0.0"))
 
 
 def check_precision(precision: Precision, gpu: Mapping) -> None:
@@ -140,36 +148,77 @@ def timing_cache_path(gpu: Mapping, trt_version: str) -> Path:
     return root / "timing" / f"{slug}.cache"
 
 
-# ---- the Polygraphy composition ---------------------------------------------------------------------
+# ---- the Polygraphy composition (TensorRT-RTX builds with it too: engines/rtx_build.py) -----------------
 
-def build_loaders(source: Path, out: Path, precision: Precision, shapes: dict, timing_cache: Path | None):
-    """The loader chain that builds and saves one engine; calling the returned loader runs the build.
+def network_loader(source: Path):
+    """The strongly typed network of `source` (which carries the precision: fp32 graph, typed variant or Q/DQ
+    graph), as a Polygraphy loader: calling it parses."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath
 
-    Constructed without importing TensorRT: Polygraphy loaders import it when they run. `source` carries
-    the precision (fp32 graph, typed variant or Q/DQ graph); only tf32 sets a flag (a math mode).
-    """
-    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, PostprocessConfig,
-                                        Profile, SaveEngine)
+    return NetworkFromOnnxPath(str(source), strongly_typed=True)
+
+
+def config_loader(precision: Precision, shapes: dict, timing_cache: Path | None, create_config=None):
+    """The builder config as a Polygraphy loader: the shape profile, the optimisation level, the workspace limit
+    and a timing cache; only tf32 sets a flag (a math mode of fp32 layers). `create_config` is Polygraphy's
+    config loader class (CreateConfig; TensorRT-RTX passes its own, which sets the target GPUs)."""
+    from polygraphy.backend.trt import CreateConfig, PostprocessConfig, Profile
 
     trt_profile = Profile()
     for name, s in shapes.items():
         trt_profile.add(name, min=s["min"], opt=s["opt"], max=s["max"])
-    network = NetworkFromOnnxPath(str(source), strongly_typed=True)
-    config = CreateConfig(
-        tf32=precision == Precision.TF32,
+    flags = {"tf32": True} if precision == Precision.TF32 else {}  # TensorRT-RTX's config takes no precision flag
+    config = (create_config or CreateConfig)(
         profiles=[trt_profile],
         builder_optimization_level=BUILDER_OPTIMIZATION_LEVEL,
         load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,
+        **flags,
     )
-    config = PostprocessConfig(config, func=_limit_workspace)
-    engine = EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None)
-    return SaveEngine(engine, path=str(out))
+    return PostprocessConfig(config, func=_limit_workspace)
+
+
+def build_loaders(source: Path, out: Path, precision: Precision, shapes: dict, timing_cache: Path | None,
+                  create_config=None):
+    """The loader chain that builds one engine and writes its serialized bytes to `out`; calling the returned
+    loader runs the build. Bytes only: building needs no GPU driver (deserialising would), so a build machine
+    without a GPU (TensorRT-RTX's) runs it too. Constructed without importing TensorRT: the loaders import it
+    when they run."""
+    from polygraphy.backend.common import SaveBytes
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+
+    engine = EngineBytesFromNetwork(network_loader(source),
+                                    config=config_loader(precision, shapes, timing_cache, create_config),
+                                    save_timing_cache=str(timing_cache) if timing_cache else None)
+    return SaveBytes(engine, path=str(out))
 
 
 def _limit_workspace(builder, network, config):
-    import tensorrt as trt
-
+    # The TensorRT module that made this config: tensorrt, or tensorrt_rtx when TensorRT-RTX builds.
+    trt = sys.modules[type(config).__module__.partition(".")[0]]
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+
+
+def build_serialized(source: Path, out: Path, precision: Precision, shapes: dict, timing_cache: Path | None,
+                     create_config=None) -> dict:
+    """Run the loader chain into `out` (written under a temporary name, then renamed); a graph the builder
+    refuses is an EngineBuildError naming what its parser said. Returns the manifest fields of the build."""
+    from polygraphy.exception import PolygraphyException
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        build_loaders(source, tmp, precision, shapes, timing_cache, create_config)()
+        os.replace(tmp, out)
+    except PolygraphyException as e:
+        from sprintrt.trt_parser import parse_problems
+
+        problems = parse_problems(source) or []
+        why = f"its parser: {problems[0]}" if problems else str(e).strip().splitlines()[-1]
+        raise EngineBuildError(f"TensorRT could not build {source.name} ({why}). Fix: re-export with this sprintrt "
+                               "version; if it persists, report it with the ONNX file") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL,
+            **({"timing_cache": str(timing_cache)} if timing_cache else {})}
 
 
 def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict, target: Mapping,
@@ -179,11 +228,5 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     `shapes` maps each input to its min/opt/max shapes (engines.profiles.input_shapes)."""
     cache = timing_cache_path(target, versions[LIBRARY])
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        build_loaders(source, tmp, precision, shapes, cache)()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return BuildResult(info={"execution_provider": "TensorRT", "strongly_typed": True,
-                             "builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL, "timing_cache": str(cache)})
+    info = build_serialized(source, out, precision, shapes, cache)
+    return BuildResult(info={"execution_provider": "TensorRT", "strongly_typed": True, **info})

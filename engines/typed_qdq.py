@@ -114,24 +114,31 @@ def qdq_on_variant(qdq_path: Path, fp32_path: Path, variant_path: Path, out: Pat
         ]
         b.input[0], b.input[1] = f"{p}.x_dq", f"{p}.w_dq"
         count += 1
-    nodes = []
-    for n in typed.graph.node:
-        nodes += before.get(n.name, [])
-        nodes.append(n)
-    del typed.graph.node[:]
-    typed.graph.node.extend(nodes)
-    used = {i for n in typed.graph.node for i in n.input}
-    kept = [i for i in typed.graph.initializer if i.name in used]  # the replaced 16-bit weights go
-    del typed.graph.initializer[:]
-    typed.graph.initializer.extend(kept + added)
-    for entry in typed.opset_import:
-        if entry.domain in ("", "ai.onnx") and entry.version < QDQ_MIN_OPSET:
-            entry.version = QDQ_MIN_OPSET
-    _save(typed, out)
+    rewrite_and_save(typed, before, added, out)
     return {"qdq_base": dtype, "qdq_layers": count}
 
 
-def _save(model, out: Path) -> None:
+def rewrite_and_save(model, before: dict[str, list], added: list, out: Path) -> None:
+    """Insert `before[node name]` ahead of each such node, add the `added` initializers and drop those no node
+    reads any more (the 16-bit weights the Q/DQ replaced), raise the opset to QDQ_MIN_OPSET (16-bit Q/DQ scales
+    need 19), and save `model` to `out` (save_model)."""
+    nodes = []
+    for n in model.graph.node:
+        nodes += before.get(n.name, [])
+        nodes.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + added)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version < QDQ_MIN_OPSET:
+            entry.version = QDQ_MIN_OPSET
+    save_model(model, out)
+
+
+def save_model(model, out: Path) -> None:
     """Save under a temporary name, then rename; external weights beside it when the model is large."""
     import onnx
 

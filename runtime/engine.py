@@ -98,6 +98,11 @@ class Engine:
                                          "ONNX_DIR -o ENGINE_DIR --backend auto`)") from None
         if entry["target"] != here:
             return f"was built for {entry['target']}, this machine is {here}"
+        return cls.library_problem(entry)
+
+    @staticmethod
+    def library_problem(entry: Mapping) -> str | None:
+        """Why this process's engine library cannot run the entry's engine (another version built it), or None."""
         for lib, built_with in entry.get("libraries", {}).items():
             have = machine.library_version(lib)
             if have is not None and have != built_with:

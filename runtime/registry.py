@@ -19,6 +19,7 @@ RUN_BACKENDS = {
     "onnxruntime": "sprintrt.runtime.ort_engine:OrtEngine",
     "openvino": "sprintrt.runtime.ov_engine:OvEngine",
     "tensorrt": "sprintrt.runtime.trt_engine:TrtEngine",
+    "tensorrt-rtx": "sprintrt.runtime.rtx_engine:RtxEngine",
 }
 
 

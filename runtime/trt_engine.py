@@ -21,6 +21,7 @@ it (no per-layer launch overhead). Shapes may not change under a graph: a new sh
 from __future__ import annotations
 
 import ctypes
+import importlib
 import zlib
 
 import numpy as np
@@ -32,13 +33,6 @@ _FIX = ("Fix: install TensorRT and run on the GPU the engines were built for, or
         "or openvino for a CPU")
 
 
-def _imports():
-    try:
-        import tensorrt as trt
-        from polygraphy import cuda
-    except ImportError as e:
-        raise MissingDependencyError(f"the TensorRT backend needs TensorRT and polygraphy ({e}). {_FIX}") from e
-    return trt, cuda
 
 
 class _PinnedBuffer:
@@ -62,22 +56,34 @@ class _PinnedBuffer:
 
 
 class TrtEngine(Engine):
+    MODULE = "tensorrt"  # the TensorRT module that deserialises and runs these engines
+    FIX = _FIX
+
+    @classmethod
+    def _imports(cls):
+        try:
+            trt = importlib.import_module(cls.MODULE)
+            from polygraphy import cuda
+        except Exception as e:  # ImportError, or TensorRT's pip stub that raises on import
+            raise MissingDependencyError(f"these engines need {cls.MODULE} and polygraphy ({e}). {cls.FIX}") from e
+        return trt, cuda
+
     @classmethod
     def open_context(cls):
-        """One CUDA stream for every TensorRT engine of a pipeline."""
-        _, cuda = _imports()
+        """One CUDA stream for every engine of this backend in a pipeline."""
+        _, cuda = cls._imports()
         return cuda.Stream()
 
     def _open(self, entry: dict, options, context) -> None:
-        trt, cuda = _imports()
+        trt, cuda = self._imports()
         self._trt, self._cuda = trt, cuda
         logger = trt.Logger(trt.Logger.ERROR)
         self._runtime = trt.Runtime(logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise EngineDirError(f"TensorRT could not deserialize {self.path} (built by another TensorRT or for another "
-                                 f"GPU?). {self.rebuild}")
-        self.context = self.engine.create_execution_context()
+            raise EngineDirError(f"{self.MODULE} could not deserialize {self.path} (built by another version or for "
+                                 f"another GPU?). {self.rebuild}")
+        self.context = self._execution_context()
         self.stream = context or cuda.Stream()
         self._owns_stream = context is None
         self.cuda_graph = options.cuda_graph
@@ -85,6 +91,9 @@ class TrtEngine(Engine):
         self._last_host: dict[str, tuple] = {}  # input name → (shape, dtype, crc32) of what is on the device
         self._pinned: dict[str, _PinnedBuffer] = {}
         self._graph_exec, self._graph_shapes, self._calls_at_shape = None, None, 0
+
+    def _execution_context(self):
+        return self.engine.create_execution_context()
 
     # -- buffers ---------------------------------------------------------------------------------
     def _buffer(self, name: str, shape, dtype):
@@ -135,7 +144,7 @@ class TrtEngine(Engine):
     def _execute(self, input_shapes) -> None:
         if not self.cuda_graph:
             if not self.context.execute_async_v3(self.stream.ptr):
-                raise EngineDirError(f"TensorRT failed to run '{self.name}'. {_FIX}")
+                raise EngineDirError(f"{self.MODULE} failed to run '{self.name}'. {self.FIX}")
             return
         lib = self._cuda.wrapper()
         if input_shapes != self._graph_shapes:

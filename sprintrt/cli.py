@@ -144,6 +144,9 @@ def add_build(sub) -> None:
                         "recipe) or per component, e.g. transformer=fp16,vae_decoder=int8 (OpenVINO also "
                         "text_encoder=int8w: int8 weights, no calibration); default: the backend's "
                         "safe per-component choice")
+    s.add_argument("--compute-capability", default=default(build_engines, "target"), metavar="CC[,CC...]",
+                   help="tensorrt-rtx: the GPUs to build for, e.g. 8.6,8.9,12.0 (RTX 30xx, 40xx, 50xx; 7.5 only when "
+                        "named); default: TensorRT-RTX's portable set. The other backends build for this machine")
     s.add_argument("--rebuild", action="store_true", help="rebuild even if an up-to-date engine exists")
     s.add_argument("--max-batch", type=int, default=default(ProfileOptions, "max_batch"),
                    help="TensorRT profile: largest batch (default %(default)s)")
@@ -185,10 +188,10 @@ def cmd_build(args) -> None:
 
             out = build_quantized_engines(args.onnx_dir, args.output, args.calibration_prompts, args.calibration_count,
                                           args.calibration_size, profile, progress=status.update,
-                                          backend=backend, precision=request)
+                                          backend=backend, precision=request, target=args.compute_capability)
         else:
             out = build_engines(args.onnx_dir, args.output, backend=backend, precision=request,
-                                rebuild=args.rebuild, profile=profile,
+                                rebuild=args.rebuild, profile=profile, target=args.compute_capability,
                                 progress=lambda c, what: status.update(f"{c}: {what}"))
     manifest = read_manifest(out).data
     if tune:

@@ -21,6 +21,10 @@ class ExportValidationError(SprintError):
     """An exported ONNX graph disagrees with PyTorch beyond tolerance."""
 
 
+class EngineBuildError(SprintError):
+    """An engine library refused to build an engine from a graph that passed every check before it."""
+
+
 class MissingDependencyError(SprintError, ImportError):
     """An optional package (torch, TensorRT, ...) is needed for this call but is not installed."""
 

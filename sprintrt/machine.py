@@ -110,6 +110,12 @@ def gpu_target() -> dict:
     return {"kind": "gpu", "name": found[0]["name"], "compute_capability": found[0]["compute_capability"]}
 
 
+def compute_capability(text: str) -> tuple[int, int]:
+    """"8.9" → (8, 9): a GPU's compute capability as a comparable pair."""
+    major, _, minor = str(text).strip().partition(".")
+    return int(major), int(minor or 0)
+
+
 def current_target(kind: str) -> dict:
     """This machine as a target of `kind` ("cpu" or "gpu"), to compare with the target an engine was built for."""
     return cpu_target() if kind == "cpu" else gpu_target()

@@ -11,7 +11,8 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    reasons = {"gpu": _gpu_missing_reason(), "cuda": _cuda_missing_reason()}
+    reasons = {"gpu": _gpu_missing_reason(), "cuda": _cuda_missing_reason(), "rtx": _rtx_missing_reason(),
+               "rtx_gpu": _rtx_missing_reason() or _nvidia_gpu_missing_reason()}
     for item in items:
         for marker, reason in reasons.items():
             if reason is not None and marker in item.keywords:
@@ -26,6 +27,18 @@ def _cuda_missing_reason():
     if not torch.cuda.is_available():
         return "needs a CUDA build of PyTorch and an NVIDIA GPU; this torch sees none"
     return None
+
+
+def _rtx_missing_reason():
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except Exception:
+        return "needs TensorRT for RTX (pip install tensorrt-rtx-cu13; `make test` installs it)"
+    return None
+
+
+def _nvidia_gpu_missing_reason():
+    return "needs an NVIDIA RTX GPU; nvidia-smi is not on this machine" if shutil.which("nvidia-smi") is None else None
 
 
 def _gpu_missing_reason():
@@ -46,11 +59,32 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def onnx_dir(tiny_checkpoint, tmp_path_factory):
+def typed_onnx_dir(tiny_checkpoint, tmp_path_factory):
+    """Every component with all three graphs (fp32, bf16, fp16): what TensorRT and TensorRT-RTX build from. The
+    suite's one full export (a tiny export takes minutes on 2 cores)."""
     from sprintrt.export.onnx_export import export_model
 
-    # fp16 variants (not the bf16 default) keep the suite short and let ONNX Runtime run the typed engines.
-    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("export") / "onnx", dtypes=("fp32", "fp16"))
+    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("typed") / "onnx", dtypes=("fp32", "bf16", "fp16"))
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(typed_onnx_dir, tmp_path_factory):
+    """The same export as `export --dtypes fp32,fp16` writes it: the bf16 variants taken out of a copy (fp16
+    variants let ONNX Runtime run typed engines; most tests want no bf16 graph to be picked up)."""
+    import json
+
+    from sprintrt.export_info import EXPORT_INFO
+
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    shutil.copytree(typed_onnx_dir, out)
+    info = json.loads((out / EXPORT_INFO).read_text())
+    for record in info["components"].values():
+        variant = record["variants"].pop("bf16")
+        for f in (variant, variant.get("external_data")):
+            if f:
+                (out / f["file"]).unlink()
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+    return out
 
 
 @pytest.fixture(scope="session")

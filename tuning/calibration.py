@@ -133,7 +133,7 @@ def _return_freed_memory() -> None:
 def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompts_file: str | Path | None = None,
                             count: int = DEFAULT_CALIBRATION_COUNT, size: int = DEFAULT_CALIBRATION_SIZE,
                             profile=None, progress=None,
-                            backend: str = DEFAULT_BACKEND, precision="int8") -> Path:
+                            backend: str = DEFAULT_BACKEND, precision="int8", target: str | None = None) -> Path:
     """Engines with int8 (or fp8) components for `backend`: `precision` is "int8"/"fp8" (every component
     with a recipe that the backend quantizes) or per component, e.g. "transformer=int8,vae_decoder=int8".
     Unless engine_dir already holds those engines (same keys: the calibration description is part of
@@ -146,7 +146,7 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
 
     say = progress or (lambda msg: None)
     _check_count(count)
-    precisions = quantized_precisions(precision, backend)  # fp8 off TensorRT and the like fail before any work
+    precisions = quantized_precisions(precision, backend)  # fp8 on a CPU backend and the like fail before any work
     quantized = [c for c, p in precisions.items() if p in QUANTIZED]
     for comp in quantized:  # fail before any work on an export without module paths
         quantizable_nodes(Path(onnx_dir) / f"{comp}.onnx", comp)
@@ -154,6 +154,6 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
     engine_dir = Path(engine_dir)
     feeds_of = lazy_calibration(onnx_dir, engine_dir.with_name(f".{engine_dir.name}.calibration"), quantized,
                                 prompts, size, profile, say)
-    return build_engines(onnx_dir, engine_dir, backend=backend, precision=precisions, profile=profile,
+    return build_engines(onnx_dir, engine_dir, backend=backend, precision=precisions, profile=profile, target=target,
                          calibration={c: (calibration_description(prompts_file, prompts, size, precisions[c].value),
                                        feeds_of(c)) for c in quantized})

@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +24,21 @@ from sprintrt.errors import InvalidInputError
 from sprintrt.metrics import PARITY_MAX_ABS
 
 
+def seeded_workdir(work, tiny_checkpoint, export):
+    """A benchmark work directory holding the session's export of the same checkpoint where the benchmark looks
+    for it (by the model's identity), so the benchmark reuses it instead of exporting for minutes again."""
+    import shutil
+
+    from sprintrt.files import model_identity
+
+    shutil.copytree(export, work / f"onnx-{model_identity(tiny_checkpoint)[:12]}")
+    return work
+
+
 @pytest.fixture(scope="module")
-def tiny_results(tiny_checkpoint, tmp_path_factory):
+def tiny_results(tiny_checkpoint, onnx_dir, tmp_path_factory):
     """A real (tiny, fast) benchmark run: two sizes, 1 and 2 steps, fp32 and bf16 baselines."""
-    work = tmp_path_factory.mktemp("bench")
+    work = seeded_workdir(tmp_path_factory.mktemp("bench"), tiny_checkpoint, onnx_dir)
     config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128), (160, 224)], steps=[1, 2],
                            warmup=0, runs=2, workdir=work, baselines=["torch-fp32", "torch-bf16"], prompt_cache=True)
     doc = run_bench(config, say=lambda *a: None)
@@ -128,7 +140,7 @@ def test_resolution_outside_the_engine_profile_is_refused_before_timing(tiny_res
         P.prepare(config, say=lambda *a: None)
 
 
-def test_an_onnx_cache_from_other_export_code_is_exported_again(tiny_results, tiny_checkpoint, tmp_path):
+def test_an_onnx_cache_from_other_export_code_is_exported_again(tiny_results, tiny_checkpoint, tmp_path, monkeypatch):
     """The workdir's ONNX is keyed by the model; export code that changed (a new graph pass, say) must
     not be benchmarked through graphs the old code wrote."""
     import shutil
@@ -148,8 +160,18 @@ def test_an_onnx_cache_from_other_export_code_is_exported_again(tiny_results, ti
     P.prepare(config, say=said.append)
     assert not any("other export code" in m for m in said)  # up to date: reused
     info_path.write_text(json.dumps(dict(info, exporter="0" * 64)))
+    import sprintrt.export.onnx_export as E
+
+    exported = []
+
+    def export_again(ckpt, out, **kw):  # what an export writes is tested in tests/export; here, that it is asked for
+        exported.append(Path(out))
+        shutil.rmtree(out)
+        return shutil.copytree(onnx_dir, out)
+
+    monkeypatch.setattr(E, "export_model", export_again)
     P.prepare(config, say=said.append)
-    assert any("other export code" in m for m in said)
+    assert any("other export code" in m for m in said) and exported == [mine / onnx_dir.name]
     assert json.loads(info_path.read_text())["exporter"] == exporter_fingerprint()
 
 
@@ -172,11 +194,11 @@ def test_image_to_image_benchmark(tiny_checkpoint, tiny_results):
 
 
 
-def test_auto_candidate_benchmarks_the_tuned_engines(tiny_checkpoint, tmp_path):
+def test_auto_candidate_benchmarks_the_tuned_engines(tiny_checkpoint, typed_onnx_dir, tmp_path):
     """`--candidates auto`: the engines `build --backend auto` tunes on this CPU, with the choice reported."""
     pytest.importorskip("openvino")
     config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 128)], warmup=0, runs=1,
-                           workdir=tmp_path, baselines=["torch-fp32"], candidates=[C.parse_candidate("auto")],
+                           workdir=seeded_workdir(tmp_path, tiny_checkpoint, typed_onnx_dir), baselines=["torch-fp32"], candidates=[C.parse_candidate("auto")],
                            calibration_count=2)
     doc = run_bench(config, say=lambda *a: None)
     (auto,) = [s for s in doc["results"][0]["systems"] if s["kind"] == "candidate"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -34,53 +35,75 @@ def test_tensorrt_build_cli_has_no_traceback(onnx_dir, tmp_path):
 
 
 def test_loader_composition_is_built_without_tensorrt(onnx_dir, tmp_path):
+    """Constructing the chain imports no TensorRT module: the loaders import it when they run."""
     code = f"""
 import sys
 from pathlib import Path
 from sprintrt.engines.trt_build import build_loaders
 from sprintrt.engines.precision import Precision
-loader = build_loaders(Path({str(onnx_dir / 'transformer.fp16.onnx')!r}), Path('/tmp/x.plan'), Precision.FP16,
+build_loaders(Path({str(onnx_dir / 'transformer.fp16.onnx')!r}), Path('/tmp/x.plan'), Precision.FP16,
     {{'hidden_states': {{'min': (1, 32, 8, 8), 'opt': (1, 32, 32, 32), 'max': (4, 32, 64, 64)}}}},
     Path({str(tmp_path / 't.cache')!r}))
-engine = loader._engine
-config = engine._config._config
-assert type(loader).__name__ == 'SaveEngine' and loader.path == '/tmp/x.plan'
-assert type(engine).__name__ == 'EngineFromNetwork' and engine.timing_cache_path.endswith('t.cache')
-assert not (config.bf16 or config.fp16 or config.tf32) and config.precision_constraints is None
-assert engine._network.strongly_typed and engine._network.path.endswith('transformer.fp16.onnx')
-assert config.builder_optimization_level == 3
-prof = config.profiles[0]['hidden_states']
-assert tuple(prof.min) == (1, 32, 8, 8) and tuple(prof.max) == (4, 32, 64, 64)
-assert type(engine._network).__name__ == 'NetworkFromOnnxPath'
-assert 'tensorrt' not in sys.modules
+assert not {{'tensorrt', 'tensorrt_rtx'}} & set(sys.modules), sorted(m for m in sys.modules if 'tensorrt' in m)
 print('ok')
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "ok", r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp8", "fp32", "bf16", "fp16", "tf32"])
-def test_every_build_is_strongly_typed_without_precision_flags(precision, onnx_dir, tmp_path):
-    """The graph carries the types (typed variants, Q/DQ); TensorRT 11 has no precision flags. tf32 is a
-    math mode, the only flag left."""
+@pytest.fixture(scope="module")
+def qdq_graphs(typed_onnx_dir, tmp_path_factory):
+    """The transformer's int8 (W8A8) and fp8 Q/DQ graphs, calibrated on two sample inputs."""
+    from sprintrt.engines.quantize import quantize_qdq
+    from sprintrt.export_info import read_export_info
+    from sprintrt.specs import SPEC_BUILDERS, ModelDims
+
+    spec = SPEC_BUILDERS["transformer"](ModelDims.from_json(read_export_info(typed_onnx_dir)["model_dims"]))
+    feeds = [spec.sample_inputs(spec.sizes("sample"), seed=s) for s in (0, 1)]
+    out = tmp_path_factory.mktemp("qdq")
+    for precision in ("int8", "fp8"):
+        quantize_qdq(typed_onnx_dir / "transformer.onnx", out / f"transformer.{precision}.qdq.onnx", feeds, precision,
+                     target=H100, component="transformer")
+    return out
+
+
+@pytest.mark.rtx
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16", "int8", "fp8"])
+def test_the_tensorrt_chain_builds_real_engines(precision, typed_onnx_dir, qdq_graphs, tmp_path):
+    """The tensorrt backend's own Polygraphy chain (engines/trt_build.py), run by a real TensorRT builder:
+    TensorRT-RTX's, which has TensorRT's API and builds without a GPU (POLYGRAPHY_USE_TENSORRT_RTX=1). Every
+    network is strongly typed; the builder config carries the profile, the optimisation level and the workspace
+    limit, and tf32 (a math mode) is the only flag; the chain writes serialized engine bytes."""
+    source = {"fp32": typed_onnx_dir / "transformer.onnx", "tf32": typed_onnx_dir / "transformer.onnx",
+              "bf16": typed_onnx_dir / "transformer.bf16.onnx", "fp16": typed_onnx_dir / "transformer.fp16.onnx",
+              "int8": qdq_graphs / "transformer.int8.qdq.onnx", "fp8": qdq_graphs / "transformer.fp8.qdq.onnx"}
     code = f"""
-import sys
 from pathlib import Path
-from sprintrt.engines.trt_build import build_loaders
+import tensorrt_rtx as trt
+from sprintrt.engines import trt_build
 from sprintrt.engines.precision import Precision
-loader = build_loaders(Path({str(onnx_dir / 'transformer.onnx')!r}), Path('/tmp/x.plan'), Precision('{precision}'),
-    {{'hidden_states': {{'min': (1, 32, 8, 8), 'opt': (1, 32, 32, 32), 'max': (4, 32, 64, 64)}}}},
-    None)
-engine = loader._engine
-config = engine._config._config
-assert not (config.bf16 or config.fp16 or config.int8 or config.fp8) and config.tf32 == ('{precision}' == 'tf32')
-assert config.precision_constraints is None
-assert type(engine._network).__name__ == 'NetworkFromOnnxPath' and engine._network.strongly_typed
-assert 'tensorrt' not in sys.modules
-print('ok')
+from sprintrt.engines.profiles import ProfileOptions, input_shapes, tensorrt_profile
+from sprintrt.export_info import read_export_info
+from sprintrt.specs import SPEC_BUILDERS, ModelDims
+
+model = ModelDims.from_json(read_export_info({str(typed_onnx_dir)!r})["model_dims"])
+spec = SPEC_BUILDERS["transformer"](model)
+shapes = input_shapes(spec, tensorrt_profile(spec, model, ProfileOptions()))
+source, precision, out = Path({str(source[precision])!r}), Precision({precision!r}), Path({str(tmp_path / "x.plan")!r})
+builder, network, parser = trt_build.network_loader(source)()
+assert network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+config = trt_build.config_loader(precision, shapes, None)(builder, network)
+assert config.get_flag(trt.BuilderFlag.TF32) == ({precision!r} == "tf32")
+assert config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) == trt_build.WORKSPACE_BYTES
+assert config.builder_optimization_level == trt_build.BUILDER_OPTIMIZATION_LEVEL
+assert config.num_optimization_profiles == 1
+trt_build.build_loaders(source, out, precision, shapes, None)()
+assert out.stat().st_size > 10000, out.stat().st_size
+print("ok", out.stat().st_size)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "ok", r.stdout + r.stderr
+    env = dict(os.environ, POLYGRAPHY_USE_TENSORRT_RTX="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
 
 
 H100 = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}

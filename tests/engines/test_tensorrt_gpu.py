@@ -22,14 +22,6 @@ PSNR_DB = 35.0  # final image of the bf16 TensorRT pipeline vs the fp32 ONNX Run
 
 
 @pytest.fixture(scope="module")
-def typed_onnx_dir(tiny_checkpoint, tmp_path_factory):
-    """The export TensorRT's defaults build from: fp32 and its bf16 variants (the CLI's default dtypes)."""
-    from sprintrt.export.onnx_export import export_model
-
-    return export_model(tiny_checkpoint, tmp_path_factory.mktemp("typed") / "onnx", dtypes="fp32,bf16,fp16")
-
-
-@pytest.fixture(scope="module")
 def trt_engine_dir(typed_onnx_dir, tmp_path_factory):
     from sprintrt.engines.build import build_engines
 

@@ -96,7 +96,7 @@ H100 = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9
 
 def _fake_tensorrt(monkeypatch, gpu, built: dict):
     """TensorRT 11.4 on `gpu`; build_component records the graph it was given instead of building."""
-    monkeypatch.setattr(trt_build, "build_target", lambda: dict(gpu))
+    monkeypatch.setattr(trt_build, "build_target", lambda requested=None: dict(gpu))
     monkeypatch.setattr(trt_build, "library_versions", lambda: {"tensorrt": "11.4.0"})
 
     def build_component(source, out, component, precision, shapes, target, versions):
