@@ -170,8 +170,12 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
     try:
         if precision == P.INT8W:
             extra = weight_only_int8(source, graph, component)
+        # No workspace limit: at the real 0.6B size the VAE decoder's largest profile (4 x 2048²) asks TensorRT-RTX
+        # for 8.9 GB, which the full-TensorRT backend's 8 GiB limit refused ("OutOfMemory"); with no GPU to build
+        # on, the limit is the target GPU's memory, known only where the engine runs.
         info = trt_build.build_serialized(graph, out, precision, shapes, None,
-                                          create_config=lambda **kw: CreateConfigRTX(compute_capabilities=ccs, **kw))
+                                          create_config=lambda **kw: CreateConfigRTX(compute_capabilities=ccs, **kw),
+                                          workspace_bytes=None)
     finally:
         if graph != source:
             graph.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ flags, no layer pins.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -158,10 +159,12 @@ def network_loader(source: Path):
     return NetworkFromOnnxPath(str(source), strongly_typed=True)
 
 
-def config_loader(precision: Precision, shapes: dict, timing_cache: Path | None, create_config=None):
+def config_loader(precision: Precision, shapes: dict, timing_cache: Path | None, create_config=None,
+                  workspace_bytes: int | None = WORKSPACE_BYTES):
     """The builder config as a Polygraphy loader: the shape profile, the optimisation level, the workspace limit
     and a timing cache; only tf32 sets a flag (a math mode of fp32 layers). `create_config` is Polygraphy's
-    config loader class (CreateConfig; TensorRT-RTX passes its own, which sets the target GPUs)."""
+    config loader class (CreateConfig; TensorRT-RTX passes its own, which sets the target GPUs). `workspace_bytes`
+    None leaves the workspace to the library (its default: the GPU's memory)."""
     from polygraphy.backend.trt import CreateConfig, PostprocessConfig, Profile
 
     trt_profile = Profile()
@@ -174,11 +177,13 @@ def config_loader(precision: Precision, shapes: dict, timing_cache: Path | None,
         load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None,
         **flags,
     )
-    return PostprocessConfig(config, func=_limit_workspace)
+    if workspace_bytes is None:
+        return config
+    return PostprocessConfig(config, func=functools.partial(_limit_workspace, workspace_bytes=workspace_bytes))
 
 
 def build_loaders(source: Path, out: Path, precision: Precision, shapes: dict, timing_cache: Path | None,
-                  create_config=None):
+                  create_config=None, workspace_bytes: int | None = WORKSPACE_BYTES):
     """The loader chain that builds one engine and writes its serialized bytes to `out`; calling the returned
     loader runs the build. Bytes only: building needs no GPU driver (deserialising would), so a build machine
     without a GPU (TensorRT-RTX's) runs it too. Constructed without importing TensorRT: the loaders import it
@@ -187,34 +192,41 @@ def build_loaders(source: Path, out: Path, precision: Precision, shapes: dict, t
     from polygraphy.backend.trt import EngineBytesFromNetwork
 
     engine = EngineBytesFromNetwork(network_loader(source),
-                                    config=config_loader(precision, shapes, timing_cache, create_config),
+                                    config=config_loader(precision, shapes, timing_cache, create_config,
+                                                         workspace_bytes),
                                     save_timing_cache=str(timing_cache) if timing_cache else None)
     return SaveBytes(engine, path=str(out))
 
 
-def _limit_workspace(builder, network, config):
+def _limit_workspace(builder, network, config, workspace_bytes: int):
     # The TensorRT module that made this config: tensorrt, or tensorrt_rtx when TensorRT-RTX builds.
     trt = sys.modules[type(config).__module__.partition(".")[0]]
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
 
 
 def build_serialized(source: Path, out: Path, precision: Precision, shapes: dict, timing_cache: Path | None,
-                     create_config=None) -> dict:
+                     create_config=None, workspace_bytes: int | None = WORKSPACE_BYTES) -> dict:
     """Run the loader chain into `out` (written under a temporary name, then renamed); a graph the builder
     refuses is an EngineBuildError naming what its parser said. Returns the manifest fields of the build."""
     from polygraphy.exception import PolygraphyException
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        build_loaders(source, tmp, precision, shapes, timing_cache, create_config)()
+        build_loaders(source, tmp, precision, shapes, timing_cache, create_config, workspace_bytes)()
         os.replace(tmp, out)
     except PolygraphyException as e:
         from sprintrt.trt_parser import parse_problems
 
         problems = parse_problems(source) or []
-        why = f"its parser: {problems[0]}" if problems else str(e).strip().splitlines()[-1]
-        raise EngineBuildError(f"TensorRT could not build {source.name} ({why}). Fix: re-export with this sprintrt "
-                               "version; if it persists, report it with the ONNX file") from None
+        if problems:
+            raise EngineBuildError(f"TensorRT could not build {source.name} (its parser: {problems[0]}). Fix: "
+                                   "re-export with this sprintrt version; if it persists, report it with the ONNX "
+                                   "file") from None
+        # The graph parses: the builder refused (its [E] line above says why, e.g. OutOfMemory for a profile).
+        raise EngineBuildError(f"TensorRT parsed {source.name} but could not build it "
+                               f"({str(e).strip().splitlines()[-1]}; the builder's [E] line above says why). Fix: if "
+                               "it is OutOfMemory, build a smaller profile (--max-batch or --static); else report it "
+                               "with the ONNX file") from None
     finally:
         tmp.unlink(missing_ok=True)
     return {"builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL,
