@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from sprintrt import defaults as D
 from sprintrt import specs as S
 from sprintrt.bins import classify_height_width_bin
-from sprintrt.errors import InvalidInputError, invalid
+from sprintrt.errors import DeadlineExceeded, InvalidInputError, invalid, notice
 from sprintrt.manifest import read_manifest
 from sprintrt.runtime import image as I
 from sprintrt.runtime import vae_decode as V
@@ -90,6 +91,7 @@ class SprintPipeline:
         self.vae_slicing = False
         self.vae_tiling: V.Tiling | None = None
         self._interrupt = False  # a callback_on_step_end sets it to skip the remaining steps, as in diffusers
+        self._calls = threading.local()  # per calling thread: the deadline of its current call (see deadline())
         te = manifest.components.get(S.TEXT_ENCODER, {})
         self._text_runner = (TextEncoderRunner(self.model_dims, self.limits[S.TEXT_ENCODER])
                              if S.TEXT_ENCODER in self.limits else None)
@@ -170,6 +172,24 @@ class SprintPipeline:
         ignored there too. Returns SprintPipelineOutput(images, timings), or (images,) if return_dict is False."""
         return self._generate(self._start_from_noise, args)
 
+    @contextlib.contextmanager
+    def deadline(self, at: float | None):
+        """Calls in this block stop at the next stage boundary (before the text encoder, each transformer step
+        and the VAE) once time.monotonic() passes `at`, raising DeadlineExceeded: a server frees the machine
+        for the next request instead of finishing an answer nobody waits for. None: no deadline."""
+        before = getattr(self._calls, "deadline", None)
+        self._calls.deadline = at
+        try:
+            yield
+        finally:
+            self._calls.deadline = before
+
+    def _check_deadline(self, stage: str) -> None:
+        at = getattr(self._calls, "deadline", None)
+        if at is not None and time.monotonic() > at:
+            raise DeadlineExceeded(f"the call passed its deadline by {time.monotonic() - at:.2f} s and stopped before "
+                                   f"{stage}. Fix: allow more time, or ask for fewer or smaller images")
+
     @property
     def interrupt(self) -> bool:
         """Set `pipe._interrupt = True` in a callback_on_step_end to skip the remaining steps (as in diffusers)."""
@@ -200,6 +220,7 @@ class SprintPipeline:
         self._interrupt = False
 
         # 2. Encode the prompt.
+        self._check_deadline(S.TEXT_ENCODER)
         embeds, mask = self.encode_prompt(args.prompt, args.num_images_per_prompt, args.prompt_embeds,
                                           args.prompt_attention_mask, args.max_sequence_length,
                                           args.complex_human_instruction, clock)
@@ -218,6 +239,7 @@ class SprintPipeline:
         for i, step in enumerate(steps):
             if self._interrupt:
                 continue
+            self._check_deadline(f"step {i + 1} of {len(steps)}")
             with clock("scheduler"):
                 x_in = scheduler.model_input(x, step)
                 timestep = np.full((batch,), step.sflow, dtype=np.float32)
@@ -236,6 +258,7 @@ class SprintPipeline:
         if args.output_type == "latent":
             images = out_latents
         else:
+            self._check_deadline(S.VAE_DECODER)
             images = self._decode(out_latents, orig_size if args.use_resolution_binning else None, args.output_type,
                                   clock)
         clock.timings["total"] = time.perf_counter() - t_start
@@ -376,7 +399,7 @@ class SprintPipeline:
         height, width = args.height, args.width
         if args.use_resolution_binning:
             self._check_binnable(height, width)
-            self._check_size(*classify_height_width_bin(height, width))
+            self._check_size(*classify_height_width_bin(height, width), binned_from=(height, width))
         else:
             self._check_size(height, width)
         scheduler = SCMScheduler(self.constants.sigma_data)
@@ -386,9 +409,13 @@ class SprintPipeline:
 
     @staticmethod
     def _check_extensions(attention_kwargs, callback, callback_inputs) -> None:
+        if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
+            raise invalid("attention_kwargs", attention_kwargs, "a dict or None, as in diffusers", "pass None")
         if attention_kwargs:
-            raise invalid("attention_kwargs", attention_kwargs, "None: the engines' attention (and any LoRA scale) is "
-                          "compiled in", "fuse a LoRA into the checkpoint before `sprintrt export`, and drop the argument")
+            # Accepted so diffusers code runs unchanged, but it cannot change what the engines compute: say so once.
+            notice(f"attention_kwargs={attention_kwargs!r} has no effect: the engines' attention is compiled in, so a "
+                   "LoRA scale does nothing. Fix: fuse LoRAs into the checkpoint before `sprintrt export`",
+                   once="attention_kwargs")
         if callback is not None and not callable(callback):
             raise invalid("callback_on_step_end", callback, "a callable (pipe, step, timestep, callback_kwargs) -> dict",
                           "pass a function, or None")
@@ -418,12 +445,20 @@ class SprintPipeline:
                           "clean captions before calling, or pass clean_caption=False")
 
     def _check_binnable(self, height, width) -> None:
+        """A binned call generates at a bin and resizes the image back to height x width, so the request itself
+        must be a size the model can make: up to its largest latent (4096 px at 32x), never more (the resize
+        of a 99999² request would allocate 112 GiB)."""
         if self.constants.sample_size != 32:
             raise InvalidInputError(f"use_resolution_binning needs a transformer with sample_size 32, this model has "
                                     f"{self.constants.sample_size}. Fix: pass use_resolution_binning=False")
+        top = self.model_dims.latent_max * self.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise invalid(name, v, "a positive integer number of pixels", "pass e.g. 1024")
+            if v > top:
+                raise invalid(name, v, f"[1, {top}] pixels (the largest image this model generates: latent "
+                              f"{self.model_dims.latent_max} x {self.vae_scale_factor})",
+                              f"ask for at most {top} px and upscale the image afterwards")
 
     def latent_limits(self) -> dict[str, S.Bounds]:
         """The latent sizes every loaded engine that takes latents accepts: the intersection of their
@@ -438,8 +473,9 @@ class SprintPipeline:
                 limits[dim] = S.Bounds(max(have.min, b.min), b.opt, min(have.max, b.max))
         return limits
 
-    def _check_size(self, height, width) -> None:
-        """Pixel sizes the engines can run: multiples of 32 and of the VAE's factor, inside every profile."""
+    def _check_size(self, height, width, binned_from: tuple[int, int] | None = None) -> None:
+        """Pixel sizes the engines can run: multiples of 32 and of the VAE's factor, inside every profile.
+        `binned_from`: the requested size the bin height x width was chosen for (named in the error)."""
         f = self.vae_scale_factor
         step = max(32, f)
         limits = self.latent_limits()
@@ -453,8 +489,10 @@ class SprintPipeline:
             if not lim.min <= v // f <= lim.max:
                 backends = sorted({self.manifest.components[c]["backend"] for c in self.limits
                                    if c != S.TEXT_ENCODER})
+                binned = "" if binned_from is None else (f"; resolution binning generates {binned_from[0]}x"
+                                                         f"{binned_from[1]} at {height}x{width}")
                 raise invalid(name, v, f"[{lim.min * f}, {lim.max * f}] pixels (latent_{name} {lim.min}..{lim.max} in "
-                              f"the {'/'.join(backends)} engines' profile)",
+                              f"the {'/'.join(backends)} engines' profile{binned})",
                               "pick a size inside the profile or rebuild the engines with a wider one "
                               "(`sprintrt build ... --rebuild`; TensorRT: a wider --static or bin range)")
 

@@ -3,10 +3,13 @@ engine call, the pipeline call for a batch, and the mapping of the runtime's typ
 
 Request (OpenAI Images shape, POST /v1/images/generations): `prompt` (str), `n` (default 1), `size`
 ("WIDTHxHEIGHT", default "1024x1024"), `response_format` ("b64_json": PNG bytes), plus sprintrt's
-`num_inference_steps`, `guidance_scale`, `seed`, `max_timesteps`, `intermediate_timesteps`. Unknown
-fields (e.g. OpenAI's `model`) are ignored. Sizes are generated exactly (no resolution binning), so
-they must be multiples of 32. Value ranges are the runtime's own checks (SprintPipeline.check_arguments),
-mapped back to the request's field names; they are not restated here.
+`num_inference_steps`, `guidance_scale`, `seed`, `max_timesteps`, `intermediate_timesteps`. OpenAI's
+`model`, `user`, `quality` and `style` are accepted and ignored (clients send them); any other field is
+a 422 naming it (OpenAI answers "Unrecognized request argument"), so a typo such as `sead` never passes
+silently. Sizes are generated exactly (no resolution binning), so they must be multiples of 32. The
+server's cost limits (Limits: pixels per request, steps, prompt bytes) are checked here, before any
+work; value ranges are the runtime's own checks (SprintPipeline.check_arguments), mapped back to the
+request's field names and not restated here.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ ROUTE = "/v1/images/generations"
 RESPONSE_FORMATS = ("b64_json",)
 DEFAULT_SIZE = f"{D.DEFAULT_WIDTH}x{D.DEFAULT_HEIGHT}"
 SEED_MAX = 2**63 - 1
+FIELDS = ("prompt", "n", "size", "response_format", "num_inference_steps", "guidance_scale", "seed", "max_timesteps",
+          "intermediate_timesteps")
+# OpenAI Images fields that clients send by default; they do not change what sprintrt generates.
+IGNORED_OPENAI_FIELDS = ("model", "user", "quality", "style")
 # The runtime's argument names → the request's field names (for error messages that name the field).
 RUNTIME_TO_FIELD = {"height": "size", "width": "size", "num_images_per_prompt": "n", "generator": "seed",
                     "prompt": "prompt", "num_inference_steps": "num_inference_steps",
@@ -43,7 +50,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.retry_after_s = status, message, param, retry_after_s
 
     def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_overloaded"
+        kind = ("invalid_request_error" if self.status < 500 else "server_overloaded" if self.status == 503
+                else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
 
     def headers(self) -> dict:
@@ -62,7 +70,7 @@ class GenerationRequest:
     max_timesteps: float | None = D.DEFAULT_MAX_TIMESTEPS
     intermediate_timesteps: float | None = None
     response_format: str = "b64_json"
-    extra: dict = field(default_factory=dict, compare=False)  # ignored fields, kept for logging
+    extra: dict = field(default_factory=dict, compare=False)  # ignored OpenAI fields, kept for logging
 
     def call_arguments(self) -> dict:
         """The pipeline arguments of this request alone (the reference a batched call must equal)."""
@@ -77,6 +85,14 @@ class GenerationRequest:
                 self.intermediate_timesteps)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost a replica; past them → 413 (too large) or 422, naming the field."""
+    max_pixels: int = D.SERVE_MAX_PIXELS_PER_REQUEST  # n x width x height
+    max_steps: int = D.SERVE_MAX_STEPS
+    max_prompt_bytes: int = D.SERVE_MAX_PROMPT_BYTES
+
+
 def _field(body: dict, name: str, kinds: tuple, default, what: str):
     value = body.get(name, default)
     if value is None and default is None:
@@ -86,8 +102,9 @@ def _field(body: dict, name: str, kinds: tuple, default, what: str):
     return value
 
 
-def parse_request(raw: bytes) -> GenerationRequest:
-    """JSON body → GenerationRequest, checking JSON types only (value ranges are the runtime's)."""
+def parse_request(raw: bytes, limits: Limits = Limits()) -> GenerationRequest:
+    """JSON body → GenerationRequest: JSON types, known fields and the cost limits (value ranges are the
+    runtime's)."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -96,9 +113,13 @@ def parse_request(raw: bytes) -> GenerationRequest:
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body is a JSON {type(body).__name__}, expected an object with a 'prompt'. "
                             'Fix: send {"prompt": "a cat"}')
+    unknown = sorted(k for k in body if k not in FIELDS and k not in IGNORED_OPENAI_FIELDS)
+    if unknown:
+        raise ApiError(422, f"unrecognized request field(s) {unknown}: expected only {list(FIELDS)} (and OpenAI's "
+                            f"{list(IGNORED_OPENAI_FIELDS)}, ignored). Fix: check the spelling or drop them", unknown[0])
     if "prompt" not in body:
         raise ApiError(422, "prompt is missing: expected a non-empty string. Fix: add \"prompt\": \"...\"", "prompt")
-    prompt = _field(body, "prompt", (str,), None, "a non-empty string")
+    prompt = _prompt(body["prompt"], limits)
     size = _field(body, "size", (str,), DEFAULT_SIZE, "a string 'WIDTHxHEIGHT', e.g. '1024x1024'")
     m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", size)
     if not m:
@@ -109,23 +130,54 @@ def parse_request(raw: bytes) -> GenerationRequest:
         raise ApiError(422, f"response_format={fmt!r} is not allowed: expected one of {list(RESPONSE_FORMATS)} "
                             "(PNG bytes, base64). Fix: send response_format='b64_json'", "response_format")
     steps = _field(body, "num_inference_steps", (int,), D.DEFAULT_STEPS, "an integer, e.g. 1 or 2")
+    if steps > limits.max_steps:
+        raise ApiError(422, f"num_inference_steps={steps} is not allowed: this server runs at most {limits.max_steps} "
+                            "steps (SANA-Sprint is distilled for 1-4). Fix: send 1, 2 or 4", "num_inference_steps")
+    n = _field(body, "n", (int,), 1, "an integer, e.g. 1")
+    width, height = int(m.group(1)), int(m.group(2))
+    pixels = max(n, 1) * width * height
+    if pixels > limits.max_pixels:
+        param = "n" if n > 1 and width * height <= limits.max_pixels else "size"
+        raise ApiError(413, f"n x size = {n} x {width}x{height} = {pixels} pixels is more than this server generates "
+                            f"per request ({limits.max_pixels} pixels, --max-pixels-per-request). Fix: ask for fewer "
+                            "or smaller images, or split the request", param)
     seed = _field(body, "seed", (int,), None, f"an integer in [0, {SEED_MAX}] or null")
     if seed is None:
         seed = secrets.randbelow(2**31)  # returned in the response, so the image can be made again
     if not 0 <= seed <= SEED_MAX:
         raise ApiError(422, f"seed={seed} is not allowed: expected [0, {SEED_MAX}] or null. Fix: send a non-negative "
                             "integer", "seed")
-    known = {"prompt", "n", "size", "response_format", "num_inference_steps", "guidance_scale", "seed",
-             "max_timesteps", "intermediate_timesteps"}
     return GenerationRequest(
-        prompt=prompt, n=_field(body, "n", (int,), 1, "an integer, e.g. 1"),
-        width=int(m.group(1)), height=int(m.group(2)), num_inference_steps=steps,
+        prompt=prompt, n=n, width=width, height=height, num_inference_steps=steps,
         guidance_scale=float(_field(body, "guidance_scale", (int, float), D.DEFAULT_GUIDANCE_SCALE, "a number")),
         seed=seed,
         max_timesteps=_number_or_none(body, "max_timesteps", D.DEFAULT_MAX_TIMESTEPS),
         # Default: 1.3 for 2 steps, none otherwise (diffusers refuses an intermediate angle elsewhere).
         intermediate_timesteps=_number_or_none(body, "intermediate_timesteps", D.intermediate_timesteps_for(steps)),
-        response_format=fmt, extra={k: v for k, v in body.items() if k not in known})
+        response_format=fmt, extra={k: v for k, v in body.items() if k in IGNORED_OPENAI_FIELDS})
+
+
+def _prompt(value, limits: Limits) -> str:
+    """A prompt the text encoder can take: a non-empty string of valid Unicode, at most max_prompt_bytes."""
+    if not isinstance(value, str):
+        raise ApiError(422, f"prompt={_short(value)} is not allowed: expected a non-empty string. Fix: send "
+                            "\"prompt\": \"a cat\"", "prompt")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
+        raise ApiError(422, f"prompt is not valid Unicode: {e.reason} at character {e.start}. Fix: send the "
+                            "prompt as UTF-8 text (escape pairs \\ud83d\\ude00 together, never half a pair)",
+                       "prompt") from None
+    if size > limits.max_prompt_bytes:
+        raise ApiError(413, f"prompt is {size} bytes, more than this server takes ({limits.max_prompt_bytes} bytes, "
+                            f"--max-prompt-bytes; the text encoder reads at most {D.DEFAULT_MAX_SEQUENCE_LENGTH} "
+                            "tokens anyway). Fix: shorten it", "prompt")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _number_or_none(body: dict, name: str, default):

@@ -92,6 +92,11 @@ CALIBRATION_MEMORY_FACTOR = 2
 # ---- engine profiles ----------------------------------------------------------------------------------
 DEFAULT_MAX_BATCH = 4  # TensorRT profiles: largest batch (ONNX Runtime / OpenVINO take the spec's range)
 
+# ---- running engines ---------------------------------------------------------------------------------
+# The most intra-op threads per usable CPU an engine may be given: past that threads only contend
+# (--threads 1000 on 2 vCPUs ran 250x slower).
+MAX_THREADS_PER_CPU = 2
+
 # ---- `sprintrt bench`, `drift` and `demo` --------------------------------------------------------------
 OUT_DIR = Path("out")  # where the CLI writes results, work directories and the demo, unless told otherwise
 BENCH_SIZE = 512  # pixels a side (binning off): the paper's 512 px model and a CPU-friendly size
@@ -109,6 +114,12 @@ SERVE_PORT = 8000
 SERVE_MAX_WAIT_MS = 10.0  # how long the batcher waits to fill a batch
 SERVE_MAX_QUEUED = 16  # requests admitted per replica (running + waiting); more get 503
 SERVE_TIMEOUT_S = 120.0  # per request, from arrival to answer
+# Per-request cost limits (413/422 before any work). Pixels are n x width x height: four 1024² images or one
+# 2048². A 4096² x 2 request took a 0.6B CPU replica from 4.2 to 9.0 GB and answered 92 MB of JSON.
+SERVE_MAX_PIXELS_PER_REQUEST = 4 * 1024 * 1024
+SERVE_MAX_STEPS = 8  # SANA-Sprint is distilled for 1-4 steps
+SERVE_MAX_PROMPT_BYTES = 8192  # UTF-8 bytes; the text encoder reads at most max_sequence_length (300) tokens
+SERVE_DRAIN_TIMEOUT_S = 30.0  # on SIGINT/SIGTERM: how long in-flight requests may still run
 LOADTEST_CONCURRENCY = 4
 LOADTEST_REQUESTS = 32
 LOADTEST_SIZE = "512x512"
