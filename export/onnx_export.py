@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -61,6 +62,10 @@ def resolve_model(model: str | Path) -> Path:
 
 def download_from_hub(name: str, repo_id: str | Path, example: str, allow_patterns: list[str]) -> Path:
     """A hub snapshot (huggingface_hub, into its cache; safetensors and configs only, nothing pickled)."""
+    missing = _missing_local_path(str(repo_id))
+    if missing:
+        raise ModelLoadError(f"{name}={str(repo_id)!r} does not exist ({missing}). Fix: check the path, or pass a hub "
+                             f"id like {example!r}")
     if Path(repo_id).exists() or str(repo_id).count("/") != 1:
         raise ModelLoadError(f"{name}={str(repo_id)!r} is neither a directory nor a hub id like {example!r}. "
                              "Fix: check the path")
@@ -71,6 +76,28 @@ def download_from_hub(name: str, repo_id: str | Path, example: str, allow_patter
     except Exception as e:  # network, auth, missing repo: all mean the same to the user
         raise ModelLoadError(f"cannot download {str(repo_id)!r} from the hub: {e}. Fix: download it where the hub is "
                              "reachable and pass the local directory") from e
+
+
+# A hub repository id: owner/name, letters, digits, "-", "_", "." (huggingface_hub's rule, without its length
+# and "--" / ".." details, which a download then reports).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _missing_local_path(text: str) -> str | None:
+    """Why `text`, which names no existing directory, is a local path that is missing rather than a hub id (None
+    when it may be a hub id): it is absolute, starts with ./ ../ or ~, is no valid hub id, or its first folder
+    exists here. The user then hears "does not exist", not that the hub could not be reached."""
+    path = Path(text)
+    if path.exists():  # a file: the caller says it is neither a checkpoint directory nor a hub id
+        return None
+    looks_local = (path.is_absolute() or text.startswith(("./", "../", ".\\", "..\\", "~"))
+                   or not HUB_ID.fullmatch(text) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
+    if not looks_local:
+        return None
+    found = path.expanduser()
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    return f"the nearest folder that exists is {str(found)!r}" if found.exists() else "no part of it exists"
 
 
 def exporter_fingerprint() -> str:
@@ -255,10 +282,11 @@ def _file_record(path: Path) -> dict:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "external_data": sidecar}
 
 
-def export_variant(src: Path, component: str, dtype: str, out_dir: Path, dims: S.ModelDims, reference,
+def export_variant(src: Path, component: str, dtype: str, out_dir: Path, dims: S.ModelDims, references,
                    validate: bool = True, vae_dir: Path | None = None) -> dict:
     """Export the `dtype` variant of one component (typed torch export, fp32 I/O), check its fp32 islands
-    and validate it against the fp32 PyTorch `reference` wrapper. Returns its variant record."""
+    and validate it against the fp32 PyTorch outputs `references` (validate.reference_outputs). Returns its
+    variant record."""
     import onnx
 
     from sprintrt.export import typed
@@ -283,7 +311,7 @@ def export_variant(src: Path, component: str, dtype: str, out_dir: Path, dims: S
     if typed.enforce_islands(graph, component):
         onnx.save_model(graph, str(path))
     islands = typed.check_islands(graph, component, dtype)
-    records = validate_variant(path, reference, spec, dtype, typed.RULES[component].min_cosine[dtype]) if validate else []
+    records = validate_variant(path, references, spec, dtype, typed.RULES[component].min_cosine[dtype]) if validate else []
     return {**_file_record(path), "dtype": dtype, "export_seconds": round(seconds, 2), "validation": records,
             "fp32": islands, "trt_lint": [str(f) for f in lint(path)]}
 
@@ -293,7 +321,7 @@ def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims
     """Export one component to out_dir/<component>.onnx (and its 16-bit `dtypes` variants) and validate it.
     Returns its export record."""
     from sprintrt.export.checkpoint import load_component
-    from sprintrt.export.validate import validate_onnx
+    from sprintrt.export.validate import reference_outputs, validate_onnx
 
     spec = S.SPEC_BUILDERS[component](dims)
     module = wrapper_for(component, load_component(src, component, vae_dir=vae_dir))
@@ -312,10 +340,11 @@ def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims
     findings = [str(f) for f in lint(path)]
     from sprintrt.export.typed import variant_dtypes
 
-    variants = {d: export_variant(src, component, d, out_dir, dims, module, validate, vae_dir)
-                for d in variant_dtypes(component, dtypes)}
+    wanted = variant_dtypes(component, dtypes)
+    references = reference_outputs(module, spec) if validate and wanted else None
     del module
-    gc.collect()  # free this network before the next one is loaded (and before the parser loads the graphs)
+    gc.collect()  # free this network before its variants are traced and run, and before the next one is loaded
+    variants = {d: export_variant(src, component, d, out_dir, dims, references, validate, vae_dir) for d in wanted}
     parser = check_with_trt_parser([path, *(out_dir / v["file"] for v in variants.values())])
     return {**_file_record(path), "export_seconds": round(seconds, 2), "validation": records,
             "trt_lint": findings, "trt_parser": parser, "spec": spec.to_json(), "variants": variants}

@@ -23,6 +23,7 @@ import numpy as np
 
 from sprintrt import machine
 from sprintrt import specs as S
+from sprintrt.defaults import MAX_THREADS_PER_CPU
 from sprintrt.errors import EngineDirError, InvalidInputError, MissingDependencyError
 from sprintrt.manifest import Manifest
 
@@ -37,10 +38,27 @@ class RunOptions:
 
     def __post_init__(self):
         threads = self.threads if self.threads is not None else _env_threads()
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise InvalidInputError(f"threads={threads!r} is not allowed: expected an integer >= 1, or None for the "
-                                    "backend's choice (one per core). Fix: pass e.g. --threads 2, or leave it out")
+        top = max_threads()
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or not 1 <= threads <= top):
+            raise InvalidInputError(f"threads={threads!r} is not allowed: expected an integer in [1, {top}] "
+                                    f"({MAX_THREADS_PER_CPU} per CPU this process may use: {usable_cpus()}), or None "
+                                    "for the backend's choice (one per core). Fix: pass e.g. --threads 2, or leave it "
+                                    "out")
         object.__setattr__(self, "threads", threads)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def max_threads() -> int:
+    """The most intra-op threads an engine may be given (defaults.MAX_THREADS_PER_CPU per usable CPU)."""
+    return MAX_THREADS_PER_CPU * usable_cpus()
 
 
 def _env_threads() -> int | None:

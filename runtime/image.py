@@ -69,6 +69,8 @@ def load_image_file(path) -> "object":
     from sprintrt.errors import InvalidInputError
 
     path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"image={str(path)!r} is a directory. Fix: pass the path of a PNG or JPEG file in it")
     if not path.is_file():
         raise InvalidInputError(f"image={str(path)!r} does not exist. Fix: pass the path of a PNG or JPEG file")
     try:
@@ -140,3 +142,60 @@ def preprocess_image(kind: str, images, height: int, width: int) -> np.ndarray:
     if x.min() < 0:
         return np.ascontiguousarray(x, dtype=np.float32)
     return np.ascontiguousarray(np.float32(2.0) * x - np.float32(1.0), dtype=np.float32)
+
+
+# ---- image output: checked before any work, written atomically ---------------------------------------------
+
+COMMON_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_output(path, name: str = "output"):
+    """(path, PIL format) for an image to be written at `path`, checked before anything is generated: an image
+    extension PIL can write, and a path files.check_output_file accepts (not a directory, a writable folder)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from sprintrt.errors import invalid
+    from sprintrt.files import check_output_file
+
+    path = check_output_file(path, name)
+    Image.init()
+    writable = {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    fmt = writable.get(path.suffix.lower())
+    if fmt is None or not _writes_rgb(fmt):
+        raise invalid(name, str(path), f"an image file name: {', '.join(COMMON_IMAGE_SUFFIXES)} or another "
+                      "extension PIL writes", f"name it e.g. {Path(path).with_suffix('.png')}")
+    return path, fmt
+
+
+def _writes_rgb(fmt: str) -> bool:
+    """Whether PIL can write an RGB picture as `fmt` here (some formats register a writer that needs a plugin
+    or another mode): a 1x1 try, so a bad extension fails before the work, not after it."""
+    import io
+
+    from PIL import Image
+
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def save_image_file(image, path, fmt: str) -> None:
+    """Write a PIL image to `path` through a temporary file renamed over it: a full disk or an interrupt leaves
+    the previous file whole. A failure is a typed error naming the file."""
+    from pathlib import Path
+
+    from sprintrt.errors import InvalidInputError
+    from sprintrt.files import replacing
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as tmp:
+            image.save(tmp, format=fmt)
+    except OSError as e:  # ENOSPC, EFBIG (a file-size limit), EIO, permissions changed since the check
+        raise InvalidInputError(f"cannot write {path}: {e.strerror or e} (the file that was there, if any, is "
+                                "unchanged). Fix: free disk space, or pick another output path") from None

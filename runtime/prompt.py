@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sprintrt.defaults import tokenized_length
-from sprintrt.errors import EngineDirError, InvalidInputError
+from sprintrt.defaults import MAX_SEQUENCE_LENGTH_LIMIT, tokenized_length
+from sprintrt.errors import EngineDirError, InvalidInputError, notice
 
 
 def preprocess(prompts) -> list[str]:
@@ -31,7 +31,19 @@ def preprocess(prompts) -> list[str]:
         if not p.strip():
             raise InvalidInputError(f"prompt[{i}]={p!r} is empty: expected text with at least one non-space character. "
                                     "Fix: describe the image to generate")
+        _check_utf8(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     return [p.lower().strip() for p in prompts]
+
+
+def _check_utf8(text: str, name: str) -> None:
+    """A str with a lone surrogate (bytes that were not UTF-8, e.g. argv decoded with surrogateescape) has no
+    tokens: the tokenizer would fail with a TypeError deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"{name} is not valid UTF-8 text: {text[e.start:e.end]!r} at character {e.start} is a "
+                                "lone surrogate (bytes that were not UTF-8). Fix: pass the prompt as UTF-8 "
+                                "text") from None
 
 
 def select_index(max_sequence_length: int) -> list[int]:
@@ -92,6 +104,20 @@ class PromptTokenizer:
         finally:
             self._tok.no_padding()
             self._tok.no_truncation()
+        self._notice_truncation(texts, encs, length, max_sequence_length)
         ids = np.array([e.ids for e in encs], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
         return ids, mask
+
+    def _notice_truncation(self, texts: list[str], encs, length: int, max_sequence_length: int) -> None:
+        """Say which prompts lost their tail to truncation, with the token counts (diffusers only warns
+        through its logger, which a CLI user never sees)."""
+        cut = [(i, len(self._tok.encode(t, add_special_tokens=True).ids)) for i, (t, e) in enumerate(zip(texts, encs))
+               if e.overflowing]
+        if not cut:
+            return
+        # Counted as max_sequence_length counts: the instruction's tokens (length - max_sequence_length) left out.
+        counts = ", ".join(f"prompt[{i}] has {n - length + max_sequence_length}" for i, n in cut)
+        notice(f"{counts} tokens, max_sequence_length={max_sequence_length} keeps {max_sequence_length}: the rest is "
+               f"cut, as diffusers does, and does not reach the image. Fix: shorten the prompt, or raise "
+               f"max_sequence_length (up to {MAX_SEQUENCE_LENGTH_LIMIT}, with engines built for it)")

@@ -9,6 +9,7 @@ sprintrt/defaults.py); none is written here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -17,14 +18,49 @@ import time
 from pathlib import Path
 
 from sprintrt import defaults as D
-from sprintrt.errors import InvalidInputError, SprintError
+from sprintrt.errors import InvalidInputError, Notice, SprintError
+from sprintrt.quiet import stdout_to_stderr
 from sprintrt.quiet import quiet_libraries as _quiet_libraries
 
 
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=False, highlight=False, soft_wrap=True)  # a path is not broken across lines in a log
+
+
+class _ProgressLines:
+    """A long stage's progress where no spinner can be drawn (stdout is a file or a pipe: CI, `> log`): one
+    line on stderr per new step, with the seconds since the stage began, so a log shows where the time went.
+    Nothing before the first step: a stage that fails at once leaves its one-line error alone on stderr."""
+
+    def __init__(self, text: str):
+        self.text, self.t0, self.last = text, time.perf_counter(), text
+
+    def update(self, text: str) -> None:
+        if text != self.last:
+            self.last = text
+            self.say(text)
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _stage(text: str):
+    """Run a long stage: a spinner on a terminal, else progress lines (both on stderr, both with `.update`).
+    What libraries print meanwhile (Polygraphy's [W] lines, NNCF's tables, C++ logs) goes to stderr too, so
+    stdout holds only sprintrt's own lines: where outputs went, and their tables."""
+    with stdout_to_stderr() as real_stdout:
+        if real_stdout.isatty() and sys.stderr.isatty():
+            from rich.console import Console
+
+            with Console(stderr=True, highlight=False).status(text) as status:
+                yield status
+        else:
+            lines = _ProgressLines(text)
+            yield lines
+            lines.say(f"{text}: done")
 
 
 def default(owner, name: str):
@@ -65,10 +101,10 @@ def add_make_checkpoint(sub) -> None:
 
 
 def cmd_make_checkpoint(args) -> None:
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     from sprintrt.export.checkpoint import make_checkpoint
 
-    with _console().status(f"writing a seeded random {args.arch} checkpoint"):
+    with _stage(f"writing a seeded random {args.arch} checkpoint"):
         out = make_checkpoint(args.out, args.arch, args.seed)
     print(f"checkpoint ({args.arch}, seed {args.seed}) written to {out}")
 
@@ -95,13 +131,13 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> None:
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     from sprintrt.export.onnx_export import export_model
     from sprintrt.export_info import read_export_info
 
     console = _console()
     components = args.components.split(",") if args.components else None
-    with console.status("exporting") as status:
+    with _stage("exporting") as status:
         out = export_model(args.model, args.output, **({"components": components} if components else {}),
                            validate=not args.no_validate, vae=args.vae, dtypes=args.dtypes,
                            progress=lambda c: status.update(f"exporting and validating {c}"))
@@ -170,13 +206,15 @@ def cmd_build(args) -> None:
     from sprintrt.engines.registry import AUTO, auto_backend, tunes_here
     from sprintrt.manifest import read_manifest
 
+    _quiet_libraries(args.verbose)
     console = _console()
     profile = ProfileOptions(max_batch=args.max_batch, max_sequence_length=args.max_sequence_length,
                              complex_human_instruction=not args.no_chi, static=_parse_static(args.static))
     request = PrecisionRequest.parse(args.precision)  # a bad --precision fails here, before any work
     backend = auto_backend() if args.backend == AUTO else args.backend
     tune = args.backend == AUTO and not args.no_tune and not request and tunes_here(backend)
-    with console.status("building engines") as status:
+    before = _engine_files(args.output)
+    with _stage("building engines") as status:
         if tune:
             from sprintrt.tuning.tune import tune_engines
 
@@ -202,9 +240,34 @@ def cmd_build(args) -> None:
         why = "--no-tune" if args.no_tune else "--precision given"
         console.print(f"  --backend auto chose {backend} "
                       f"({'rule of thumb, ' + why if tunes_here(backend) else 'a GPU backend whose GPU is here'})")
+    after = _engine_files(out)
+    reused = [name for name in manifest["components"] if before.get(name) is not None and before[name] == after.get(name)]
     for name, entry in manifest["components"].items():
-        console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']})")
-    print(f"engines and manifest written to {out}")
+        how = "reused" if name in reused else "built"
+        console.print(f"  {name}: {out / entry['file']}  ({entry['backend']} {entry['precision']}, {how})")
+    if len(reused) == len(manifest["components"]):
+        print(f"engines in {out} reused: all up to date, none built (--rebuild builds them again)")
+    else:
+        print(f"engines and manifest written to {out} ({len(manifest['components']) - len(reused)} built, "
+              f"{len(reused)} reused)")
+
+
+def _engine_files(engine_dir) -> dict:
+    """{component: (engine file, inode, mtime)} of an engine directory's manifest ({} if it has none). A rebuilt
+    engine may keep its file name (it is derived from the engine's key), never its inode and mtime, so comparing
+    before and after says what the build reused."""
+    from sprintrt.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(engine_dir)
+    except SprintError:
+        return {}
+    files = {}
+    for name in manifest.components:
+        path = manifest.component_file(name)
+        st = path.stat() if path.is_file() else None
+        files[name] = (path.name, st.st_ino, st.st_mtime_ns) if st else None
+    return files
 
 
 def _parse_static(value):
@@ -235,13 +298,21 @@ def cmd_doctor(args) -> None:
 
 # ---- generate -------------------------------------------------------------------------------------
 
+# Measured with sprintrt.files.sha256_file on a 2-vCPU AMD EPYC (files in the page cache): 0.94-0.98 s per GiB.
+VERIFY_HELP = ("skip the sha256 check of the engine files at load (their sizes are still checked). The check catches "
+               "an engine file changed in place, which would otherwise run and give a wrong image; it costs about "
+               "1 s per GB of engine files")
+
+
 def add_generate(sub) -> None:
     from sprintrt.runtime.call import IMAGE_TO_IMAGE, TEXT_TO_IMAGE
 
     s = sub.add_parser("generate", help="generate an image with built engines")
     s.add_argument("engine_dir")
     s.add_argument("--prompt", required=True)
-    s.add_argument("-o", "--output", required=True, help="PNG file to write")
+    s.add_argument("-o", "--output", required=True,
+                   help="image file to write: .png, .jpg, .webp or another format PIL writes (checked before any "
+                        "work; a failed write leaves the previous file whole)")
     s.add_argument("--steps", type=int, default=default(TEXT_TO_IMAGE, "num_inference_steps"))
     s.add_argument("--seed", type=int, default=D.DEFAULT_SEED)
     s.add_argument("--height", type=int, default=default(TEXT_TO_IMAGE, "height"))
@@ -252,15 +323,19 @@ def add_generate(sub) -> None:
     s.add_argument("--strength", type=float, default=None,
                    help="image to image: how much of the schedule runs, in (0, 1] (default "
                         f"{default(IMAGE_TO_IMAGE, 'strength')})")
-    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--threads", type=int, default=None,
+                   help=f"engine threads, at most {D.MAX_THREADS_PER_CPU} per CPU (default: one per core)")
+    s.add_argument("--no-verify", action="store_true", help=VERIFY_HELP)
     s.set_defaults(fn=cmd_generate)
 
 
 def cmd_generate(args) -> None:
     from sprintrt.runtime.call import IMAGE_TO_IMAGE
+    from sprintrt.runtime.image import image_output, save_image_file
     from sprintrt.runtime.img2img import SprintImg2ImgPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
 
+    output, fmt = image_output(args.output)  # a path that cannot be written fails now, not after the work
     extra = {}
     if args.image is not None:
         from sprintrt.runtime.image import load_image_file
@@ -271,33 +346,47 @@ def cmd_generate(args) -> None:
     elif args.strength is not None:
         raise InvalidInputError("--strength is for image to image. Fix: add --image IN.png, or drop --strength")
     cls = SprintImg2ImgPipeline if extra else SprintPipeline
-    pipe = cls.from_engines(args.engine_dir, threads=args.threads)
+    pipe = cls.from_engines(args.engine_dir, threads=args.threads, verify_sha256=not args.no_verify)
     out = pipe(prompt=args.prompt, num_inference_steps=args.steps, **extra,
                intermediate_timesteps=D.intermediate_timesteps_for(args.steps),
                guidance_scale=args.guidance_scale, height=args.height, width=args.width, generator=args.seed,
                use_resolution_binning=not args.no_binning, output_type="pil")
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out.images[0].save(path)
-    print(f"image written to {path} ({out.timings['total']:.2f} s end to end)")
-    note = "" if args.no_binning else binning_note(args.height, args.width, pipe.vae_scale_factor)
+    save_image_file(out.images[0], output, fmt)
+    print(f"image written to {output} ({out.timings['total']:.2f} s end to end)")
+    multiple = max(32, pipe.vae_scale_factor)
+    note = "" if args.no_binning else binning_note(args.height, args.width, multiple,
+                                                   _fits_unbinned(pipe, args.height, args.width))
     if note:
         print(note)
 
 
-def binning_note(height: int, width: int, multiple: int) -> str:
+def _fits_unbinned(pipe, height: int, width: int) -> bool:
+    """Whether the engines' profile takes height x width as it is (what --no-binning would generate)."""
+    f, limits = pipe.vae_scale_factor, pipe.latent_limits()
+    return all(limits[f"latent_{name}"].min <= v // f <= limits[f"latent_{name}"].max
+               for name, v in (("height", height), ("width", width)))
+
+
+def binning_note(height: int, width: int, multiple: int, direct: bool = True) -> str:
     """Resolution binning (diffusers' default) generates at the 1024px model's nearest bin and resizes: a
-    512² image costs a 1024² decode, 4x the VAE decoder's work. Say so, and how to avoid it."""
+    512² image costs a 1024² decode, 4x the VAE decoder's work. Say so, and what --no-binning would cost
+    instead where it would accept the size (a multiple of `multiple`, and `direct`: inside the engines' profile)."""
     from sprintrt.bins import classify_height_width_bin
 
     bh, bw = classify_height_width_bin(height, width)
     if (bh, bw) == (height, width):
         return ""
     note = f"note: generated at {bh}x{bw} (resolution binning, as diffusers does) and resized to {height}x{width}"
-    if height % multiple or width % multiple:  # --no-binning would refuse this size
+    if height % multiple or width % multiple or not direct:  # --no-binning would refuse this size
         return note
-    return (f"{note}; --no-binning generates {height}x{width} itself, {bh * bw / (height * width):.1f}x fewer pixels "
-            "to decode")
+    ratio = bh * bw / (height * width)
+    if ratio >= 1.05:
+        cost = f"{ratio:.1f}x fewer pixels to decode"
+    elif ratio <= 1 / 1.05:
+        cost = f"{1 / ratio:.1f}x more pixels to decode, none of them upscaled"
+    else:
+        cost = "about as many pixels, without the resize"
+    return f"{note}; --no-binning generates {height}x{width} itself, {cost}"
 
 
 # ---- drift ----------------------------------------------------------------------------------------
@@ -323,7 +412,7 @@ def add_drift(sub) -> None:
 
 
 def cmd_drift(args) -> None:
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     from sprintrt.benchmarks import drift
     from sprintrt.prompts import read_prompts
 
@@ -402,7 +491,7 @@ def cmd_bench(args) -> None:
         R.plot(doc, png)
         print(f"report written to {md} and {png}")
         return
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     from sprintrt.benchmarks import report as R
     from sprintrt.benchmarks.bench import run_bench
     from sprintrt.benchmarks.config import BenchConfig, parse_candidate, parse_resolution
@@ -427,29 +516,36 @@ def cmd_bench(args) -> None:
 
 # ---- serve ----------------------------------------------------------------------------------------
 
+# ServeOptions fields set by the flag of the same name (max_batch: --max-batch); defaults from ServeOptions.
+SERVE_FLAGS = (
+    ("replicas", int, "pipeline replicas, each loading the engines once; more than 1 serves through a local Ray"),
+    ("max_batch", int, "images per engine call (capped by the engines' batch profile)"),
+    ("max_wait_ms", float, "how long to wait to fill a batch"),
+    ("max_queued", int, "requests per replica before answering 503"),
+    ("timeout_s", float, "per-request limit: then 503, and its work stops at the next stage"),
+    ("num_gpus", float, "GPUs per replica (1: one replica per GPU)"),
+    ("threads", int, "engine threads per replica"),
+    ("max_pixels_per_request", int, "n x width x height per request; more get 413 (default %(default)s)"),
+    ("max_steps", int, "num_inference_steps per request; more get 422 (default %(default)s)"),
+    ("max_prompt_bytes", int, "UTF-8 bytes of a prompt; more get 413 (default %(default)s)"),
+    ("drain_timeout_s", float, "on SIGINT/SIGTERM, how long in-flight requests may still run (default %(default)s)"),
+)
+
+
 def add_serve(sub) -> None:
     from sprintrt.serving.app import ServeOptions, run
 
-    s = sub.add_parser("serve", help="serve engines over HTTP (POST /v1/images/generations) with Ray Serve: dynamic "
-                                     "batching, backpressure, health and Prometheus metrics")
+    s = sub.add_parser("serve", help="serve engines over HTTP (POST /v1/images/generations): dynamic batching, "
+                                     "backpressure, cost limits, health and Prometheus metrics; one process, or Ray "
+                                     "Serve for several replicas or a cluster")
     s.add_argument("engine_dir")
     s.add_argument("--host", default=default(run, "host"), help="address to listen on (default %(default)s)")
     s.add_argument("--port", type=int, default=default(run, "port"))
-    s.add_argument("--replicas", type=int, default=default(ServeOptions, "replicas"),
-                   help="pipeline replicas (each loads the engines once)")
-    s.add_argument("--max-batch", type=int, default=default(ServeOptions, "max_batch"),
-                   help="images per engine call (capped by the engines' batch profile)")
-    s.add_argument("--max-wait-ms", type=float, default=default(ServeOptions, "max_wait_ms"),
-                   help="how long to wait to fill a batch")
-    s.add_argument("--max-queued", type=int, default=default(ServeOptions, "max_queued"),
-                   help="requests per replica before answering 503")
-    s.add_argument("--timeout-s", type=float, default=default(ServeOptions, "timeout_s"),
-                   help="per-request limit (then 503)")
-    s.add_argument("--num-gpus", type=float, default=default(ServeOptions, "num_gpus"),
-                   help="GPUs per replica (1: one replica per GPU)")
-    s.add_argument("--threads", type=int, default=default(ServeOptions, "threads"), help="engine threads per replica")
+    for name, kind, text in SERVE_FLAGS:
+        s.add_argument("--" + name.replace("_", "-"), type=kind, default=default(ServeOptions, name), help=text)
+    s.add_argument("--no-verify", action="store_true", help=VERIFY_HELP + ", once per replica")
     s.add_argument("--address", default=default(run, "address"),
-                   help="join a running Ray cluster (e.g. auto) instead of a local Ray")
+                   help="join a running Ray cluster (e.g. auto) instead of serving in this process")
     s.add_argument("--write-config", default=None, metavar="FILE",
                    help="write a Ray Serve config for `serve deploy` instead of serving")
     s.set_defaults(fn=cmd_serve)
@@ -458,14 +554,13 @@ def add_serve(sub) -> None:
 def cmd_serve(args) -> None:
     from sprintrt.serving.app import ServeOptions, run, write_config
 
-    options = ServeOptions(engine_dir=str(args.engine_dir), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                           max_queued=args.max_queued, timeout_s=args.timeout_s, replicas=args.replicas,
-                           num_gpus=args.num_gpus, threads=args.threads)
+    options = ServeOptions(engine_dir=str(args.engine_dir), verify_sha256=not args.no_verify,
+                           **{name: getattr(args, name) for name, _, _ in SERVE_FLAGS})
     if args.write_config:
         path = write_config(options, args.write_config, host=args.host, port=args.port)
         print(f"Ray Serve config written to {path} (deploy it with `serve deploy {path}` on the cluster's head node)")
         return
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     run(options, host=args.host, port=args.port, address=args.address)
 
 
@@ -515,7 +610,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> None:
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     from sprintrt.benchmarks.demo import run_demo
 
     run_demo(Path(args.workdir), prompt=args.prompt, steps=args.steps, size=args.size, runs=args.runs,
@@ -534,12 +629,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="show the libraries' warnings and logs (on stderr); default: only sprintrt's own")
     return p
+
+
+def _show_notices(command: str) -> None:
+    """sprintrt's Notices (e.g. a prompt cut to max_sequence_length) as one `note:` line on stderr; other
+    warnings as Python shows them."""
+    import warnings
+
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, Notice):
+            print(f"sprintrt {command}: note: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
+    _show_notices(args.command)
     try:
         args.fn(args)
     except SprintError as e:

@@ -13,10 +13,14 @@ import json
 from pathlib import Path
 
 from sprintrt.errors import ModelLoadError
-from sprintrt.files import file_mismatch
+from sprintrt.files import file_mismatch, missing_key
 
 EXPORT_INFO = "export_info.json"
 FORMAT = 1
+# What the build and the CLI read of an export record (files.missing_key's format): one missing is named.
+RECORD_KEYS = {"file": None, "bytes": None, "sha256": None, "validation": None, "spec": None}
+KEYS = {"model": {"identity": None, "source": None}, "model_dims": None, "pipeline": None,
+        "components": {"*": RECORD_KEYS}}
 
 
 def read_export_info(onnx_dir: str | Path) -> dict:
@@ -30,8 +34,12 @@ def read_export_info(onnx_dir: str | Path) -> dict:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path} cannot be read ({e}). {fix}") from None
-    if not isinstance(info, dict) or not isinstance(info.get("components"), dict) or "model" not in info:
-        raise ModelLoadError(f"{path} is not an export record (no components or model). {fix}")
+    if not isinstance(info, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(info).__name__}, not an export record (an object with "
+                             f"{', '.join(KEYS)}). {fix}")
+    missing = missing_key(info, KEYS)
+    if missing:
+        raise ModelLoadError(f"{path} has no valid {missing!r}: it was edited or written by something else. {fix}")
     return info
 
 

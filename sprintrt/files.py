@@ -1,11 +1,14 @@
-"""Helpers shared by export/, engines/ and benchmarks/: content hashes (files, the model's identity), atomic
-replacement, versions."""
+"""Helpers shared by export/, engines/, runtime/ and the CLI: content hashes (files, the model's identity),
+atomic replacement, output paths, the keys of the JSON file contracts, versions."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
+
+from sprintrt.errors import invalid
 
 
 # protobuf cannot serialise a model over 2 GB; past this much weight, models keep it in a .data file
@@ -61,10 +64,43 @@ def write_json_and_markdown(doc: dict, json_path: str | Path, render) -> tuple[P
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """A reader sees the old file or the new one, never half of one."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path):
+    """Yield a temporary path beside `path` to write; when the block succeeds the file is synced to disk and
+    renamed over `path` in one step, when it fails (a full disk, an interrupt) it is removed. Either way a
+    reader of `path` sees the old file or the complete new one, never a truncated one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())  # the rename must not reach the disk before the bytes do
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_output_file(path: str | Path, name: str = "output") -> Path:
+    """Where a command will write a file, checked before any work is done: not a directory, in a folder that
+    exists or can be created, and that this process may write (the file is replaced by a rename in it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise invalid(name, str(path), "a file path, not a directory", f"name a file in it, e.g. {path / 'image.png'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists: the rest is created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise invalid(name, str(path), f"a path whose folders can be created, but {folder} is a file",
+                      "pick another folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise invalid(name, str(path), f"a path in a folder this process may write; {folder} is not writable",
+                      "pick another folder, or fix its permissions")
+    return path
 
 
 def file_mismatch(path: str | Path, size: int, sha256: str | None = None) -> str | None:
@@ -78,4 +114,21 @@ def file_mismatch(path: str | Path, size: int, sha256: str | None = None) -> str
         return f"{path} has {have} bytes, the record says {size}: it is truncated or was replaced"
     if sha256 is not None and sha256_file(path) != sha256:
         return f"{path} does not match its sha256 in the record: it was modified"
+    return None
+
+
+def missing_key(data, keys: dict, prefix: str = "") -> str | None:
+    """The first key of `keys` ({key: nested keys dict, or None for a leaf}) that `data` lacks, dotted
+    (e.g. "components.transformer.io.dims"), or None when every key is there. `keys` may hold "*": every
+    item of a dict. Readers of manifest.json and export_info.json name it in their error instead of a KeyError."""
+    if not isinstance(data, dict):
+        return prefix.rstrip(".") or "(the top level)"
+    for key, sub in keys.items():
+        items = data.items() if key == "*" else [(key, data.get(key))] if key in data else None
+        if items is None:
+            return f"{prefix}{key}"
+        for name, value in items:
+            found = missing_key(value, sub, f"{prefix}{name}.") if sub is not None else None
+            if found:
+                return found
     return None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from sprintrt.errors import EngineDirError
-from sprintrt.files import file_mismatch, write_text_atomic
+from sprintrt.files import file_mismatch, missing_key, write_text_atomic
 
 MANIFEST = "manifest.json"
 # 2: every file an engine needs is listed under "extra_files" (format 1 listed OpenVINO's only, as "sidecars").
@@ -25,6 +25,11 @@ MANIFEST = "manifest.json"
 #    run side never asks a build module.
 FORMAT = 4
 REBUILD = "Fix: rebuild with `sprintrt build ONNX_DIR -o ENGINE_DIR --rebuild` on this machine"
+# What the run side reads of a manifest (files.missing_key's format): one missing is named, not a KeyError.
+ENTRY_KEYS = {"file": None, "bytes": None, "sha256": None, "backend": None, "precision": None, "key": None,
+              "model_identity": None, "target": {"kind": None}, "io": {"dims": None}}
+KEYS = {"format": None, "model": {"identity": None, "source": None}, "model_dims": None, "pipeline": None,
+        "tokenizer": None, "components": {"*": ENTRY_KEYS}}
 
 
 def engine_files(entry: dict) -> list[dict]:
@@ -65,10 +70,15 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EngineDirError(f"{path} is not valid JSON ({e}). Fix: rebuild with `sprintrt build ... --rebuild`") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("components"), dict):
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise EngineDirError(f"{path} has format {got!r}, this sprintrt reads format {FORMAT}. "
+    if not isinstance(data, dict):
+        raise EngineDirError(f"{path} holds a JSON {type(data).__name__}, not a manifest (an object with "
+                             f"{', '.join(KEYS)}). {REBUILD}")
+    if data.get("format") != FORMAT:
+        raise EngineDirError(f"{path} has format {data.get('format')!r}, this sprintrt reads format {FORMAT}. "
                              "Fix: rebuild the engines with this version of sprintrt")
+    missing = missing_key(data, KEYS)
+    if missing:
+        raise EngineDirError(f"{path} has no valid {missing!r}: it was edited or written by something else. {REBUILD}")
     return Manifest(path, data)
 
 

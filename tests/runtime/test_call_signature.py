@@ -72,7 +72,7 @@ def test_callback_on_step_end_sees_and_replaces_latents(sprint_pipe):
 @pytest.mark.parametrize("kw,match", [
     (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
     (dict(callback_on_step_end=3), "callback_on_step_end=3"),
-    (dict(attention_kwargs={"scale": 0.5}), "attention_kwargs"),
+    (dict(attention_kwargs="scale"), "attention_kwargs"),  # a dict is accepted (test_bad_input.py), not this
 ])
 def test_call_extensions_engines_cannot_honour_are_refused(sprint_pipe, kw, match):
     with pytest.raises(InvalidInputError, match=match):
