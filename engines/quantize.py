@@ -136,11 +136,21 @@ def recipe(precision: str, target: Mapping | None = None) -> str:
     return precision
 
 
+# Op types whose output ONNX Runtime's quantizer must leave in float. It quantizes a quantized MatMul's output too
+# when that tensor was calibrated, and then ONNX Runtime's CPU graph optimizer can fuse neither pattern: a Q after
+# the MatMul rules out MatMulIntegerToFloat, and that Q feeding several float consumers (Gemma2's GELU: Mul, Add,
+# Pow) kept its int8 zero point while the input's became uint8 (QDQS8ToU8), which rules out QLinearMatMul. Measured
+# on the tiny text encoder's int8 engine, ORT 1.31.1, AMD EPYC Zen 3: none of its 14 weight MatMuls fused, so
+# every call dequantized every weight and ran fp32 GEMMs (the real text encoder's int8 engine ran 10x slower than
+# its fp32 one). With float MatMul outputs each becomes MatMulIntegerToFloat (u8s8). TensorRT quantizes inputs only.
+UNQUANTIZED_OUTPUTS = ("MatMul", "Gemm")
+
+
 def recipe_label(precision: str, target: Mapping | None, component: str, calibration: str) -> str:
     """The precision part of a quantized engine's key: the recipe, and a hash of what else decides the
-    Q/DQ graph (the layers kept in higher precision, the calibration set), so no engine quantized by
-    other rules or data is ever reused."""
-    rules = repr((KEEP_HIGH_PRECISION[component], calibration))
+    Q/DQ graph (the layers kept in higher precision, the outputs left in float, the calibration set), so no
+    engine quantized by other rules or data is ever reused."""
+    rules = repr((KEEP_HIGH_PRECISION[component], calibration) + ((UNQUANTIZED_OUTPUTS,) if precision == "int8" else ()))
     return recipe(precision, target) + "-" + hashlib.sha256(rules.encode()).hexdigest()[:8]
 
 
@@ -156,10 +166,11 @@ def _settings(precision: str, n_feeds: int, target: Mapping | None, component: s
 
     if precision == "int8":
         return dict(per_channel=True, reduce_range=int8_saturates(target),
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
+                    activation_type=QuantType.QUInt8 if int8_saturates(target) else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                    "CalibStridedMinMax": _stride(n_feeds, component),
+                                   "OpTypesToExcludeOutputQuantization": list(UNQUANTIZED_OUTPUTS),
                                    **({"QuantizeBias": False} if for_tensorrt(target) else {})})
     if precision == "fp8":
         return dict(per_channel=False, activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN,
