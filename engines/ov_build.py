@@ -18,7 +18,7 @@ from sprintrt.engines.precision import Precision
 from sprintrt.engines.profiles import full_profile
 from sprintrt.engines.registry import BuildResult, refuse_target_request
 from sprintrt.errors import MissingDependencyError
-from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
+from sprintrt.specs import CONTROLLED_TRANSFORMER, CONTROLNET, COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 NAME = "openvino"
 LIBRARY = "openvino"
@@ -29,7 +29,9 @@ P = Precision
 # bf16: a run-time hint (from the bf16 variant where exported); int8: OpenVINO runs the same Q/DQ graphs as ONNX
 # Runtime with its int8 kernels; int8w: weight compression of the matmul layers (the decoder is convolutions).
 ALLOWED = {TEXT_ENCODER: (P.FP32, P.BF16, P.INT8, P.INT8W), TRANSFORMER: (P.FP32, P.BF16, P.INT8, P.INT8W),
-           VAE_DECODER: (P.FP32, P.BF16, P.INT8), VAE_ENCODER: (P.FP32, P.BF16)}
+           VAE_DECODER: (P.FP32, P.BF16, P.INT8), VAE_ENCODER: (P.FP32, P.BF16),
+           # int8w needs no calibration; int8 does, and calibration records a text-to-image run only.
+           CONTROLNET: (P.FP32, P.BF16, P.INT8W), CONTROLLED_TRANSFORMER: (P.FP32, P.BF16, P.INT8W)}
 # int8: the Q/DQ graph's quantized layers run OpenVINO's int8 kernels; the rest keeps fp32.
 HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}
 # int8w: int8 weights (per channel, asymmetric: optimum-intel's default int8 weight format), decompressed in

@@ -26,7 +26,7 @@ from sprintrt.engines.precision import Precision
 from sprintrt.engines.profiles import tensorrt_profile
 from sprintrt.engines.registry import BuildResult
 from sprintrt.errors import EngineBuildError, InvalidInputError, MissingDependencyError
-from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
+from sprintrt.specs import CONTROLLED_TRANSFORMER, CONTROLNET, COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 NAME = "tensorrt-rtx"
 LIBRARY = "tensorrt_rtx"
@@ -38,7 +38,9 @@ P = Precision
 ALLOWED = {TEXT_ENCODER: (P.BF16, P.FP32, P.INT8W, P.FP8),
            TRANSFORMER: (P.BF16, P.FP32, P.FP16, P.INT8W, P.FP8),
            VAE_DECODER: (P.BF16, P.FP32, P.FP16, P.INT8W, P.FP8),
-           VAE_ENCODER: (P.BF16, P.FP32, P.FP16, P.INT8W)}
+           VAE_ENCODER: (P.BF16, P.FP32, P.FP16, P.INT8W),
+           # fp8 needs calibration, which records a text-to-image run only; int8w needs none.
+           CONTROLNET: (P.BF16, P.FP32, P.FP16, P.INT8W), CONTROLLED_TRANSFORMER: (P.BF16, P.FP32, P.FP16, P.INT8W)}
 TYPED_PRECISIONS = frozenset({P.BF16, P.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # strongly typed: the precision must be in the graph
 PRECISION_LIBRARIES: dict = {}

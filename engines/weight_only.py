@@ -19,11 +19,15 @@ import numpy as np
 
 from sprintrt.engines.quantize import KEEP_HIGH_PRECISION, quantizable_nodes
 from sprintrt.engines.typed_qdq import rewrite_and_save
-from sprintrt.specs import VAE_ENCODER
+from sprintrt.specs import CONTROLLED_TRANSFORMER, CONTROLNET, TRANSFORMER, VAE_ENCODER
 
 # The weight layers kept in 16 bit per component: the int8 recipes' lists, and for the VAE encoder (which has
 # no int8 recipe) its first and last convolutions, as the decoder's.
-KEEP = {**KEEP_HIGH_PRECISION, VAE_ENCODER: (".encoder.conv_in.", ".encoder.conv_out.")}
+KEEP = {**KEEP_HIGH_PRECISION, VAE_ENCODER: (".encoder.conv_in.", ".encoder.conv_out."),
+        # The ControlNet as the transformer, and its input projection (reads the control latent) and the per-block
+        # output projections (write the residuals the transformer adds).
+        CONTROLNET: (*KEEP_HIGH_PRECISION[TRANSFORMER], ".input_block", ".controlnet_blocks."),
+        CONTROLLED_TRANSFORMER: KEEP_HIGH_PRECISION[TRANSFORMER]}
 QMAX = 127  # symmetric: -127..127, so the scale maps max |w| exactly and no zero point is needed
 
 

@@ -53,6 +53,21 @@ _TINY_GEMMA = dict(
 )
 
 
+# diffusers' SanaControlNetModel takes these of the transformer's config; the block count is its own
+# (NVlabs' SANA ControlNets copy the first 7 of the transformer's blocks; the tiny one copies 1 of 2: a
+# residual is added after block k = 1..blocks, so blocks must stay below the transformer's layers).
+_CONTROLNET_FROM_TRANSFORMER = (
+    "in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "num_cross_attention_heads",
+    "cross_attention_head_dim", "cross_attention_dim", "caption_channels", "mlp_ratio", "attention_bias",
+    "sample_size", "patch_size", "norm_elementwise_affine", "norm_eps", "interpolation_scale")
+CONTROLNET_BLOCKS = {"tiny": 1, "0.6B": 7, "1.6B": 7}
+
+
+def controlnet_config(transformer: dict, blocks: int) -> dict:
+    """A SanaControlNetModel config with the transformer's dims and `blocks` blocks."""
+    return {**{k: transformer[k] for k in _CONTROLNET_FROM_TRANSFORMER if k in transformer}, "num_layers": blocks}
+
+
 def real_configs() -> dict:
     """The released architectures, shipped in export/data/real_configs.json."""
     text = resources.files("sprintrt.export").joinpath("data/real_configs.json").read_text()
@@ -65,20 +80,26 @@ def arch_configs(arch: str) -> dict:
     if arch not in ARCHS:
         raise InvalidInputError(f"arch={arch!r} is not known: expected one of {ARCHS}. Fix: pass --arch tiny, 0.6B or 1.6B")
     if arch == "tiny":
-        return {"transformer": dict(_TINY_TRANSFORMER), "vae": dict(_TINY_VAE), "text_encoder": dict(_TINY_GEMMA)}
-    real = real_configs()
-    gemma = {k: v for k, v in real["text_encoder_gemma2_2b"].items() if k not in ("vocab_size", "attn_implementation")}
-    return {"transformer": dict(_SPRINT_TRANSFORMER, **real[f"transformer_{arch}"]),
-            "vae": dict(real["vae_dc_ae_f32c32_sana_1_1"]), "text_encoder": gemma}
+        cfg = {"transformer": dict(_TINY_TRANSFORMER), "vae": dict(_TINY_VAE), "text_encoder": dict(_TINY_GEMMA)}
+    else:
+        real = real_configs()
+        gemma = {k: v for k, v in real["text_encoder_gemma2_2b"].items() if k not in ("vocab_size", "attn_implementation")}
+        cfg = {"transformer": dict(_SPRINT_TRANSFORMER, **real[f"transformer_{arch}"]),
+               "vae": dict(real["vae_dc_ae_f32c32_sana_1_1"]), "text_encoder": gemma}
+    cfg["controlnet"] = controlnet_config(cfg["transformer"], CONTROLNET_BLOCKS[arch])
+    return cfg
 
 
-def make_checkpoint(out: str | Path, arch: str = DEFAULT_ARCH, seed: int = DEFAULT_SEED) -> Path:
+def make_checkpoint(out: str | Path, arch: str = DEFAULT_ARCH, seed: int = DEFAULT_SEED,
+                    controlnet: bool = False) -> Path:
     """Write a seeded random checkpoint of `arch` to `out` in the diffusers layout. Returns `out`.
 
     Args:
         out: target directory; it must not hold a checkpoint already (nothing is overwritten).
         arch: "tiny", "0.6B" or "1.6B".
         seed: torch seed; the same seed gives the same weights.
+        controlnet: also write a seeded random SanaControlNetModel with the transformer's dims in
+            `controlnet/` (the layout `sprintrt export` reads a ControlNet from).
     """
     import torch
     from diffusers import AutoencoderDC, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
@@ -102,27 +123,35 @@ def make_checkpoint(out: str | Path, arch: str = DEFAULT_ARCH, seed: int = DEFAU
                              **cfg["text_encoder"])
     gemma_cfg._attn_implementation = "eager"  # soft-capping lives only in eager attention (docs/SANA_SPRINT_SPEC.md §9.3)
     text_encoder = Gemma2Model(gemma_cfg).eval()
-    _widen_random_init(text_encoder, transformer, seed)
+    _widen_random_init((text_encoder, transformer), seed + 3)
     scheduler = SCMScheduler(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
     pipe = SanaSprintPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                               transformer=transformer, scheduler=scheduler)
     tmp = out.with_name(out.name + ".partial")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if controlnet:
+        from diffusers import SanaControlNetModel
+
+        torch.manual_seed(seed + 4)
+        net = SanaControlNetModel(**cfg["controlnet"]).eval()
+        _widen_random_init((net,), seed + 5)
+        net.save_pretrained(tmp / CONTROLNET_FOLDER, safe_serialization=True)
     tmp.rename(out)  # a crash mid-write leaves only the .partial directory, never a half checkpoint
     return out
 
 
-def _widen_random_init(text_encoder, transformer, seed: int) -> None:
+def _widen_random_init(modules, seed: int) -> None:
     """Give the random weights real-model magnitudes so parity tests see non-trivial activations.
 
-    Default inits leave Gemma2's RMSNorm weights at 0 (scale 1+w = 1) and SANA's zero-initialised
-    output layers at exactly 0, which would make the transformer output constant and hide errors.
+    Default inits leave Gemma2's RMSNorm weights at 0 (scale 1+w = 1), SANA's zero-initialised
+    output layers at exactly 0, which would make the transformer output constant and hide errors, and
+    the ControlNet's zero-initialised input and output projections at 0 (it would add exactly nothing).
     """
     import torch
 
-    g = torch.Generator().manual_seed(seed + 3)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in (text_encoder, transformer):
+        for module in modules:
             for name, p in module.named_parameters():
                 if p.abs().max() == 0 or name.endswith("norm.weight"):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (0.0 if p.abs().max() == 0 else p))
@@ -148,15 +177,19 @@ def load_pipeline(model: str | Path, torch_dtype=None):
 
 
 COMPONENT_FOLDERS = {"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae",
-                     "vae_encoder": "vae"}
+                     "vae_encoder": "vae", "controlnet": "controlnet", "controlled_transformer": "transformer"}
+# Where a checkpoint keeps its ControlNet (the folder `make-checkpoint --controlnet` writes).
+CONTROLNET_FOLDER = "controlnet"
 
 
-def load_component(src: str | Path, component: str, torch_dtype=None, vae_dir: str | Path | None = None):
+def load_component(src: str | Path, component: str, torch_dtype=None, vae_dir: str | Path | None = None,
+                   controlnet_dir: str | Path | None = None):
     """One network of a checkpoint directory, loaded alone through its from_pretrained (export loads
     the components one at a time, so peak memory is one network, not the whole pipeline). `vae_dir`
-    is a replacement AutoencoderDC directory for the VAE decoder."""
+    is a replacement AutoencoderDC directory for the VAE decoder; `controlnet_dir` the SanaControlNetModel
+    directory (default: the checkpoint's controlnet/)."""
     import torch
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from diffusers import AutoencoderDC, SanaControlNetModel, SanaTransformer2DModel
     from transformers import Gemma2Model
 
     src, dtype = Path(src), torch_dtype or torch.float32
@@ -164,7 +197,9 @@ def load_component(src: str | Path, component: str, torch_dtype=None, vae_dir: s
         if component == "text_encoder":
             # eager attention: SDPA drops Gemma2's logit soft-capping (docs/SANA_SPRINT_SPEC.md §9.3)
             model = Gemma2Model.from_pretrained(src / "text_encoder", dtype=dtype, attn_implementation="eager")
-        elif component == "transformer":
+        elif component == "controlnet":
+            model = SanaControlNetModel.from_pretrained(controlnet_dir or src / CONTROLNET_FOLDER, torch_dtype=dtype)
+        elif component in ("transformer", "controlled_transformer"):
             model = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
         elif component in ("vae_decoder", "vae_encoder") and vae_dir is not None:
             model = AutoencoderDC.from_pretrained(vae_dir, torch_dtype=dtype)

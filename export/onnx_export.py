@@ -138,12 +138,62 @@ def _check_drop_in_vae(own: dict, other: dict, where: Path) -> None:
             "model (same latent channels and 32x compression), e.g. DC-AE-Lite for SANA 1.1 / Sprint")
 
 
-def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, S.PipelineConstants]:
-    """(ModelDims, pipeline constants) of a checkpoint directory (and a replacement VAE), from their
-    configs and tokenizer only."""
+def resolve_controlnet(src: Path, controlnet: str | Path | None) -> Path | None:
+    """The SanaControlNetModel directory to export: `controlnet` (a directory or a hub id such as a community
+    diffusers conversion of NVlabs' SANA ControlNets), else the checkpoint's controlnet/ folder, else None."""
+    from sprintrt.export.checkpoint import CONTROLNET_FOLDER
+
+    if controlnet is None:
+        own = src / CONTROLNET_FOLDER
+        return own if (own / "config.json").is_file() else None
+    path = Path(controlnet)
+    if path.is_dir():
+        for candidate in (path, path / CONTROLNET_FOLDER):
+            if (candidate / "config.json").is_file():
+                return candidate
+        raise ModelLoadError(f"controlnet={str(controlnet)!r} has no config.json (nor controlnet/config.json). Fix: "
+                             "pass a directory saved by SanaControlNetModel.save_pretrained, or a hub id")
+    return download_from_hub("controlnet", controlnet, "ishan24/Sana_600M_1024px_ControlNet_diffusers",
+                             ["*.json", "*.safetensors"])
+
+
+def check_controlnet(transformer: dict, controlnet: dict, where: Path) -> None:
+    """A ControlNet must produce residuals the transformer can add: the same hidden size, latent channels,
+    text width and patch size, and fewer blocks than the transformer has (residual k is added after
+    transformer block k + 1). Checked before any work."""
+    def hidden(c: dict) -> int:
+        return int(c.get("num_attention_heads", 0)) * int(c.get("attention_head_dim", 0))
+
+    problems = []
+    if hidden(controlnet) != hidden(transformer):
+        problems.append(f"hidden size {hidden(controlnet)} (heads x head dim), the transformer's is {hidden(transformer)}")
+    for key in ("in_channels", "caption_channels", "patch_size"):
+        if controlnet.get(key) != transformer.get(key):
+            problems.append(f"{key} {controlnet.get(key)}, the transformer's is {transformer.get(key)}")
+    blocks, layers = int(controlnet.get("num_layers", 0)), int(transformer.get("num_layers", 0))
+    if not 1 <= blocks < layers:
+        problems.append(f"{blocks} blocks, expected 1..{layers - 1} (a residual is added after each transformer "
+                        f"block 1..blocks; this transformer has {layers})")
+    if transformer.get("patch_size", 1) != 1:
+        problems.append(f"patch size {transformer.get('patch_size')}: sprintrt's ControlNet residuals assume 1 "
+                        "(every SANA-Sprint model)")
+    if problems:
+        raise InvalidInputError(f"controlnet={str(where)!r} does not fit this model's transformer: "
+                                f"{'; '.join(problems)}. Fix: pass a ControlNet trained for this model (same "
+                                "architecture: 0.6B or 1.6B)")
+
+
+def model_facts(src: Path, vae_dir: Path | None = None,
+                controlnet_dir: Path | None = None) -> tuple[S.ModelDims, S.PipelineConstants]:
+    """(ModelDims, pipeline constants) of a checkpoint directory (and a replacement VAE, and a ControlNet), from
+    their configs and tokenizer only."""
     from sprintrt.export.checkpoint import load_tokenizer, read_config
 
     te, tr, vae = read_config(src, "text_encoder"), read_config(src, "transformer"), read_config(src, "vae")
+    cn = None
+    if controlnet_dir is not None:
+        cn = read_config(controlnet_dir, ".")
+        check_controlnet(tr, cn, controlnet_dir)
     if vae_dir is not None:
         replacement = json.loads((vae_dir / "config.json").read_text())
         _check_drop_in_vae(vae, replacement, vae_dir)
@@ -157,7 +207,9 @@ def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, S.
         text_len_max=max(tokenized_length(MAX_SEQUENCE_LENGTH_LIMIT, n_chi), MAX_SEQUENCE_LENGTH_LIMIT),
         text_layers=int(te["num_hidden_layers"]), text_kv_heads=int(te["num_key_value_heads"]),
         text_head_dim=int(te.get("head_dim") or te["hidden_size"] // te["num_attention_heads"]),
-        chi_tokens=n_chi)
+        chi_tokens=n_chi,
+        controlnet_blocks=int(cn["num_layers"]) if cn else 0,
+        transformer_hidden=int(tr["num_attention_heads"]) * int(tr["attention_head_dim"]) if cn else 0)
     constants = S.PipelineConstants(
         sigma_data=float(sched.get("sigma_data", 0.5)),
         guidance_embeds_scale=float(tr.get("guidance_embeds_scale", 0.1)),
@@ -168,10 +220,12 @@ def model_facts(src: Path, vae_dir: Path | None = None) -> tuple[S.ModelDims, S.
 
 def wrapper_for(component: str, module):
     """The export wrapper of one loaded network (see export/wrappers.py)."""
-    from sprintrt.export.wrappers import TextEncoderWrapper, TransformerWrapper, VaeDecoderWrapper, VaeEncoderWrapper
+    from sprintrt.export.wrappers import (ControlledTransformerWrapper, ControlNetWrapper, TextEncoderWrapper,
+                                          TransformerWrapper, VaeDecoderWrapper, VaeEncoderWrapper)
 
     cls = {S.TEXT_ENCODER: TextEncoderWrapper, S.TRANSFORMER: TransformerWrapper, S.VAE_DECODER: VaeDecoderWrapper,
-           S.VAE_ENCODER: VaeEncoderWrapper}
+           S.VAE_ENCODER: VaeEncoderWrapper, S.CONTROLNET: ControlNetWrapper,
+           S.CONTROLLED_TRANSFORMER: ControlledTransformerWrapper}
     return cls[component](module).eval()
 
 
@@ -283,7 +337,7 @@ def _file_record(path: Path) -> dict:
 
 
 def export_variant(src: Path, component: str, dtype: str, out_dir: Path, dims: S.ModelDims, references,
-                   validate: bool = True, vae_dir: Path | None = None) -> dict:
+                   validate: bool = True, vae_dir: Path | None = None, controlnet_dir: Path | None = None) -> dict:
     """Export the `dtype` variant of one component (typed torch export, fp32 I/O), check its fp32 islands
     and validate it against the fp32 PyTorch outputs `references` (validate.reference_outputs). Returns its
     variant record."""
@@ -295,7 +349,8 @@ def export_variant(src: Path, component: str, dtype: str, out_dir: Path, dims: S
     from sprintrt.export.validate import validate_variant
 
     spec = S.SPEC_BUILDERS[component](dims)
-    inner = wrapper_for(component, load_component(src, component, torch_dtype=typed.torch_dtype(dtype), vae_dir=vae_dir))
+    inner = wrapper_for(component, load_component(src, component, torch_dtype=typed.torch_dtype(dtype), vae_dir=vae_dir,
+                                                  controlnet_dir=controlnet_dir))
     module = typed.typed_wrapper(inner, component, dtype, spec)
     path = out_dir / onnx_variant_filename(component, dtype)
     t0 = time.perf_counter()
@@ -317,14 +372,14 @@ def export_variant(src: Path, component: str, dtype: str, out_dir: Path, dims: S
 
 
 def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims, validate: bool = True,
-                     vae_dir: Path | None = None, dtypes=("fp32",)) -> dict:
+                     vae_dir: Path | None = None, dtypes=("fp32",), controlnet_dir: Path | None = None) -> dict:
     """Export one component to out_dir/<component>.onnx (and its 16-bit `dtypes` variants) and validate it.
     Returns its export record."""
     from sprintrt.export.checkpoint import load_component
     from sprintrt.export.validate import reference_outputs, validate_onnx
 
     spec = S.SPEC_BUILDERS[component](dims)
-    module = wrapper_for(component, load_component(src, component, vae_dir=vae_dir))
+    module = wrapper_for(component, load_component(src, component, vae_dir=vae_dir, controlnet_dir=controlnet_dir))
     weight_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     t0 = time.perf_counter()
     path = out_dir / onnx_filename(component)
@@ -344,7 +399,8 @@ def export_component(src: Path, component: str, out_dir: Path, dims: S.ModelDims
     references = reference_outputs(module, spec) if validate and wanted else None
     del module
     gc.collect()  # free this network before its variants are traced and run, and before the next one is loaded
-    variants = {d: export_variant(src, component, d, out_dir, dims, references, validate, vae_dir) for d in wanted}
+    variants = {d: export_variant(src, component, d, out_dir, dims, references, validate, vae_dir, controlnet_dir)
+                for d in wanted}
     parser = check_with_trt_parser([path, *(out_dir / v["file"] for v in variants.values())])
     return {**_file_record(path), "export_seconds": round(seconds, 2), "validation": records,
             "trt_lint": findings, "trt_parser": parser, "spec": spec.to_json(), "variants": variants}
@@ -371,8 +427,9 @@ def check_with_trt_parser(paths) -> str | None:
     return name
 
 
-def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS, validate: bool = True,
-                 progress=None, vae: str | Path | None = None, dtypes=None) -> Path:
+def export_model(model: str | Path, out_dir: str | Path, components=None, validate: bool = True,
+                 progress=None, vae: str | Path | None = None, dtypes=None,
+                 controlnet: str | Path | None = None) -> Path:
     """Export `components` of a checkpoint (dir or hub id) into out_dir. Returns out_dir.
 
     `dtypes` ("fp32,bf16,fp16" or a sequence; default fp32 and bf16) adds a strongly typed 16-bit
@@ -382,6 +439,10 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     `vae` replaces the checkpoint's VAE decoder with a drop-in AutoencoderDC (e.g. DC-AE-Lite), as
     `SanaSprintPipeline.from_pretrained(model, vae=AutoencoderDC.from_pretrained(vae))` would.
 
+    `controlnet` (a SanaControlNetModel directory or hub id; default: the checkpoint's controlnet/ folder if
+    it has one) adds the `controlnet` and `controlled_transformer` components. `components` defaults to
+    every component the model has.
+
     The files are written into a temporary sibling directory and moved in place only when every
     export passed validation, so a failure never leaves a half-written ONNX directory behind.
     """
@@ -389,15 +450,22 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
     from sprintrt.export.typed import parse_dtypes
 
     dtypes = parse_dtypes(DEFAULT_EXPORT_DTYPES if dtypes is None else dtypes)
-    unknown = [c for c in components if c not in S.COMPONENTS]
-    if unknown or not components:
+    unknown = [c for c in components or () if c not in S.COMPONENTS]
+    if unknown or (components is not None and not components):
         raise InvalidInputError(f"components={list(components)!r} is not allowed: expected a non-empty subset of "
                                 f"{list(S.COMPONENTS)}. Fix: name components from that list")
     from sprintrt.export.checkpoint import load_tokenizer
 
     src = resolve_model(model)
     vae_dir = resolve_vae(vae) if vae is not None else None
-    dims, constants = model_facts(src, vae_dir)
+    controlnet_dir = resolve_controlnet(src, controlnet)
+    if components is None:
+        components = tuple(c for c in S.COMPONENTS if controlnet_dir or c not in S.OPTIONAL_COMPONENTS)
+    elif controlnet_dir is None and any(c in S.OPTIONAL_COMPONENTS for c in components):
+        raise InvalidInputError(f"components={list(components)!r} asks for the ControlNet, and {str(model)!r} has no "
+                                "controlnet/ folder. Fix: pass --controlnet PATH_OR_HUB_ID, or drop "
+                                f"{[c for c in components if c in S.OPTIONAL_COMPONENTS]}")
+    dims, constants = model_facts(src, vae_dir, controlnet_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO).is_file():
         raise InvalidInputError(f"out_dir={str(out_dir)!r} exists and is not an sprintrt ONNX directory. "
@@ -409,8 +477,10 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
         info = {
             "format": EXPORT_INFO_FORMAT,
             # The identity covers a replacement VAE too: engines of another decoder are another model's.
-            "model": {"source": str(model), "identity": model_identity(src, vae_dir),
-                      **({"vae": {"source": str(vae), "identity": model_identity(vae_dir)}} if vae_dir else {})},
+            "model": {"source": str(model), "identity": model_identity(src, vae_dir, controlnet_dir),
+                      **({"vae": {"source": str(vae), "identity": model_identity(vae_dir)}} if vae_dir else {}),
+                      **({"controlnet": {"source": str(controlnet or controlnet_dir),
+                                         "identity": model_identity(controlnet_dir)}} if controlnet_dir else {})},
             "model_dims": asdict(dims),
             "pipeline": asdict(constants),
             "opset": OPSET,
@@ -423,7 +493,8 @@ def export_model(model: str | Path, out_dir: str | Path, components=S.COMPONENTS
         for component in components:
             if progress:
                 progress(component)
-            info["components"][component] = export_component(src, component, tmp, dims, validate, vae_dir, dtypes)
+            info["components"][component] = export_component(src, component, tmp, dims, validate, vae_dir, dtypes,
+                                                             controlnet_dir)
         write_text_atomic(tmp / EXPORT_INFO, json.dumps(info, indent=1))
         if out_dir.exists():  # an earlier export of ours: replace it whole
             shutil.rmtree(out_dir)

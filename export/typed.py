@@ -49,6 +49,16 @@ RULES = {
                                {"bf16": 0.99, "fp16": 0.999}),
     S.VAE_DECODER: VariantRule(("bf16", "fp16"), ("latent",), "RMSNorm variances", {"bf16": 0.99, "fp16": 0.999}),
     S.VAE_ENCODER: VariantRule(("bf16", "fp16"), ("sample",), "RMSNorm variances", {"bf16": 0.99, "fp16": 0.999}),
+    # SANA transformer blocks like the transformer's: the same islands. diffusers' ControlNet pipeline casts the
+    # latents and prompt to the ControlNet's dtype and the residuals to the transformer's.
+    S.CONTROLNET: VariantRule(("bf16", "fp16"), ("hidden_states", "encoder_hidden_states", "controlnet_cond",
+                                                 "conditioning_scale"),
+                              "linear attention (matmuls, normaliser division, 1e-15 epsilon), RMSNorm variances",
+                              {"bf16": 0.99, "fp16": 0.999}),
+    S.CONTROLLED_TRANSFORMER: VariantRule(("bf16", "fp16"), ("hidden_states", "encoder_hidden_states", "guidance",
+                                                             "block_samples"),
+                                          "linear attention (matmuls, normaliser division, 1e-15 epsilon), RMSNorm "
+                                          "variances", {"bf16": 0.99, "fp16": 0.999}),
 }
 
 
@@ -103,7 +113,11 @@ def typed_wrapper(module, component: str, dtype: str, spec: S.ComponentSpec):
         def forward(self, a, b, c, d, e):
             return self.run((a, b, c, d, e))
 
-    return {1: Typed1, 4: Typed4, 5: Typed5}[len(spec.inputs)]().eval()
+    class Typed6(Typed):
+        def forward(self, a, b, c, d, e, f):
+            return self.run((a, b, c, d, e, f))
+
+    return {1: Typed1, 4: Typed4, 5: Typed5, 6: Typed6}[len(spec.inputs)]().eval()
 
 
 # ---- the islands, checked on the exported graph --------------------------------------------------------
@@ -157,7 +171,7 @@ def linear_attention_nodes(model) -> list[str]:
 def island_nodes(model, component: str) -> list[str]:
     """The nodes that must compute in fp32 in a 16-bit variant of `component`."""
     islands = [n.name for n in model.graph.node if n.op_type in ("ReduceMean", "Softmax", "Resize")]
-    if component == S.TRANSFORMER:
+    if component in S.TRANSFORMER_FAMILY:
         islands += linear_attention_nodes(model)
     return islands
 
@@ -209,7 +223,7 @@ def check_islands(model, component: str, dtype: str) -> dict:
     # Casts that only produce the fp32 outputs are edges, not islands; shape arithmetic is not math.
     wrong = [name for name in islands if name not in float_out
              and types.get(by_name[name].output[0]) in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)]
-    if component == S.TRANSFORMER and not linear_attention_nodes(model):
+    if component in S.TRANSFORMER_FAMILY and not linear_attention_nodes(model):
         wrong.append("the linear attention's 1e-15 epsilon (not found: it was folded away or flushed to 0)")
     if wrong:
         raise ExportValidationError(

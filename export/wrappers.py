@@ -103,6 +103,54 @@ class TransformerWrapper(nn.Module):
         return (out[0],)
 
 
+def _stack_block_samples(samples, height: int, width: int):
+    """N tensors [B, h·w, D] → one [N, B, h, w, D] (specs._block_samples: the tokens are row-major pixels)."""
+    stacked = torch.stack(list(samples))
+    return stacked.reshape(stacked.shape[0], stacked.shape[1], height, width, stacked.shape[-1])
+
+
+class ControlNetWrapper(nn.Module):
+    """SanaControlNetModel(hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, controlnet_cond,
+    conditioning_scale) -> block_samples [blocks, B, h, w, D].
+
+    The model runs with conditioning_scale 1 and each block's residual is multiplied by conditioning_scale[:, k]
+    here: the same product diffusers forms (`sample * conditioning_scale`), with a scale per image and per
+    block as a graph input, so one engine serves every scale and a batch may mix them.
+    """
+
+    def __init__(self, controlnet: nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+        for block in controlnet.transformer_blocks:
+            block.attn2.set_processor(BroadcastMaskSanaAttnProcessor())
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, controlnet_cond,
+                conditioning_scale):
+        samples = self.controlnet(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                                  controlnet_cond=controlnet_cond, conditioning_scale=1.0,
+                                  encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
+        scaled = [sample * conditioning_scale[:, k, None, None] for k, sample in enumerate(samples)]
+        return (_stack_block_samples(scaled, hidden_states.shape[2], hidden_states.shape[3]),)
+
+
+class ControlledTransformerWrapper(TransformerWrapper):
+    """TransformerWrapper with the ControlNet's residuals: block_samples [blocks, B, h, w, D], the k-th added
+    after transformer block k + 1 (diffusers' controlnet_block_samples)."""
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, guidance, block_samples):
+        tokens = block_samples.reshape(block_samples.shape[0], block_samples.shape[1], -1, block_samples.shape[-1])
+        out = self.transformer(
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=timestep,
+            guidance=guidance,
+            controlnet_block_samples=tuple(tokens.unbind(0)),
+            return_dict=False,
+        )
+        return (out[0],)
+
+
 class ChannelsFirstRMSNorm(nn.Module):
     """diffusers' RMSNorm over the last axis of a 4-D tensor, computed over axis 1 between two transposes.
 

@@ -6,6 +6,7 @@ library) is imported on first use of the name.
 
 _PUBLIC = {"SprintPipeline": "sprintrt.runtime.pipeline", "SprintPipelineOutput": "sprintrt.runtime.pipeline",
            "SprintImg2ImgPipeline": "sprintrt.runtime.img2img",
+           "SprintControlNetPipeline": "sprintrt.runtime.controlnet",
            "PromptEmbeddingCache": "sprintrt.runtime.prompt_cache"}
 __all__ = sorted(_PUBLIC)
 

@@ -68,6 +68,11 @@ def extended(base: inspect.Signature, after: str, *params: inspect.Parameter) ->
 IMAGE_TO_IMAGE = extended(TEXT_TO_IMAGE, "guidance_scale", _param("image", None),
                           _param("strength", D.DEFAULT_STRENGTH, "float"))
 
+# SANA-Sprint with a ControlNet: the text-to-image call with SanaControlNetPipeline.__call__'s two ControlNet
+# arguments, where that pipeline has them (right after guidance_scale) and with its default scale.
+CONTROLNET = extended(TEXT_TO_IMAGE, "guidance_scale", _param("control_image", None),
+                      _param("controlnet_conditioning_scale", D.DEFAULT_CONTROLNET_SCALE, "float | list[float]"))
+
 
 class CallArguments(SimpleNamespace):
     """Every argument of one pipeline call, bound and defaulted: `args.prompt`, `args.height`, ..."""

@@ -82,7 +82,7 @@ def load_image_file(path) -> "object":
                                 "file") from None
 
 
-def image_batch(image) -> tuple[str, object]:
+def image_batch(image, name: str = "image") -> tuple[str, object]:
     """Check an img2img `image` (PIL image(s), NumPy array(s) HWC/NHWC in [0, 1], torch tensor(s) CHW/NCHW in
     [0, 1]) without resizing it: ('pil', [images]), or ('array' / 'torch', float32 NCHW). Typed errors name
     the problem."""
@@ -90,17 +90,17 @@ def image_batch(image) -> tuple[str, object]:
 
     items = image if isinstance(image, (list, tuple)) else [image]
     if not items or image is None:
-        raise invalid("image", image, "a PIL image, an HxWx3 NumPy array in [0, 1], a 3xHxW torch tensor in [0, 1], "
+        raise invalid(name, image, "a PIL image, an HxWx3 NumPy array in [0, 1], a 3xHxW torch tensor in [0, 1], "
                       "or a list of them", "pass the image to start from")
     if all(type(i).__module__.startswith("PIL") for i in items):
         for k, img in enumerate(items):
             if img.mode != "RGB":
-                raise invalid(f"image[{k}]" if len(items) > 1 else "image", f"a PIL image in mode {img.mode!r}",
+                raise invalid(f"{name}[{k}]" if len(items) > 1 else name, f"a PIL image in mode {img.mode!r}",
                               "3 channels (mode 'RGB')", "convert it first: image.convert('RGB')")
         return "pil", list(items)
     arrays, kinds = [], set()
     for k, img in enumerate(items):
-        name = f"image[{k}]" if len(items) > 1 else "image"
+        item = f"{name}[{k}]" if len(items) > 1 else name
         kinds.add("torch" if type(img).__module__.startswith("torch") else "array")
         if type(img).__module__.startswith("torch"):
             arr = img.detach().cpu().float().numpy()
@@ -111,15 +111,15 @@ def image_batch(image) -> tuple[str, object]:
             if arr.ndim == 4:
                 arr = arr.transpose(0, 3, 1, 2)
         else:
-            raise invalid(name, img, "a PIL image, a NumPy array or a torch tensor", "pass the image as one of those")
+            raise invalid(item, img, "a PIL image, a NumPy array or a torch tensor", "pass the image as one of those")
         if arr.ndim != 4 or arr.shape[1] != 3:
-            raise invalid(name, f"an array of shape {tuple(np.shape(img))}", "3 channels (HxWx3 for NumPy, 3xHxW "
+            raise invalid(item, f"an array of shape {tuple(np.shape(img))}", "3 channels (HxWx3 for NumPy, 3xHxW "
                           "for torch, optionally with a batch axis first)", "pass an RGB image")
         if not np.isfinite(arr).all():
-            raise invalid(name, "an array with NaN or inf", "finite values in [0, 1]", "clean the image first")
+            raise invalid(item, "an array with NaN or inf", "finite values in [0, 1]", "clean the image first")
         arrays.append(arr)
     if len(kinds) > 1 or len({a.shape[1:] for a in arrays}) > 1:
-        raise invalid("image", "a list of mixed kinds or sizes", "images of one kind and one size",
+        raise invalid(name, "a list of mixed kinds or sizes", "images of one kind and one size",
                       "pass one batch array, or a list of PIL images")
     return kinds.pop(), np.concatenate(arrays, axis=0)
 

@@ -35,7 +35,7 @@ from sprintrt.runtime.text_prefix import TextEncoderRunner
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # Stages timed once per step: their timings are a list, one entry per step.
-PER_STEP_STAGES = ("transformer",)
+PER_STEP_STAGES = ("transformer", "controlnet")
 # What a callback_on_step_end may ask to see and replace (diffusers' `_callback_tensor_inputs`).
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds")
 
@@ -72,9 +72,11 @@ class SprintPipeline:
 
     def __init__(self, engines: dict, tokenizer: PromptTokenizer, manifest):
         self.text_encoder = engines.get(S.TEXT_ENCODER)
-        self.transformer = engines[S.TRANSFORMER]
+        self.transformer = engines.get(S.TRANSFORMER)
         self.vae_decoder = engines.get(S.VAE_DECODER)
         self.vae_encoder = engines.get(S.VAE_ENCODER)
+        self.controlnet = engines.get(S.CONTROLNET)
+        self.controlled_transformer = engines.get(S.CONTROLLED_TRANSFORMER)
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.model_dims = S.ModelDims.from_json(manifest.data["model_dims"])
@@ -172,6 +174,11 @@ class SprintPipeline:
         ignored there too. Returns SprintPipelineOutput(images, timings), or (images,) if return_dict is False."""
         return self._generate(self._start_from_noise, args)
 
+    def _require(self, component: str, pipeline: str) -> None:
+        if self.engine(component) is None:
+            raise InvalidInputError(f"this call needs the {component} engine, which was not loaded. Fix: load it "
+                                    f"(`{pipeline}.from_engines(dir)` loads what the call needs), or build it")
+
     @contextlib.contextmanager
     def deadline(self, at: float | None):
         """Calls in this block stop at the next stage boundary (before the text encoder, each transformer step
@@ -204,9 +211,20 @@ class SprintPipeline:
             x = self._check_latents(latents, shape)
         return x * np.float32(self.constants.sigma_data), scheduler.steps()
 
-    def _generate(self, start, args: CallArguments):
+    def _predict_flow(self, x_in, embeds, mask, timestep, guidance, clock: Clock) -> np.ndarray:
+        """One transformer call: the flow (velocity) prediction of one TrigFlow step."""
+        with clock("transformer"):
+            return self.transformer(hidden_states=x_in, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                    timestep=timestep, guidance=guidance)["noise_pred"]
+
+    def _generate(self, start, args: CallArguments, predict_flow=None):
         """The steps every SANA-Sprint pipeline shares; `start(scheduler, shape, draw, latents, clock)` gives
-        the starting latents and the TrigFlow steps to run (text to image: noise and all of them)."""
+        the starting latents and the TrigFlow steps to run (text to image: noise and all of them);
+        `predict_flow(x_in, embeds, mask, timestep, guidance, clock)` is each step's model call (default: the
+        transformer; ControlNet: the ControlNet branch, then the controlled transformer)."""
+        if predict_flow is None:
+            self._require(S.TRANSFORMER, type(self).__name__)
+            predict_flow = self._predict_flow
         clock = Clock()
         t_start = time.perf_counter()
         # 1. Check the arguments and bin the size (before any engine runs).
@@ -243,9 +261,7 @@ class SprintPipeline:
             with clock("scheduler"):
                 x_in = scheduler.model_input(x, step)
                 timestep = np.full((batch,), step.sflow, dtype=np.float32)
-            with clock("transformer"):
-                flow = self.transformer(hidden_states=x_in, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                                        timestep=timestep, guidance=guidance)["noise_pred"]
+            flow = predict_flow(x_in, embeds, mask, timestep, guidance, clock)
             with clock("noise"):
                 noise = draw(shape)
             with clock("scheduler"):
@@ -464,7 +480,7 @@ class SprintPipeline:
         """The latent sizes every loaded engine that takes latents accepts: the intersection of their
         profiles (ONNX Runtime and OpenVINO: the spec's full range; TensorRT: the built profile)."""
         limits = {}
-        for comp in (S.TRANSFORMER, S.VAE_DECODER, S.VAE_ENCODER):
+        for comp in (*S.TRANSFORMER_FAMILY, S.VAE_DECODER, S.VAE_ENCODER):
             if comp not in self.limits:
                 continue
             for dim in ("latent_height", "latent_width"):

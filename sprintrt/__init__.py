@@ -14,6 +14,7 @@ _PUBLIC = {
     "SprintPipeline": "sprintrt.runtime.pipeline",
     "SprintPipelineOutput": "sprintrt.runtime.pipeline",
     "SprintImg2ImgPipeline": "sprintrt.runtime.img2img",
+    "SprintControlNetPipeline": "sprintrt.runtime.controlnet",
     "PromptEmbeddingCache": "sprintrt.runtime.prompt_cache",
     "build_engines": "sprintrt.engines.build",
     "SprintError": "sprintrt.errors",

@@ -97,6 +97,8 @@ def add_make_checkpoint(sub) -> None:
     s.add_argument("out")
     s.add_argument("--arch", default=default(make_checkpoint, "arch"), choices=D.ARCHS)
     s.add_argument("--seed", type=int, default=default(make_checkpoint, "seed"))
+    s.add_argument("--controlnet", action="store_true",
+                   help="also write a seeded random SanaControlNetModel with the transformer's dims in controlnet/")
     s.set_defaults(fn=cmd_make_checkpoint)
 
 
@@ -105,8 +107,8 @@ def cmd_make_checkpoint(args) -> None:
     from sprintrt.export.checkpoint import make_checkpoint
 
     with _stage(f"writing a seeded random {args.arch} checkpoint"):
-        out = make_checkpoint(args.out, args.arch, args.seed)
-    print(f"checkpoint ({args.arch}, seed {args.seed}) written to {out}")
+        out = make_checkpoint(args.out, args.arch, args.seed, controlnet=args.controlnet)
+    print(f"checkpoint ({args.arch}{', with a ControlNet' if args.controlnet else ''}, seed {args.seed}) written to {out}")
 
 
 # ---- export ---------------------------------------------------------------------------------------
@@ -118,7 +120,11 @@ def add_export(sub) -> None:
                                       "validated ONNX")
     s.add_argument("model", help="checkpoint directory or hub id")
     s.add_argument("-o", "--output", required=True, help="ONNX directory to write")
-    s.add_argument("--components", help=f"comma-separated subset of {','.join(COMPONENTS)}")
+    s.add_argument("--components", help=f"comma-separated subset of {','.join(COMPONENTS)} (default: every "
+                                        "component the model has; the last two need a ControlNet)")
+    s.add_argument("--controlnet", default=None, metavar="PATH_OR_ID",
+                   help="a SanaControlNetModel (directory or hub id) to export with the model (default: the "
+                        "checkpoint's controlnet/ folder, if any); adds the controlnet and controlled_transformer")
     s.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
     s.add_argument("--dtypes", default=_csv(D.DEFAULT_EXPORT_DTYPES),
                    help=f"graphs to export per component, of {_csv(D.EXPORT_DTYPES)}: fp32 (always) and strongly typed "
@@ -140,6 +146,7 @@ def cmd_export(args) -> None:
     with _stage("exporting") as status:
         out = export_model(args.model, args.output, **({"components": components} if components else {}),
                            validate=not args.no_validate, vae=args.vae, dtypes=args.dtypes,
+                           controlnet=args.controlnet,
                            progress=lambda c: status.update(f"exporting and validating {c}"))
     info = read_export_info(out)
     for name, rec in info["components"].items():

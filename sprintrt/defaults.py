@@ -24,6 +24,7 @@ DEFAULT_MAX_TIMESTEPS = 1.57080
 DEFAULT_INTERMEDIATE_TIMESTEPS = 1.3
 INTERMEDIATE_STEPS = 2
 # SanaSprintImg2ImgPipeline: the share of the schedule that runs from the input image.
+DEFAULT_CONTROLNET_SCALE = 1.0  # SanaControlNetPipeline's controlnet_conditioning_scale
 DEFAULT_STRENGTH = 0.6
 
 

@@ -37,12 +37,16 @@ def sha256_file(path: str | Path, h=None) -> str:
     return h.hexdigest()
 
 
-def model_identity(checkpoint: str | Path, vae_dir: str | Path | None = None) -> str:
-    """sha256 over every config and weight file of a checkpoint (and of a drop-in VAE that replaces its own):
-    equal iff the model that generates the images is the same. Export records it; engines carry it;
-    benchmarks and drift name their work directories by it."""
+def model_identity(checkpoint: str | Path, vae_dir: str | Path | None = None,
+                   controlnet_dir: str | Path | None = None) -> str:
+    """sha256 over every config and weight file of a checkpoint (and of a drop-in VAE that replaces its own, and
+    of a ControlNet kept outside it): equal iff the model that generates the images is the same. Export
+    records it; engines carry it; benchmarks and drift name their work directories by it."""
     h = hashlib.sha256()
-    for root, tag in ((Path(checkpoint), ""), *(((Path(vae_dir), "vae:"),) if vae_dir is not None else ())):
+    roots = [(Path(checkpoint), ""), *(((Path(vae_dir), "vae:"),) if vae_dir is not None else ())]
+    if controlnet_dir is not None and not Path(controlnet_dir).resolve().is_relative_to(Path(checkpoint).resolve()):
+        roots.append((Path(controlnet_dir), "controlnet:"))
+    for root, tag in roots:
         for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".model",
                                                                                    ".txt")):
             h.update((tag + str(f.relative_to(root))).encode())

@@ -23,10 +23,21 @@ TEXT_ENCODER = "text_encoder"
 TRANSFORMER = "transformer"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
-COMPONENTS = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER)
-# What each pipeline runs: text to image needs no encoder; image to image encodes its input image.
+# ControlNet: the ControlNet branch (SanaControlNetModel: residuals from the latents, the prompt and the
+# control image's latent) and the transformer that adds them (the same weights as `transformer`, one more
+# input). A second transformer graph keeps the text-to-image graph, its engines and its speed unchanged.
+CONTROLNET = "controlnet"
+CONTROLLED_TRANSFORMER = "controlled_transformer"
+COMPONENTS = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER, CONTROLNET, CONTROLLED_TRANSFORMER)
+# What each pipeline runs: text to image needs no encoder; image to image encodes its input image; ControlNet
+# encodes the control image and runs the ControlNet branch and the controlled transformer each step.
 TEXT_TO_IMAGE = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER)
-IMAGE_TO_IMAGE = COMPONENTS
+IMAGE_TO_IMAGE = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER)
+CONTROLNET_TO_IMAGE = (TEXT_ENCODER, CONTROLNET, CONTROLLED_TRANSFORMER, VAE_DECODER, VAE_ENCODER)
+# Components made of SANA transformer blocks: the same precisions, islands and int8 recipe apply to each.
+TRANSFORMER_FAMILY = (TRANSFORMER, CONTROLNET, CONTROLLED_TRANSFORMER)
+# What a checkpoint needs to have for a component to be exported (a ControlNet is optional).
+OPTIONAL_COMPONENTS = (CONTROLNET, CONTROLLED_TRANSFORMER)
 
 
 @dataclass(frozen=True)
@@ -233,6 +244,10 @@ class ModelDims:
     chi_tokens: int = 0  # tokens of the default complex human instruction, <bos> included
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     max_batch: int = 8
+    # The ControlNet's residuals: one [batch, latent h, latent w, hidden] tensor per ControlNet block (0: no
+    # ControlNet), hidden = the transformer's inner dim (heads x head dim).
+    controlnet_blocks: int = 0
+    transformer_hidden: int = 0
     # One latent pixel and up, as diffusers (ONNX Runtime and OpenVINO run any size); only a TensorRT
     # profile narrows the range (engines/profiles.py).
     latent_min: int = 1
@@ -338,9 +353,51 @@ def vae_encoder_spec(m: ModelDims) -> ComponentSpec:
     )
 
 
+def _block_samples(m: ModelDims, b: Dim, h: Dim, w: Dim) -> TensorSpec:
+    """The ControlNet residuals, stacked: [blocks, batch, latent h, latent w, hidden]. The blocks' tokens are
+    the latent pixels in row-major order, so [h, w] is their [h·w] token axis without a copy."""
+    return TensorSpec("block_samples", "float32", (m.controlnet_blocks, b, h, w, m.transformer_hidden))
+
+
+def controlnet_spec(m: ModelDims) -> ComponentSpec:
+    b = _batch(m)
+    seq = Dim("text_seq", 1, m.max_sequence_length, MAX_SEQUENCE_LENGTH_LIMIT, sample=16, probes=(5, 33))
+    h = _latent(m, "latent_height", sample=8, probes=(5, 12))
+    w = _latent(m, "latent_width", sample=6, probes=(9, 4))
+    return ComponentSpec(
+        CONTROLNET,
+        inputs=(
+            TensorSpec("hidden_states", "float32", (b, m.latent_channels, h, w)),
+            TensorSpec("encoder_hidden_states", "float32", (b, seq, m.text_hidden)),
+            TensorSpec("encoder_attention_mask", "int64", (b, seq), values="padding_mask"),
+            TensorSpec("timestep", "float32", (b,), values="unit_interval"),
+            TensorSpec("controlnet_cond", "float32", (b, m.latent_channels, h, w)),
+            TensorSpec("conditioning_scale", "float32", (b, m.controlnet_blocks), values="unit_interval"),
+        ),
+        outputs=(_block_samples(m, b, h, w),),
+        notes="SanaControlNetModel forward; controlnet_cond is the control image's VAE latent x scaling_factor; "
+              "block_samples[k] = the k-th ControlNet block's residual x conditioning_scale[:, k].",
+    )
+
+
+def controlled_transformer_spec(m: ModelDims) -> ComponentSpec:
+    plain = transformer_spec(m)
+    b, _, h, w = plain.inputs[0].dims
+    return ComponentSpec(
+        CONTROLLED_TRANSFORMER,
+        inputs=(*plain.inputs, _block_samples(m, b, h, w)),
+        outputs=plain.outputs,
+        notes="SanaTransformer2DModel forward with controlnet_block_samples: block_samples[k-1] is added after "
+              "transformer block k (k = 1..blocks), as diffusers does.",
+    )
+
+
 SPEC_BUILDERS = {TEXT_ENCODER: text_encoder_spec, TRANSFORMER: transformer_spec, VAE_DECODER: vae_decoder_spec,
-                 VAE_ENCODER: vae_encoder_spec}
+                 VAE_ENCODER: vae_encoder_spec, CONTROLNET: controlnet_spec,
+                 CONTROLLED_TRANSFORMER: controlled_transformer_spec}
 
 
 def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
-    return {name: build(m) for name, build in SPEC_BUILDERS.items()}
+    """The specs of every component this model has (the ControlNet ones only with a ControlNet)."""
+    return {name: build(m) for name, build in SPEC_BUILDERS.items()
+            if name not in OPTIONAL_COMPONENTS or m.controlnet_blocks}

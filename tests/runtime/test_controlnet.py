@@ -1,0 +1,231 @@
+"""SprintControlNetPipeline over ONNX Runtime vs a reference assembled from diffusers' own modules.
+
+diffusers has no SANA-Sprint ControlNet pipeline, so the reference is SanaSprintPipeline's own call (its
+scheduler loop, binning, decoding) with its transformer replaced by a module that runs, on the same inputs,
+SanaControlNetModel and then SanaTransformer2DModel with controlnet_block_samples: the order
+SanaControlNetPipeline uses. The control image is prepared by SanaControlNetPipeline.prepare_image and
+encoded by the VAE times its scaling factor, as that pipeline does. Same torch generator on both sides.
+Tolerance: max |diff| <= 1e-4 on images in [0, 1] (sprintrt/metrics.py), as for text to image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sprintrt.errors import InvalidInputError
+from sprintrt.metrics import PARITY_MAX_ABS
+
+TOL = PARITY_MAX_ABS
+
+
+@pytest.fixture(scope="module")
+def controlnet_checkpoint(tmp_path_factory):
+    from sprintrt.export.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("cn") / "tiny", "tiny", seed=0, controlnet=True)
+
+
+@pytest.fixture(scope="module")
+def controlnet_engines(controlnet_checkpoint, tmp_path_factory):
+    from sprintrt.engines.build import build_engines
+    from sprintrt.export.onnx_export import export_model
+
+    root = tmp_path_factory.mktemp("cn-export")
+    onnx = export_model(controlnet_checkpoint, root / "onnx", dtypes=("fp32",))
+    return build_engines(onnx, root / "ort")
+
+
+@pytest.fixture(scope="module")
+def pipe(controlnet_engines):
+    from sprintrt import SprintControlNetPipeline
+
+    return SprintControlNetPipeline.from_engines(controlnet_engines)
+
+
+class ControlledTransformer(torch.nn.Module):
+    """Stands in for SanaSprintPipeline.transformer: the ControlNet on the transformer's inputs, then the
+    transformer with its residuals (SanaControlNetPipeline's order and arguments)."""
+
+    def __init__(self, transformer, controlnet):
+        super().__init__()
+        self.transformer, self.controlnet = transformer, controlnet
+        self.control, self.scale = None, 1.0
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def dtype(self):
+        return self.transformer.dtype
+
+    @property
+    def device(self):
+        return self.transformer.device
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask, guidance, timestep, **kw):
+        samples = self.controlnet(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                                  controlnet_cond=self.control, conditioning_scale=1.0, return_dict=False)[0]
+        # diffusers multiplies every residual by one float; a list scales residual k by scale[k].
+        scale = self.scale if isinstance(self.scale, list) else [self.scale] * len(samples)
+        samples = tuple(s * w for s, w in zip(samples, scale))
+        return self.transformer(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                encoder_attention_mask=encoder_attention_mask, guidance=guidance, timestep=timestep,
+                                controlnet_block_samples=samples, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(controlnet_checkpoint):
+    from diffusers import SanaControlNetModel
+
+    from sprintrt.export.checkpoint import load_pipeline
+
+    ref = load_pipeline(controlnet_checkpoint)
+    plain = ref.transformer
+    controlnet = SanaControlNetModel.from_pretrained(controlnet_checkpoint / "controlnet").eval()
+    ref.transformer = ControlledTransformer(plain, controlnet)
+    return ref, plain
+
+
+def scribble(width=256, height=256, seed=0) -> Image.Image:
+    """White strokes on black, the scribble format SANA's ControlNets are trained on."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        draw.line(tuple(int(v) for v in rng.integers(0, min(width, height), 4)), fill=(255, 255, 255), width=6)
+    return img
+
+
+def _reference_images(reference, control_image, scale, seed=1234, **kw):
+    from diffusers import SanaControlNetPipeline
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
+
+    ref, _ = reference
+    height, width = kw["height"], kw["width"]
+    if kw.get("use_resolution_binning", True):
+        height, width = ref.image_processor.classify_height_width_bin(height, width, ratios=ASPECT_RATIO_1024_BIN)
+    prompts = [kw["prompt"]] if isinstance(kw["prompt"], str) else kw["prompt"]
+    n = kw.get("num_images_per_prompt", 1)
+    pixels = SanaControlNetPipeline.prepare_image(ref, control_image, width, height, len(prompts) * n, n, "cpu",
+                                                  torch.float32)
+    with torch.no_grad():
+        ref.transformer.control = ref.vae.encode(pixels).latent * ref.vae.config.scaling_factor
+    ref.transformer.scale = scale
+    return ref(**kw, generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+
+CASES = {
+    "1 step, scale 1": dict(prompt="a cat", num_inference_steps=1, intermediate_timesteps=None, height=256,
+                            width=192, use_resolution_binning=False, scale=1.0),
+    "2 steps, scale 0.5": dict(prompt="a red fox in snow", num_inference_steps=2, height=128, width=224,
+                               use_resolution_binning=False, scale=0.5),
+    "4 steps, scale 1, binning on (300x200)": dict(prompt="a lighthouse", num_inference_steps=4,
+                                                    intermediate_timesteps=None, height=300, width=200, scale=1.0),
+    "2 prompts x 2 images, one control image each": dict(prompt=["a koi pond", "a steaming cup of coffee"],
+                                                         num_images_per_prompt=2, num_inference_steps=2, height=160,
+                                                         width=128, use_resolution_binning=False, scale=1.0,
+                                                         controls=2),
+    "2 prompts x 2 images, one control image for all, scale 0.5": dict(
+        prompt=["a koi pond", "a tall tower"], num_images_per_prompt=2, num_inference_steps=1,
+        intermediate_timesteps=None, height=128, width=128, use_resolution_binning=False, scale=0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_images_match_the_diffusers_module_reference(case, pipe, reference):
+    kw = dict(CASES[case])
+    scale, controls = kw.pop("scale"), kw.pop("controls", 1)
+    images = [scribble(seed=s) for s in range(controls)]
+    control = images[0] if controls == 1 else images
+    ref = _reference_images(reference, control, scale, **kw)
+    ours = pipe(**kw, control_image=control, controlnet_conditioning_scale=scale,
+                generator=torch.Generator().manual_seed(1234), output_type="np").images
+    assert ours.shape == ref.shape
+    assert 0.05 < ref.std()
+    assert np.abs(ours - ref).max() <= TOL
+
+
+def test_the_controlnet_changes_the_image_and_scale_0_is_text_to_image(pipe, reference):
+    """A ControlNet that added nothing (diffusers zero-initialises its projections) would pass every parity
+    test: the seeded one must move the image, and scale 0 must give exactly the plain pipeline's image."""
+    _, plain = reference
+    ref, _ = reference
+    kw = dict(prompt="a small red boat", num_inference_steps=2, height=128, width=192, use_resolution_binning=False,
+              output_type="np")
+    with_control = pipe(**kw, control_image=scribble(), generator=torch.Generator().manual_seed(7)).images
+    off = pipe(**kw, control_image=scribble(), controlnet_conditioning_scale=0.0,
+               generator=torch.Generator().manual_seed(7)).images
+    controlled = ref.transformer
+    ref.transformer = plain
+    try:
+        text_to_image = ref(**kw, generator=torch.Generator().manual_seed(7)).images
+    finally:
+        ref.transformer = controlled
+    assert np.abs(with_control - off).max() > 0.05
+    assert np.abs(off - text_to_image).max() <= TOL
+
+
+def test_a_scale_per_block_matches_the_reference(pipe, reference):
+    blocks = pipe.controlnet_blocks
+    scale = [0.25 + 0.5 * k for k in range(blocks)]
+    kw = dict(prompt="a snow globe", num_inference_steps=1, intermediate_timesteps=None, height=192, width=128,
+              use_resolution_binning=False)
+    ref = _reference_images(reference, scribble(seed=3), scale, **kw)
+    ours = pipe(**kw, control_image=scribble(seed=3), controlnet_conditioning_scale=scale,
+                generator=torch.Generator().manual_seed(1234), output_type="np").images
+    assert np.abs(ours - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(control_image=None), "control_image"),
+    (dict(control_image="scribble.png"), "control_image"),
+    (dict(control_image=np.zeros((64, 64))), "control_image"),
+    (dict(control_image=[scribble(), scribble(), scribble()], prompt=["a", "b"]), "control_image"),
+    (dict(controlnet_conditioning_scale=float("nan")), "controlnet_conditioning_scale"),
+    (dict(controlnet_conditioning_scale=[1.0] * 9), "controlnet_conditioning_scale"),
+    (dict(controlnet_conditioning_scale="1"), "controlnet_conditioning_scale"),
+])
+def test_bad_controlnet_arguments_are_typed_errors_before_any_engine_runs(pipe, kw, field):
+    args = dict(prompt="a cat", control_image=scribble(), height=128, width=128, use_resolution_binning=False)
+    args.update(kw)
+    calls = []
+    engines = {c: pipe.engine(c) for c in pipe.COMPONENTS}
+
+    def spy(component):
+        def run(**feeds):
+            calls.append(component)
+            return engines[component](**feeds)
+        return run
+
+    for c in engines:
+        pipe.set_engine(c, spy(c))
+    try:
+        with pytest.raises(InvalidInputError, match=field):
+            pipe(**args)
+        with pytest.raises(InvalidInputError, match=field):
+            pipe.check_arguments(**args)
+    finally:
+        for c, engine in engines.items():
+            pipe.set_engine(c, engine)
+    assert calls == []
+
+
+def test_a_controlnet_that_does_not_fit_the_transformer_is_refused_before_any_work(controlnet_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from sprintrt.export.onnx_export import export_model
+
+    bad = tmp_path / "cn"
+    shutil.copytree(controlnet_checkpoint / "controlnet", bad)
+    config = json.loads((bad / "config.json").read_text())
+    for change, message in ((dict(attention_head_dim=4), "hidden size"), (dict(num_layers=2), "blocks")):
+        (bad / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(InvalidInputError, match=message):
+            export_model(controlnet_checkpoint, tmp_path / "onnx", controlnet=bad)
+        assert not (tmp_path / "onnx").exists()
