@@ -20,14 +20,16 @@ MODEL = S.ModelDims(vocab_size=1024, text_hidden=2304, latent_channels=32, vae_s
 
 def test_tensorrt_defaults_are_the_safe_ones():
     assert resolve_precisions(None, "tensorrt") == {"text_encoder": Precision.BF16, "transformer": Precision.BF16,
-                                                    "vae_decoder": Precision.BF16, "vae_encoder": Precision.BF16}
+                                                    "vae_decoder": Precision.BF16, "vae_encoder": Precision.BF16,
+                                                    "controlnet": Precision.BF16,
+                                                    "controlled_transformer": Precision.BF16}
     assert set(resolve_precisions(None, "onnxruntime").values()) == {Precision.FP32}
 
 
 def test_per_component_overrides_keep_other_defaults():
     got = resolve_precisions("transformer=fp16, vae_decoder=fp32", "tensorrt")
     assert got == {"text_encoder": Precision.BF16, "transformer": Precision.FP16, "vae_decoder": Precision.FP32,
-                   "vae_encoder": Precision.BF16}
+                   "vae_encoder": Precision.BF16, "controlnet": Precision.BF16, "controlled_transformer": Precision.BF16}
     assert resolve_precisions({"transformer": "tf32"}, "tensorrt")["transformer"] == Precision.TF32
     assert set(resolve_precisions("fp32", "tensorrt").values()) == {Precision.FP32}
 
@@ -102,7 +104,8 @@ def test_quantized_precisions_quantize_every_component_with_a_recipe():
 
     ort = quantized_precisions("int8", "onnxruntime")
     assert ort == {"text_encoder": Precision.INT8, "transformer": Precision.INT8, "vae_decoder": Precision.INT8,
-                   "vae_encoder": Precision.FP32}  # the VAE encoder has no int8 recipe: its default
+                   "vae_encoder": Precision.FP32,  # the VAE encoder has no int8 recipe: its default
+                   "controlnet": Precision.FP32, "controlled_transformer": Precision.FP32}  # nor the ControlNet yet
     assert quantized_precisions("fp8", "tensorrt")["transformer"] == Precision.FP8
     assert quantized_precisions("fp8", "tensorrt")["vae_decoder"] == Precision.BF16
     assert quantized_precisions("vae_decoder=int8", "ov")["vae_decoder"] == Precision.INT8
