@@ -55,7 +55,8 @@ def _gpu_missing_reason():
 def tiny_checkpoint(tmp_path_factory):
     from sprintrt.export.checkpoint import make_checkpoint
 
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+    # With a ControlNet: every component, the ControlNet's too, goes through the same export, builds and tests.
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0, controlnet=True)
 
 
 @pytest.fixture(scope="session")

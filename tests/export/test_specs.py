@@ -8,7 +8,7 @@ import pytest
 from sprintrt.errors import InvalidInputError
 from sprintrt import specs as S
 
-DIMS = S.ModelDims(vocab_size=1024, text_hidden=32, latent_channels=32, vae_scale_factor=32, text_len_max=624, text_layers=2, text_kv_heads=1, text_head_dim=16)
+DIMS = S.ModelDims(vocab_size=1024, text_hidden=32, latent_channels=32, vae_scale_factor=32, text_len_max=624, text_layers=2, text_kv_heads=1, text_head_dim=16, controlnet_blocks=1, transformer_hidden=16)
 
 
 @pytest.mark.parametrize("name", S.COMPONENTS)

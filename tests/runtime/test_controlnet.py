@@ -22,27 +22,10 @@ TOL = PARITY_MAX_ABS
 
 
 @pytest.fixture(scope="module")
-def controlnet_checkpoint(tmp_path_factory):
-    from sprintrt.export.checkpoint import make_checkpoint
-
-    return make_checkpoint(tmp_path_factory.mktemp("cn") / "tiny", "tiny", seed=0, controlnet=True)
-
-
-@pytest.fixture(scope="module")
-def controlnet_engines(controlnet_checkpoint, tmp_path_factory):
-    from sprintrt.engines.build import build_engines
-    from sprintrt.export.onnx_export import export_model
-
-    root = tmp_path_factory.mktemp("cn-export")
-    onnx = export_model(controlnet_checkpoint, root / "onnx", dtypes=("fp32",))
-    return build_engines(onnx, root / "ort")
-
-
-@pytest.fixture(scope="module")
-def pipe(controlnet_engines):
+def pipe(engine_dir):
     from sprintrt import SprintControlNetPipeline
 
-    return SprintControlNetPipeline.from_engines(controlnet_engines)
+    return SprintControlNetPipeline.from_engines(engine_dir)  # the session's tiny checkpoint has a ControlNet
 
 
 class ControlledTransformer(torch.nn.Module):
@@ -79,14 +62,14 @@ class ControlledTransformer(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def reference(controlnet_checkpoint):
+def reference(tiny_checkpoint):
     from diffusers import SanaControlNetModel
 
     from sprintrt.export.checkpoint import load_pipeline
 
-    ref = load_pipeline(controlnet_checkpoint)
+    ref = load_pipeline(tiny_checkpoint)
     plain = ref.transformer
-    controlnet = SanaControlNetModel.from_pretrained(controlnet_checkpoint / "controlnet").eval()
+    controlnet = SanaControlNetModel.from_pretrained(tiny_checkpoint / "controlnet").eval()
     ref.transformer = ControlledTransformer(plain, controlnet)
     return ref, plain
 
@@ -215,17 +198,29 @@ def test_bad_controlnet_arguments_are_typed_errors_before_any_engine_runs(pipe, 
     assert calls == []
 
 
-def test_a_controlnet_that_does_not_fit_the_transformer_is_refused_before_any_work(controlnet_checkpoint, tmp_path):
+def test_a_controlnet_that_does_not_fit_the_transformer_is_refused_before_any_work(tiny_checkpoint, tmp_path):
     import json
     import shutil
 
     from sprintrt.export.onnx_export import export_model
 
     bad = tmp_path / "cn"
-    shutil.copytree(controlnet_checkpoint / "controlnet", bad)
+    shutil.copytree(tiny_checkpoint / "controlnet", bad)
     config = json.loads((bad / "config.json").read_text())
     for change, message in ((dict(attention_head_dim=4), "hidden size"), (dict(num_layers=2), "blocks")):
         (bad / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(InvalidInputError, match=message):
-            export_model(controlnet_checkpoint, tmp_path / "onnx", controlnet=bad)
+            export_model(tiny_checkpoint, tmp_path / "onnx", controlnet=bad)
         assert not (tmp_path / "onnx").exists()
+
+
+def test_asking_for_the_controlnet_of_a_model_without_one_is_a_typed_error(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from sprintrt.export.onnx_export import export_model
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_checkpoint, plain, ignore=shutil.ignore_patterns("controlnet"))
+    with pytest.raises(InvalidInputError, match="has no controlnet/ folder.*--controlnet"):
+        export_model(plain, tmp_path / "onnx", components=("controlnet", "controlled_transformer"))
+    assert not (tmp_path / "onnx").exists()
