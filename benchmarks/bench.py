@@ -67,6 +67,7 @@ def run_bench(config: BenchConfig, say=print) -> dict:
                      "complex_human_instruction": config.complex_human_instruction,
                      "text_length": _text_length(model["chi_tokens"], config), "threads": config.threads,
                      "reference": REFERENCE_BASELINE, "binning": False, "strength": config.strength,
+                     "controlnet": config.controlnet,
                      "torch_device": config.torch_device},
         "onnx_bytes": onnx_bytes,
         "results": [],

@@ -55,6 +55,9 @@ class BenchConfig:
     vae: str | None = None  # a drop-in AutoencoderDC for every system (export --vae), e.g. DC-AE-Lite
     prompt_cache: bool = False  # also time sprintrt systems on a repeated prompt with the embedding cache
     strength: float | None = None  # image to image from input_picture() at this strength; None: text to image
+    # ControlNet: every system follows control_picture() through the checkpoint's ControlNet (the diffusers
+    # baselines: benchmarks/controlnet_reference.py; sprintrt: SprintControlNetPipeline)
+    controlnet: bool = False
     optimum_python: str | None = None  # the python of an environment with optimum-intel (the optimum-intel baseline)
     # Where the diffusers baselines run: "cuda" times them on an NVIDIA GPU (the PyTorch row GPU engines are
     # compared with; needs no TensorRT), synchronising the device around every stage.
@@ -77,9 +80,12 @@ class BenchConfig:
         if OPTIMUM in self.baselines and not (self.optimum_python and Path(self.optimum_python).is_file()):
             raise InvalidInputError(f"baseline {OPTIMUM!r} needs --optimum-python, the python of an environment with "
                                     f"optimum-intel (got {self.optimum_python!r}). Fix: see benchmarks/optimum_intel.py")
-        if OPTIMUM in self.baselines and (self.strength is not None or self.vae):
+        if self.controlnet and self.strength is not None:
+            raise InvalidInputError("controlnet=True and strength: there is no ControlNet image to image. Fix: drop one "
+                                    "of --controlnet and --strength")
+        if OPTIMUM in self.baselines and (self.strength is not None or self.vae or self.controlnet):
             raise InvalidInputError(f"baseline {OPTIMUM!r} runs text to image with the checkpoint's own VAE. Fix: "
-                                    "leave out --strength/--vae, or the optimum-intel baseline")
+                                    "leave out --strength/--vae/--controlnet, or the optimum-intel baseline")
         if REFERENCE_BASELINE not in self.baselines:
             raise InvalidInputError(f"baselines={self.baselines} lack {REFERENCE_BASELINE!r}, the reference every "
                                     f"image is compared with. Fix: add {REFERENCE_BASELINE}")

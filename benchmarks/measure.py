@@ -12,8 +12,8 @@ from sprintrt.specs import COMPONENTS
 
 # The stages a pipeline's timings name (SprintPipelineOutput.timings and the diffusers hooks alike); the
 # engine stages are the components.
-STAGES = ("tokenize", "text_encoder", "preprocess", "vae_encoder", "transformer", "scheduler", "noise", "vae_decoder",
-          "postprocess")
+STAGES = ("tokenize", "text_encoder", "preprocess", "vae_encoder", "controlnet", "transformer", "scheduler", "noise",
+          "vae_decoder", "postprocess")
 ENGINE_STAGES = COMPONENTS
 
 
@@ -87,6 +87,18 @@ def input_picture(height: int, width: int) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
     picture = np.stack([np.sin(6 * x + 1), np.cos(5 * y), np.sin(4 * (x + y))], axis=-1) * 0.4 + 0.5
     return picture.astype(np.float32)
+
+
+def control_picture(height: int, width: int) -> "object":
+    """A fixed scribble (white strokes on black, SANA's ControlNet format) for ControlNet benchmarks."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(img)
+    stroke = max(2, min(height, width) // 64)
+    draw.ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), outline=(255, 255, 255), width=stroke)
+    draw.line((width // 8, 7 * height // 8, 7 * width // 8, height // 8), fill=(255, 255, 255), width=stroke)
+    return img
 
 
 def steps_run(steps: int, strength: float | None) -> int:

@@ -18,7 +18,7 @@ from sprintrt.specs import ModelDims
 def prepare(config: BenchConfig, say=print) -> tuple[Path, Path | None, dict[EngineChoice, Path]]:
     """(checkpoint, ONNX directory or None, {candidate: engine directory}), built or reused."""
     from sprintrt.engines.build import build_engines
-    from sprintrt.export.checkpoint import make_checkpoint
+    from sprintrt.export.checkpoint import CONTROLNET_FOLDER, make_checkpoint
     from sprintrt.export.onnx_export import export_model, exporter_fingerprint, resolve_model, resolve_vae
     from sprintrt.export.typed import variant_dtypes
 
@@ -27,10 +27,15 @@ def prepare(config: BenchConfig, say=print) -> tuple[Path, Path | None, dict[Eng
     if config.model:
         ckpt = resolve_model(config.model)
     else:
-        ckpt = work / f"checkpoint-{config.arch}-seed{config.seed}"
+        ckpt = work / f"checkpoint-{config.arch}-seed{config.seed}{'-controlnet' if config.controlnet else ''}"
         if not (ckpt / "model_index.json").exists():
-            say(f"making a seeded random {config.arch} checkpoint in {ckpt}")
-            make_checkpoint(ckpt, config.arch, config.seed)
+            say(f"making a seeded random {config.arch} checkpoint{' with a ControlNet' if config.controlnet else ''} "
+                f"in {ckpt}")
+            make_checkpoint(ckpt, config.arch, config.seed, controlnet=config.controlnet)
+    if config.controlnet and not (ckpt / CONTROLNET_FOLDER / "config.json").is_file():
+        raise InvalidInputError(f"controlnet=True needs a checkpoint with a controlnet/ folder; {str(ckpt)!r} has none. "
+                                "Fix: benchmark a checkpoint with its ControlNet, or make one with `sprintrt "
+                                "make-checkpoint DIR --controlnet`")
     if not config.candidates:  # baselines only: nothing to export or build
         return ckpt, None, {}
     identity = model_identity(ckpt, resolve_vae(config.vae) if config.vae else None)

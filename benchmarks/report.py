@@ -49,6 +49,8 @@ def report(doc: dict) -> str:
     validate(doc)
     m, st = doc["machine"], doc["settings"]
     task = "text to image" if st.get("strength") is None else f"image to image, strength {st['strength']}"
+    if st.get("controlnet"):
+        task = "text to image with the ControlNet (a fixed scribble, scale 1; PyTorch: diffusers' modules)"
     lines = [f"# sprintrt benchmark — {doc['model']['source']} ({task})", "",
              f"Machine: {m['cpu']['name']} ({m['cores']} cores, {m['memory_gb']} GB"
              f"{', ' + ', '.join(g['name'] for g in m['gpus']) if m['gpus'] else ', no GPU'}); "
@@ -59,8 +61,10 @@ def report(doc: dict) -> str:
              f"images compared with {st['reference']}. Created {doc['created']}.", ""]
     for r in doc["results"]:
         lines += [f"## {r['height']}x{r['width']}, batch {r['batch']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}",
-                  "", "| system | end to end s (min / median / p90) | text encoder s | transformer s | VAE decoder s "
-                  "| overhead | speed-up vs fp32 | peak RSS GB | PSNR dB | max abs |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| system | end to end s (min / median / p90) | text encoder s | "
+                  f"{'VAE encoder s | ControlNet s | ' if st.get('controlnet') else ''}transformer s | VAE decoder s "
+                  "| overhead | speed-up vs fp32 | peak RSS GB | PSNR dB | max abs |",
+                  "|---|---|---:|" + ("---:|---:|" if st.get("controlnet") else "") + "---:|---:|---:|---:|---:|---:|---:|"]
         ref = next(s for s in r["systems"] if s["name"] == st["reference"])["end_to_end"]["median"]
         for s in r["systems"]:
             e, g = s["end_to_end"], s["stages"].get
@@ -69,7 +73,10 @@ def report(doc: dict) -> str:
             where = f" ({s['device']})" if s.get("device", "cpu") != "cpu" else ""
             lines.append(
                 f"| {s['name']}{where} | {_fmt_s(e['min'])} / **{_fmt_s(e['median'])}** / {_fmt_s(e['p90'])} | "
-                f"{_fmt_s(g('text_encoder', {'median': 0})['median'])} | {_fmt_s(g('transformer', {'median': 0})['median'])} | "
+                f"{_fmt_s(g('text_encoder', {'median': 0})['median'])} | "
+                + (f"{_fmt_s(g('vae_encoder', {'median': 0})['median'])} | {_fmt_s(g('controlnet', {'median': 0})['median'])} | "
+                   if st.get("controlnet") else "")
+                + f"{_fmt_s(g('transformer', {'median': 0})['median'])} | "
                 f"{_fmt_s(g('vae_decoder', {'median': 0})['median'])} | {100 * s['overhead']['fraction']:.1f}% | "
                 f"{ref / e['median']:.2f}x | {s['peak_rss_gb']} | {ps} | {q['max_abs']:.2g} |")
         on_gpu = [(s["name"], s.get("gpu_memory_peak_gb", s.get("gpu_memory_used_gb"))) for s in r["systems"]

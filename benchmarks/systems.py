@@ -12,7 +12,8 @@ import numpy as np
 
 from sprintrt import defaults as D
 from sprintrt.benchmarks.config import OPTIMUM, BenchConfig, is_auto, system_name
-from sprintrt.benchmarks.measure import PeakRss, input_picture, stage_seconds, stats, summarise, timed_runs
+from sprintrt.benchmarks.measure import (PeakRss, control_picture, input_picture, stage_seconds, stats, summarise,
+                                         timed_runs)
 
 
 class SystemFailed(RuntimeError):
@@ -28,6 +29,8 @@ def pipeline_call(config: BenchConfig, shape: tuple, chi) -> dict:
                 use_resolution_binning=False, output_type="np", complex_human_instruction=chi)
     if config.strength is not None:
         call.update(image=input_picture(h, w), strength=config.strength)
+    if config.controlnet:
+        call.update(control_image=control_picture(h, w), controlnet_conditioning_scale=D.DEFAULT_CONTROLNET_SCALE)
     return call
 
 
@@ -50,7 +53,7 @@ def run_isolated(system, kind: str, ckpt: Path, engines: dict, shapes: list, con
 
 
 def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | None = None, img2img: bool = False,
-                  device: str = "cpu"):
+                  device: str = "cpu", controlnet: bool = False):
     import torch
 
     from sprintrt.benchmarks.torch_timing import run_timed
@@ -70,6 +73,14 @@ def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | No
         pipe = SanaSprintImg2ImgPipeline(**pipe.components)
         pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    if controlnet:
+        from diffusers import SanaControlNetModel
+
+        from sprintrt.benchmarks.controlnet_reference import SprintControlNetReference
+        from sprintrt.export.checkpoint import CONTROLNET_FOLDER
+
+        net = SanaControlNetModel.from_pretrained(Path(ckpt) / CONTROLNET_FOLDER, torch_dtype=dtype).eval().to(device)
+        pipe = SprintControlNetReference(pipe, net)
     if "compile" in name:
         pipe.transformer = torch.compile(pipe.transformer)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
@@ -83,13 +94,15 @@ def _torch_system(ckpt: Path, name: str, threads: int | None, vae_dir: Path | No
     return pipe, run
 
 
-def _sprint_system(engine_dir: Path, threads: int | None, img2img: bool = False):
+def _sprint_system(engine_dir: Path, threads: int | None, img2img: bool = False, controlnet: bool = False):
     import torch
 
+    from sprintrt.runtime.controlnet import SprintControlNetPipeline
     from sprintrt.runtime.img2img import SprintImg2ImgPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
 
-    pipe = (SprintImg2ImgPipeline if img2img else SprintPipeline).from_engines(engine_dir, threads=threads)
+    cls = SprintControlNetPipeline if controlnet else SprintImg2ImgPipeline if img2img else SprintPipeline
+    pipe = cls.from_engines(engine_dir, threads=threads)
 
     def run(call, seed):
         out = pipe(**call, generator=torch.Generator().manual_seed(seed))
@@ -157,9 +170,10 @@ def _system_worker(system, kind: str, ckpt: Path, engines: dict, shapes: list, c
         if kind == "baseline":
             vae_dir = resolve_vae(config.vae) if config.vae else None
             pipe, run = _torch_system(ckpt, system, config.threads, vae_dir, img2img=config.strength is not None,
-                                      device=config.torch_device)
+                                      device=config.torch_device, controlnet=config.controlnet)
         else:
-            pipe, run = _sprint_system(engines[system], config.threads, img2img=config.strength is not None)
+            pipe, run = _sprint_system(engines[system], config.threads, img2img=config.strength is not None,
+                                       controlnet=config.controlnet)
         load_seconds = time.perf_counter() - t0
         for shape in shapes:
             call = pipeline_call(config, shape, chi)

@@ -18,8 +18,13 @@ from contextlib import contextmanager
 
 @contextmanager
 def stage_hooks(pipe, timings: dict, sync=None):
-    modules = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "vae_decoder": pipe.vae.decoder,
-               "vae_encoder": pipe.vae.encoder}  # the encoder runs in image to image only
+    # The encoder runs in image to image and for a ControlNet's control image only. With a ControlNet
+    # (benchmarks/controlnet_reference.py) the transformer slot holds both networks: each is timed on its own.
+    transformer = getattr(pipe.transformer, "transformer", pipe.transformer)
+    modules = {"text_encoder": pipe.text_encoder, "transformer": transformer, "vae_decoder": pipe.vae.decoder,
+               "vae_encoder": pipe.vae.encoder}
+    if getattr(pipe.transformer, "controlnet", None) is not None:
+        modules["controlnet"] = pipe.transformer.controlnet
     handles, starts = [], {}
     for stage, module in modules.items():
         def pre(_m, _args, stage=stage):
@@ -31,7 +36,7 @@ def stage_hooks(pipe, timings: dict, sync=None):
             if sync is not None:
                 sync()
             seconds = time.perf_counter() - starts.pop(stage)
-            if stage == "transformer":
+            if stage in ("transformer", "controlnet"):
                 timings.setdefault(stage, []).append(seconds)
             else:
                 timings[stage] = timings.get(stage, 0.0) + seconds

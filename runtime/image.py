@@ -60,7 +60,7 @@ def resize_nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return x[:, :, _nearest_index(x.shape[2], height)][:, :, :, _nearest_index(x.shape[3], width)]
 
 
-def load_image_file(path) -> "object":
+def load_image_file(path, name: str = "image") -> "object":
     """A PIL image from a file, or a typed error naming it (missing, unreadable)."""
     from pathlib import Path
 
@@ -70,15 +70,15 @@ def load_image_file(path) -> "object":
 
     path = Path(path)
     if path.is_dir():
-        raise InvalidInputError(f"image={str(path)!r} is a directory. Fix: pass the path of a PNG or JPEG file in it")
+        raise InvalidInputError(f"{name}={str(path)!r} is a directory. Fix: pass the path of a PNG or JPEG file in it")
     if not path.is_file():
-        raise InvalidInputError(f"image={str(path)!r} does not exist. Fix: pass the path of a PNG or JPEG file")
+        raise InvalidInputError(f"{name}={str(path)!r} does not exist. Fix: pass the path of a PNG or JPEG file")
     try:
         with Image.open(path) as img:
             img.load()
             return img.copy()
     except (UnidentifiedImageError, OSError) as e:
-        raise InvalidInputError(f"image={str(path)!r} cannot be read as an image ({e}). Fix: pass a PNG or JPEG "
+        raise InvalidInputError(f"{name}={str(path)!r} cannot be read as an image ({e}). Fix: pass a PNG or JPEG "
                                 "file") from None
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from sprintrt import defaults as D
 from sprintrt import specs as S
 from sprintrt.bins import classify_height_width_bin
-from sprintrt.errors import DeadlineExceeded, InvalidInputError, invalid, notice
+from sprintrt.errors import CallCancelled, DeadlineExceeded, InvalidInputError, invalid, notice
 from sprintrt.manifest import read_manifest
 from sprintrt.runtime import image as I
 from sprintrt.runtime import vae_decode as V
@@ -191,7 +191,21 @@ class SprintPipeline:
         finally:
             self._calls.deadline = before
 
+    @contextlib.contextmanager
+    def cancel_when(self, cancelled):
+        """Calls in this block stop at the next stage boundary once `cancelled()` is true, raising CallCancelled:
+        an interactive page drops a request that a newer one (the user drew again) has made pointless."""
+        before = getattr(self._calls, "cancelled", None)
+        self._calls.cancelled = cancelled
+        try:
+            yield
+        finally:
+            self._calls.cancelled = before
+
     def _check_deadline(self, stage: str) -> None:
+        cancelled = getattr(self._calls, "cancelled", None)
+        if cancelled is not None and cancelled():
+            raise CallCancelled(f"the call was cancelled before {stage}")
         at = getattr(self._calls, "deadline", None)
         if at is not None and time.monotonic() > at:
             raise DeadlineExceeded(f"the call passed its deadline by {time.monotonic() - at:.2f} s and stopped before "

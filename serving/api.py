@@ -3,7 +3,9 @@ engine call, the pipeline call for a batch, and the mapping of the runtime's typ
 
 Request (OpenAI Images shape, POST /v1/images/generations): `prompt` (str), `n` (default 1), `size`
 ("WIDTHxHEIGHT", default "1024x1024"), `response_format` ("b64_json": PNG bytes), plus sprintrt's
-`num_inference_steps`, `guidance_scale`, `seed`, `max_timesteps`, `intermediate_timesteps`. OpenAI's
+`num_inference_steps`, `guidance_scale`, `seed`, `max_timesteps`, `intermediate_timesteps`, and for engines
+with a ControlNet `control_image` (base64 PNG or JPEG, e.g. a scribble: white strokes on black) with
+`controlnet_conditioning_scale` (a number, or one per ControlNet block; default 1). OpenAI's
 `model`, `user`, `quality` and `style` are accepted and ignored (clients send them); any other field is
 a 422 naming it (OpenAI answers "Unrecognized request argument"), so a typo such as `sead` never passes
 silently. Sizes are generated exactly (no resolution binning), so they must be multiples of 32. The
@@ -32,14 +34,15 @@ RESPONSE_FORMATS = ("b64_json",)
 DEFAULT_SIZE = f"{D.DEFAULT_WIDTH}x{D.DEFAULT_HEIGHT}"
 SEED_MAX = 2**63 - 1
 FIELDS = ("prompt", "n", "size", "response_format", "num_inference_steps", "guidance_scale", "seed", "max_timesteps",
-          "intermediate_timesteps")
+          "intermediate_timesteps", "control_image", "controlnet_conditioning_scale")
 # OpenAI Images fields that clients send by default; they do not change what sprintrt generates.
 IGNORED_OPENAI_FIELDS = ("model", "user", "quality", "style")
 # The runtime's argument names → the request's field names (for error messages that name the field).
 RUNTIME_TO_FIELD = {"height": "size", "width": "size", "num_images_per_prompt": "n", "generator": "seed",
                     "prompt": "prompt", "num_inference_steps": "num_inference_steps",
                     "guidance_scale": "guidance_scale", "max_timesteps": "max_timesteps",
-                    "intermediate_timesteps": "intermediate_timesteps", "timesteps": "num_inference_steps"}
+                    "intermediate_timesteps": "intermediate_timesteps", "timesteps": "num_inference_steps",
+                    "control_image": "control_image", "controlnet_conditioning_scale": "controlnet_conditioning_scale"}
 
 
 class ApiError(Exception):
@@ -71,18 +74,27 @@ class GenerationRequest:
     intermediate_timesteps: float | None = None
     response_format: str = "b64_json"
     extra: dict = field(default_factory=dict, compare=False)  # ignored OpenAI fields, kept for logging
+    control_image: object = field(default=None, compare=False)  # a PIL RGB image: ControlNet
+    controlnet_conditioning_scale: float | tuple = D.DEFAULT_CONTROLNET_SCALE
 
     def call_arguments(self) -> dict:
         """The pipeline arguments of this request alone (the reference a batched call must equal)."""
-        return dict(prompt=self.prompt, num_images_per_prompt=self.n, height=self.height, width=self.width,
+        call = dict(prompt=self.prompt, num_images_per_prompt=self.n, height=self.height, width=self.width,
                     num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                     max_timesteps=self.max_timesteps, intermediate_timesteps=self.intermediate_timesteps,
                     generator=self.seed, use_resolution_binning=False)
+        if self.control_image is not None:
+            scale = self.controlnet_conditioning_scale
+            call.update(control_image=self.control_image,
+                        controlnet_conditioning_scale=list(scale) if isinstance(scale, tuple) else scale)
+        return call
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one engine call (same latent shape and schedule)."""
+        """Requests with equal keys can share one engine call (same latent shape and schedule; ControlNet
+        requests with ControlNet requests of the same scale)."""
         return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.max_timesteps,
-                self.intermediate_timesteps)
+                self.intermediate_timesteps, self.control_image is not None,
+                self.controlnet_conditioning_scale if self.control_image is not None else None)
 
 
 @dataclass(frozen=True)
@@ -154,7 +166,45 @@ def parse_request(raw: bytes, limits: Limits = Limits()) -> GenerationRequest:
         max_timesteps=_number_or_none(body, "max_timesteps", D.DEFAULT_MAX_TIMESTEPS),
         # Default: 1.3 for 2 steps, none otherwise (diffusers refuses an intermediate angle elsewhere).
         intermediate_timesteps=_number_or_none(body, "intermediate_timesteps", D.intermediate_timesteps_for(steps)),
-        response_format=fmt, extra={k: v for k, v in body.items() if k in IGNORED_OPENAI_FIELDS})
+        response_format=fmt, extra={k: v for k, v in body.items() if k in IGNORED_OPENAI_FIELDS},
+        **_control(body, limits))
+
+
+def _control(body: dict, limits: Limits) -> dict:
+    """control_image (base64 PNG/JPEG → PIL RGB) and controlnet_conditioning_scale, or {} without a control image."""
+    if body.get("control_image") is None:
+        if body.get("controlnet_conditioning_scale") is not None:
+            raise ApiError(422, "controlnet_conditioning_scale needs a control_image. Fix: send control_image (base64 "
+                                "PNG), or drop controlnet_conditioning_scale", "controlnet_conditioning_scale")
+        return {}
+    data = body["control_image"]
+    if not isinstance(data, str):
+        raise ApiError(422, f"control_image={_short(data)} is not allowed: expected a base64 PNG or JPEG string. Fix: "
+                            "send base64.b64encode(open('scribble.png', 'rb').read()).decode()", "control_image")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > limits.max_pixels:  # before decoding the pixels: no decompression bomb
+                raise ApiError(413, f"control_image is {img.width}x{img.height} = {img.width * img.height} pixels, more "
+                                    f"than this server takes ({limits.max_pixels}). Fix: send it at the size you "
+                                    "generate (it is resized to it anyway)", "control_image")
+            image = img.convert("RGB")
+    except ApiError:
+        raise
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ApiError(422, f"control_image is not a base64 PNG or JPEG image ({type(e).__name__}: {e}). Fix: send "
+                            "the file's bytes base64-encoded (a data: URL prefix is accepted)", "control_image") from None
+    scale = body.get("controlnet_conditioning_scale", D.DEFAULT_CONTROLNET_SCALE)
+    values = scale if isinstance(scale, list) else [scale]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                             for v in values):
+        raise ApiError(422, f"controlnet_conditioning_scale={_short(scale)} is not allowed: expected a finite number or "
+                            "a list of them (one per ControlNet block). Fix: send e.g. 1.0",
+                       "controlnet_conditioning_scale")
+    return dict(control_image=image,
+                controlnet_conditioning_scale=tuple(float(v) for v in scale) if isinstance(scale, list) else float(scale))
 
 
 def _prompt(value, limits: Limits) -> str:
@@ -192,10 +242,25 @@ def _number_or_none(body: dict, name: str, default):
     return float(value)
 
 
+def pipeline_method(pipe, call: dict, name: str = "__call__"):
+    """The pipeline method a call runs: the ControlNet pipeline's with a control_image, text to image's without
+    (a server over engines with a ControlNet loads one SprintControlNetPipeline that holds both)."""
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    if "control_image" in call:
+        if getattr(pipe, "controlnet", None) is None:
+            raise ApiError(422, "control_image needs engines with a ControlNet, and this server's have none. Fix: "
+                                "drop control_image, or serve engines of a model exported with --controlnet",
+                           "control_image")
+        return getattr(pipe, name)
+    return getattr(SprintPipeline, name).__get__(pipe)
+
+
 def check_with_pipeline(pipe, req: GenerationRequest) -> None:
     """The runtime's own checks of this request (no engine runs); its typed errors become 422s."""
+    call = req.call_arguments()
     try:
-        pipe.check_arguments(**req.call_arguments(), output_type="pil")
+        pipeline_method(pipe, call, "check_arguments")(**call, output_type="pil")
     except InvalidInputError as e:
         raise as_api_error(e) from None
 
@@ -216,13 +281,16 @@ def batch_call(requests: list[GenerationRequest]) -> dict:
     drawing its noise from its own seed's stream, so each image equals the one its request alone would
     give (SprintPipeline draws per row from a list of generators, as diffusers does)."""
     first = requests[0]
-    prompts, generators = [], []
+    prompts, generators, controls = [], [], []
     for req in requests:
         rng = np.random.default_rng(req.seed)  # shared by the request's n rows: draws continue its one stream
         prompts += [req.prompt] * req.n
         generators += [rng] * req.n
+        controls += [req.control_image] * req.n
     call = first.call_arguments()
     call.update(prompt=prompts, num_images_per_prompt=1, generator=generators)
+    if first.control_image is not None:
+        call.update(control_image=controls)  # one per prompt row
     return call
 
 

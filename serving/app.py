@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sprintrt import defaults as D
+from sprintrt import specs as S
 from sprintrt.serving import api
 
 log = logging.getLogger("sprintrt.serve")
@@ -106,18 +107,31 @@ class Job:
     deadline: float
 
 
+def load_pipeline(engine_dir, threads: int | None = None, verify_sha256: bool = True):
+    """The replica's pipeline: SprintPipeline, or, over engines with a ControlNet, one SprintControlNetPipeline
+    holding the text-to-image engines too (api.pipeline_method picks the call per request)."""
+    from sprintrt.manifest import read_manifest
+    from sprintrt.runtime.controlnet import SprintControlNetPipeline
+    from sprintrt.runtime.pipeline import SprintPipeline
+
+    built = read_manifest(engine_dir).components
+    kw = dict(threads=threads, verify_sha256=verify_sha256)
+    if not all(c in built for c in S.CONTROLNET_TO_IMAGE):
+        return SprintPipeline.from_engines(engine_dir, **kw)
+    wanted = (*S.TEXT_TO_IMAGE, *S.CONTROLNET_TO_IMAGE)
+    return SprintControlNetPipeline.from_engines(engine_dir, components=[c for c in S.COMPONENTS
+                                                                         if c in wanted and c in built], **kw)
+
+
 class Server:
     """What one replica does, whatever runs it: admit, check, batch-run, answer."""
 
     def __init__(self, options: ServeOptions):
-        from sprintrt.runtime.pipeline import SprintPipeline
-
         self.options = options
         self.limits = options.limits()
-        self.pipe = SprintPipeline.from_engines(options.engine_dir, threads=options.threads,
-                                                verify_sha256=options.verify_sha256)
+        self.pipe = load_pipeline(options.engine_dir, options.threads, options.verify_sha256)
         self.pipe.cache_instruction()  # the default instruction's text-encoder prefix, before the first request
-        engine_batch = self.pipe.limits["transformer"]["batch"].max
+        engine_batch = min(self.pipe.limits[c]["batch"].max for c in S.TRANSFORMER_FAMILY if c in self.pipe.limits)
         self.max_images = min(options.max_batch, engine_batch)
         self.metrics = Metrics()
         self.admitted = 0  # requests answered or not whose work has not finished (queued, running or stopping)
@@ -224,7 +238,8 @@ class Server:
         reqs = [jobs[i].request for i in chunk]
         images = sum(r.n for r in reqs)
         with self._lock, self.pipe.deadline(max(jobs[i].deadline for i in chunk)):
-            out = self.pipe(**api.batch_call(reqs), output_type="pil")
+            call = api.batch_call(reqs)
+            out = api.pipeline_method(self.pipe, call)(**call, output_type="pil")
         self.engine_calls.append(images)
         self.metrics.batch_images.observe(images)
         for stage in STAGES:

@@ -312,7 +312,7 @@ VERIFY_HELP = ("skip the sha256 check of the engine files at load (their sizes a
 
 
 def add_generate(sub) -> None:
-    from sprintrt.runtime.call import IMAGE_TO_IMAGE, TEXT_TO_IMAGE
+    from sprintrt.runtime.call import CONTROLNET, IMAGE_TO_IMAGE, TEXT_TO_IMAGE
 
     s = sub.add_parser("generate", help="generate an image with built engines")
     s.add_argument("engine_dir")
@@ -330,6 +330,12 @@ def add_generate(sub) -> None:
     s.add_argument("--strength", type=float, default=None,
                    help="image to image: how much of the schedule runs, in (0, 1] (default "
                         f"{default(IMAGE_TO_IMAGE, 'strength')})")
+    s.add_argument("--control-image", default=None, metavar="SCRIBBLE.png",
+                   help="ControlNet: follow this control image (a scribble: white strokes on black); needs engines "
+                        "of a model exported with a ControlNet")
+    s.add_argument("--controlnet-scale", default=None, metavar="S[,S...]",
+                   help="ControlNet: how strongly the image follows the control image, one number or one per "
+                        f"ControlNet block (default {default(CONTROLNET, 'controlnet_conditioning_scale')}; 0: off)")
     s.add_argument("--threads", type=int, default=None,
                    help=f"engine threads, at most {D.MAX_THREADS_PER_CPU} per CPU (default: one per core)")
     s.add_argument("--no-verify", action="store_true", help=VERIFY_HELP)
@@ -337,22 +343,35 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> None:
-    from sprintrt.runtime.call import IMAGE_TO_IMAGE
+    from sprintrt.runtime.call import CONTROLNET, IMAGE_TO_IMAGE
+    from sprintrt.runtime.controlnet import SprintControlNetPipeline
     from sprintrt.runtime.image import image_output, save_image_file
     from sprintrt.runtime.img2img import SprintImg2ImgPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
 
     output, fmt = image_output(args.output)  # a path that cannot be written fails now, not after the work
-    extra = {}
-    if args.image is not None:
+    extra, cls = {}, SprintPipeline
+    if args.control_image is not None:
+        from sprintrt.runtime.image import load_image_file
+
+        if args.image is not None:
+            raise InvalidInputError("--control-image and --image cannot be combined (there is no ControlNet image to "
+                                    "image pipeline). Fix: drop one of them")
+        scale = (default(CONTROLNET, "controlnet_conditioning_scale") if args.controlnet_scale is None
+                 else _scales(args.controlnet_scale))
+        extra, cls = dict(control_image=load_image_file(args.control_image, "control_image").convert("RGB"),
+                          controlnet_conditioning_scale=scale), SprintControlNetPipeline
+    elif args.controlnet_scale is not None:
+        raise InvalidInputError("--controlnet-scale is for ControlNet. Fix: add --control-image SCRIBBLE.png, or drop "
+                                "--controlnet-scale")
+    elif args.image is not None:
         from sprintrt.runtime.image import load_image_file
 
         # A file's alpha channel or palette is not part of the picture: generate from its RGB.
         strength = default(IMAGE_TO_IMAGE, "strength") if args.strength is None else args.strength
-        extra = dict(image=load_image_file(args.image).convert("RGB"), strength=strength)
-    elif args.strength is not None:
+        extra, cls = dict(image=load_image_file(args.image).convert("RGB"), strength=strength), SprintImg2ImgPipeline
+    if args.strength is not None and args.image is None:
         raise InvalidInputError("--strength is for image to image. Fix: add --image IN.png, or drop --strength")
-    cls = SprintImg2ImgPipeline if extra else SprintPipeline
     pipe = cls.from_engines(args.engine_dir, threads=args.threads, verify_sha256=not args.no_verify)
     out = pipe(prompt=args.prompt, num_inference_steps=args.steps, **extra,
                intermediate_timesteps=D.intermediate_timesteps_for(args.steps),
@@ -365,6 +384,16 @@ def cmd_generate(args) -> None:
                                                    _fits_unbinned(pipe, args.height, args.width))
     if note:
         print(note)
+
+
+def _scales(text: str) -> "float | list[float]":
+    """'0.8' → 0.8; '1,0.5,0.5' → [1.0, 0.5, 0.5] (one per ControlNet block; the pipeline checks the count)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"--controlnet-scale={text!r} is not a number or a comma-separated list of numbers. "
+                                "Fix: e.g. --controlnet-scale 1.0") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _fits_unbinned(pipe, height: int, width: int) -> bool:
@@ -477,6 +506,9 @@ def add_bench(sub) -> None:
                    help="also time sprintrt systems on a repeated prompt with the prompt-embedding cache")
     s.add_argument("--strength", type=float, default=default(BenchConfig, "strength"),
                    help="benchmark image to image from a fixed picture at this strength (default: text to image)")
+    s.add_argument("--controlnet", action="store_true",
+                   help="benchmark SANA-Sprint with the checkpoint's ControlNet following a fixed scribble (sprintrt: "
+                        "SprintControlNetPipeline; PyTorch: diffusers' modules, benchmarks/controlnet_reference.py)")
     s.add_argument("--workdir", default=str(default(BenchConfig, "workdir")),
                    help="where checkpoints, ONNX and engines are cached (default %(default)s)")
     s.add_argument("-o", "--output", default=str(default(BenchConfig, "workdir") / "results.json"))
@@ -512,7 +544,8 @@ def cmd_bench(args) -> None:
         baselines=args.baselines.split(","), warmup=args.warmup, runs=args.runs, workdir=Path(args.workdir),
         prompt=args.prompt, complex_human_instruction=not args.no_chi, threads=args.threads,
         calibration_count=args.calibration_count, vae=args.vae, prompt_cache=args.prompt_cache,
-        strength=args.strength, optimum_python=args.optimum_python, torch_device=args.torch_device)
+        strength=args.strength, optimum_python=args.optimum_python, torch_device=args.torch_device,
+        controlnet=args.controlnet)
     config.check()
     console = _console()
     doc = run_bench(config, say=console.print)
@@ -571,6 +604,29 @@ def cmd_serve(args) -> None:
     run(options, host=args.host, port=args.port, address=args.address)
 
 
+# ---- ui ---------------------------------------------------------------------------------------------
+
+def add_ui(sub) -> None:
+    from sprintrt.serving.ui import run_ui
+
+    s = sub.add_parser("ui", help="an interactive page (Gradio): sketch to image with a ControlNet, redrawn at every "
+                                  "stroke, and text to image, with per-stage latency")
+    s.add_argument("engine_dir")
+    s.add_argument("--host", default=default(run_ui, "host"), help="address to listen on (default %(default)s)")
+    s.add_argument("--port", type=int, default=default(run_ui, "port"), help="(default %(default)s)")
+    s.add_argument("--threads", type=int, default=None,
+                   help=f"engine threads, at most {D.MAX_THREADS_PER_CPU} per CPU (default: one per core)")
+    s.add_argument("--no-verify", action="store_true", help=VERIFY_HELP)
+    s.set_defaults(fn=cmd_ui)
+
+
+def cmd_ui(args) -> None:
+    from sprintrt.serving.ui import run_ui
+
+    _quiet_libraries(args.verbose)
+    run_ui(args.engine_dir, host=args.host, port=args.port, threads=args.threads, verify_sha256=not args.no_verify)
+
+
 # ---- loadtest -------------------------------------------------------------------------------------
 
 def add_loadtest(sub) -> None:
@@ -627,7 +683,7 @@ def cmd_demo(args) -> None:
 # ---- parser ----------------------------------------------------------------------------------------
 
 SUBCOMMANDS = (add_make_checkpoint, add_export, add_build, add_doctor, add_generate, add_drift, add_bench, add_serve,
-               add_loadtest, add_demo)
+               add_ui, add_loadtest, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

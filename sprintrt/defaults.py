@@ -112,6 +112,7 @@ DRIFT_STEPS = 1
 # ---- `sprintrt serve` and `loadtest` -----------------------------------------------------------------
 SERVE_HOST = "127.0.0.1"  # loopback: a server is reachable from elsewhere only when asked for
 SERVE_PORT = 8000
+UI_PORT = 7860  # `sprintrt ui`: Gradio's usual port
 SERVE_MAX_WAIT_MS = 10.0  # how long the batcher waits to fill a batch
 SERVE_MAX_QUEUED = 16  # requests admitted per replica (running + waiting); more get 503
 SERVE_TIMEOUT_S = 120.0  # per request, from arrival to answer

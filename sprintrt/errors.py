@@ -29,6 +29,10 @@ class DeadlineExceeded(SprintError, TimeoutError):
     """A call passed the deadline its caller set (SprintPipeline.deadline) and stopped at a stage boundary."""
 
 
+class CallCancelled(SprintError):
+    """A call was cancelled by its caller (SprintPipeline.cancel_when) and stopped at a stage boundary."""
+
+
 class MissingDependencyError(SprintError, ImportError):
     """An optional package (torch, TensorRT, ...) is needed for this call but is not installed."""
 

@@ -279,3 +279,32 @@ def test_every_subcommand_takes_verbose():
     p = build_parser()
     assert p.parse_args(["export", "m", "-o", "x", "--verbose"]).verbose
     assert p.parse_args(["build", "o", "-o", "e"]).verbose is False
+
+
+def test_generate_follows_a_control_image_and_refuses_controlnet_flags_alone(engine_dir, tmp_path):
+    import numpy as np
+    from PIL import ImageDraw
+
+    scribble = Image.new("RGB", (128, 128))
+    ImageDraw.Draw(scribble).line((10, 10, 110, 110), fill=(255, 255, 255), width=5)
+    scribble.save(tmp_path / "scribble.png")
+    outs = {}
+    for scale in ("1.0", "0"):
+        outs[scale] = tmp_path / f"cabin-{scale}.png"
+        r = _run("generate", engine_dir, "--prompt", "a cabin", "-o", outs[scale], "--steps", "1", "--height", "128",
+                 "--width", "96", "--no-binning", "--control-image", tmp_path / "scribble.png", "--controlnet-scale",
+                 scale)
+        assert r.returncode == 0, r.stderr
+        assert Image.open(outs[scale]).size == (96, 128)
+    plain = tmp_path / "plain.png"
+    assert _run("generate", engine_dir, "--prompt", "a cabin", "-o", plain, "--steps", "1", "--height", "128",
+                "--width", "96", "--no-binning").returncode == 0
+    # Scale 0 is text to image; scale 1 follows the scribble.
+    assert np.array_equal(np.asarray(Image.open(outs["0"])), np.asarray(Image.open(plain)))
+    assert not np.array_equal(np.asarray(Image.open(outs["1.0"])), np.asarray(Image.open(plain)))
+    _one_line_error(_run("generate", engine_dir, "--prompt", "x", "-o", tmp_path / "x.png", "--controlnet-scale", "1"),
+                    "--controlnet-scale is for ControlNet")
+    _one_line_error(_run("generate", engine_dir, "--prompt", "x", "-o", tmp_path / "x.png", "--control-image",
+                         tmp_path / "missing.png"), "control_image=", "does not exist")
+    _one_line_error(_run("generate", engine_dir, "--prompt", "x", "-o", tmp_path / "x.png", "--control-image",
+                         tmp_path / "scribble.png", "--controlnet-scale", "high"), "--controlnet-scale='high'")

@@ -127,6 +127,22 @@ def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
     feeds = {c: r.feeds[-1] for c, r in recorders.items()}
     for c in S.TEXT_TO_IMAGE:
         pipe.engine(c).release()
+    controlled = [c for c in (S.CONTROLNET, S.CONTROLLED_TRANSFORMER) if c in components]
+    if controlled:  # the ControlNet's two components, in one ControlNet call of the same size and prompt
+        from PIL import Image, ImageDraw
+
+        from sprintrt.runtime.controlnet import SprintControlNetPipeline
+
+        cn = SprintControlNetPipeline.from_engines(engine_dir)
+        scribble = Image.new("RGB", (size, size))
+        ImageDraw.Draw(scribble).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), outline=(255,) * 3,
+                                         width=max(2, size // 64))
+        with recording(cn, controlled) as recorders:
+            cn(DEFAULT_PROMPT, control_image=scribble, num_inference_steps=1, intermediate_timesteps=None,
+               height=size, width=size, use_resolution_binning=False, generator=0, output_type="latent")
+        feeds.update({c: r.feeds[-1] for c, r in recorders.items()})
+        for c in S.CONTROLNET_TO_IMAGE:
+            cn.engine(c).release()
     if S.VAE_ENCODER in components:
         spec = S.vae_encoder_spec(S.ModelDims.from_json(pipe.manifest.data["model_dims"]))
         side = size // pipe.manifest.data["model_dims"]["vae_scale_factor"]

@@ -22,7 +22,7 @@ def test_layout_and_sprint_flags(tiny_checkpoint):
     assert t["guidance_embeds"] and t["qk_norm"] == "rms_norm_across_heads" and t["patch_size"] == 1
     assert t["mlp_ratio"] == 2.5 and t["sample_size"] == 32
     assert list(tiny_checkpoint.rglob("*.bin")) == []  # safetensors only
-    assert len(list(tiny_checkpoint.rglob("*.safetensors"))) == 3
+    assert len(list(tiny_checkpoint.rglob("*.safetensors"))) == 4  # text encoder, transformer, VAE, ControlNet
 
 
 def test_loads_through_from_pretrained(reference_pipe):
@@ -33,7 +33,7 @@ def test_loads_through_from_pretrained(reference_pipe):
 
 
 def test_same_seed_same_weights(tiny_checkpoint, tmp_path):
-    again = make_checkpoint(tmp_path / "again", "tiny", seed=0)
+    again = make_checkpoint(tmp_path / "again", "tiny", seed=0, controlnet=True)
     other = make_checkpoint(tmp_path / "other", "tiny", seed=1)
     assert model_identity(again) == model_identity(tiny_checkpoint) != model_identity(other)
 

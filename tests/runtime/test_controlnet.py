@@ -1,9 +1,9 @@
 """SprintControlNetPipeline over ONNX Runtime vs a reference assembled from diffusers' own modules.
 
-diffusers has no SANA-Sprint ControlNet pipeline, so the reference is SanaSprintPipeline's own call (its
-scheduler loop, binning, decoding) with its transformer replaced by a module that runs, on the same inputs,
-SanaControlNetModel and then SanaTransformer2DModel with controlnet_block_samples: the order
-SanaControlNetPipeline uses. The control image is prepared by SanaControlNetPipeline.prepare_image and
+diffusers has no SANA-Sprint ControlNet pipeline, so the reference (benchmarks/controlnet_reference.py) is
+SanaSprintPipeline's own call (its scheduler loop, binning, decoding) with its transformer replaced by a module
+that runs, on the same inputs, SanaControlNetModel and then SanaTransformer2DModel with controlnet_block_samples:
+the order SanaControlNetPipeline uses. The control image is prepared by SanaControlNetPipeline.prepare_image and
 encoded by the VAE times its scaling factor, as that pipeline does. Same torch generator on both sides.
 Tolerance: max |diff| <= 1e-4 on images in [0, 1] (sprintrt/metrics.py), as for text to image.
 """
@@ -28,50 +28,11 @@ def pipe(engine_dir):
     return SprintControlNetPipeline.from_engines(engine_dir)  # the session's tiny checkpoint has a ControlNet
 
 
-class ControlledTransformer(torch.nn.Module):
-    """Stands in for SanaSprintPipeline.transformer: the ControlNet on the transformer's inputs, then the
-    transformer with its residuals (SanaControlNetPipeline's order and arguments)."""
-
-    def __init__(self, transformer, controlnet):
-        super().__init__()
-        self.transformer, self.controlnet = transformer, controlnet
-        self.control, self.scale = None, 1.0
-
-    @property
-    def config(self):
-        return self.transformer.config
-
-    @property
-    def dtype(self):
-        return self.transformer.dtype
-
-    @property
-    def device(self):
-        return self.transformer.device
-
-    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask, guidance, timestep, **kw):
-        samples = self.controlnet(hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                  encoder_attention_mask=encoder_attention_mask, timestep=timestep,
-                                  controlnet_cond=self.control, conditioning_scale=1.0, return_dict=False)[0]
-        # diffusers multiplies every residual by one float; a list scales residual k by scale[k].
-        scale = self.scale if isinstance(self.scale, list) else [self.scale] * len(samples)
-        samples = tuple(s * w for s, w in zip(samples, scale))
-        return self.transformer(hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                encoder_attention_mask=encoder_attention_mask, guidance=guidance, timestep=timestep,
-                                controlnet_block_samples=samples, **kw)
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
-    from diffusers import SanaControlNetModel
+    from sprintrt.benchmarks.controlnet_reference import SprintControlNetReference
 
-    from sprintrt.export.checkpoint import load_pipeline
-
-    ref = load_pipeline(tiny_checkpoint)
-    plain = ref.transformer
-    controlnet = SanaControlNetModel.from_pretrained(tiny_checkpoint / "controlnet").eval()
-    ref.transformer = ControlledTransformer(plain, controlnet)
-    return ref, plain
+    return SprintControlNetReference.from_pretrained(tiny_checkpoint)
 
 
 def scribble(width=256, height=256, seed=0) -> Image.Image:
@@ -85,21 +46,8 @@ def scribble(width=256, height=256, seed=0) -> Image.Image:
 
 
 def _reference_images(reference, control_image, scale, seed=1234, **kw):
-    from diffusers import SanaControlNetPipeline
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
-
-    ref, _ = reference
-    height, width = kw["height"], kw["width"]
-    if kw.get("use_resolution_binning", True):
-        height, width = ref.image_processor.classify_height_width_bin(height, width, ratios=ASPECT_RATIO_1024_BIN)
-    prompts = [kw["prompt"]] if isinstance(kw["prompt"], str) else kw["prompt"]
-    n = kw.get("num_images_per_prompt", 1)
-    pixels = SanaControlNetPipeline.prepare_image(ref, control_image, width, height, len(prompts) * n, n, "cpu",
-                                                  torch.float32)
-    with torch.no_grad():
-        ref.transformer.control = ref.vae.encode(pixels).latent * ref.vae.config.scaling_factor
-    ref.transformer.scale = scale
-    return ref(**kw, generator=torch.Generator().manual_seed(seed), output_type="np").images
+    return reference(control_image=control_image, controlnet_conditioning_scale=scale, **kw,
+                     generator=torch.Generator().manual_seed(seed), output_type="np").images
 
 
 CASES = {
@@ -136,19 +84,17 @@ def test_images_match_the_diffusers_module_reference(case, pipe, reference):
 def test_the_controlnet_changes_the_image_and_scale_0_is_text_to_image(pipe, reference):
     """A ControlNet that added nothing (diffusers zero-initialises its projections) would pass every parity
     test: the seeded one must move the image, and scale 0 must give exactly the plain pipeline's image."""
-    _, plain = reference
-    ref, _ = reference
     kw = dict(prompt="a small red boat", num_inference_steps=2, height=128, width=192, use_resolution_binning=False,
               output_type="np")
     with_control = pipe(**kw, control_image=scribble(), generator=torch.Generator().manual_seed(7)).images
     off = pipe(**kw, control_image=scribble(), controlnet_conditioning_scale=0.0,
                generator=torch.Generator().manual_seed(7)).images
-    controlled = ref.transformer
-    ref.transformer = plain
+    controlled = reference.pipe.transformer
+    reference.pipe.transformer = reference.plain_transformer  # diffusers' SanaSprintPipeline as it is
     try:
-        text_to_image = ref(**kw, generator=torch.Generator().manual_seed(7)).images
+        text_to_image = reference.pipe(**kw, generator=torch.Generator().manual_seed(7)).images
     finally:
-        ref.transformer = controlled
+        reference.pipe.transformer = controlled
     assert np.abs(with_control - off).max() > 0.05
     assert np.abs(off - text_to_image).max() <= TOL
 

@@ -91,3 +91,55 @@ def test_png_round_trip_is_lossless():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 6, 3), dtype=np.uint8))
     back = Image.open(io.BytesIO(base64.b64decode(api.png_b64(img))))
     assert np.array_equal(np.asarray(back), np.asarray(img))
+
+
+def _scribble_b64(size=(64, 64), stroke=None) -> str:
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", size)
+    if stroke:
+        ImageDraw.Draw(img).line(stroke, fill=(255, 255, 255), width=4)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (dict(control_image="%%%"), 422, "control_image"),
+    (dict(control_image=base64.b64encode(b"GIF? no").decode()), 422, "control_image"),
+    (dict(control_image=[1, 2]), 422, "control_image"),
+    (dict(controlnet_conditioning_scale=0.5), 422, "controlnet_conditioning_scale"),  # without a control image
+    (dict(control_image="CTRL", controlnet_conditioning_scale="high"), 422, "controlnet_conditioning_scale"),
+    (dict(control_image="CTRL", controlnet_conditioning_scale=[]), 422, "controlnet_conditioning_scale"),
+])
+def test_malformed_controlnet_fields_are_422s_naming_them(body, status, param):
+    body = {k: (_scribble_b64() if v == "CTRL" else v) for k, v in body.items()}
+    with pytest.raises(api.ApiError) as info:
+        api.parse_request(json.dumps(dict(prompt="x", **body)).encode())
+    assert info.value.status == status and info.value.param == param, info.value.message
+
+
+def test_a_huge_control_image_is_refused_before_its_pixels_are_decoded():
+    with pytest.raises(api.ApiError) as info:
+        api.parse_request(json.dumps(dict(prompt="x", size="64x64", control_image=_scribble_b64((3000, 2000)))).encode(),
+                          api.Limits(max_pixels=4_000_000))
+    assert info.value.status == 413 and info.value.param == "control_image"
+
+
+def test_controlnet_requests_batch_together_and_each_keeps_its_image(engine_dir):
+    from sprintrt import SprintControlNetPipeline
+
+    pipe = SprintControlNetPipeline.from_engines(engine_dir)
+    reqs = [_parse(prompt="a koi pond", n=2, size="128x96", num_inference_steps=1, seed=11,
+                   control_image=_scribble_b64(stroke=(5, 5, 60, 40))),
+            _parse(prompt="an owl", n=1, size="128x96", num_inference_steps=1, seed=12,
+                   control_image=_scribble_b64(stroke=(60, 5, 5, 60)))]
+    plain = _parse(prompt="an owl", size="128x96", num_inference_steps=1, seed=12)
+    assert reqs[0].batch_key() == reqs[1].batch_key() != plain.batch_key()
+    call = api.batch_call(reqs)
+    batched = api.pipeline_method(pipe, call)(**call, output_type="np").images
+    k = 0
+    for req in reqs:
+        alone = pipe(**req.call_arguments(), output_type="np").images
+        assert np.abs(batched[k:k + req.n] - alone).max() <= 1e-5
+        k += req.n

@@ -293,3 +293,43 @@ def test_fuzzed_requests_all_get_an_answer_and_the_server_lives(local_server):
     assert get(server.url, "/health")[0] == 200 and server.proc.poll() is None
     assert len(answers) >= 60
 
+
+
+def _png_b64(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_controlnet_request_gets_the_pipelines_image_and_a_bad_control_image_a_422(local_server, engine_dir):
+    """Over engines with a ControlNet the server answers both kinds of request: a ControlNet one with the image
+    SprintControlNetPipeline gives for the same seed, a plain one with text to image's, a malformed control_image
+    with a 422 naming it."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from sprintrt import SprintControlNetPipeline
+
+    scribble = Image.new("RGB", (96, 128))
+    ImageDraw.Draw(scribble).line((10, 10, 80, 110), fill=(255, 255, 255), width=5)
+    body = dict(prompt="a cat", size="96x128", num_inference_steps=1, seed=5, control_image=_png_b64(scribble),
+                controlnet_conditioning_scale=0.75)
+    server = local_server()
+    status, answer, _ = post(server.url, body)
+    assert status == 200, answer
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))))
+    pipe = SprintControlNetPipeline.from_engines(engine_dir)
+    req = api.parse_request(json.dumps(body).encode())
+    expected = np.asarray(pipe(**req.call_arguments()).images[0])
+    assert np.array_equal(served, expected)
+    status, plain, _ = post(server.url, {k: v for k, v in body.items() if "control" not in k})
+    assert status == 200 and plain["data"][0]["b64_json"] != answer["data"][0]["b64_json"]
+    for bad in ("not base64!", base64.b64encode(b"not an image").decode(), 7):
+        status, err, _ = post(server.url, {**body, "control_image": bad})
+        assert status == 422 and err["error"]["param"] == "control_image", err
