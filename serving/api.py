@@ -242,25 +242,21 @@ def _number_or_none(body: dict, name: str, default):
     return float(value)
 
 
-def pipeline_method(pipe, call: dict, name: str = "__call__"):
-    """The pipeline method a call runs: the ControlNet pipeline's with a control_image, text to image's without
-    (a server over engines with a ControlNet loads one SprintControlNetPipeline that holds both)."""
-    from sprintrt.runtime.pipeline import SprintPipeline
-
-    if "control_image" in call:
-        if getattr(pipe, "controlnet", None) is None:
-            raise ApiError(422, "control_image needs engines with a ControlNet, and this server's have none. Fix: "
-                                "drop control_image, or serve engines of a model exported with --controlnet",
-                           "control_image")
-        return getattr(pipe, name)
-    return getattr(SprintPipeline, name).__get__(pipe)
+def pipeline_for(call: dict, pipe, controlnet_pipe):
+    """The pipeline a call runs on: the ControlNet one with a control_image (a 422 when the engines have no
+    ControlNet), text to image's without."""
+    if "control_image" not in call:
+        return pipe
+    if controlnet_pipe is None:
+        raise ApiError(422, "control_image needs engines with a ControlNet, and this server's have none. Fix: drop "
+                            "control_image, or serve engines of a model exported with --controlnet", "control_image")
+    return controlnet_pipe
 
 
 def check_with_pipeline(pipe, req: GenerationRequest) -> None:
     """The runtime's own checks of this request (no engine runs); its typed errors become 422s."""
-    call = req.call_arguments()
     try:
-        pipeline_method(pipe, call, "check_arguments")(**call, output_type="pil")
+        pipe.check_arguments(**req.call_arguments(), output_type="pil")
     except InvalidInputError as e:
         raise as_api_error(e) from None
 

@@ -107,9 +107,9 @@ class Job:
     deadline: float
 
 
-def load_pipeline(engine_dir, threads: int | None = None, verify_sha256: bool = True):
-    """The replica's pipeline: SprintPipeline, or, over engines with a ControlNet, one SprintControlNetPipeline
-    holding the text-to-image engines too (api.pipeline_method picks the call per request)."""
+def load_pipelines(engine_dir, threads: int | None = None, verify_sha256: bool = True):
+    """(SprintPipeline, SprintControlNetPipeline or None). Over engines with a ControlNet, both pipelines share
+    the text encoder and VAE engines, loaded once; api.pipeline_for picks one per request."""
     from sprintrt.manifest import read_manifest
     from sprintrt.runtime.controlnet import SprintControlNetPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
@@ -117,10 +117,13 @@ def load_pipeline(engine_dir, threads: int | None = None, verify_sha256: bool = 
     built = read_manifest(engine_dir).components
     kw = dict(threads=threads, verify_sha256=verify_sha256)
     if not all(c in built for c in S.CONTROLNET_TO_IMAGE):
-        return SprintPipeline.from_engines(engine_dir, **kw)
+        return SprintPipeline.from_engines(engine_dir, **kw), None
     wanted = (*S.TEXT_TO_IMAGE, *S.CONTROLNET_TO_IMAGE)
-    return SprintControlNetPipeline.from_engines(engine_dir, components=[c for c in S.COMPONENTS
-                                                                         if c in wanted and c in built], **kw)
+    controlled = SprintControlNetPipeline.from_engines(engine_dir, components=[c for c in S.COMPONENTS
+                                                                               if c in wanted and c in built], **kw)
+    plain = SprintPipeline({c: controlled.engine(c) for c in S.TEXT_TO_IMAGE}, controlled.tokenizer,
+                           controlled.manifest)
+    return plain, controlled
 
 
 class Server:
@@ -129,9 +132,12 @@ class Server:
     def __init__(self, options: ServeOptions):
         self.options = options
         self.limits = options.limits()
-        self.pipe = load_pipeline(options.engine_dir, options.threads, options.verify_sha256)
-        self.pipe.cache_instruction()  # the default instruction's text-encoder prefix, before the first request
-        engine_batch = min(self.pipe.limits[c]["batch"].max for c in S.TRANSFORMER_FAMILY if c in self.pipe.limits)
+        # Text to image; and, over engines with a ControlNet, SanaSprint + ControlNet sharing its engines.
+        self.pipe, self.controlnet_pipe = load_pipelines(options.engine_dir, options.threads, options.verify_sha256)
+        for pipe in self.pipelines():
+            pipe.cache_instruction()  # the default instruction's text-encoder prefix, before the first request
+        engine_batch = min(p.limits[c]["batch"].max for p in self.pipelines() for c in S.TRANSFORMER_FAMILY
+                           if c in p.limits)
         self.max_images = min(options.max_batch, engine_batch)
         self.metrics = Metrics()
         self.admitted = 0  # requests answered or not whose work has not finished (queued, running or stopping)
@@ -139,6 +145,9 @@ class Server:
         self.engine_calls: list[int] = []  # images per engine call, for tests and logs
         self._lock = threading.Lock()  # one engine call at a time per replica
         self.batched = None  # async (Job) -> dict | ApiError: the batcher of whoever runs this server
+
+    def pipelines(self) -> list:
+        return [p for p in (self.pipe, self.controlnet_pipe) if p is not None]
 
     # ---- admission ----------------------------------------------------------------------------
     def admit(self) -> None:
@@ -165,7 +174,7 @@ class Server:
                 raise api.ApiError(415, f"Content-Type {kind or 'missing'!r} is not allowed: expected "
                                         "'application/json'. Fix: send the body as JSON with that header")
             req = api.parse_request(await request.body(), self.limits)
-            api.check_with_pipeline(self.pipe, req)
+            api.check_with_pipeline(api.pipeline_for(req.call_arguments(), self.pipe, self.controlnet_pipe), req)
             self.admit()
         except api.ApiError as e:
             return self._answer(e.status, e.body(), e.headers())
@@ -237,9 +246,10 @@ class Server:
     def _run_chunk(self, jobs: list[Job], chunk: list[int], results: list) -> None:
         reqs = [jobs[i].request for i in chunk]
         images = sum(r.n for r in reqs)
-        with self._lock, self.pipe.deadline(max(jobs[i].deadline for i in chunk)):
-            call = api.batch_call(reqs)
-            out = api.pipeline_method(self.pipe, call)(**call, output_type="pil")
+        call = api.batch_call(reqs)
+        pipe = api.pipeline_for(call, self.pipe, self.controlnet_pipe)
+        with self._lock, pipe.deadline(max(jobs[i].deadline for i in chunk)):
+            out = pipe(**call, output_type="pil")
         self.engine_calls.append(images)
         self.metrics.batch_images.observe(images)
         for stage in STAGES:

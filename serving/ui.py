@@ -42,22 +42,21 @@ class LatestWins:
     """Runs pipeline calls one at a time; a call that a newer one overtakes is dropped while it waits and
     stopped at its next stage boundary while it runs. `run` returns None for a dropped call."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
+    def __init__(self):
         self._lock = threading.Lock()
         self._tickets = itertools.count(1)
         self.latest = 0
         self.dropped = 0  # calls overtaken by newer ones (for tests and logs)
 
-    def run(self, method, **call):
+    def run(self, pipe, **call):
         ticket = self.latest = next(self._tickets)
         with self._lock:
             if self.latest != ticket:
                 self.dropped += 1
                 return None
             try:
-                with self.pipe.cancel_when(lambda: self.latest != ticket):
-                    return method(**call)
+                with pipe.cancel_when(lambda: self.latest != ticket):
+                    return pipe(**call)
             except CallCancelled:
                 self.dropped += 1
                 return None
@@ -95,20 +94,18 @@ def sketch_image(value):
     return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
 
 
-def build_ui(pipe, title: str = "sprintrt: SANA-Sprint"):
-    """The Gradio Blocks over a loaded pipeline (SprintControlNetPipeline holding the text-to-image engines too,
-    or SprintPipeline)."""
+def build_ui(pipe, controlnet_pipe=None, title: str = "sprintrt: SANA-Sprint"):
+    """The Gradio Blocks over loaded pipelines: SprintPipeline, and SprintControlNetPipeline (or None) for the
+    sketch tab (serving.app.load_pipelines gives both, sharing their engines)."""
     gr = _gradio()
-    from sprintrt.runtime.pipeline import SprintPipeline
 
-    runner = LatestWins(pipe)
-    has_controlnet = getattr(pipe, "controlnet", None) is not None
+    runner = LatestWins()  # one for the page: a request of either tab overtakes the other's
 
-    def call(method, prompt, seed, steps, size, **extra):
+    def call(target, prompt, seed, steps, size, **extra):
         width, height = _size(size)
         steps = int(steps)
         try:
-            out = runner.run(method, prompt=prompt, num_inference_steps=steps,
+            out = runner.run(target, prompt=prompt, num_inference_steps=steps,
                              intermediate_timesteps=D.intermediate_timesteps_for(steps), height=height, width=width,
                              generator=int(seed), use_resolution_binning=False, output_type="pil", **extra)
         except InvalidInputError as e:
@@ -118,7 +115,7 @@ def build_ui(pipe, title: str = "sprintrt: SANA-Sprint"):
         return out.images[0], latency_text(out.timings)
 
     def text_to_image(prompt, seed, steps, size):
-        return call(SprintPipeline.__call__.__get__(pipe), prompt, seed, steps, size)
+        return call(pipe, prompt, seed, steps, size)
 
     def sketch_to_image(prompt, sketch, seed, steps, scale, size):
         control = sketch_image(sketch)
@@ -127,11 +124,12 @@ def build_ui(pipe, title: str = "sprintrt: SANA-Sprint"):
             from PIL import Image
 
             control = Image.new("RGB", (width, height))
-        return call(pipe, prompt, seed, steps, size, control_image=control, controlnet_conditioning_scale=float(scale))
+        return call(controlnet_pipe, prompt, seed, steps, size, control_image=control,
+                    controlnet_conditioning_scale=float(scale))
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}\nOne-step text-to-image on {'/'.join(sorted(_backends(pipe)))} engines.")
-        if has_controlnet:
+        if controlnet_pipe is not None:
             with gr.Tab("Sketch to image"):
                 with gr.Row():
                     with gr.Column():
@@ -181,21 +179,17 @@ def _backends(pipe) -> set:
     return {pipe.manifest.components[c]["backend"] for c in pipe.limits}
 
 
-def load_ui_pipeline(engine_dir, threads: int | None = None, verify_sha256: bool = True):
-    """SprintControlNetPipeline with the text-to-image engines too where the engines have a ControlNet, else
-    SprintPipeline."""
-    from sprintrt.serving.app import load_pipeline
-
-    return load_pipeline(engine_dir, threads=threads, verify_sha256=verify_sha256)
-
-
 def run_ui(engine_dir, host: str = D.SERVE_HOST, port: int = D.UI_PORT, threads: int | None = None,
            verify_sha256: bool = True, say=print) -> None:
     """Serve the page until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    pipe = load_ui_pipeline(engine_dir, threads=threads, verify_sha256=verify_sha256)
-    pipe.cache_instruction()
-    demo = build_ui(pipe)
+    from sprintrt.serving.app import load_pipelines
+
+    pipes = load_pipelines(engine_dir, threads=threads, verify_sha256=verify_sha256)
+    for pipe in pipes:
+        if pipe is not None:
+            pipe.cache_instruction()
+    demo = build_ui(*pipes)
     say(f"sprintrt ui: http://{host}:{port} (Ctrl-C stops it)")
     demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, share=False, show_error=True,
                                                    quiet=True)

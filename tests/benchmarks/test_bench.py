@@ -194,6 +194,25 @@ def test_image_to_image_benchmark(tiny_checkpoint, tiny_results):
 
 
 
+def test_controlnet_benchmark(tiny_checkpoint, tiny_results):
+    """--controlnet times SprintControlNetPipeline against the diffusers-module reference on the same scribble:
+    the ControlNet and the control image's encoding are timed per stage, the images agree."""
+    _, work = tiny_results  # the export (with the ControlNet) and engines are reused
+    config = C.BenchConfig(model=str(tiny_checkpoint), arch=None, resolutions=[(128, 96)], steps=[2], warmup=0,
+                           runs=1, workdir=work, baselines=["torch-fp32"], controlnet=True)
+    doc = run_bench(config, say=lambda *a: None)
+    (r,) = doc["results"]
+    assert doc["settings"]["controlnet"] is True
+    by = {s["name"]: s for s in r["systems"]}
+    ours, ref = by["sprintrt onnxruntime fp32"], by["torch-fp32"]
+    for system in (ours, ref):
+        assert {"controlnet", "vae_encoder", "transformer"} <= set(system["stages"])
+    assert ours["image_vs_reference"]["max_abs"] <= PARITY_MAX_ABS
+    assert "ControlNet s" in R.report(doc)
+    with pytest.raises(InvalidInputError, match="no ControlNet image to image"):
+        C.BenchConfig(controlnet=True, strength=0.5).check()
+
+
 def test_auto_candidate_benchmarks_the_tuned_engines(tiny_checkpoint, typed_onnx_dir, tmp_path):
     """`--candidates auto`: the engines `build --backend auto` tunes on this CPU, with the choice reported."""
     pytest.importorskip("openvino")
@@ -203,7 +222,8 @@ def test_auto_candidate_benchmarks_the_tuned_engines(tiny_checkpoint, typed_onnx
     doc = run_bench(config, say=lambda *a: None)
     (auto,) = [s for s in doc["results"][0]["systems"] if s["kind"] == "candidate"]
     assert auto["name"] == "sprintrt auto tuned"
-    assert set(auto["tuned"]) == {"text_encoder", "transformer", "vae_decoder", "vae_encoder"}
+    assert set(auto["tuned"]) == {"text_encoder", "transformer", "vae_decoder", "vae_encoder", "controlnet",
+                                  "controlled_transformer"}
     assert all(choice.split(":")[0] in ("onnxruntime", "openvino") for choice in auto["tuned"].values())
     assert auto["image_vs_reference"]["psnr_db"] >= 35.0  # every choice passed the quality gate
 

@@ -137,7 +137,7 @@ def test_controlnet_requests_batch_together_and_each_keeps_its_image(engine_dir)
     plain = _parse(prompt="an owl", size="128x96", num_inference_steps=1, seed=12)
     assert reqs[0].batch_key() == reqs[1].batch_key() != plain.batch_key()
     call = api.batch_call(reqs)
-    batched = api.pipeline_method(pipe, call)(**call, output_type="np").images
+    batched = api.pipeline_for(call, None, pipe)(**call, output_type="np").images
     k = 0
     for req in reqs:
         alone = pipe(**req.call_arguments(), output_type="np").images

@@ -53,7 +53,7 @@ class _SlowPipe:
 
         return block()
 
-    def __call__(self, name):
+    def __call__(self, name):  # called by LatestWins.run(pipe, name=...)
         for _ in range(20):
             if self.cancelled():
                 raise CallCancelled("cancelled")
@@ -66,7 +66,7 @@ def test_the_latest_request_wins_and_overtaken_ones_stop():
     from sprintrt.serving.ui import LatestWins
 
     pipe = _SlowPipe()
-    runner = LatestWins(pipe)
+    runner = LatestWins()
     results = {}
 
     def send(name):
