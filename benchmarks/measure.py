@@ -89,18 +89,6 @@ def input_picture(height: int, width: int) -> np.ndarray:
     return picture.astype(np.float32)
 
 
-def control_picture(height: int, width: int) -> "object":
-    """A fixed scribble (white strokes on black, SANA's ControlNet format) for ControlNet benchmarks."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(img)
-    stroke = max(2, min(height, width) // 64)
-    draw.ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), outline=(255, 255, 255), width=stroke)
-    draw.line((width // 8, 7 * height // 8, 7 * width // 8, height // 8), fill=(255, 255, 255), width=stroke)
-    return img
-
-
 def steps_run(steps: int, strength: float | None) -> int:
     """Transformer calls of one generation: every step for text to image, fewer for image to image."""
     from sprintrt.runtime.img2img import start_index

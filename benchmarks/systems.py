@@ -12,8 +12,8 @@ import numpy as np
 
 from sprintrt import defaults as D
 from sprintrt.benchmarks.config import OPTIMUM, BenchConfig, is_auto, system_name
-from sprintrt.benchmarks.measure import (PeakRss, control_picture, input_picture, stage_seconds, stats, summarise,
-                                         timed_runs)
+from sprintrt.benchmarks.measure import PeakRss, input_picture, stage_seconds, stats, summarise, timed_runs
+from sprintrt.runtime.image import control_picture
 
 
 class SystemFailed(RuntimeError):

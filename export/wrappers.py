@@ -92,12 +92,17 @@ class TransformerWrapper(nn.Module):
             block.attn2.set_processor(BroadcastMaskSanaAttnProcessor())
 
     def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, guidance):
+        return self.run(hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, guidance)
+
+    def run(self, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, guidance,
+            controlnet_block_samples=None):
         out = self.transformer(
             hidden_states,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
             timestep=timestep,
             guidance=guidance,
+            controlnet_block_samples=controlnet_block_samples,
             return_dict=False,
         )
         return (out[0],)
@@ -139,16 +144,8 @@ class ControlledTransformerWrapper(TransformerWrapper):
 
     def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, guidance, block_samples):
         tokens = block_samples.reshape(block_samples.shape[0], block_samples.shape[1], -1, block_samples.shape[-1])
-        out = self.transformer(
-            hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            timestep=timestep,
-            guidance=guidance,
-            controlnet_block_samples=tuple(tokens.unbind(0)),
-            return_dict=False,
-        )
-        return (out[0],)
+        return self.run(hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, guidance,
+                        tuple(tokens.unbind(0)))
 
 
 class ChannelsFirstRMSNorm(nn.Module):

@@ -144,6 +144,20 @@ def preprocess_image(kind: str, images, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.float32(2.0) * x - np.float32(1.0), dtype=np.float32)
 
 
+def control_picture(height: int, width: int) -> "object":
+    """A fixed scribble (white strokes on black, SANA's ControlNet format): the control image the ControlNet
+    benchmark and the tuner run with."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(img)
+    stroke = max(2, min(height, width) // 64)
+    draw.ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), outline=(255, 255, 255), width=stroke)
+    draw.line((width // 8, 7 * height // 8, 7 * width // 8, height // 8), fill=(255, 255, 255), width=stroke)
+    return img
+
+
+
 # ---- image output: checked before any work, written atomically ---------------------------------------------
 
 COMMON_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

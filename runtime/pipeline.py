@@ -184,23 +184,25 @@ class SprintPipeline:
         """Calls in this block stop at the next stage boundary (before the text encoder, each transformer step
         and the VAE) once time.monotonic() passes `at`, raising DeadlineExceeded: a server frees the machine
         for the next request instead of finishing an answer nobody waits for. None: no deadline."""
-        before = getattr(self._calls, "deadline", None)
-        self._calls.deadline = at
-        try:
+        with self._per_call("deadline", at):
             yield
-        finally:
-            self._calls.deadline = before
 
     @contextlib.contextmanager
     def cancel_when(self, cancelled):
         """Calls in this block stop at the next stage boundary once `cancelled()` is true, raising CallCancelled:
         an interactive page drops a request that a newer one (the user drew again) has made pointless."""
-        before = getattr(self._calls, "cancelled", None)
-        self._calls.cancelled = cancelled
+        with self._per_call("cancelled", cancelled):
+            yield
+
+    @contextlib.contextmanager
+    def _per_call(self, name: str, value):
+        """Set a per-thread call setting (read at each stage boundary) for the block, restoring it after."""
+        before = getattr(self._calls, name, None)
+        setattr(self._calls, name, value)
         try:
             yield
         finally:
-            self._calls.cancelled = before
+            setattr(self._calls, name, before)
 
     def _check_deadline(self, stage: str) -> None:
         cancelled = getattr(self._calls, "cancelled", None)

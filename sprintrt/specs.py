@@ -360,18 +360,17 @@ def _block_samples(m: ModelDims, b: Dim, h: Dim, w: Dim) -> TensorSpec:
 
 
 def controlnet_spec(m: ModelDims) -> ComponentSpec:
-    b = _batch(m)
-    seq = Dim("text_seq", 1, m.max_sequence_length, MAX_SEQUENCE_LENGTH_LIMIT, sample=16, probes=(5, 33))
-    h = _latent(m, "latent_height", sample=8, probes=(5, 12))
-    w = _latent(m, "latent_width", sample=6, probes=(9, 4))
+    """The transformer's inputs less guidance (the ControlNet has no guidance embedding), plus the control latent
+    (shaped as the latents) and the scale per image and block."""
+    plain = transformer_spec(m)
+    latents, text, mask, timestep = (plain.input(n) for n in ("hidden_states", "encoder_hidden_states",
+                                                               "encoder_attention_mask", "timestep"))
+    b, _, h, w = latents.dims
     return ComponentSpec(
         CONTROLNET,
         inputs=(
-            TensorSpec("hidden_states", "float32", (b, m.latent_channels, h, w)),
-            TensorSpec("encoder_hidden_states", "float32", (b, seq, m.text_hidden)),
-            TensorSpec("encoder_attention_mask", "int64", (b, seq), values="padding_mask"),
-            TensorSpec("timestep", "float32", (b,), values="unit_interval"),
-            TensorSpec("controlnet_cond", "float32", (b, m.latent_channels, h, w)),
+            latents, text, mask, timestep,
+            TensorSpec("controlnet_cond", "float32", latents.dims),
             TensorSpec("conditioning_scale", "float32", (b, m.controlnet_blocks), values="unit_interval"),
         ),
         outputs=(_block_samples(m, b, h, w),),

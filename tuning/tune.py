@@ -115,34 +115,36 @@ def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: 
 
 
 def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
-    """{component: the inputs it gets in one {size}² call of the default prompt (1 step)}."""
+    """{component: the inputs it gets in one {size}² call of the default prompt (1 step)}; the ControlNet's two
+    components in one ControlNet call of the same size (control_picture), sharing the loaded engines."""
+    from sprintrt.runtime.controlnet import SprintControlNetPipeline
+    from sprintrt.runtime.image import control_picture
     from sprintrt.runtime.pipeline import SprintPipeline
 
-    pipe = SprintPipeline.from_engines(engine_dir)
+    built = read_manifest(engine_dir).components
+    controlled = [c for c in (S.CONTROLNET, S.CONTROLLED_TRANSFORMER) if c in components]
+    if controlled and not all(c in built for c in S.CONTROLNET_TO_IMAGE):
+        raise InvalidInputError(f"tuning {controlled} needs engines of {list(S.CONTROLNET_TO_IMAGE)} to run a ControlNet "
+                                "call. Fix: export the VAE encoder too (the default), or leave the ControlNet out")
+    if controlled:
+        cn = SprintControlNetPipeline.from_engines(engine_dir, components=[
+            c for c in S.COMPONENTS if c in (*S.TEXT_TO_IMAGE, *S.CONTROLNET_TO_IMAGE)])
+        pipe = SprintPipeline({c: cn.engine(c) for c in S.TEXT_TO_IMAGE}, cn.tokenizer, cn.manifest)
+    else:
+        pipe = SprintPipeline.from_engines(engine_dir)
+    call = dict(num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
+                use_resolution_binning=False, generator=0)
     with recording(pipe, S.TEXT_TO_IMAGE) as recorders:
-        pipe(DEFAULT_PROMPT, num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
-             use_resolution_binning=False, generator=0, output_type="np")
+        pipe(DEFAULT_PROMPT, **call, output_type="np")
     # The last call of each: the text encoder's first call runs the instruction alone (computed once, then
     # reused), its last the prompt's own tokens after it, as every later image does.
     feeds = {c: r.feeds[-1] for c, r in recorders.items()}
-    for c in S.TEXT_TO_IMAGE:
-        pipe.engine(c).release()
-    controlled = [c for c in (S.CONTROLNET, S.CONTROLLED_TRANSFORMER) if c in components]
-    if controlled:  # the ControlNet's two components, in one ControlNet call of the same size and prompt
-        from PIL import Image, ImageDraw
-
-        from sprintrt.runtime.controlnet import SprintControlNetPipeline
-
-        cn = SprintControlNetPipeline.from_engines(engine_dir)
-        scribble = Image.new("RGB", (size, size))
-        ImageDraw.Draw(scribble).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), outline=(255,) * 3,
-                                         width=max(2, size // 64))
+    if controlled:
         with recording(cn, controlled) as recorders:
-            cn(DEFAULT_PROMPT, control_image=scribble, num_inference_steps=1, intermediate_timesteps=None,
-               height=size, width=size, use_resolution_binning=False, generator=0, output_type="latent")
+            cn(DEFAULT_PROMPT, control_image=control_picture(size, size), **call, output_type="latent")
         feeds.update({c: r.feeds[-1] for c, r in recorders.items()})
-        for c in S.CONTROLNET_TO_IMAGE:
-            cn.engine(c).release()
+    for c in {*S.TEXT_TO_IMAGE, *(S.CONTROLNET_TO_IMAGE if controlled else ())}:
+        (cn if controlled else pipe).engine(c).release()
     if S.VAE_ENCODER in components:
         spec = S.vae_encoder_spec(S.ModelDims.from_json(pipe.manifest.data["model_dims"]))
         side = size // pipe.manifest.data["model_dims"]["vae_scale_factor"]
