@@ -71,7 +71,13 @@ def tuning_table(manifest: dict) -> list[str]:
             if "error" in row:
                 lines.append(f"{comp:13s} {row['candidate']:18s} {row['error']}")
                 continue
-            gate = "ok" if row["passed"] else f"below the gate ({tuning['min_cosine']})"
-            lines.append(f"{comp:13s} {row['candidate']:18s} {row['seconds']:9.3f} s  cosine {row['cosine']:.6f}  "
+            if "dropped" in row:  # screened out at the smaller size, never timed at the tuning size
+                lines.append(f"{comp:13s} {row['candidate']:18s} {row['screen_seconds']:9.3f} s at "
+                             f"{tuning.get('screen_size')}x{tuning.get('screen_size')}: dropped ({row['dropped']})")
+                continue
+            psnr = f"  PSNR {row['psnr_db']:.1f} dB" if "psnr_db" in row else ""
+            floor = f"cosine {tuning['min_cosine']}" + (f", {tuning['min_psnr_db']} dB" if "min_psnr_db" in tuning else "")
+            gate = "ok" if row["passed"] else f"below the gate ({floor})"
+            lines.append(f"{comp:13s} {row['candidate']:18s} {row['seconds']:9.3f} s  cosine {row['cosine']:.6f}{psnr}  "
                          f"{gate} {mark}".rstrip())
     return lines

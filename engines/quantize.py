@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Mapping
 
 from sprintrt import machine
+from sprintrt.engines import sensitivity
+from sprintrt.engines.sensitivity import GROUPS
 from sprintrt.errors import InvalidInputError
 from sprintrt.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER
 
@@ -127,13 +129,20 @@ def for_tensorrt(target: Mapping | None) -> bool:
     return target is not None and target.get("kind") != "cpu"
 
 
-def recipe(precision: str, target: Mapping | None = None) -> str:
-    """The name of the Q/DQ recipe used for `precision` on `target`: part of the engine key."""
+def measured(precision: str, component: str | None) -> bool:
+    """Whether `component`'s int8 layers are chosen by measured sensitivity (engines/sensitivity.py)."""
+    return precision == "int8" and component in GROUPS
+
+
+def recipe(precision: str, target: Mapping | None = None, component: str | None = None) -> str:
+    """The name of the Q/DQ recipe used for `precision` on `target` (for `component`): part of the engine key.
+    "-mixed": the layers in int8 were chosen by measurement, the others stay in float."""
+    name = precision
     if precision == "int8" and int8_saturates(target):
-        return "int8-w7"
-    if precision == "int8" and for_tensorrt(target):
-        return "int8-fbias"
-    return precision
+        name = "int8-w7"
+    elif precision == "int8" and for_tensorrt(target):
+        name = "int8-fbias"
+    return name + ("-mixed" if measured(precision, component) else "")
 
 
 # Op types whose output ONNX Runtime's quantizer must leave in float. It quantizes a quantized MatMul's output too
@@ -150,8 +159,9 @@ def recipe_label(precision: str, target: Mapping | None, component: str, calibra
     """The precision part of a quantized engine's key: the recipe, and a hash of what else decides the
     Q/DQ graph (the layers kept in higher precision, the outputs left in float, the calibration set), so no
     engine quantized by other rules or data is ever reused."""
-    rules = repr((KEEP_HIGH_PRECISION[component], calibration) + ((UNQUANTIZED_OUTPUTS,) if precision == "int8" else ()))
-    return recipe(precision, target) + "-" + hashlib.sha256(rules.encode()).hexdigest()[:8]
+    rules = repr((KEEP_HIGH_PRECISION[component], calibration) + ((UNQUANTIZED_OUTPUTS,) if precision == "int8" else ())
+                 + ((sensitivity.rules(component),) if measured(precision, component) else ()))
+    return recipe(precision, target, component) + "-" + hashlib.sha256(rules.encode()).hexdigest()[:8]
 
 
 def _settings(precision: str, n_feeds: int, target: Mapping | None, component: str) -> dict:
@@ -179,7 +189,7 @@ def _settings(precision: str, n_feeds: int, target: Mapping | None, component: s
 
 
 def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8",
-                 target: Mapping | None = None, *, component: str) -> dict:
+                 target: Mapping | None = None, *, component: str, say=lambda msg: None) -> dict:
     """Write the int8 or fp8 Q/DQ version of `component`'s graph `source` to `out` (temp name, then
     rename) for the engines' `target` (None: this machine's CPU). Returns what was done.
 
@@ -213,8 +223,25 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
         with tempfile.TemporaryDirectory(prefix="sprintrt-calibration-", dir=out.parent) as work:
             cache = Path(work) / "ranges.json"
             calibrated_ranges(source, feeds, settings, external, Path(work), cache)
-            quantize_static(str(source), str(tmp), None, quant_format=QuantFormat.QDQ, nodes_to_quantize=quantize,
-                            use_external_data_format=external, calibration_cache_path=str(cache), **settings)
+
+            def write(nodes: list[str], path: Path) -> None:
+                quantize_static(str(source), str(path), None, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
+                                use_external_data_format=external, calibration_cache_path=str(cache), **settings)
+
+            if measured(precision, component):
+                import onnx
+
+                from sprintrt.onnx_scopes import module_scopes
+
+                proto = onnx.load(str(source), load_external_data=False)
+                by_output = module_scopes(proto)
+                scopes = {n.name: by_output[n.output[0]] for n in proto.graph.node if n.output[0] in by_output}
+                del proto
+                chosen, measurement = sensitivity.choose_quantized(component, source, quantize, scopes, feeds, write,
+                                                                   Path(work), UNQUANTIZED_OUTPUTS, say)
+                keep = keep + [n for n in quantize if n not in set(chosen)]
+                quantize = chosen
+            write(quantize, tmp)
         if external:  # the graph names its weights file; keep that name valid after the rename
             _move_external_data(tmp, out)
         os.replace(tmp, out)
@@ -223,7 +250,8 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
         tmp.unlink(missing_ok=True)
         tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
     return {"quantized_nodes": len(quantize), "kept_high_precision": keep, "calibration_samples": len(feeds),
-            "quantization_recipe": recipe(precision, target)}
+            "quantization_recipe": recipe(precision, target, component),
+            **({"int8_sensitivity": measurement} if measured(precision, component) else {})}
 
 
 def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external: bool, work: Path, cache: Path):

@@ -182,6 +182,9 @@ def add_build(sub) -> None:
                                         "(default: every one this machine can build)")
     s.add_argument("--tune-size", type=int, default=D.DEFAULT_CALIBRATION_SIZE,
                    help="with --backend auto: time candidates on the inputs of one SIZExSIZE call (default %(default)s)")
+    s.add_argument("--exhaustive", action="store_true",
+                   help="with --backend auto: time every candidate at --tune-size (default: screen them at half the "
+                        "side first and time only the leaders there; slower, for checking the screened choice)")
     s.add_argument("--precision", default=None,
                    help="one precision for all (fp32, tf32, bf16, fp16; int8/fp8 quantize every component with a "
                         "recipe) or per component, e.g. transformer=fp16,vae_decoder=int8 (OpenVINO also "
@@ -227,7 +230,8 @@ def cmd_build(args) -> None:
 
             out = tune_engines(args.onnx_dir, args.output, candidate_names=_list(args.candidates),
                                prompts_file=args.calibration_prompts, count=args.calibration_count,
-                               size=args.tune_size, rebuild=args.rebuild, progress=status.update)
+                               size=args.tune_size, rebuild=args.rebuild, exhaustive=args.exhaustive,
+                               progress=status.update)
         elif request.calibrates:
             from sprintrt.tuning.calibration import build_quantized_engines
 

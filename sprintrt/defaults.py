@@ -71,18 +71,33 @@ VAE_CALIBRATION_SAMPLES = 8
 # ORT's calibration holds every intermediate output of a sample at once, and one real-decoder sample at
 # 512² took more than 24 GB (killed, measured). A convolution's ranges are those of its neighbourhoods.
 VAE_CALIBRATION_LATENT_SIDE = 8
+# int8 layers chosen by measured sensitivity (engines/sensitivity.py): the calibration samples each layer group
+# is measured on (the chosen set is verified on all of them: 8 for the decoder), and the margin over
+# IMAGE_MIN_PSNR_DB asked on them (the tuner's gate sees other inputs).
+INT8_SENSITIVITY_SAMPLES = 1
+INT8_SENSITIVITY_MARGIN_DB = 3.0
 
 # ---- `sprintrt build --backend auto`: per-component tuning on CPUs (tuning/tune.py) -------------------
 # The quality gate: a candidate's outputs must have at least this cosine similarity with the fp32 ONNX
 # Runtime reference's on the same inputs, for every output, or it is never chosen. Measured on the tiny
 # checkpoint: int8 transformer 0.9999, OpenVINO fp32 1.0; a broken engine is far below.
 TUNE_MIN_COSINE = 0.999
+# ... and a network whose output is the picture (the VAE decoder) must also keep this PSNR against the
+# reference's picture (issue #29's image gate: 0.999 cosine alone let through decoders 5 dB short of it).
+IMAGE_MIN_PSNR_DB = 40.0
 # Each candidate: one warm-up call, then at least TUNE_MIN_RUNS timed calls (median), more for fast ones
 # until TUNE_MIN_SECONDS in total or TUNE_MAX_RUNS. One timed call was not enough: on a shared 2-vCPU VM
 # the same real-size VAE engine measured 13.4 s in one process and 16.3 s in another.
 TUNE_MIN_RUNS = 3
 TUNE_MAX_RUNS = 10
 TUNE_MIN_SECONDS = 2.0
+# A tuner that finishes in minutes (issue #29: real size took 47 min on 2 cores): every candidate is first
+# timed on the inputs of a call TUNE_SCREEN_DIVISOR times smaller a side (a quarter of the pixels), and only
+# those within TUNE_LEADER_RATIO of the best passing one there are timed and gated at the tuning size; a
+# candidate whose first timed call is already TUNE_DROP_RATIO times the best's median is not timed further.
+TUNE_SCREEN_DIVISOR = 2
+TUNE_LEADER_RATIO = 1.25
+TUNE_DROP_RATIO = 2.0
 # int8 candidates are skipped where calibrating would not fit in memory. Calibration holds one copy of
 # the weights at a time (engines/quantize.py): measured at the real 0.6B size, calibrating and quantizing
 # Gemma2 (8.1 GB of fp32 weights) and the transformer peaked at 11.0 GB for the whole build, the fp32

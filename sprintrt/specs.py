@@ -36,6 +36,9 @@ IMAGE_TO_IMAGE = (TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER)
 CONTROLNET_TO_IMAGE = (TEXT_ENCODER, CONTROLNET, CONTROLLED_TRANSFORMER, VAE_DECODER, VAE_ENCODER)
 # Components made of SANA transformer blocks: the same precisions, islands and int8 recipe apply to each.
 TRANSFORMER_FAMILY = (TRANSFORMER, CONTROLNET, CONTROLLED_TRANSFORMER)
+# Components whose output is the picture, and its value range (peak to peak) for a PSNR: the decoder writes
+# pixels in about [-1, 1] (the image is output / 2 + 0.5). Quality gates on them ask a PSNR besides a cosine.
+PICTURE_OUTPUT_RANGE = {VAE_DECODER: 2.0}
 # What a checkpoint needs to have for a component to be exported (a ControlNet is optional).
 OPTIONAL_COMPONENTS = (CONTROLNET, CONTROLLED_TRANSFORMER)
 

@@ -11,7 +11,8 @@ winner can differ per network. So:
 2. Each candidate is built (engines/build.py, so the usual keys, checks and atomic writes apply; the
    int8 Q/DQ graph is calibrated once and shared by ONNX Runtime and OpenVINO), loaded alone, run once
    to warm up, then timed (median of TUNE_MIN_RUNS or more calls), and its outputs are compared with
-   the reference's: cosine >= TUNE_MIN_COSINE (sprintrt/defaults.py) or it is never chosen.
+   the reference's: cosine >= TUNE_MIN_COSINE (sprintrt/defaults.py), and for the VAE decoder, whose output is
+   the picture, PSNR >= IMAGE_MIN_PSNR_DB too, or it is never chosen (`gate`).
 3. The fastest passing candidate's files are moved into the engine directory; its manifest entry carries
    the whole table under "tuning" (candidates, seconds, cosine, pass/fail, the choice) and a tuning key
    (machine, library versions, source graphs, candidates, calibration, size, gate). A later build with
@@ -37,15 +38,16 @@ from typing import Callable
 
 from sprintrt import machine
 from sprintrt.defaults import (CALIBRATION_MEMORY_FACTOR, DEFAULT_BACKEND, DEFAULT_CALIBRATION_COUNT,
-                               DEFAULT_CALIBRATION_SIZE, DEFAULT_PROMPT, TUNE_MAX_RUNS, TUNE_MIN_COSINE, TUNE_MIN_RUNS,
-                               TUNE_MIN_SECONDS)
+                               DEFAULT_CALIBRATION_SIZE, DEFAULT_PROMPT, IMAGE_MIN_PSNR_DB, TUNE_MAX_RUNS,
+                               TUNE_DROP_RATIO, TUNE_LEADER_RATIO, TUNE_MIN_COSINE, TUNE_MIN_RUNS,
+                               TUNE_MIN_SECONDS, TUNE_SCREEN_DIVISOR)
 from sprintrt.engines.build import build_engines, intact, read_existing, write_manifest
 from sprintrt.engines.precision import QUANTIZED, EngineChoice, Precision
 from sprintrt.engines.registry import backend_module, cpu_backends
 from sprintrt.errors import InvalidInputError, SprintError
 from sprintrt.export_info import read_export_info, weights_bytes
 from sprintrt.manifest import engine_files, read_manifest
-from sprintrt.metrics import cosine
+from sprintrt.metrics import cosine, psnr
 from sprintrt.runtime.recording import recording
 from sprintrt.runtime.registry import load_engine
 from sprintrt import specs as S
@@ -100,9 +102,9 @@ def candidates(component: str, record: dict, target: dict, calibrate: bool,
 
 
 def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: dict, calibration: str | None,
-               size: int) -> str:
+               size: int, exhaustive: bool = False) -> str:
     """Everything that changes the measurement: machine, libraries, source graphs, candidates, calibration,
-    size and gate."""
+    size, gate and screening."""
     libraries = {}
     for backend in cpu_backends():  # each backend's library and those that decide some of its engines (int8w: NNCF)
         mod = backend_module(backend)
@@ -110,7 +112,9 @@ def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: 
             libraries[lib] = machine.library_version(lib)
     sources = {"fp32": record["sha256"], **{d: v["sha256"] for d, v in record.get("variants", {}).items()}}
     text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, size,
-                       TUNE_MIN_COSINE], sort_keys=True)
+                       TUNE_MIN_COSINE, IMAGE_MIN_PSNR_DB if component in S.PICTURE_OUTPUT_RANGE else None,
+                       None if exhaustive else [TUNE_SCREEN_DIVISOR, TUNE_LEADER_RATIO, TUNE_DROP_RATIO]],
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -152,25 +156,63 @@ def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
     return feeds
 
 
-def measure(engine, feeds: dict) -> tuple[float, dict]:
-    """(median seconds per call after one warm-up call, the outputs of the warm-up call)."""
+def measure(engine, feeds: dict, give_up_after: float | None = None) -> tuple[float, dict]:
+    """(median seconds per call after one warm-up call, the outputs of the warm-up call). A first timed call
+    longer than `give_up_after` seconds is the answer alone: that candidate has lost (TUNE_DROP_RATIO)."""
     outputs = engine(**feeds)
     times: list[float] = []
     while len(times) < TUNE_MIN_RUNS or (len(times) < TUNE_MAX_RUNS and sum(times) < TUNE_MIN_SECONDS):
         t0 = time.perf_counter()
         engine(**feeds)
         times.append(time.perf_counter() - t0)
+        if give_up_after is not None and times[0] > give_up_after:
+            break
     return statistics.median(times), outputs
 
 
-def _agreement(outputs: dict, reference: dict) -> float:
-    return min(cosine(outputs[name], ref) for name, ref in reference.items())
+def screening_size(size: int, vae_scale_factor: int) -> int:
+    """The side of the screening call: TUNE_SCREEN_DIVISOR times smaller, on the latent grid."""
+    return max(vae_scale_factor, size // TUNE_SCREEN_DIVISOR // vae_scale_factor * vae_scale_factor)
+
+
+def _same_shapes(a: dict, b: dict) -> bool:
+    return all(getattr(a[k], "shape", None) == getattr(b[k], "shape", None) for k in a)
+
+
+class _Eta:
+    """Progress with an estimate of the time left: each step's expected cost is the mean of those done."""
+
+    def __init__(self, total: int, say):
+        self.total, self.done, self.say, self.t0 = total, 0, say, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        left = ""
+        if self.done:
+            seconds = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+            left = f", about {seconds / 60:.0f} min left" if seconds >= 60 else f", about {seconds:.0f} s left"
+        self.say(f"[{self.done + 1}/{self.total}{left}] {msg}")
+
+    def step(self) -> None:
+        self.done += 1
+
+
+def gate(component: str, outputs: dict, reference: dict) -> dict:
+    """The quality gate's measurements of a candidate's outputs against the reference's and its verdict: the
+    lowest cosine over the outputs (>= TUNE_MIN_COSINE), and for a component whose output is the picture its
+    PSNR too (>= IMAGE_MIN_PSNR_DB)."""
+    row = {"cosine": round(min(cosine(outputs[name], ref) for name, ref in reference.items()), 6)}
+    passed = row["cosine"] >= TUNE_MIN_COSINE
+    peak = S.PICTURE_OUTPUT_RANGE.get(component)
+    if peak:
+        row["psnr_db"] = round(min(psnr(outputs[name], ref, peak=peak) for name, ref in reference.items()), 2)
+        passed = passed and row["psnr_db"] >= IMAGE_MIN_PSNR_DB
+    return {**row, "passed": bool(passed)}
 
 
 def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, candidate_names=None,
                  calibrate: bool = True, prompts_file: str | Path | None = None,
                  count: int = DEFAULT_CALIBRATION_COUNT, size: int = DEFAULT_CALIBRATION_SIZE, rebuild: bool = False,
-                 progress: Callable[[str], None] | None = None) -> Path:
+                 exhaustive: bool = False, progress: Callable[[str], None] | None = None) -> Path:
     """Build engine_dir with the fastest candidate per component that passes the quality gate.
 
     Args:
@@ -180,6 +222,8 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
         calibrate: include int8 candidates (calibrated on `count` prompts of `prompts_file`, as
             `sprintrt build --precision int8` does).
         size: the square image size whose pipeline inputs the candidates are timed on.
+        exhaustive: time and gate every candidate at `size` (default: screen them at a quarter of the pixels
+            first and time only the leaders at `size`; see TUNE_LEADER_RATIO).
     """
     from filelock import FileLock
 
@@ -196,7 +240,7 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
     target = machine.cpu_target()
     prompts = read_prompts(prompts_file)[:count]
     description = calibration_description(prompts_file, prompts, DEFAULT_CALIBRATION_SIZE, "int8")
-    plan, skipped = _plan(info, components, candidate_names, calibrate, target, description, size)
+    plan, skipped = _plan(info, components, candidate_names, calibrate, target, description, size, exhaustive)
 
     engine_dir.mkdir(parents=True, exist_ok=True)
     scratch = engine_dir.with_name(f".{engine_dir.name}.tune")
@@ -210,7 +254,7 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
             return engine_dir
         shutil.rmtree(scratch, ignore_errors=True)
         try:
-            entries = _tune(onnx_dir, scratch, info, todo, plan, prompts, description, size, say)
+            entries = _tune(onnx_dir, scratch, info, todo, plan, prompts, description, size, exhaustive, say)
             for comp, note in skipped.items():
                 if comp in entries:
                     entries[comp]["tuning"]["skipped"] = note
@@ -231,7 +275,7 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
 
 
 def _plan(info: dict, components, candidate_names, calibrate: bool, target: dict, description: str,
-          size: int) -> tuple[dict, dict]:
+          size: int, exhaustive: bool = False) -> tuple[dict, dict]:
     """({component: (candidates, tuning key)}, {component: why int8 was left out}); refuses, before any
     work, candidate names this machine cannot build."""
     plan, used, skipped = {}, set(), {}
@@ -250,7 +294,8 @@ def _plan(info: dict, components, candidate_names, calibrate: bool, target: dict
             available = [a for a in available if a in chosen or a == QUALITY_REFERENCE]
         used |= set(available)
         uses_int8 = any(c.precision in QUANTIZED for c in available)
-        plan[comp] = (available, tuning_key(comp, record, available, target, description if uses_int8 else None, size))
+        plan[comp] = (available, tuning_key(comp, record, available, target, description if uses_int8 else None, size,
+                                            exhaustive))
         if calibrate and not calibration_fits(record, memory) and \
                 any(Precision.INT8 in backend_module(b).ALLOWED[comp] for b in cpu_backends()):
             gb = weights_bytes(record) / 2**30
@@ -269,7 +314,7 @@ def _reusable(engine_dir: Path, entry: dict | None, key: str) -> bool:
 
 
 def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict, prompts: list[str],
-          description: str, size: int, say) -> dict:
+          description: str, size: int, exhaustive: bool, say) -> dict:
     from sprintrt.tuning.calibration import lazy_calibration
 
     ref_dir = _candidate_dir(scratch, QUALITY_REFERENCE)
@@ -279,6 +324,8 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
                   components=reference)
     say(f"recording each component's inputs in one {size}x{size} call")
     feeds = timing_feeds(ref_dir, todo, size)
+    screen = size if exhaustive else screening_size(size, info["model_dims"]["vae_scale_factor"])
+    screen_feeds = timing_feeds(ref_dir, todo, screen) if screen < size else feeds
     quantized = sorted({c for c in todo for cand in plan[c][0] if cand.precision in QUANTIZED})
     feeds_of = lazy_calibration(onnx_dir, ref_dir, [c for c in S.TEXT_TO_IMAGE if c in quantized], prompts,
                                 DEFAULT_CALIBRATION_SIZE, say=say, reuse=True)
@@ -289,6 +336,7 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     for comp in todo:
         for cand in plan[comp][0]:
             by_candidate.setdefault(cand, []).append(comp)
+    eta = _Eta(sum(len(comps) for comps in by_candidate.values()), say)
     for cand, comps in by_candidate.items():  # the reference first: the others are compared with it
         for comp in comps:
             # One directory per candidate and component, deleted as soon as it loses: at real size every
@@ -298,7 +346,7 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
             row = {"candidate": cand.name}
             try:
                 if not is_reference:
-                    say(f"building {cand.name} for {comp}")
+                    eta(f"building {cand.name} for {comp}")
                     calibration = {comp: (description, feeds_of(comp))} if cand.precision in QUANTIZED else None
                     build_engines(onnx_dir, cand_dir, backend=cand.backend, precision={comp: cand.precision},
                                   components=(comp,), calibration=calibration, qdq_cache=scratch / "qdq")
@@ -306,20 +354,14 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
             except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded
                 tables[comp].append({**row, "error": f"build failed: {e}"[:300], "passed": False})
                 shutil.rmtree(cand_dir, ignore_errors=True)
+                eta.step()
                 continue
             try:
-                engine = load_engine(manifest, comp)
-                try:
-                    say(f"timing {comp} on {cand.name}")
-                    seconds, outputs = measure(engine, feeds[comp])
-                finally:
-                    engine.release()
-                references.setdefault(comp, outputs)  # the reference candidate comes first
-                agreement = _agreement(outputs, references[comp])
-                row.update(seconds=round(seconds, 4), cosine=round(agreement, 6),
-                           passed=bool(agreement >= TUNE_MIN_COSINE))
+                row.update(_time_and_gate(load_engine(manifest, comp), comp, feeds[comp], screen_feeds[comp],
+                                          screen, size, best.get(comp), references, eta))
             except (SprintError, RuntimeError, ValueError) as e:
                 row.update(error=f"run failed: {e}"[:300], passed=False)
+            eta.step()
             tables[comp].append(row)
             if row["passed"] and (comp not in best or row["seconds"] < best[comp]["seconds"]):
                 loser, best[comp] = best.get(comp), dict(row, _entry=dict(manifest.components[comp]), _dir=cand_dir)
@@ -331,11 +373,38 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     for comp in todo:
         choice = best[comp]  # the reference always passes against itself
         entry = dict(choice["_entry"], _dir=choice["_dir"])
-        entry["tuning"] = {"key": plan[comp][1], "size": size, "min_cosine": TUNE_MIN_COSINE,
+        entry["tuning"] = {"key": plan[comp][1], "size": size, "screen_size": screen, "min_cosine": TUNE_MIN_COSINE,
+                           **({"min_psnr_db": IMAGE_MIN_PSNR_DB} if comp in S.PICTURE_OUTPUT_RANGE else {}),
                            "chosen": choice["candidate"], "candidates": tables[comp]}
         say(f"{comp}: {choice['candidate']} ({choice['seconds']:.3f} s)")
         entries[comp] = entry
     return entries
+
+
+def _time_and_gate(engine, comp: str, feeds: dict, screen_feeds: dict, screen: int, size: int, best: dict | None,
+                   references: dict, say) -> dict:
+    """One candidate's row: screened at `screen`² first where that changes the inputs' shapes (a candidate
+    more than TUNE_LEADER_RATIO slower there than the best passing one is dropped), then timed and gated on
+    the `size`² inputs (the first candidate of each component is the reference the others are gated on)."""
+    row: dict = {}
+    try:
+        if best is not None and not _same_shapes(feeds, screen_feeds):
+            say(f"screening {comp} at {screen}x{screen}")
+            give_up = TUNE_DROP_RATIO * best["screen_seconds"]
+            row["screen_seconds"] = round(measure(engine, screen_feeds, give_up_after=give_up)[0], 4)
+            if row["screen_seconds"] > TUNE_LEADER_RATIO * best["screen_seconds"]:
+                ratio = row["screen_seconds"] / best["screen_seconds"]
+                return {**row, "passed": False, "dropped": f"{ratio:.2f}x the best at {screen}x{screen}"}
+        say(f"timing {comp} at {size}x{size}")
+        give_up = TUNE_DROP_RATIO * best["seconds"] if best and screen < size else None  # not when exhaustive
+        seconds, outputs = measure(engine, feeds, give_up_after=give_up)
+        if best is None and not _same_shapes(feeds, screen_feeds):  # the first passing row sets the screen's pace
+            row["screen_seconds"] = round(measure(engine, screen_feeds)[0], 4)
+        row.setdefault("screen_seconds", round(seconds, 4))  # the inputs do not depend on the size
+    finally:
+        engine.release()
+    references.setdefault(comp, outputs)  # the reference candidate comes first
+    return {**row, "seconds": round(seconds, 4), **gate(comp, outputs, references[comp])}
 
 
 def _candidate_dir(scratch: Path, cand: EngineChoice) -> Path:

@@ -316,7 +316,7 @@ def test_int8_manifest_names_the_recipe_for_this_cpu(int8_engine_dir):
 # engines 32.3-33.2 dB with all three in int8 (VAE decoder alone 32.4-33.8, text encoder alone 46.6-54.4).
 # The random tiny decoder is the hardest case (the real 0.6B decoder on random latents: cosine 0.9982,
 # 38.5 dB); a broken scale or a quantized conv_out gives < 20 dB.
-INT8_MIN_COSINE = {"text_encoder": 0.99, "transformer": 0.999, "vae_decoder": 0.98}
+INT8_MIN_COSINE = {"text_encoder": 0.99, "transformer": 0.999, "vae_decoder": 0.999}
 ALL_INT8_PSNR_DB = 28.0
 
 
@@ -339,8 +339,66 @@ def test_qdq_placement_beyond_the_transformer(onnx_dir, all_int8_dir, component,
     assert sorted(scopes[by_name[k].output[0]].split(".")[-2] for k in keep) == kept_scopes
     assert len(quantize) > 0
     entry = json.loads((all_int8_dir / "manifest.json").read_text())["components"][component]
-    assert entry["precision"] == "int8" and entry["quantized_nodes"] == len(quantize)
-    assert entry["kept_high_precision"] == keep
+    assert entry["precision"] == "int8"
+    if component == "vae_decoder":  # the measured recipe keeps some more blocks in float (see below)
+        assert entry["kept_high_precision"][:len(keep)] == keep and 0 < entry["quantized_nodes"] <= len(quantize)
+        assert entry["quantized_nodes"] + len(entry["kept_high_precision"]) == len(quantize) + len(keep)
+    else:
+        assert entry["quantized_nodes"] == len(quantize) and entry["kept_high_precision"] == keep
+
+
+def test_the_decoders_int8_layers_are_chosen_by_measured_sensitivity(onnx_dir, all_int8_dir):
+    """Issue #29: a uniform int8 decoder loses the picture (tiny: cosine 0.988, 32-34 dB); each block is
+    measured alone and only the ones the gate can afford are quantized, verified together."""
+    from sprintrt.engines.sensitivity import Gate, layer_groups
+    from sprintrt.onnx_scopes import module_scopes
+
+    entry = json.loads((all_int8_dir / "manifest.json").read_text())["components"]["vae_decoder"]
+    assert entry["quantization_recipe"].endswith("-mixed") and f"__{entry['quantization_recipe']}-" in entry["key"]
+    report = entry["int8_sensitivity"]
+    source = onnx.load(str(onnx_dir / "vae_decoder.onnx"), load_external_data=False)
+    quantize, _ = quantizable_nodes(source, "vae_decoder")
+    scopes = {n.name: module_scopes(source)[n.output[0]] for n in source.graph.node if n.name in set(quantize)}
+    groups = layer_groups(quantize, scopes, "vae_decoder")
+    assert set(report["groups"]) == set(groups) and len(groups) == 11  # tiny DC-AE: 6 stages' blocks (no upsample at the top)
+    chosen = [g for g, row in report["groups"].items() if row["quantized"]]
+    assert 0 < len(chosen) < len(groups)  # the random tiny decoder affords some blocks, not all
+    assert entry["quantized_nodes"] == sum(len(groups[g]) for g in chosen)
+    assert all(row["mse"] > 0 and row["macs"] > 0 for row in report["groups"].values())
+    assert Gate().passes(report["verified"]["psnr_db"], report["verified"]["cosine"])
+    assert 0 < report["quantized_macs_share"] < 1
+
+
+def test_the_mixed_int8_decoder_keeps_the_picture_on_held_out_latents(engine_dir, all_int8_dir):
+    """Issue #29's image gate on latents it was not calibrated on (other sizes too): >= 40 dB and cosine >=
+    0.999 against the fp32 decoder (measured on the tiny checkpoint: 44-47 dB; the uniform recipe 32-34 dB)."""
+    from sprintrt.manifest import read_manifest
+    from sprintrt.runtime.registry import load_engine
+
+    fp32, int8 = (load_engine(read_manifest(d), "vae_decoder") for d in (engine_dir, all_int8_dir))
+    rng = np.random.default_rng(7)
+    for h, w in ((6, 5), (12, 12)):
+        latent = (rng.standard_normal((2, 32, h, w)) / 0.41407).astype(np.float32)
+        ref, got = fp32(latent=latent)["sample"], int8(latent=latent)["sample"]
+        assert psnr(got, ref, peak=2.0) >= 40.0 and cosine(got, ref) >= 0.999, (h, w, psnr(got, ref, peak=2.0))
+
+
+def test_the_measured_choice_is_reproducible_and_an_unreachable_gate_is_a_typed_error(onnx_dir, engine_dir, tmp_path,
+                                                                                       monkeypatch):
+    from sprintrt.engines import sensitivity
+    from sprintrt.tuning.calibration import record_calibration
+
+    feeds = record_calibration(SprintPipeline.from_engines(engine_dir), ("vae_decoder",), read_prompts(None)[:2],
+                               256, 256, steps=(1,))["vae_decoder"]
+    source = onnx_dir / "vae_decoder.onnx"
+    first, second = (quantize_qdq(source, tmp_path / f"{i}.onnx", feeds, component="vae_decoder") for i in range(2))
+    assert first["kept_high_precision"] == second["kept_high_precision"]
+    assert onnx.load(str(tmp_path / "0.onnx")).graph == onnx.load(str(tmp_path / "1.onnx")).graph
+    real_gate = sensitivity.Gate
+    monkeypatch.setattr(sensitivity, "Gate", lambda: real_gate(min_psnr_db=500.0, min_cosine=1.0))  # unreachable
+    with pytest.raises(InvalidInputError, match="keep the vae_decoder in a float precision"):
+        quantize_qdq(source, tmp_path / "never.onnx", feeds, component="vae_decoder")
+    assert not (tmp_path / "never.onnx").exists()  # nothing half-written
 
 
 def test_drift_of_every_int8_component(engine_dir, all_int8_dir):
@@ -424,3 +482,40 @@ def test_every_quantized_matmul_runs_as_an_int8_kernel(onnx_dir, all_int8_dir, c
                            and producer[n.input[1]].op_type == "DequantizeLinear"
                            and producer[n.input[1]].input[0] in initializers]
     assert dequantized_weights == [], dequantized_weights
+
+
+def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path):
+    """The per-group graphs the sensitivity measures are derived from one all-layers Q/DQ graph (engines/
+    sensitivity.py Variants); each must compute what ONNX Runtime's quantizer gives for the same layers."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from sprintrt.engines import quantize as Q
+    from sprintrt.engines.sensitivity import Variants, _run, layer_groups
+    from sprintrt.onnx_scopes import module_scopes
+
+    source = onnx_dir / "vae_decoder.onnx"
+    rng = np.random.default_rng(0)
+    feeds = [{"latent": rng.standard_normal((1, 32, 4, 6)).astype(np.float32)} for _ in range(2)]
+    settings = Q._settings("int8", len(feeds), None, "vae_decoder")
+    cache = tmp_path / "ranges.json"
+    Q.calibrated_ranges(source, feeds, settings, False, tmp_path, cache)
+    proto = onnx.load(str(source), load_external_data=False)
+    nodes, _ = quantizable_nodes(proto, "vae_decoder")
+    by_output = module_scopes(proto)
+    groups = layer_groups(nodes, {n.name: by_output[n.output[0]] for n in proto.graph.node if n.name in nodes},
+                          "vae_decoder")
+
+    def write(chosen, path):
+        quantize_static(str(source), str(path), None, quant_format=QuantFormat.QDQ, nodes_to_quantize=chosen,
+                        calibration_cache_path=str(cache), **settings)
+
+    write(nodes, tmp_path / "all.onnx")
+    variants = Variants(tmp_path / "all.onnx", source, Q.UNQUANTIZED_OUTPUTS)
+    fp32 = _run(source, feeds)
+    names = list(groups)
+    for chosen in ([names[0]], [names[-1]], names[1:5], names):  # attention block, ResBlock, a mix, everything
+        members = [n for g in chosen for n in groups[g]]
+        write(members, tmp_path / "one.onnx")
+        expected, got = _run(tmp_path / "one.onnx", feeds), _run(variants(members), feeds)
+        for e, g, f in zip(expected, got, fp32):
+            assert np.abs(g - e).max() <= 1e-6 * np.abs(e).max() and np.abs(e - f).max() > 1e-4, chosen

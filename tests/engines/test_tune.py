@@ -11,7 +11,7 @@ import torch
 
 import sprintrt.tuning.tune as T
 from sprintrt import machine
-from sprintrt.defaults import TUNE_MIN_COSINE
+from sprintrt.defaults import IMAGE_MIN_PSNR_DB, TUNE_MIN_COSINE
 from sprintrt.engines.doctor import tuning_table
 from sprintrt.errors import InvalidInputError
 from sprintrt import specs as S
@@ -33,7 +33,7 @@ def _manifest(engine_dir) -> dict:
 def tuned(onnx_dir, tmp_path_factory):
     """Tuned over ORT fp32, OpenVINO fp32 and ORT int8 (calibrated on 2 prompts)."""
     out = tmp_path_factory.mktemp("tuned") / "engines"
-    return T.tune_engines(onnx_dir, out, candidate_names=[*FLOAT, "ort:int8"], count=2, size=SIZE)
+    return T.tune_engines(onnx_dir, out, candidate_names=[*FLOAT, "ort:int8"], count=2, size=SIZE, exhaustive=True)
 
 
 def test_every_candidate_is_timed_gated_and_the_fastest_passing_one_chosen(tuned):
@@ -47,7 +47,8 @@ def test_every_candidate_is_timed_gated_and_the_fastest_passing_one_chosen(tuned
         assert set(rows) == expected, comp
         assert rows["onnxruntime:fp32"]["cosine"] == 1.0  # the reference, against itself
         for r in rows.values():
-            assert r["seconds"] > 0 and r["passed"] == (r["cosine"] >= TUNE_MIN_COSINE)
+            image_ok = r["psnr_db"] >= IMAGE_MIN_PSNR_DB if comp in S.PICTURE_OUTPUT_RANGE else "psnr_db" not in r
+            assert r["seconds"] > 0 and r["passed"] == (r["cosine"] >= TUNE_MIN_COSINE and image_ok)
         fastest = min((r for r in rows.values() if r["passed"]), key=lambda r: r["seconds"])
         assert tuning["chosen"] == fastest["candidate"] == f"{entry['backend']}:{entry['precision']}"
         assert tuning["size"] == SIZE and tuning["min_cosine"] == TUNE_MIN_COSINE
@@ -66,7 +67,7 @@ def test_a_second_build_reuses_the_choice_without_timing(tuned, onnx_dir, monkey
 
     monkeypatch.setattr(T, "measure", no_timing)
     monkeypatch.setattr(T, "build_engines", no_timing)
-    T.tune_engines(onnx_dir, tuned, candidate_names=[*FLOAT, "ort:int8"], count=2, size=SIZE)
+    T.tune_engines(onnx_dir, tuned, candidate_names=[*FLOAT, "ort:int8"], count=2, size=SIZE, exhaustive=True)
     assert _manifest(tuned) == before
 
 
@@ -78,9 +79,9 @@ def test_losing_candidates_are_deleted_as_they_lose_and_the_reference_is_built_o
     real_measure, real_build = T.measure, T.build_engines
     seen, builds = [], []
 
-    def measure(engine, feeds):  # what is on disk while each candidate is timed
+    def measure(engine, feeds, **kw):  # what is on disk while each candidate is timed
         seen.append({c: sorted(d.parent.name for d in scratch.glob(f"*/{c}")) for c in (TRANSFORMER, VAE_DECODER)})
-        return real_measure(engine, feeds)
+        return real_measure(engine, feeds, **kw)
 
     def build(onnx, engine_dir, **kw):
         builds.append((kw["backend"], kw["precision"], tuple(kw.get("components") or ())))
@@ -119,8 +120,8 @@ def test_a_candidate_failing_the_gate_is_never_chosen_even_when_fastest(onnx_dir
         engine = real_load(manifest, comp, *a, **k)
         return Broken(engine) if engine.backend == "openvino" else engine
 
-    def measure(engine, feeds):
-        seconds, outputs = real_measure(engine, feeds)
+    def measure(engine, feeds, **kw):
+        seconds, outputs = real_measure(engine, feeds, **kw)
         return (0.0 if isinstance(engine, Broken) else seconds), outputs
 
     real_measure = T.measure
@@ -141,8 +142,8 @@ def mixed(onnx_dir, tmp_path_factory):
     only = {TEXT_ENCODER: ["ov:fp32"], TRANSFORMER: ["ort:fp32"], VAE_DECODER: ["ov:fp32"]}
     real = T.measure
 
-    def prefer_named(engine, feeds):  # the named candidate wins whatever the clock says
-        seconds, outputs = real(engine, feeds)
+    def prefer_named(engine, feeds, **kw):  # the named candidate wins whatever the clock says
+        seconds, outputs = real(engine, feeds, **kw)
         return (seconds if engine.backend == "onnxruntime" and engine.name != TRANSFORMER else 0.0), outputs
 
     mp = pytest.MonkeyPatch()
@@ -219,8 +220,96 @@ def test_int8_is_calibrated_and_quantized_once_for_both_backends(onnx_dir, tmp_p
 
     monkeypatch.setattr(Q, "quantize_qdq", counting)
     out = T.tune_engines(onnx_dir, tmp_path / "e", components=[TRANSFORMER], candidate_names=["ort:int8", "ov:int8"],
-                         count=2, size=SIZE)
+                         count=2, size=SIZE, exhaustive=True)
     assert calls == [TRANSFORMER]
     rows = {r["candidate"]: r for r in _manifest(out)["components"][TRANSFORMER]["tuning"]["candidates"]}
     assert set(rows) == {"onnxruntime:fp32", "onnxruntime:int8", "openvino:int8"}
     assert 0.999 <= rows["openvino:int8"]["cosine"] < 1.0  # OpenVINO ran the shared Q/DQ graph as int8
+
+
+def test_the_image_gate_refuses_a_decoder_whose_cosine_passes():
+    """A picture 0.9995 cosine-close to the reference's can still be 4 dB short of 40 dB: both are asked."""
+    rng = np.random.default_rng(0)
+    reference = {"sample": rng.choice([-1.0, 1.0], size=(1, 3, 64, 64))}
+    noisy = {"sample": reference["sample"] + rng.normal(0, 10 ** -1.5, size=(1, 3, 64, 64))}  # mse 1e-3: ~36 dB
+    row = T.gate(VAE_DECODER, noisy, reference)
+    assert row["cosine"] >= TUNE_MIN_COSINE and row["psnr_db"] < IMAGE_MIN_PSNR_DB and not row["passed"]
+    assert T.gate(TRANSFORMER, noisy, reference) == {"cosine": row["cosine"], "passed": True}  # not a picture
+    assert T.gate(VAE_DECODER, reference, reference)["passed"]
+
+
+def test_an_over_quantized_decoder_is_never_chosen_even_when_fastest(onnx_dir, tmp_path, monkeypatch):
+    """The uniform int8 recipe (every block quantized, no measurement: issue #29's 0.917-cosine decoder at
+    real size) timed as the fastest candidate: the image gate refuses it and the tuning table says why."""
+    from sprintrt.engines import quantize
+
+    monkeypatch.setattr(quantize, "measured", lambda precision, component: False)
+    real_measure, real_load, int8_engines = T.measure, T.load_engine, []
+
+    def load(manifest, comp, *a, **k):
+        engine = real_load(manifest, comp, *a, **k)
+        if manifest.components[comp]["precision"] == "int8":
+            int8_engines.append(engine)
+        return engine
+
+    def measure(engine, feeds, **kw):
+        seconds, outputs = real_measure(engine, feeds, **kw)
+        return (0.0 if engine in int8_engines else seconds), outputs
+
+    monkeypatch.setattr(T, "load_engine", load)
+    monkeypatch.setattr(T, "measure", measure)
+    out = T.tune_engines(onnx_dir, tmp_path / "e", components=[VAE_DECODER], candidate_names=["ort:fp32", "ort:int8"],
+                         count=2, size=SIZE)
+    entry = _manifest(out)["components"][VAE_DECODER]
+    rows = {r["candidate"]: r for r in entry["tuning"]["candidates"]}
+    int8 = rows["onnxruntime:int8"]
+    assert int8["seconds"] == 0.0 and int8["psnr_db"] < IMAGE_MIN_PSNR_DB and not int8["passed"]
+    assert entry["tuning"]["chosen"] == "onnxruntime:fp32" and entry["precision"] == "fp32"
+    assert any("below the gate" in line and "dB" in line for line in tuning_table(_manifest(out)))
+
+
+def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_picks(onnx_dir, tmp_path, monkeypatch):
+    """A clock that makes OpenVINO 10% slower than the reference at the screening size but the fastest at the
+    tuning size (a leader: confirmed, chosen), and int8 3x slower when screened (dropped, never timed at the
+    tuning size; exhaustive timing shows it would have lost). Both modes choose the same candidate."""
+    seconds = {"onnxruntime:fp32": (1.0, 4.0), "openvino:fp32": (1.1, 3.0), "onnxruntime:int8": (3.0, 3.5)}
+    real_measure, real_load, names = T.measure, T.load_engine, {}
+
+    def load(manifest, comp, *a, **k):
+        engine = real_load(manifest, comp, *a, **k)
+        entry = manifest.components[comp]
+        names[id(engine)] = f"{entry['backend']}:{entry['precision']}"
+        return engine
+
+    def measure(engine, feeds, give_up_after=None):
+        _, outputs = real_measure(engine, feeds)
+        side = max(v.shape[-1] for v in feeds.values() if getattr(v, "ndim", 0) == 4)
+        full = side == SIZE // 32
+        timed.append((names[id(engine)], full, give_up_after))
+        return seconds[names[id(engine)]][full], outputs
+
+    monkeypatch.setattr(T, "load_engine", load)
+    monkeypatch.setattr(T, "measure", measure)
+    chosen = {}
+    for exhaustive in (True, False):
+        timed, said = [], []
+        out = T.tune_engines(onnx_dir, tmp_path / f"e{exhaustive}", components=[TRANSFORMER], count=2, size=SIZE,
+                             candidate_names=["ort:fp32", "ov:fp32", "ort:int8"], exhaustive=exhaustive,
+                             progress=said.append)
+        tuning = _manifest(out)["components"][TRANSFORMER]["tuning"]
+        chosen[exhaustive] = tuning["chosen"]
+        rows = {r["candidate"]: r for r in tuning["candidates"]}
+        timed_full = [name for name, full, _ in timed if full]
+        if exhaustive:
+            assert tuning["screen_size"] == SIZE and all(full for _, full, _ in timed)
+            assert sorted(timed_full) == sorted(seconds) and rows["onnxruntime:int8"]["seconds"] == 3.5
+        else:
+            assert tuning["screen_size"] == SIZE // 2
+            assert "onnxruntime:int8" not in timed_full and "dropped" in rows["onnxruntime:int8"]
+            assert rows["onnxruntime:int8"]["screen_seconds"] == 3.0 and not rows["onnxruntime:int8"]["passed"]
+            assert rows["openvino:fp32"]["seconds"] == 3.0 and rows["openvino:fp32"]["passed"]
+            # the screen gives up on a candidate after one call past TUNE_DROP_RATIO x the best's time there
+            assert ("onnxruntime:int8", False, T.TUNE_DROP_RATIO * 1.0) in timed
+            assert any("dropped" in line for line in tuning_table(_manifest(out)))
+        assert any(msg.startswith("[2/3, about") and "left]" in msg for msg in said), said  # progress with an ETA
+    assert chosen[True] == chosen[False] == "openvino:fp32"

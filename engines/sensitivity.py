@@ -1,0 +1,269 @@
+"""Mixed-precision int8 chosen by measured sensitivity: which layer groups of a component stay in float.
+
+A uniform int8 recipe loses the DC-AE decoder's picture (real 0.6B architecture: cosine 0.917 to fp32 with
+every layer but conv_in/conv_out in int8, issue #29), and which layers cost it is a property of the
+weights, so it is measured per checkpoint, in the manner of NNCF's accuracy-aware quantization and
+ModelOpt's per-layer sensitivity:
+
+1. The component's quantizable layers are grouped by block (GROUPS: one group per module-path match).
+2. Each group alone is quantized with the shared calibration ranges (ONNX Runtime's quantizer, the same
+   recipe as the engine) and run on calibration inputs; its error is the mean squared difference of the
+   component's output from the fp32 graph's. Q/DQ run as float operators there (graph optimisation off),
+   which computes the recipe's rounding exactly whatever this CPU's int8 kernels do: the 7-bit weight
+   recipe makes the saturating AVX2 kernels agree with it (engines/quantize.py), and GPUs do not saturate.
+3. Each group's cost is its multiply-adds (weight size x output positions, from one fp32 run).
+4. Groups are quantized in increasing error per multiply-add while the summed error (independent rounding
+   errors add in the mean square) stays under the budget the gate allows, with a margin; the chosen set is
+   then verified as a whole, and while it misses the gate the chosen group with the largest error is left
+   in float again.
+
+The result (which groups, each one's error and cost, the verified PSNR and cosine) is recorded in the
+engine's manifest; the gate and the grouping are part of the engine key (engines/quantize.py
+recipe_label), and the calibration set already is, so the same inputs give the same engine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sprintrt.defaults import IMAGE_MIN_PSNR_DB, INT8_SENSITIVITY_MARGIN_DB, INT8_SENSITIVITY_SAMPLES, TUNE_MIN_COSINE
+from sprintrt.errors import InvalidInputError
+from sprintrt.metrics import cosine, psnr
+from sprintrt.specs import PICTURE_OUTPUT_RANGE, VAE_DECODER
+
+# Per component whose int8 layers are chosen by measurement: the module-path pattern naming a layer's group.
+# DC-AE's decoder: one group per block of each stage (the upsampling convolution is block 0), 12 groups in
+# the tiny decoder, 23 in the real one. conv_in / conv_out stay in float by KEEP_HIGH_PRECISION.
+GROUPS = {VAE_DECODER: r"decoder\.up_blocks\.\d+\.\d+"}
+# Verification rounds before giving up (each one quantizes the whole graph and runs it).
+MAX_VERIFY_ROUNDS = 6
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What the mixed-precision output must keep against fp32 on the calibration inputs."""
+
+    min_psnr_db: float = IMAGE_MIN_PSNR_DB + INT8_SENSITIVITY_MARGIN_DB
+    min_cosine: float = 1 - (1 - TUNE_MIN_COSINE) / 2
+
+    def passes(self, psnr_db: float, cos: float) -> bool:
+        return psnr_db >= self.min_psnr_db and cos >= self.min_cosine
+
+
+def rules(component: str) -> tuple:
+    """What decides the measured choice besides the graph and calibration (part of the engine key)."""
+    return (GROUPS[component], Gate(), INT8_SENSITIVITY_SAMPLES, PICTURE_OUTPUT_RANGE.get(component))
+
+
+def layer_groups(nodes: list[str], scopes_of: dict[str, str], component: str) -> dict[str, list[str]]:
+    """{group: its nodes}, in graph order; a node outside every group is its own group."""
+    pattern = re.compile(GROUPS[component])
+    groups: dict[str, list[str]] = {}
+    for node in nodes:
+        found = pattern.findall(scopes_of[node])
+        groups.setdefault(found[-1] if found else node, []).append(node)
+    return groups
+
+
+def _run(model: Path | bytes, feeds: list[dict]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Q/DQ as float operators: the recipe's rounding, not this CPU's kernels (see the module docstring).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                   providers=["CPUExecutionProvider"])
+    first = session.get_outputs()[0].name
+    return [session.run([first], feed)[0] for feed in feeds]
+
+
+class Variants:
+    """The Q/DQ graph that quantizing exactly some of the layers gives, derived from one graph quantizing all
+    of them (`full`, ONNX Runtime's QDQ output) instead of running the quantizer per group: at the real
+    decoder's size one quantize_static call took ~15 s, a derived variant a fraction of that.
+
+    ONNX Runtime's QDQ quantizer, given nodes_to_quantize, puts a QuantizeLinear/DequantizeLinear pair on each
+    activation input of those nodes and on their outputs (op types in `unquantized_outputs` aside), and a
+    DequantizeLinear on their weights and biases; every consumer of a quantized tensor reads its dequantized
+    copy. So the variant for `chosen` keeps a weight DequantizeLinear if its consumer is chosen, an activation
+    pair if its producer or one of its consumers is chosen, and reconnects the other consumers to the float
+    tensor (the fp32 graph's weights are added back). tests/engines/test_int8.py checks the outputs equal
+    quantize_static's for the same nodes.
+
+    Each variant is serialised as the weights (once) followed by its nodes: protobuf merges a message field
+    that appears twice, so the bytes parse as one model. Graphs under 2 GB only (protobuf's limit)."""
+
+    def __init__(self, full: Path, source: Path, unquantized_outputs: tuple[str, ...]):
+        import onnx
+
+        model = onnx.load(str(full))
+        fp32 = onnx.load(str(source))
+        self.source_inputs = {n.name: list(n.input) for n in fp32.graph.node}
+        have = {i.name for i in model.graph.initializer}
+        made = {o for n in model.graph.node for o in n.output}  # a bias's DequantizeLinear keeps the bias's name
+        self.float_name: dict[str, str] = {}
+        for init in fp32.graph.initializer:
+            if init.name in made:
+                self.float_name[init.name] = init.name = init.name + ".fp32"
+            if init.name not in have:
+                model.graph.initializer.append(init)
+        del fp32
+        self.nodes = list(model.graph.node)
+        self.outputs = [o.name for o in model.graph.output]
+        self.constants = {i.name for i in model.graph.initializer}
+        self.unquantized_outputs = unquantized_outputs
+        model.graph.ClearField("node")
+        self.weights = model.SerializeToString()
+
+    def __call__(self, chosen) -> bytes:
+        import onnx
+
+        chosen = set(chosen)
+        producer = {o: n for n in self.nodes for o in n.output}
+        consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        rename = {}  # a dropped DequantizeLinear's output -> the float tensor its consumers read instead
+        for d in self.nodes:
+            if d.op_type != "DequantizeLinear":
+                continue
+            readers = consumers.get(d.output[0], [])
+            if d.input[0] in self.constants:  # a weight or bias: kept with its layer
+                layer = readers[0]
+                if layer.name not in chosen:
+                    original = self.source_inputs[layer.name][list(layer.input).index(d.output[0])]
+                    rename[d.output[0]] = self.float_name.get(original, original)
+                continue
+            q = producer.get(d.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            tensor = q.input[0]
+            made_by = producer.get(tensor)
+            kept = (made_by is not None and made_by.name in chosen and made_by.op_type not in self.unquantized_outputs) \
+                or any(r.name in chosen for r in readers)
+            if not kept:
+                rename[d.output[0]] = tensor
+        nodes = []
+        for n in self.nodes:
+            n = onnx.NodeProto.FromString(n.SerializeToString()) if any(i in rename for i in n.input) else n
+            for k, i in enumerate(n.input):
+                n.input[k] = rename.get(i, i)
+            nodes.append(n)
+        variant = onnx.ModelProto()
+        variant.graph.node.extend(_needed(nodes, self.outputs))
+        return self.weights + variant.SerializeToString()
+
+
+def _needed(nodes: list, outputs: list[str]) -> list:
+    """The nodes the graph outputs depend on, in their order (dropped Q/DQ pairs would still run otherwise:
+    graph optimisation is off)."""
+    producer = {o: n for n in nodes for o in n.output}
+    needed, todo = set(), list(outputs)
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in needed:
+            needed.add(id(n))
+            todo.extend(n.input)
+    return [n for n in nodes if id(n) in needed]
+
+
+def _layer_macs(source: Path, nodes: list[str], feed: dict) -> dict[str, int]:
+    """Multiply-adds of each weight layer on `feed`: weight elements x output positions (one fp32 run that
+    returns every layer's output)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    weights = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    outputs = {by_name[n].output[0] for n in nodes}
+    known = {o.name for o in model.graph.output}
+    for name in sorted(outputs - known):
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    del model
+    names = [o.name for o in session.get_outputs()]
+    shapes = {name: value.shape for name, value in zip(names, session.run(names, feed))}
+    macs = {}
+    for n in nodes:
+        node, shape = by_name[n], shapes[by_name[n].output[0]]
+        channels = shape[1] if node.op_type == "Conv" else shape[-1]
+        macs[n] = weights.get(node.input[1], 0) * int(np.prod(shape)) // max(int(channels), 1)
+    return macs
+
+
+def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: dict[str, str], feeds: list[dict],
+                     quantize: Callable[[list[str], Path], None], work: Path, unquantized_outputs: tuple[str, ...],
+                     say: Callable[[str], None] = lambda msg: None) -> tuple[list[str], dict]:
+    """(the nodes to quantize, the report) for `component`'s graph `source`: see the module docstring.
+
+    `quantize(nodes, out)` writes the Q/DQ graph quantizing exactly `nodes` (the recipe, with the calibrated
+    ranges), `unquantized_outputs` the op types whose outputs it leaves in float; `feeds` are calibration
+    inputs: each group is measured on the first INT8_SENSITIVITY_SAMPLES, the chosen set verified on all."""
+    gate, peak = Gate(), PICTURE_OUTPUT_RANGE.get(component)  # None: not a picture, no PSNR gate
+    groups = layer_groups(nodes, scopes_of, component)
+    reference = _run(source, feeds)
+    few = slice(0, INT8_SENSITIVITY_SAMPLES)
+    scale = float(np.mean([np.mean(np.square(r, dtype=np.float64)) for r in reference[few]]))
+    # Budget in mean squared error: the PSNR gate's, and the cosine gate's (1 - cos ~ mse / (2 mean(y^2))).
+    budget = min(peak ** 2 * 10 ** (-gate.min_psnr_db / 10) if peak else np.inf, 2 * (1 - gate.min_cosine) * scale)
+    macs = _layer_macs(source, nodes, feeds[0])
+
+    full = work / "all-groups.onnx"
+    quantize(nodes, full)
+    try:
+        variants = Variants(full, source, unquantized_outputs)
+    finally:
+        full.unlink(missing_ok=True)
+
+    def measure(chosen: list[str], part: slice = slice(None)) -> tuple[float, float, float]:
+        outputs = _run(variants(chosen), feeds[part])
+        both = np.concatenate([o.ravel() for o in outputs]), np.concatenate([r.ravel() for r in reference[part]])
+        p = psnr(*both, peak=peak) if peak else float("inf")
+        return float(np.mean(np.square(both[0] - both[1], dtype=np.float64))), p, cosine(*both)
+
+    table = {}
+    for i, (group, members) in enumerate(groups.items()):
+        say(f"int8 sensitivity of {component}: group {i + 1}/{len(groups)} ({group})")
+        mse, _, _ = measure(members, few)
+        table[group] = {"nodes": len(members), "macs": sum(macs[n] for n in members), "mse": mse}
+    order = sorted(groups, key=lambda g: table[g]["mse"] / max(table[g]["macs"], 1))
+    chosen, total = [], 0.0
+    for g in order:
+        if total + table[g]["mse"] <= budget:
+            chosen.append(g)
+            total += table[g]["mse"]
+    verified = None
+    for _ in range(MAX_VERIFY_ROUNDS):
+        if not chosen:
+            break
+        say(f"int8 sensitivity of {component}: verifying {len(chosen)} of {len(groups)} groups together")
+        mse, p, c = measure([n for g in chosen for n in groups[g]])
+        verified = {"psnr_db": round(p, 2) if peak else None, "cosine": round(c, 6), "mse": mse}
+        if gate.passes(p, c):
+            break
+        chosen.remove(max(chosen, key=lambda g: table[g]["mse"]))
+        verified = None
+    if not chosen or verified is None:
+        raise InvalidInputError(
+            f"no int8 layer set of the {component} keeps {gate.min_psnr_db:.0f} dB and cosine {gate.min_cosine} "
+            f"against fp32 on the calibration inputs (measured per group: the least lossy alone has "
+            f"{min(t['mse'] for t in table.values()):.3g} mean squared error, budget {budget:.3g}). "
+            f"Fix: keep the {component} in a float precision (fp32/bf16), or build the int8 engine on the real checkpoint")
+    total_macs = sum(macs.values()) or 1
+    for g, row in table.items():
+        row["quantized"] = g in chosen
+    report = {"method": "per-group sensitivity, greedy by error per multiply-add, verified",
+              "gate": {"min_psnr_db": gate.min_psnr_db, "min_cosine": gate.min_cosine}, "budget_mse": budget,
+              "samples": {"per_group": len(reference[few]), "verified": len(feeds)}, "verified": verified,
+              "quantized_macs_share": round(sum(table[g]["macs"] for g in chosen) / total_macs, 4),
+              "groups": table}
+    return [n for g in chosen for n in groups[g]], report
