@@ -6,8 +6,9 @@ weights, so it is measured per checkpoint, in the manner of NNCF's accuracy-awar
 ModelOpt's per-layer sensitivity:
 
 1. The component's quantizable layers are grouped by block (GROUPS: one group per module-path match).
-2. Each group alone is quantized with the shared calibration ranges (ONNX Runtime's quantizer, the same
-   recipe as the engine) and run on calibration inputs; its error is the mean squared difference of the
+2. Each group alone is quantized with the shared calibration ranges (the graph ONNX Runtime's quantizer gives
+   for that group with the engine's recipe, derived from one all-groups graph: `Variants`) and run on
+   calibration inputs; its error is the mean squared difference of the
    component's output from the fp32 graph's. Q/DQ run as float operators there (graph optimisation off),
    which computes the recipe's rounding exactly whatever this CPU's int8 kernels do: the 7-bit weight
    recipe makes the saturating AVX2 kernels agree with it (engines/quantize.py), and GPUs do not saturate.
@@ -37,10 +38,10 @@ from sprintrt.metrics import cosine, psnr
 from sprintrt.specs import PICTURE_OUTPUT_RANGE, VAE_DECODER
 
 # Per component whose int8 layers are chosen by measurement: the module-path pattern naming a layer's group.
-# DC-AE's decoder: one group per block of each stage (the upsampling convolution is block 0), 12 groups in
+# DC-AE's decoder: one group per block of each stage (the upsampling convolution is block 0), 11 groups in
 # the tiny decoder, 23 in the real one. conv_in / conv_out stay in float by KEEP_HIGH_PRECISION.
 GROUPS = {VAE_DECODER: r"decoder\.up_blocks\.\d+\.\d+"}
-# Verification rounds before giving up (each one quantizes the whole graph and runs it).
+# Verification rounds before giving up (each runs the chosen set on every calibration input).
 MAX_VERIFY_ROUNDS = 6
 
 
