@@ -21,9 +21,10 @@ from sprintrt.runtime.pipeline import SprintPipeline
 
 FP16 = onnx.TensorProto.FLOAT16
 # Measured on the tiny transformer (held-out inputs at another size): fp32 int8 Q/DQ 0.99992, the same
-# pairs on the fp16 variant 0.99996 (ORT runs fp16 Q/DQ op by op). The tiny VAE decoder's int8 layers
-# are the coarse ones (0.988 in the pipeline drift); a dropped scale or a wrong axis falls far below.
-MIN_COSINE = {"transformer": 0.999, "vae_decoder": 0.98}
+# pairs on the fp16 variant 0.99996 (ORT runs fp16 Q/DQ op by op). The tiny VAE decoder quantizes only the
+# blocks its measured sensitivity affords (engines/sensitivity.py; 0.9994 in the pipeline drift); a dropped
+# scale or a wrong axis falls far below.
+MIN_COSINE = {"transformer": 0.999, "vae_decoder": 0.998}
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +41,27 @@ def fp16_qdq(onnx_dir, feeds, tmp_path_factory):
     out = {}
     for comp in MIN_COSINE:
         qdq = root / f"{comp}.qdq.onnx"
-        quantize_qdq(onnx_dir / f"{comp}.onnx", qdq, feeds[0][comp], "int8", component=comp)
+        quantized = quantize_qdq(onnx_dir / f"{comp}.onnx", qdq, feeds[0][comp], "int8", component=comp)
         typed = root / f"{comp}.qdq-fp16.onnx"
         info = qdq_on_variant(qdq, onnx_dir / f"{comp}.onnx", onnx_dir / f"{comp}.fp16.onnx", typed, "fp16")
-        out[comp] = (typed, info)
+        out[comp] = (typed, info, quantized["kept_high_precision"])
     return out
+
+
+def _layers(onnx_dir, comp: str, kept: list[str]) -> tuple[list[str], list[str]]:
+    """(the layers the Q/DQ graph quantized, those it kept in float): the recipe's, less what the decoder's
+    measured sensitivity kept too."""
+    quantize, keep = quantizable_nodes(onnx_dir / f"{comp}.onnx", comp)
+    return [n for n in quantize if n not in set(kept)], keep + [n for n in quantize if n in set(kept)]
 
 
 @pytest.mark.parametrize("comp", list(MIN_COSINE))
 def test_int8_pairs_on_the_fp16_variant_stay_close_to_fp32(onnx_dir, feeds, fp16_qdq, comp):
     import onnxruntime as ort
 
-    typed, info = fp16_qdq[comp]
-    quantize, keep = quantizable_nodes(onnx_dir / f"{comp}.onnx", comp)
-    assert info == {"qdq_base": "fp16", "qdq_layers": len(quantize)}
+    typed, info, kept = fp16_qdq[comp]
+    quantize, _ = _layers(onnx_dir, comp, kept)
+    assert info == {"qdq_base": "fp16", "qdq_layers": len(quantize)} and quantize
     runs = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             for name, path in (("fp32", onnx_dir / f"{comp}.onnx"), ("int8", typed))}
     for f in feeds[1][comp][:2]:  # held out: another prompt, another size
@@ -63,10 +71,10 @@ def test_int8_pairs_on_the_fp16_variant_stay_close_to_fp32(onnx_dir, feeds, fp16
 
 @pytest.mark.parametrize("comp", list(MIN_COSINE))
 def test_quantized_layers_read_16bit_qdq_and_the_rest_stays_16bit(onnx_dir, fp16_qdq, comp):
-    typed, _ = fp16_qdq[comp]
+    typed, _, kept = fp16_qdq[comp]
     model = onnx.load(str(typed))
     fp32 = onnx.load(str(onnx_dir / f"{comp}.onnx"), load_external_data=False)
-    quantize, keep = quantizable_nodes(fp32, comp)
+    quantize, keep = _layers(onnx_dir, comp, kept)
     pairs = {a.name: b.name for a, b in pair_layers(fp32, onnx.load(str(onnx_dir / f"{comp}.fp16.onnx")))}
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: i for i in model.graph.initializer}
