@@ -119,18 +119,18 @@ class Variants:
         self.outputs = [o.name for o in model.graph.output]
         self.constants = {i.name for i in model.graph.initializer}
         self.unquantized_outputs = unquantized_outputs
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
         model.graph.ClearField("node")
         self.weights = model.SerializeToString()
 
     def __call__(self, chosen) -> bytes:
         import onnx
 
-        chosen = set(chosen)
-        producer = {o: n for n in self.nodes for o in n.output}
-        consumers: dict[str, list] = {}
-        for n in self.nodes:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
+        chosen, producer, consumers = set(chosen), self.producer, self.consumers
         rename = {}  # a dropped DequantizeLinear's output -> the float tensor its consumers read instead
         for d in self.nodes:
             if d.op_type != "DequantizeLinear":
