@@ -30,8 +30,7 @@ P = Precision
 # Runtime with its int8 kernels; int8w: weight compression of the matmul layers (the decoder is convolutions).
 ALLOWED = {TEXT_ENCODER: (P.FP32, P.BF16, P.INT8, P.INT8W), TRANSFORMER: (P.FP32, P.BF16, P.INT8, P.INT8W),
            VAE_DECODER: (P.FP32, P.BF16, P.INT8), VAE_ENCODER: (P.FP32, P.BF16),
-           # int8w needs no calibration; int8 does, and calibration records a text-to-image run only.
-           CONTROLNET: (P.FP32, P.BF16, P.INT8W), CONTROLLED_TRANSFORMER: (P.FP32, P.BF16, P.INT8W)}
+           CONTROLNET: (P.FP32, P.BF16, P.INT8, P.INT8W), CONTROLLED_TRANSFORMER: (P.FP32, P.BF16, P.INT8, P.INT8W)}
 # int8: the Q/DQ graph's quantized layers run OpenVINO's int8 kernels; the rest keeps fp32.
 HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}
 # int8w: int8 weights (per channel, asymmetric: optimum-intel's default int8 weight format), decompressed in

@@ -35,15 +35,23 @@ from sprintrt import machine
 from sprintrt.engines import sensitivity
 from sprintrt.engines.sensitivity import GROUPS
 from sprintrt.errors import InvalidInputError
-from sprintrt.specs import TEXT_ENCODER, TRANSFORMER, VAE_DECODER
+from sprintrt.specs import CONTROLLED_TRANSFORMER, CONTROLNET, TEXT_ENCODER, TRANSFORMER, VAE_DECODER
 
+# As NVIDIA ModelOpt's diffusion recipes keep them: the time/guidance and patch embeddings (a timestep error
+# shifts every token), the caption projection and norm (their input is the text encoder's unnormalised output),
+# the final norm and projection (they write the velocity the scheduler integrates).
+_TRANSFORMER_EDGES = (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".proj_out",
+                      ".norm_out")
 # Per component with an int8/fp8 recipe: the weight layers kept in higher precision (module-path parts).
 KEEP_HIGH_PRECISION = {
-    # As NVIDIA ModelOpt's diffusion recipes keep them: the time/guidance and patch embeddings (a timestep
-    # error shifts every token), the caption projection and norm (their input is the text encoder's
-    # unnormalised output), the final norm and projection (they write the velocity the scheduler integrates).
-    TRANSFORMER: (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".proj_out",
-                  ".norm_out"),
+    TRANSFORMER: _TRANSFORMER_EDGES,
+    # The same transformer with the ControlNet's residuals as one more input: the same layers, the same rule.
+    CONTROLLED_TRANSFORMER: _TRANSFORMER_EDGES,
+    # The ControlNet's own edges too: its embeddings as the transformer's, the input projection of the
+    # control latent (added to every token) and the per-block output projections (they write the residuals
+    # the transformer adds to its stream, as proj_out writes the velocity): 15 of a 7-block ControlNet's 92.
+    CONTROLNET: (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".input_block.",
+                 ".controlnet_blocks."),
     # The decoder's first and last convolutions (not the blocks' own conv_out): conv_in reads the latent
     # (32 channels, every value matters) and conv_out writes the pixels; 2 of the real decoder's 106 weight layers.
     VAE_DECODER: (".decoder.conv_in.", ".decoder.conv_out."),
@@ -56,7 +64,7 @@ QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 # Calibration keeps at most this many samples' intermediate outputs in memory before folding them
 # into running min/max ranges: ORT's default keeps all of them. Measured on the real 0.6B architecture
 # at 512²: 4 decoder samples at once exceeded 24 GB (killed), one sample is about 6 GB.
-CALIBRATION_CHUNK = {TRANSFORMER: 4, TEXT_ENCODER: 4, VAE_DECODER: 1}
+CALIBRATION_CHUNK = {TRANSFORMER: 4, TEXT_ENCODER: 4, VAE_DECODER: 1, CONTROLNET: 4, CONTROLLED_TRANSFORMER: 4}
 
 
 def _stride(n: int, component: str) -> int:

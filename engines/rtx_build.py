@@ -39,8 +39,8 @@ ALLOWED = {TEXT_ENCODER: (P.BF16, P.FP32, P.INT8W, P.FP8),
            TRANSFORMER: (P.BF16, P.FP32, P.FP16, P.INT8W, P.FP8),
            VAE_DECODER: (P.BF16, P.FP32, P.FP16, P.INT8W, P.FP8),
            VAE_ENCODER: (P.BF16, P.FP32, P.FP16, P.INT8W),
-           # fp8 needs calibration, which records a text-to-image run only; int8w needs none.
-           CONTROLNET: (P.BF16, P.FP32, P.FP16, P.INT8W), CONTROLLED_TRANSFORMER: (P.BF16, P.FP32, P.FP16, P.INT8W)}
+           CONTROLNET: (P.BF16, P.FP32, P.FP16, P.INT8W, P.FP8),
+           CONTROLLED_TRANSFORMER: (P.BF16, P.FP32, P.FP16, P.INT8W, P.FP8)}
 TYPED_PRECISIONS = frozenset({P.BF16, P.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # strongly typed: the precision must be in the graph
 PRECISION_LIBRARIES: dict = {}

@@ -41,8 +41,8 @@ ALLOWED = {TEXT_ENCODER: (P.FP32, P.TF32, P.BF16, P.INT8),
            TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8, P.FP8),
            VAE_DECODER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8),
            VAE_ENCODER: (P.FP32, P.TF32, P.BF16, P.FP16),
-           # int8/fp8 Q/DQ need calibration, which records a text-to-image run only (tuning/calibration.py).
-           CONTROLNET: (P.FP32, P.TF32, P.BF16, P.FP16), CONTROLLED_TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16)}
+           CONTROLNET: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8, P.FP8),
+           CONTROLLED_TRANSFORMER: (P.FP32, P.TF32, P.BF16, P.FP16, P.INT8, P.FP8)}
 WORKSPACE_BYTES = 8 << 30
 BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT's default; 5 searches longer for a few % more
 INSTALL = ("Fix: run the TensorRT build on a machine with an NVIDIA GPU and driver, with TensorRT installed "

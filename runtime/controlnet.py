@@ -83,6 +83,12 @@ class SprintControlNetPipeline(SprintPipeline):
         self._block_scales(args.controlnet_conditioning_scale)
         self._check_arguments(args)
 
+    def text_to_image(self) -> SprintPipeline:
+        """A SprintPipeline over this pipeline's loaded engines, for plain text-to-image calls (nothing loads
+        twice): calibration and the tuner run both kinds of call on one set of engines."""
+        engines = {c: self.engine(c) for c in S.COMPONENTS if self.engine(c) is not None}
+        return SprintPipeline(engines, self.tokenizer, self.manifest)
+
     @property
     def controlnet_blocks(self) -> int:
         return self.model_dims.controlnet_blocks

@@ -144,18 +144,25 @@ def preprocess_image(kind: str, images, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.float32(2.0) * x - np.float32(1.0), dtype=np.float32)
 
 
-def control_picture(height: int, width: int) -> "object":
-    """A fixed scribble (white strokes on black, SANA's ControlNet format): the control image the ControlNet
-    benchmark and the tuner run with."""
+def control_picture(height: int, width: int, seed: int | None = None) -> "object":
+    """A scribble (white strokes on black, SANA's ControlNet format): with no seed the fixed one the ControlNet
+    benchmark and the tuner run with; with a seed, random strokes (the int8 calibration's control images)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(img)
     stroke = max(2, min(height, width) // 64)
-    draw.ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), outline=(255, 255, 255), width=stroke)
-    draw.line((width // 8, 7 * height // 8, 7 * width // 8, height // 8), fill=(255, 255, 255), width=stroke)
+    if seed is None:
+        draw.ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), outline=(255, 255, 255),
+                     width=stroke)
+        draw.line((width // 8, 7 * height // 8, 7 * width // 8, height // 8), fill=(255, 255, 255), width=stroke)
+        return img
+    rng = np.random.default_rng(seed)
+    for _ in range(4):
+        x0, x1 = rng.integers(0, width, 2)
+        y0, y1 = rng.integers(0, height, 2)
+        draw.line((int(x0), int(y0), int(x1), int(y1)), fill=(255, 255, 255), width=stroke)
     return img
-
 
 
 # ---- image output: checked before any work, written atomically ---------------------------------------------

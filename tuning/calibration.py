@@ -1,21 +1,30 @@
 """Quantized engines built from calibration data made the way the model is used: each quantized
 component's real inputs, recorded while an fp32 SprintPipeline generates from a prompt file at the
-timesteps actually run (t = max for 1 step, plus the intermediate step for 2 steps).
+timesteps actually run (t = max for 1 step, plus the intermediate step for 2 steps); the ControlNet's two
+components' in ControlNet calls of the same prompts, each with its own seeded scribble.
 
 It runs engines to build engines, so it sits above both engines/ and runtime/ (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import numpy as np
+
 from sprintrt.defaults import (CALIBRATION_STEPS, DEFAULT_BACKEND, DEFAULT_CALIBRATION_COUNT, DEFAULT_CALIBRATION_SIZE,
-                               DEFAULT_COMPLEX_HUMAN_INSTRUCTION, VAE_CALIBRATION_LATENT_SIDE, VAE_CALIBRATION_SAMPLES,
-                               intermediate_timesteps_for)
+                               DEFAULT_COMPLEX_HUMAN_INSTRUCTION, DEFAULT_CONTROLNET_SCALE,
+                               VAE_CALIBRATION_LATENT_SIDE, VAE_CALIBRATION_SAMPLES, intermediate_timesteps_for)
 from sprintrt.errors import InvalidInputError
 from sprintrt.prompts import read_prompts
+from sprintrt.runtime.image import control_picture
 from sprintrt.runtime.recording import recording
-from sprintrt.specs import TEXT_ENCODER, TEXT_TO_IMAGE, TRANSFORMER, VAE_DECODER
+from sprintrt.specs import (COMPONENTS, CONTROLLED_TRANSFORMER, CONTROLNET, TEXT_ENCODER, TEXT_TO_IMAGE,
+                            TRANSFORMER, VAE_DECODER, VAE_ENCODER)
+
+CONTROLLED = (CONTROLNET, CONTROLLED_TRANSFORMER)  # recorded in ControlNet calls
+CALIBRATED = (*TEXT_TO_IMAGE, *CONTROLLED)  # the components whose inputs a calibration run records
 
 
 def _check_count(count) -> None:
@@ -27,39 +36,79 @@ def _check_count(count) -> None:
 def record_calibration(pipe, components, prompts: list[str], height: int = DEFAULT_CALIBRATION_SIZE,
                        width: int = DEFAULT_CALIBRATION_SIZE, steps=CALIBRATION_STEPS, count: int | None = None,
                        seed: int = 0) -> dict[str, list[dict]]:
-    """{component: input feeds} recorded from `pipe` (an fp32 SprintPipeline) over the prompts: the text
-    encoder once per prompt, the transformer at every step of every schedule, the VAE decoder on the
-    final latents of the first VAE_CALIBRATION_SAMPLES calls (each sample is a full decode), centre-cropped
-    to VAE_CALIBRATION_LATENT_SIDE (see sprintrt/defaults.py)."""
-    unknown = [c for c in components if c not in TEXT_TO_IMAGE]
+    """{component: input feeds} recorded from `pipe` (an fp32 SprintPipeline; a SprintControlNetPipeline
+    for the ControlNet's components) over the prompts: the text encoder once per prompt, the transformer
+    at every step of every schedule, the VAE decoder on the final latents of the first
+    VAE_CALIBRATION_SAMPLES calls (each sample is a full decode), centre-cropped to
+    VAE_CALIBRATION_LATENT_SIDE (see sprintrt/defaults.py); the ControlNet and the controlled transformer
+    at every step of ControlNet calls with the same prompts, seeds and schedules, each prompt with its own
+    random scribble (`control_picture(seed=...)`) at the default conditioning scale."""
+    unknown = [c for c in components if c not in CALIBRATED]
     if unknown:
-        raise InvalidInputError(f"calibration of {unknown} is not recorded by a text-to-image call: expected "
-                                f"components of {list(TEXT_TO_IMAGE)}. Fix: quantize only those")
+        raise InvalidInputError(f"calibration of {unknown} is not recorded: expected components of "
+                                f"{list(CALIBRATED)}. Fix: quantize only those")
+    controlled = [c for c in components if c in CONTROLLED]
+    plain = [c for c in components if c not in CONTROLLED]
+    if controlled and not hasattr(pipe, "text_to_image"):
+        raise InvalidInputError(f"calibrating {controlled} runs ControlNet calls: expected a "
+                                "SprintControlNetPipeline. Fix: load one (SprintControlNetPipeline.from_engines)")
     if count is not None:
         _check_count(count)
         prompts = prompts[:count]
+    cn, tti = (pipe, pipe.text_to_image()) if controlled else (None, pipe)
     # A quantized text encoder sees every token of its prompts, the instruction's too, as the pipeline's
     # first call per instruction does (later calls reuse the instruction's cached prefix).
-    reuse = pipe.reuse_instruction_prefix
-    pipe.reuse_instruction_prefix = TEXT_ENCODER not in components
+    reuse = tti.reuse_instruction_prefix
+    tti.reuse_instruction_prefix = TEXT_ENCODER not in components
+    call = dict(height=height, width=width, use_resolution_binning=False)
     try:
-        with recording(pipe, components) as recorders:
+        with contextlib.ExitStack() as stack:
+            recorders = dict(stack.enter_context(recording(tti, plain)))
+            if cn is not None:
+                recorders.update(stack.enter_context(recording(cn, controlled)))
+                # Every schedule of a prompt uses its scribble: encode it once, not once per schedule.
+                stack.enter_context(_encode_repeats_once(cn))
             for i, prompt in enumerate(prompts):
                 # Encode once per prompt (the text encoder is the slow part at real size), run every schedule.
-                embeds, mask = pipe.encode_prompt(prompt,
-                                                  complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
+                embeds, mask = tti.encode_prompt(prompt,
+                                                 complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
                 for n in steps:
-                    decode = VAE_DECODER in recorders and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES
-                    pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
-                         intermediate_timesteps=intermediate_timesteps_for(n), height=height, width=width,
-                         use_resolution_binning=False, generator=seed + i, output_type="np" if decode else "latent")
+                    schedule = dict(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
+                                    intermediate_timesteps=intermediate_timesteps_for(n), generator=seed + i, **call)
+                    if TRANSFORMER in recorders or VAE_DECODER in recorders:
+                        decode = (VAE_DECODER in recorders
+                                  and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES)
+                        tti(**schedule, output_type="np" if decode else "latent")
+                    if cn is not None:
+                        cn(**schedule, control_image=control_picture(height, width, seed=seed + i),
+                           controlnet_conditioning_scale=DEFAULT_CONTROLNET_SCALE, output_type="latent")
     finally:
-        pipe.reuse_instruction_prefix = reuse
+        tti.reuse_instruction_prefix = reuse
     feeds = {c: recorder.feeds for c, recorder in recorders.items()}
     if VAE_DECODER in feeds:
         feeds[VAE_DECODER] = [{k: _centre_crop(v, VAE_CALIBRATION_LATENT_SIDE) for k, v in f.items()}
                               for f in feeds[VAE_DECODER]]
     return feeds
+
+
+@contextlib.contextmanager
+def _encode_repeats_once(pipe):
+    """While active, `pipe`'s VAE encoder runs again only when its input changes (the previous result is
+    reused for a repeated control image)."""
+    engine = pipe.engine(VAE_ENCODER)
+    last: dict = {}
+
+    def encode(**feeds):
+        if last and all(np.array_equal(feeds[k], v) for k, v in last["feeds"].items()):
+            return last["out"]
+        last.update(feeds={k: v.copy() for k, v in feeds.items()}, out=engine(**feeds))
+        return last["out"]
+
+    pipe.set_engine(VAE_ENCODER, encode)
+    try:
+        yield
+    finally:
+        pipe.set_engine(VAE_ENCODER, engine)
 
 
 def _centre_crop(latent, side: int):
@@ -83,6 +132,16 @@ def calibration_description(prompts_file, prompts: list[str], size: int, precisi
     return f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps {steps}; {method}"
 
 
+def calibration_engines(components) -> tuple[str, ...]:
+    """The engines record_calibration runs to record `components`' inputs (no more: at real size each is GBs)."""
+    needed = {TEXT_ENCODER}
+    if TRANSFORMER in components or VAE_DECODER in components:  # text-to-image calls; decoded only for the decoder
+        needed |= {TRANSFORMER, *(c for c in components if c == VAE_DECODER)}
+    if set(components) & set(CONTROLLED):  # ControlNet calls, which encode their control images
+        needed |= {CONTROLNET, CONTROLLED_TRANSFORMER, VAE_ENCODER}
+    return tuple(c for c in COMPONENTS if c in needed)
+
+
 def lazy_calibration(onnx_dir: str | Path, engines: Path, components, prompts: list[str], size: int, profile=None,
                      say=lambda msg: None, reuse: bool = False):
     """feeds_of(component) -> a callable recording every quantized component's feeds once, on first use,
@@ -91,9 +150,12 @@ def lazy_calibration(onnx_dir: str | Path, engines: Path, components, prompts: l
     import shutil
 
     from sprintrt.engines.build import build_engines
+    from sprintrt.runtime.controlnet import SprintControlNetPipeline
     from sprintrt.runtime.pipeline import SprintPipeline
 
     recorded: dict = {}
+    needed = calibration_engines(components)
+    kind = SprintControlNetPipeline if set(components) & set(CONTROLLED) else SprintPipeline
 
     def feeds_of(component: str):
         def feeds() -> list[dict]:
@@ -102,10 +164,11 @@ def lazy_calibration(onnx_dir: str | Path, engines: Path, components, prompts: l
                     if not reuse:
                         say("fp32 engines for calibration")
                         build_engines(onnx_dir, engines, backend=DEFAULT_BACKEND, precision="fp32", profile=profile,
-                                      components=TEXT_TO_IMAGE)
+                                      components=needed)
                     say(f"calibrating {', '.join(components)} on {len(prompts)} prompts at {size}x{size}")
-                    recorded.update(record_calibration(SprintPipeline.from_engines(engines), components, prompts,
-                                                       size, size))
+                    pipe = kind.from_engines(engines, components=needed)
+                    recorded.update(record_calibration(pipe, components, prompts, size, size))
+                    del pipe
                 finally:
                     if not reuse:
                         shutil.rmtree(engines, ignore_errors=True)
@@ -143,11 +206,18 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
     from sprintrt.engines.build import build_engines
     from sprintrt.engines.precision import QUANTIZED, quantized_precisions
     from sprintrt.engines.quantize import quantizable_nodes
+    from sprintrt.export_info import read_export_info
 
     say = progress or (lambda msg: None)
     _check_count(count)
     precisions = quantized_precisions(precision, backend)  # fp8 on a CPU backend and the like fail before any work
-    quantized = [c for c, p in precisions.items() if p in QUANTIZED]
+    exported = read_export_info(onnx_dir)["components"]  # "int8" alone: those of them this export holds
+    quantized = [c for c, p in precisions.items() if p in QUANTIZED and c in exported]
+    if not quantized:
+        asked = [c for c, p in precisions.items() if p in QUANTIZED]
+        raise InvalidInputError(f"precision={precision!r} quantizes {asked}, which {onnx_dir} has no export of "
+                                f"(it holds {list(exported)}). Fix: quantize components of this export, or export "
+                                "the model with them (a ControlNet: `sprintrt export --controlnet ...`)")
     for comp in quantized:  # fail before any work on an export without module paths
         quantizable_nodes(Path(onnx_dir) / f"{comp}.onnx", comp)
     prompts = read_prompts(prompts_file)[:count]

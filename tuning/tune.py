@@ -133,7 +133,7 @@ def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
     if controlled:
         cn = SprintControlNetPipeline.from_engines(engine_dir, components=[
             c for c in S.COMPONENTS if c in (*S.TEXT_TO_IMAGE, *S.CONTROLNET_TO_IMAGE)])
-        pipe = SprintPipeline({c: cn.engine(c) for c in S.TEXT_TO_IMAGE}, cn.tokenizer, cn.manifest)
+        pipe = cn.text_to_image()
     else:
         pipe = SprintPipeline.from_engines(engine_dir)
     call = dict(num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
@@ -327,7 +327,7 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     screen = size if exhaustive else screening_size(size, info["model_dims"]["vae_scale_factor"])
     screen_feeds = timing_feeds(ref_dir, todo, screen) if screen < size else feeds
     quantized = sorted({c for c in todo for cand in plan[c][0] if cand.precision in QUANTIZED})
-    feeds_of = lazy_calibration(onnx_dir, ref_dir, [c for c in S.TEXT_TO_IMAGE if c in quantized], prompts,
+    feeds_of = lazy_calibration(onnx_dir, ref_dir, quantized, prompts,
                                 DEFAULT_CALIBRATION_SIZE, say=say, reuse=True)
     tables: dict[str, list[dict]] = {c: [] for c in todo}
     references: dict[str, dict] = {}

@@ -105,8 +105,9 @@ def test_quantized_precisions_quantize_every_component_with_a_recipe():
     ort = quantized_precisions("int8", "onnxruntime")
     assert ort == {"text_encoder": Precision.INT8, "transformer": Precision.INT8, "vae_decoder": Precision.INT8,
                    "vae_encoder": Precision.FP32,  # the VAE encoder has no int8 recipe: its default
-                   "controlnet": Precision.FP32, "controlled_transformer": Precision.FP32}  # nor the ControlNet yet
+                   "controlnet": Precision.INT8, "controlled_transformer": Precision.INT8}
     assert quantized_precisions("fp8", "tensorrt")["transformer"] == Precision.FP8
+    assert quantized_precisions("fp8", "tensorrt")["controlnet"] == Precision.FP8
     assert quantized_precisions("fp8", "tensorrt")["vae_decoder"] == Precision.BF16
     assert quantized_precisions("vae_decoder=int8", "ov")["vae_decoder"] == Precision.INT8
     with pytest.raises(InvalidInputError, match="no component is quantized to fp8"):

@@ -53,18 +53,30 @@ print('ok')
 
 @pytest.fixture(scope="module")
 def qdq_graphs(typed_onnx_dir, tmp_path_factory):
-    """The transformer's int8 (W8A8) and fp8 Q/DQ graphs, calibrated on two sample inputs."""
+    """The transformer-family's int8 (W8A8) and fp8 Q/DQ graphs for an H100, calibrated on two sample inputs."""
     from sprintrt.engines.quantize import quantize_qdq
     from sprintrt.export_info import read_export_info
-    from sprintrt.specs import SPEC_BUILDERS, ModelDims
+    from sprintrt.specs import SPEC_BUILDERS, TRANSFORMER_FAMILY, ModelDims
 
-    spec = SPEC_BUILDERS["transformer"](ModelDims.from_json(read_export_info(typed_onnx_dir)["model_dims"]))
-    feeds = [spec.sample_inputs(spec.sizes("sample"), seed=s) for s in (0, 1)]
     out = tmp_path_factory.mktemp("qdq")
-    for precision in ("int8", "fp8"):
-        quantize_qdq(typed_onnx_dir / "transformer.onnx", out / f"transformer.{precision}.qdq.onnx", feeds, precision,
-                     target=H100, component="transformer")
+    for component in TRANSFORMER_FAMILY:
+        spec = SPEC_BUILDERS[component](ModelDims.from_json(read_export_info(typed_onnx_dir)["model_dims"]))
+        feeds = [spec.sample_inputs(spec.sizes("sample"), seed=s) for s in (0, 1)]
+        for precision in ("int8", "fp8"):
+            quantize_qdq(typed_onnx_dir / f"{component}.onnx", out / f"{component}.{precision}.qdq.onnx", feeds,
+                         precision, target=H100, component=component)
     return out
+
+
+@pytest.mark.rtx
+@pytest.mark.parametrize("component", ["controlnet", "controlled_transformer"])
+def test_the_controlnets_qdq_graphs_parse_in_tensorrt(component, qdq_graphs):
+    """The ControlNet's int8 and fp8 Q/DQ graphs for a GPU are taken by a real TensorRT parser (TensorRT-RTX's;
+    the transformer's build real engines below)."""
+    from sprintrt.trt_parser import parse_problems
+
+    for precision in ("int8", "fp8"):
+        assert parse_problems(qdq_graphs / f"{component}.{precision}.qdq.onnx") == [], precision
 
 
 @pytest.mark.rtx

@@ -88,6 +88,18 @@ def test_fp8_needs_every_target_at_8_9_and_builds_there(typed_onnx_dir, tmp_path
     assert entry["compute_capabilities"] == ["8.9", "12.0"]
 
 
+def test_fp8_controlnet_engines_build(typed_onnx_dir, tmp_path):
+    """The ControlNet's two components in fp8: calibrated in ControlNet calls, built by the real builder."""
+    from sprintrt.tuning.calibration import build_quantized_engines
+
+    out = build_quantized_engines(typed_onnx_dir, tmp_path / "e", count=1, size=128, backend="rtx",
+                                  precision="controlnet=fp8,controlled_transformer=fp8", target="8.9,12.0")
+    for name in ("controlnet", "controlled_transformer"):
+        entry = _manifest(out)["components"][name]
+        assert entry["precision"] == "fp8" and entry["qdq_base"] == "bf16" and entry["qdq_layers"] > 0
+        assert entry["calibration_samples"] == 3  # one prompt, at 1 and 2 steps
+
+
 def test_cli_builds_tensorrt_rtx_engines_on_a_cpu(typed_onnx_dir, tmp_path):
     out = tmp_path / "rtx"
     r = subprocess.run([sys.executable, "-m", "sprintrt.cli", "build", str(typed_onnx_dir), "-o", str(out),

@@ -42,8 +42,9 @@ def test_every_candidate_is_timed_gated_and_the_fastest_passing_one_chosen(tuned
     for comp, entry in manifest["components"].items():
         tuning = entry["tuning"]
         rows = {r["candidate"]: r for r in tuning["candidates"]}
-        # int8 only where a component has a recipe: not the VAE encoder, nor the ControlNet's two (yet)
-        expected = {"onnxruntime:fp32", "openvino:fp32"} | ({"onnxruntime:int8"} if comp in S.TEXT_TO_IMAGE else set())
+        # int8 where a component has a recipe: every one but the VAE encoder (the ControlNet's two calibrated in
+        # ControlNet calls)
+        expected = {"onnxruntime:fp32", "openvino:fp32"} | ({"onnxruntime:int8"} if comp != VAE_ENCODER else set())
         assert set(rows) == expected, comp
         assert rows["onnxruntime:fp32"]["cosine"] == 1.0  # the reference, against itself
         for r in rows.values():
@@ -54,7 +55,8 @@ def test_every_candidate_is_timed_gated_and_the_fastest_passing_one_chosen(tuned
         assert tuning["size"] == SIZE and tuning["min_cosine"] == TUNE_MIN_COSINE
         assert (tuned / entry["file"]).is_file()
     int8 = {c: e["tuning"]["candidates"] for c, e in manifest["components"].items()}
-    assert all(r["cosine"] < 1.0 for c in (TEXT_ENCODER, TRANSFORMER, VAE_DECODER) for r in int8[c]
+    assert all(r["cosine"] < 1.0 for c in (TEXT_ENCODER, TRANSFORMER, VAE_DECODER, *S.OPTIONAL_COMPONENTS)
+               for r in int8[c]
                if r["candidate"] == "onnxruntime:int8")  # the int8 engines really are quantized
     assert not list(tuned.parent.glob(".*.tune"))  # the scratch candidates are gone
 
@@ -187,6 +189,9 @@ def test_candidates_follow_the_cpu(onnx_dir):
     assert names(epyc, True) == ["onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:int8", *int8w]
     assert names(epyc, False) == ["onnxruntime:fp32", "openvino:fp32", *int8w]
     assert names(xeon, False) == ["onnxruntime:fp32", "onnxruntime:fp16", "openvino:fp32", "openvino:bf16", *int8w]
+    controlnet = json.loads((onnx_dir / "export_info.json").read_text())["components"][S.CONTROLNET]
+    assert [c.name for c in T.candidates(S.CONTROLNET, controlnet, epyc, True)] == [
+        "onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:int8", *int8w]
 
 
 def test_int8w_is_a_candidate_only_where_nncf_is_installed(onnx_dir, monkeypatch):
