@@ -13,10 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sprintrt.errors import InvalidInputError
 from sprintrt.metrics import PARITY_MAX_ABS
+from sprintrt.runtime.image import control_picture
 
 TOL = PARITY_MAX_ABS
 
@@ -36,13 +37,8 @@ def reference(tiny_checkpoint):
 
 
 def scribble(width=256, height=256, seed=0) -> Image.Image:
-    """White strokes on black, the scribble format SANA's ControlNets are trained on."""
-    rng = np.random.default_rng(seed)
-    img = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(img)
-    for _ in range(4):
-        draw.line(tuple(int(v) for v in rng.integers(0, min(width, height), 4)), fill=(255, 255, 255), width=6)
-    return img
+    """White strokes on black, the scribble format SANA's ControlNets are trained on (seeded random strokes)."""
+    return control_picture(height, width, seed=seed)
 
 
 def _reference_images(reference, control_image, scale, seed=1234, **kw):
