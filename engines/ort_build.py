@@ -27,7 +27,7 @@ DEVICE = "cpu"
 PROVIDER = "CPUExecutionProvider"
 # fp32; fp16 from the export's typed variants (not Gemma2); int8 from Q/DQ graphs for the components with a recipe.
 ALLOWED = {TEXT_ENCODER: (P.FP32, P.INT8), TRANSFORMER: (P.FP32, P.FP16, P.INT8),
-           VAE_DECODER: (P.FP32, P.FP16, P.INT8), VAE_ENCODER: (P.FP32, P.FP16),
+           VAE_DECODER: (P.FP32, P.FP16, P.INT8), VAE_ENCODER: (P.FP32, P.FP16, P.INT8),
            CONTROLNET: (P.FP32, P.FP16, P.INT8), CONTROLLED_TRANSFORMER: (P.FP32, P.FP16, P.INT8)}
 # fp16 engines run the export's typed fp16 variant (ORT's CPU provider runs fp16 graphs; it has no bf16 Conv).
 TYPED_PRECISIONS = frozenset({P.FP16})

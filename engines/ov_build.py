@@ -29,7 +29,7 @@ P = Precision
 # bf16: a run-time hint (from the bf16 variant where exported); int8: OpenVINO runs the same Q/DQ graphs as ONNX
 # Runtime with its int8 kernels; int8w: weight compression of the matmul layers (the decoder is convolutions).
 ALLOWED = {TEXT_ENCODER: (P.FP32, P.BF16, P.INT8, P.INT8W), TRANSFORMER: (P.FP32, P.BF16, P.INT8, P.INT8W),
-           VAE_DECODER: (P.FP32, P.BF16, P.INT8), VAE_ENCODER: (P.FP32, P.BF16),
+           VAE_DECODER: (P.FP32, P.BF16, P.INT8), VAE_ENCODER: (P.FP32, P.BF16, P.INT8),
            CONTROLNET: (P.FP32, P.BF16, P.INT8, P.INT8W), CONTROLLED_TRANSFORMER: (P.FP32, P.BF16, P.INT8, P.INT8W)}
 # int8: the Q/DQ graph's quantized layers run OpenVINO's int8 kernels; the rest keeps fp32.
 HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}

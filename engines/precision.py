@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Mapping
 
 from sprintrt.errors import InvalidInputError
-from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_ENCODER
+from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER
 
 
 class Precision(str, Enum):
@@ -43,8 +43,7 @@ P = Precision
 QUANTIZED = (P.INT8, P.FP8)  # built from a calibrated Q/DQ graph (engines/quantize.py)
 # Why a component is never built in a precision, whatever the backend (the message of the refusal).
 WHY_NOT = {(TEXT_ENCODER, P.FP16): "Gemma2 overflows fp16 (its docs: the text encoder must stay in bf16)",
-           (TRANSFORMER, P.FP8): "fp8 runs on TensorRT only (GPUs of compute capability >= 8.9); the CPU backends have no fp8 kernels",
-           (VAE_ENCODER, P.INT8): "the VAE encoder has no int8 recipe (img2img runs it once per image)"}
+           (TRANSFORMER, P.FP8): "fp8 runs on TensorRT only (GPUs of compute capability >= 8.9); the CPU backends have no fp8 kernels"}
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from sprintrt import machine
 from sprintrt.engines import sensitivity
 from sprintrt.engines.sensitivity import GROUPS
 from sprintrt.errors import InvalidInputError
-from sprintrt.specs import CONTROLLED_TRANSFORMER, CONTROLNET, TEXT_ENCODER, TRANSFORMER, VAE_DECODER
+from sprintrt.specs import CONTROLLED_TRANSFORMER, CONTROLNET, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 # As NVIDIA ModelOpt's diffusion recipes keep them: the time/guidance and patch embeddings (a timestep error
 # shifts every token), the caption projection and norm (their input is the text encoder's unnormalised output),
@@ -55,6 +55,8 @@ KEEP_HIGH_PRECISION = {
     # The decoder's first and last convolutions (not the blocks' own conv_out): conv_in reads the latent
     # (32 channels, every value matters) and conv_out writes the pixels; 2 of the real decoder's 106 weight layers.
     VAE_DECODER: (".decoder.conv_in.", ".decoder.conv_out."),
+    # The encoder's alike: conv_in reads the pixels, conv_out writes the latent.
+    VAE_ENCODER: (".encoder.conv_in.", ".encoder.conv_out."),
     # Gemma2: every projection of every layer is quantized (per-channel weights); the embedding is a
     # Gather (never quantized) and the final RMSNorm has no matmul.
     TEXT_ENCODER: (),
@@ -64,7 +66,8 @@ QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 # Calibration keeps at most this many samples' intermediate outputs in memory before folding them
 # into running min/max ranges: ORT's default keeps all of them. Measured on the real 0.6B architecture
 # at 512²: 4 decoder samples at once exceeded 24 GB (killed), one sample is about 6 GB.
-CALIBRATION_CHUNK = {TRANSFORMER: 4, TEXT_ENCODER: 4, VAE_DECODER: 1, CONTROLNET: 4, CONTROLLED_TRANSFORMER: 4}
+CALIBRATION_CHUNK = {TRANSFORMER: 4, TEXT_ENCODER: 4, VAE_DECODER: 1, VAE_ENCODER: 1, CONTROLNET: 4,
+                     CONTROLLED_TRANSFORMER: 4}
 
 
 def _stride(n: int, component: str) -> int:

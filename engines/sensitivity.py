@@ -35,12 +35,14 @@ import numpy as np
 from sprintrt.defaults import IMAGE_MIN_PSNR_DB, INT8_SENSITIVITY_MARGIN_DB, INT8_SENSITIVITY_SAMPLES, TUNE_MIN_COSINE
 from sprintrt.errors import InvalidInputError
 from sprintrt.metrics import cosine, psnr
-from sprintrt.specs import PICTURE_OUTPUT_RANGE, VAE_DECODER
+from sprintrt.specs import PICTURE_OUTPUT_RANGE, VAE_DECODER, VAE_ENCODER
 
 # Per component whose int8 layers are chosen by measurement: the module-path pattern naming a layer's group.
 # DC-AE's decoder: one group per block of each stage (the upsampling convolution is block 0), 11 groups in
-# the tiny decoder, 23 in the real one. conv_in / conv_out stay in float by KEEP_HIGH_PRECISION.
-GROUPS = {VAE_DECODER: r"decoder\.up_blocks\.\d+\.\d+"}
+# the tiny decoder, 23 in the real one; its encoder alike (the downsampling convolution is each stage's last
+# block). conv_in / conv_out stay in float by KEEP_HIGH_PRECISION. The encoder's output is a latent, not a
+# picture: its gate is the cosine alone (PICTURE_OUTPUT_RANGE).
+GROUPS = {VAE_DECODER: r"decoder\.up_blocks\.\d+\.\d+", VAE_ENCODER: r"encoder\.down_blocks\.\d+\.\d+"}
 # Verification rounds before giving up (each runs the chosen set on every calibration input).
 MAX_VERIFY_ROUNDS = 6
 
@@ -255,7 +257,8 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
         verified = None
     if not chosen or verified is None:
         raise InvalidInputError(
-            f"no int8 layer set of the {component} keeps {gate.min_psnr_db:.0f} dB and cosine {gate.min_cosine} "
+            f"no int8 layer set of the {component} keeps {f'{gate.min_psnr_db:.0f} dB and ' if peak else ''}"
+            f"cosine {gate.min_cosine} "
             f"against fp32 on the calibration inputs (measured per group: the least lossy alone has "
             f"{min(t['mse'] for t in table.values()):.3g} mean squared error, budget {budget:.3g}). "
             f"Fix: keep the {component} in a float precision (fp32/bf16), or build the int8 engine on the real checkpoint")
@@ -263,7 +266,7 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
     for g, row in table.items():
         row["quantized"] = g in chosen
     report = {"method": "per-group sensitivity, greedy by error per multiply-add, verified",
-              "gate": {"min_psnr_db": gate.min_psnr_db, "min_cosine": gate.min_cosine}, "budget_mse": budget,
+              "gate": {"min_psnr_db": gate.min_psnr_db if peak else None, "min_cosine": gate.min_cosine}, "budget_mse": budget,
               "samples": {"per_group": len(reference[few]), "verified": len(feeds)}, "verified": verified,
               "quantized_macs_share": round(sum(table[g]["macs"] for g in chosen) / total_macs, 4),
               "groups": table}

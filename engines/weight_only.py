@@ -8,7 +8,7 @@ the weight bytes to read). No calibration data: only weights change. OpenVINO's 
 NNCF on its IR (engines/ov_build.py).
 
 Which layers: every MatMul / Gemm / Conv reading a weight initializer, except those each component keeps in
-higher precision (engines/quantize.py's lists, the VAE encoder's first and last convolutions here).
+higher precision (engines/quantize.py's KEEP_HIGH_PRECISION: the int8 recipes' lists).
 """
 
 from __future__ import annotations
@@ -17,17 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sprintrt.engines.quantize import KEEP_HIGH_PRECISION, quantizable_nodes
+from sprintrt.engines.quantize import quantizable_nodes
 from sprintrt.engines.typed_qdq import rewrite_and_save
-from sprintrt.specs import CONTROLLED_TRANSFORMER, CONTROLNET, TRANSFORMER, VAE_ENCODER
 
-# The weight layers kept in 16 bit per component: the int8 recipes' lists, and for the VAE encoder (which has
-# no int8 recipe) its first and last convolutions, as the decoder's.
-KEEP = {**KEEP_HIGH_PRECISION, VAE_ENCODER: (".encoder.conv_in.", ".encoder.conv_out."),
-        # The ControlNet as the transformer, and its input projection (reads the control latent) and the per-block
-        # output projections (write the residuals the transformer adds).
-        CONTROLNET: (*KEEP_HIGH_PRECISION[TRANSFORMER], ".input_block", ".controlnet_blocks."),
-        CONTROLLED_TRANSFORMER: KEEP_HIGH_PRECISION[TRANSFORMER]}
 QMAX = 127  # symmetric: -127..127, so the scale maps max |w| exactly and no zero point is needed
 
 
@@ -61,7 +53,7 @@ def weight_only_int8(source: Path, out: Path, component: str) -> dict:
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(source))
-    quantize, kept = quantizable_nodes(model, component, KEEP)
+    quantize, kept = quantizable_nodes(model, component)  # the int8 recipes' kept layers stay 16-bit
     inits = {i.name: i for i in model.graph.initializer}
     before: dict[str, list] = {}
     added = []

@@ -18,13 +18,13 @@ from sprintrt.defaults import (CALIBRATION_STEPS, DEFAULT_BACKEND, DEFAULT_CALIB
                                VAE_CALIBRATION_LATENT_SIDE, VAE_CALIBRATION_SAMPLES, intermediate_timesteps_for)
 from sprintrt.errors import InvalidInputError
 from sprintrt.prompts import read_prompts
-from sprintrt.runtime.image import control_picture
+from sprintrt.runtime.image import control_picture, preprocess_image
 from sprintrt.runtime.recording import recording
 from sprintrt.specs import (COMPONENTS, CONTROLLED_TRANSFORMER, CONTROLNET, TEXT_ENCODER, TEXT_TO_IMAGE,
                             TRANSFORMER, VAE_DECODER, VAE_ENCODER)
 
 CONTROLLED = (CONTROLNET, CONTROLLED_TRANSFORMER)  # recorded in ControlNet calls
-CALIBRATED = (*TEXT_TO_IMAGE, *CONTROLLED)  # the components whose inputs a calibration run records
+CALIBRATED = (*TEXT_TO_IMAGE, VAE_ENCODER, *CONTROLLED)  # the components whose inputs a calibration run records
 
 
 def _check_count(count) -> None:
@@ -40,15 +40,18 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
     for the ControlNet's components) over the prompts: the text encoder once per prompt, the transformer
     at every step of every schedule, the VAE decoder on the final latents of the first
     VAE_CALIBRATION_SAMPLES calls (each sample is a full decode), centre-cropped to
-    VAE_CALIBRATION_LATENT_SIDE (see sprintrt/defaults.py); the ControlNet and the controlled transformer
-    at every step of ControlNet calls with the same prompts, seeds and schedules, each prompt with its own
-    random scribble (`control_picture(seed=...)`) at the default conditioning scale."""
+    VAE_CALIBRATION_LATENT_SIDE (see sprintrt/defaults.py); the VAE encoder on what it encodes in use, the
+    same number of each: pictures (img2img's input; those the calibration calls decode) and scribbles
+    (ControlNet's), prepared as the pipelines prepare them and centre-cropped to the same side; the
+    ControlNet and the controlled transformer at every step of ControlNet calls with the same prompts, seeds
+    and schedules, each prompt with its own random scribble (`control_picture(seed=...)`) at the default
+    conditioning scale."""
     unknown = [c for c in components if c not in CALIBRATED]
     if unknown:
         raise InvalidInputError(f"calibration of {unknown} is not recorded: expected components of "
                                 f"{list(CALIBRATED)}. Fix: quantize only those")
     controlled = [c for c in components if c in CONTROLLED]
-    plain = [c for c in components if c not in CONTROLLED]
+    plain = [c for c in components if c not in CONTROLLED and c != VAE_ENCODER]  # the encoder's are made below
     if controlled and not hasattr(pipe, "text_to_image"):
         raise InvalidInputError(f"calibrating {controlled} runs ControlNet calls: expected a "
                                 "SprintControlNetPipeline. Fix: load one (SprintControlNetPipeline.from_engines)")
@@ -61,6 +64,7 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
     reuse = tti.reuse_instruction_prefix
     tti.reuse_instruction_prefix = TEXT_ENCODER not in components
     call = dict(height=height, width=width, use_resolution_binning=False)
+    pictures: list[np.ndarray] = []  # decoded images, NHWC in [0, 1]: the VAE encoder's img2img inputs
     try:
         with contextlib.ExitStack() as stack:
             recorders = dict(stack.enter_context(recording(tti, plain)))
@@ -75,10 +79,13 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
                 for n in steps:
                     schedule = dict(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
                                     intermediate_timesteps=intermediate_timesteps_for(n), generator=seed + i, **call)
-                    if TRANSFORMER in recorders or VAE_DECODER in recorders:
-                        decode = (VAE_DECODER in recorders
-                                  and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES)
-                        tti(**schedule, output_type="np" if decode else "latent")
+                    if TRANSFORMER in recorders or VAE_DECODER in recorders or VAE_ENCODER in components:
+                        decode = ((VAE_DECODER in recorders
+                                   and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES)
+                                  or (VAE_ENCODER in components and len(pictures) < VAE_CALIBRATION_SAMPLES))
+                        out = tti(**schedule, output_type="np" if decode else "latent")
+                        if decode and VAE_ENCODER in components:
+                            pictures.append(out.images)
                     if cn is not None:
                         cn(**schedule, control_image=control_picture(height, width, seed=seed + i),
                            controlnet_conditioning_scale=DEFAULT_CONTROLNET_SCALE, output_type="latent")
@@ -88,6 +95,12 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
     if VAE_DECODER in feeds:
         feeds[VAE_DECODER] = [{k: _centre_crop(v, VAE_CALIBRATION_LATENT_SIDE) for k, v in f.items()}
                               for f in feeds[VAE_DECODER]]
+    if VAE_ENCODER in components:
+        side = VAE_CALIBRATION_LATENT_SIDE * tti.vae_scale_factor
+        scribbles = [control_picture(height, width, seed=seed + i) for i in range(len(pictures))]
+        feeds[VAE_ENCODER] = [{"sample": _centre_crop(preprocess_image(kind, images, height, width), side)}
+                              for kind, images in [*(("array", p.transpose(0, 3, 1, 2)) for p in pictures),
+                                                   *(("pil", [s]) for s in scribbles)]]
     return feeds
 
 
@@ -137,6 +150,8 @@ def calibration_engines(components) -> tuple[str, ...]:
     needed = {TEXT_ENCODER}
     if TRANSFORMER in components or VAE_DECODER in components:  # text-to-image calls; decoded only for the decoder
         needed |= {TRANSFORMER, *(c for c in components if c == VAE_DECODER)}
+    if VAE_ENCODER in components:  # its pictures are decoded text-to-image calls (its inputs are made, not run)
+        needed |= {TRANSFORMER, VAE_DECODER}
     if set(components) & set(CONTROLLED):  # ControlNet calls, which encode their control images
         needed |= {CONTROLNET, CONTROLLED_TRANSFORMER, VAE_ENCODER}
     return tuple(c for c in COMPONENTS if c in needed)

@@ -322,13 +322,14 @@ ALL_INT8_PSNR_DB = 38.0
 
 @pytest.fixture(scope="module")
 def all_int8_dir(onnx_dir, tmp_path_factory):
-    """`--precision int8`: every component with a recipe in int8 (the VAE encoder keeps fp32)."""
+    """`--precision int8`: every component in int8 (each has a recipe; the ControlNet's two too)."""
     from sprintrt.tuning.calibration import build_quantized_engines
 
     return build_quantized_engines(onnx_dir, tmp_path_factory.mktemp("all-int8") / "engines", count=6, size=256)
 
 
-@pytest.mark.parametrize("component,kept_scopes", [("vae_decoder", ["conv_in", "conv_out"]), ("text_encoder", [])])
+@pytest.mark.parametrize("component,kept_scopes", [("vae_decoder", ["conv_in", "conv_out"]),
+                                                    ("vae_encoder", ["conv_in", "conv_out"]), ("text_encoder", [])])
 def test_qdq_placement_beyond_the_transformer(onnx_dir, all_int8_dir, component, kept_scopes):
     from sprintrt.onnx_scopes import module_scopes
 
@@ -340,7 +341,7 @@ def test_qdq_placement_beyond_the_transformer(onnx_dir, all_int8_dir, component,
     assert len(quantize) > 0
     entry = json.loads((all_int8_dir / "manifest.json").read_text())["components"][component]
     assert entry["precision"] == "int8"
-    if component == "vae_decoder":  # the measured recipe keeps some more blocks in float (see below)
+    if component.startswith("vae_"):  # the measured recipe keeps some more blocks in float (see below)
         assert entry["kept_high_precision"][:len(keep)] == keep and 0 < entry["quantized_nodes"] <= len(quantize)
         assert entry["quantized_nodes"] + len(entry["kept_high_precision"]) == len(quantize) + len(keep)
     else:
@@ -428,6 +429,47 @@ def test_vae_calibration_uses_capped_centre_crops(engine_dir):
     assert len(feeds["vae_decoder"]) == VAE_CALIBRATION_SAMPLES
     side = VAE_CALIBRATION_LATENT_SIDE
     assert {f["latent"].shape for f in feeds["vae_decoder"]} == {(1, 32, side, side)}  # 16 x 12 latents, cropped
+
+
+def test_vae_encoder_calibration_is_pictures_and_scribbles_cropped_alike(engine_dir):
+    """What the VAE encoder encodes in use: pictures (img2img; here the calibration calls' own decoded images)
+    and scribbles (ControlNet), as many of each, prepared as the pipelines do and centre-cropped."""
+    from sprintrt.defaults import VAE_CALIBRATION_LATENT_SIDE
+    from sprintrt.tuning.calibration import record_calibration
+
+    feeds = record_calibration(SprintPipeline.from_engines(engine_dir), ("vae_encoder",), read_prompts(None)[:3],
+                               384, 320, steps=(1, 2))["vae_encoder"]
+    side = VAE_CALIBRATION_LATENT_SIDE * 32
+    calls = 3 * 2  # 3 prompts x 2 schedules, each decoded (under the VAE_CALIBRATION_SAMPLES cap)
+    assert len(feeds) == 2 * calls and {f["sample"].shape for f in feeds} == {(1, 3, side, side)}
+    pictures, scribbles = feeds[:calls], feeds[calls:]
+    assert all(-1 <= f["sample"].min() and f["sample"].max() <= 1 for f in feeds)
+    assert all(np.mean(f["sample"] == -1.0) < 0.5 for f in pictures)  # decoded images
+    assert all(np.mean(f["sample"] == -1.0) > 0.5 for f in scribbles)  # white strokes on black
+
+
+def test_the_encoders_int8_layers_are_chosen_by_measured_sensitivity(all_int8_dir, engine_dir):
+    """The decoder's method on the VAE encoder, gated on its latent's cosine alone (it is not a picture); held-out
+    pictures and scribbles at other sizes keep the tuner's gate (measured on the tiny checkpoint: 90% of the
+    multiply-adds in int8, verified cosine 0.9996)."""
+    from sprintrt.defaults import TUNE_MIN_COSINE
+    from sprintrt.manifest import read_manifest
+    from sprintrt.runtime.image import control_picture, preprocess_image
+    from sprintrt.runtime.registry import load_engine
+
+    entry = json.loads((all_int8_dir / "manifest.json").read_text())["components"]["vae_encoder"]
+    report = entry["int8_sensitivity"]
+    assert entry["quantization_recipe"].endswith("-mixed") and report["gate"]["min_psnr_db"] is None
+    assert len(report["groups"]) == 11 and 0 < report["quantized_macs_share"] <= 1
+    assert report["verified"]["cosine"] >= report["gate"]["min_cosine"]
+    fp32, int8 = (load_engine(read_manifest(d), "vae_encoder") for d in (engine_dir, all_int8_dir))
+    rng = np.random.default_rng(11)
+    smooth = np.cumsum(np.cumsum(rng.standard_normal((1, 3, 192, 160)), axis=2), axis=3)
+    smooth = ((smooth - smooth.min()) / np.ptp(smooth)).astype(np.float32)
+    for pixels in (preprocess_image("array", smooth, 192, 160),
+                   preprocess_image("pil", [control_picture(256, 224, seed=99)], 256, 224)):
+        ref, got = fp32(sample=pixels)["latent"], int8(sample=pixels)["latent"]
+        assert np.abs(got - ref).max() > 0 and cosine(got, ref) >= TUNE_MIN_COSINE, cosine(got, ref)
 
 
 def test_a_graph_without_visible_weight_layers_is_refused(onnx_dir, tmp_path):

@@ -104,7 +104,7 @@ def test_quantized_precisions_quantize_every_component_with_a_recipe():
 
     ort = quantized_precisions("int8", "onnxruntime")
     assert ort == {"text_encoder": Precision.INT8, "transformer": Precision.INT8, "vae_decoder": Precision.INT8,
-                   "vae_encoder": Precision.FP32,  # the VAE encoder has no int8 recipe: its default
+                   "vae_encoder": Precision.INT8,
                    "controlnet": Precision.INT8, "controlled_transformer": Precision.INT8}
     assert quantized_precisions("fp8", "tensorrt")["transformer"] == Precision.FP8
     assert quantized_precisions("fp8", "tensorrt")["controlnet"] == Precision.FP8
@@ -114,5 +114,5 @@ def test_quantized_precisions_quantize_every_component_with_a_recipe():
         quantized_precisions("fp8", "onnxruntime")
     with pytest.raises(InvalidInputError, match="quantizes no component"):
         quantized_precisions("transformer=fp32", "onnxruntime")
-    with pytest.raises(InvalidInputError, match="no int8 recipe"):
-        quantized_precisions("vae_encoder=int8", "onnxruntime")
+    with pytest.raises(InvalidInputError, match="'fp8' is not available for vae_encoder"):
+        quantized_precisions("vae_encoder=fp8", "tensorrt")

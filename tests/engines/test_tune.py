@@ -42,9 +42,8 @@ def test_every_candidate_is_timed_gated_and_the_fastest_passing_one_chosen(tuned
     for comp, entry in manifest["components"].items():
         tuning = entry["tuning"]
         rows = {r["candidate"]: r for r in tuning["candidates"]}
-        # int8 where a component has a recipe: every one but the VAE encoder (the ControlNet's two calibrated in
-        # ControlNet calls)
-        expected = {"onnxruntime:fp32", "openvino:fp32"} | ({"onnxruntime:int8"} if comp != VAE_ENCODER else set())
+        # int8 for every component (the ControlNet's two calibrated in ControlNet calls)
+        expected = {"onnxruntime:fp32", "openvino:fp32", "onnxruntime:int8"}
         assert set(rows) == expected, comp
         assert rows["onnxruntime:fp32"]["cosine"] == 1.0  # the reference, against itself
         for r in rows.values():
@@ -55,8 +54,7 @@ def test_every_candidate_is_timed_gated_and_the_fastest_passing_one_chosen(tuned
         assert tuning["size"] == SIZE and tuning["min_cosine"] == TUNE_MIN_COSINE
         assert (tuned / entry["file"]).is_file()
     int8 = {c: e["tuning"]["candidates"] for c, e in manifest["components"].items()}
-    assert all(r["cosine"] < 1.0 for c in (TEXT_ENCODER, TRANSFORMER, VAE_DECODER, *S.OPTIONAL_COMPONENTS)
-               for r in int8[c]
+    assert all(r["cosine"] < 1.0 for c in COMPONENTS for r in int8[c]
                if r["candidate"] == "onnxruntime:int8")  # the int8 engines really are quantized
     assert not list(tuned.parent.glob(".*.tune"))  # the scratch candidates are gone
 
@@ -174,9 +172,9 @@ def test_tuning_table_and_bad_candidates(mixed, onnx_dir, tmp_path):
     with pytest.raises(InvalidInputError, match="CPU backends only"):
         T.tune_engines(onnx_dir, tmp_path / "x", candidate_names=["trt:bf16"])
     with pytest.raises(InvalidInputError, match="cannot be built for any of"):
-        T.tune_engines(onnx_dir, tmp_path / "x", components=[VAE_ENCODER], candidate_names=["ort:int8"])
+        T.tune_engines(onnx_dir, tmp_path / "x", components=[VAE_ENCODER], candidate_names=["ov:int8w"])
     with pytest.raises(InvalidInputError, match="cannot be built for vae_encoder"):
-        T.tune_engines(onnx_dir, tmp_path / "x", candidate_names={VAE_ENCODER: ["ort:int8"]})
+        T.tune_engines(onnx_dir, tmp_path / "x", candidate_names={VAE_ENCODER: ["ov:int8w"]})
     assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
