@@ -25,6 +25,7 @@ from sprintrt.specs import (COMPONENTS, CONTROLLED_TRANSFORMER, CONTROLNET, TEXT
 
 CONTROLLED = (CONTROLNET, CONTROLLED_TRANSFORMER)  # recorded in ControlNet calls
 CALIBRATED = (*TEXT_TO_IMAGE, VAE_ENCODER, *CONTROLLED)  # the components whose inputs a calibration run records
+CONTROLNET_CALLS = (CONTROLNET, CONTROLLED_TRANSFORMER, VAE_ENCODER)  # the engines of the ControlNet-call stage
 
 
 def _check_count(count) -> None:
@@ -46,62 +47,82 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
     ControlNet and the controlled transformer at every step of ControlNet calls with the same prompts, seeds
     and schedules, each prompt with its own random scribble (`control_picture(seed=...)`) at the default
     conditioning scale."""
+    controlled = [c for c in components if c in CONTROLLED]
+    if controlled and not hasattr(pipe, "text_to_image"):
+        raise InvalidInputError(f"calibrating {controlled} runs ControlNet calls: expected a "
+                                "SprintControlNetPipeline. Fix: load one (SprintControlNetPipeline.from_engines)")
+
+    @contextlib.contextmanager
+    def given(needed, controlnet: bool):
+        yield pipe if controlnet or not controlled else pipe.text_to_image()
+
+    return _record(given, components, prompts, height, width, steps, count, seed)
+
+
+def _record(stage, components, prompts: list[str], height: int, width: int, steps, count, seed: int) -> dict:
+    """record_calibration's work in three stages, each with only its own engines: `stage(engines, controlnet)`
+    is a context giving a pipeline with those engines loaded (a SprintControlNetPipeline if `controlnet`). At
+    real size the engines of all three are ~15 GB, the text encoder's alone 8 GB."""
     unknown = [c for c in components if c not in CALIBRATED]
     if unknown:
         raise InvalidInputError(f"calibration of {unknown} is not recorded: expected components of "
                                 f"{list(CALIBRATED)}. Fix: quantize only those")
-    controlled = [c for c in components if c in CONTROLLED]
-    plain = [c for c in components if c not in CONTROLLED and c != VAE_ENCODER]  # the encoder's are made below
-    if controlled and not hasattr(pipe, "text_to_image"):
-        raise InvalidInputError(f"calibrating {controlled} runs ControlNet calls: expected a "
-                                "SprintControlNetPipeline. Fix: load one (SprintControlNetPipeline.from_engines)")
     if count is not None:
         _check_count(count)
         prompts = prompts[:count]
-    cn, tti = (pipe, pipe.text_to_image()) if controlled else (None, pipe)
-    # A quantized text encoder sees every token of its prompts, the instruction's too, as the pipeline's
-    # first call per instruction does (later calls reuse the instruction's cached prefix).
-    reuse = tti.reuse_instruction_prefix
-    tti.reuse_instruction_prefix = TEXT_ENCODER not in components
-    call = dict(height=height, width=width, use_resolution_binning=False)
+    feeds: dict[str, list[dict]] = {}
+    # 1. The prompts, encoded once each (later stages start from the embeddings). A quantized text encoder sees
+    # every token of its prompts, the instruction's too, as the pipeline's first call per instruction does
+    # (later calls reuse the instruction's cached prefix).
+    recorded = [c for c in components if c == TEXT_ENCODER]
+    with stage((TEXT_ENCODER,), False) as pipe, recording(pipe, recorded) as recorders:
+        reuse, pipe.reuse_instruction_prefix = pipe.reuse_instruction_prefix, not recorded
+        factor = pipe.vae_scale_factor
+        try:
+            embeddings = [pipe.encode_prompt(p, complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
+                          for p in prompts]
+        finally:
+            pipe.reuse_instruction_prefix = reuse
+    feeds.update({c: r.feeds for c, r in recorders.items()})
+
+    def schedules():  # (prompt index, the call's arguments) for every schedule of every prompt
+        for i, (embeds, mask) in enumerate(embeddings):
+            for n in steps:
+                yield i, dict(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
+                              intermediate_timesteps=intermediate_timesteps_for(n), generator=seed + i, height=height,
+                              width=width, use_resolution_binning=False)
+
+    # 2. Text-to-image calls: the transformer's inputs, the decoder's latents, the pictures the encoder gets.
+    recorded = [c for c in (TRANSFORMER, VAE_DECODER) if c in components]
     pictures: list[np.ndarray] = []  # decoded images, NHWC in [0, 1]: the VAE encoder's img2img inputs
-    try:
-        with contextlib.ExitStack() as stack:
-            recorders = dict(stack.enter_context(recording(tti, plain)))
-            if cn is not None:
-                recorders.update(stack.enter_context(recording(cn, controlled)))
-                # Every schedule of a prompt uses its scribble: encode it once, not once per schedule.
-                stack.enter_context(_encode_repeats_once(cn))
-            for i, prompt in enumerate(prompts):
-                # Encode once per prompt (the text encoder is the slow part at real size), run every schedule.
-                embeds, mask = tti.encode_prompt(prompt,
-                                                 complex_human_instruction=list(DEFAULT_COMPLEX_HUMAN_INSTRUCTION))
-                for n in steps:
-                    schedule = dict(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=n,
-                                    intermediate_timesteps=intermediate_timesteps_for(n), generator=seed + i, **call)
-                    if TRANSFORMER in recorders or VAE_DECODER in recorders or VAE_ENCODER in components:
-                        decode = ((VAE_DECODER in recorders
-                                   and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES)
-                                  or (VAE_ENCODER in components and len(pictures) < VAE_CALIBRATION_SAMPLES))
-                        out = tti(**schedule, output_type="np" if decode else "latent")
-                        if decode and VAE_ENCODER in components:
-                            pictures.append(out.images)
-                    if cn is not None:
-                        cn(**schedule, control_image=control_picture(height, width, seed=seed + i),
-                           controlnet_conditioning_scale=DEFAULT_CONTROLNET_SCALE, output_type="latent")
-    finally:
-        tti.reuse_instruction_prefix = reuse
-    feeds = {c: recorder.feeds for c, recorder in recorders.items()}
+    if _text_to_image_engines(components):
+        with stage(_text_to_image_engines(components), False) as pipe, recording(pipe, recorded) as recorders:
+            for _, call in schedules():
+                decode = ((VAE_DECODER in recorders and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES)
+                          or (VAE_ENCODER in components and len(pictures) < VAE_CALIBRATION_SAMPLES))
+                out = pipe(**call, output_type="np" if decode else "latent")
+                if decode and VAE_ENCODER in components:
+                    pictures.append(out.images)
+        feeds.update({c: r.feeds for c, r in recorders.items()})
     if VAE_DECODER in feeds:
         feeds[VAE_DECODER] = [{k: _centre_crop(v, VAE_CALIBRATION_LATENT_SIDE) for k, v in f.items()}
                               for f in feeds[VAE_DECODER]]
-    if VAE_ENCODER in components:
-        side = VAE_CALIBRATION_LATENT_SIDE * tti.vae_scale_factor
+    # 3. ControlNet calls, each prompt with its own scribble (encoded once for all its schedules).
+    recorded = [c for c in components if c in CONTROLLED]
+    if recorded:
+        with stage(CONTROLNET_CALLS, True) as pipe, \
+                recording(pipe, recorded) as recorders, _encode_repeats_once(pipe):
+            for i, call in schedules():
+                pipe(**call, control_image=control_picture(height, width, seed=seed + i),
+                     controlnet_conditioning_scale=DEFAULT_CONTROLNET_SCALE, output_type="latent")
+        feeds.update({c: r.feeds for c, r in recorders.items()})
+    if VAE_ENCODER in components:  # its inputs are made, not recorded: no encoder runs for them
+        side = VAE_CALIBRATION_LATENT_SIDE * factor
         scribbles = [control_picture(height, width, seed=seed + i) for i in range(len(pictures))]
         feeds[VAE_ENCODER] = [{"sample": _centre_crop(preprocess_image(kind, images, height, width), side)}
                               for kind, images in [*(("array", p.transpose(0, 3, 1, 2)) for p in pictures),
                                                    *(("pil", [s]) for s in scribbles)]]
-    return feeds
+    return {c: feeds[c] for c in components}
 
 
 @contextlib.contextmanager
@@ -145,15 +166,17 @@ def calibration_description(prompts_file, prompts: list[str], size: int, precisi
     return f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps {steps}; {method}"
 
 
+def _text_to_image_engines(components) -> tuple[str, ...]:
+    """The engines of the text-to-image stage (none: no such stage): the transformer, and the decoder where a
+    call is decoded (for the decoder's latents, or the pictures the VAE encoder's inputs are made of)."""
+    decode = VAE_DECODER in components or VAE_ENCODER in components
+    return (TRANSFORMER, VAE_DECODER) if decode else (TRANSFORMER,) if TRANSFORMER in components else ()
+
+
 def calibration_engines(components) -> tuple[str, ...]:
-    """The engines record_calibration runs to record `components`' inputs (no more: at real size each is GBs)."""
-    needed = {TEXT_ENCODER}
-    if TRANSFORMER in components or VAE_DECODER in components:  # text-to-image calls; decoded only for the decoder
-        needed |= {TRANSFORMER, *(c for c in components if c == VAE_DECODER)}
-    if VAE_ENCODER in components:  # its pictures are decoded text-to-image calls (its inputs are made, not run)
-        needed |= {TRANSFORMER, VAE_DECODER}
-    if set(components) & set(CONTROLLED):  # ControlNet calls, which encode their control images
-        needed |= {CONTROLNET, CONTROLLED_TRANSFORMER, VAE_ENCODER}
+    """Every engine record_calibration runs to record `components`' inputs (no more: at real size each is GBs)."""
+    needed = {TEXT_ENCODER, *_text_to_image_engines(components),
+              *(CONTROLNET_CALLS if set(components) & set(CONTROLLED) else ())}
     return tuple(c for c in COMPONENTS if c in needed)
 
 
@@ -169,8 +192,17 @@ def lazy_calibration(onnx_dir: str | Path, engines: Path, components, prompts: l
     from sprintrt.runtime.pipeline import SprintPipeline
 
     recorded: dict = {}
-    needed = calibration_engines(components)
-    kind = SprintControlNetPipeline if set(components) & set(CONTROLLED) else SprintPipeline
+
+    @contextlib.contextmanager
+    def stage(needed, controlnet: bool):  # one stage's engines, loaded for it alone (see _record)
+        pipe = (SprintControlNetPipeline if controlnet else SprintPipeline).from_engines(engines, components=needed)
+        try:
+            yield pipe
+        finally:
+            for c in needed:
+                pipe.engine(c).release()
+            del pipe
+            _return_freed_memory()
 
     def feeds_of(component: str):
         def feeds() -> list[dict]:
@@ -179,11 +211,9 @@ def lazy_calibration(onnx_dir: str | Path, engines: Path, components, prompts: l
                     if not reuse:
                         say("fp32 engines for calibration")
                         build_engines(onnx_dir, engines, backend=DEFAULT_BACKEND, precision="fp32", profile=profile,
-                                      components=needed)
+                                      components=calibration_engines(components))
                     say(f"calibrating {', '.join(components)} on {len(prompts)} prompts at {size}x{size}")
-                    pipe = kind.from_engines(engines, components=needed)
-                    recorded.update(record_calibration(pipe, components, prompts, size, size))
-                    del pipe
+                    recorded.update(_record(stage, components, prompts, size, size, CALIBRATION_STEPS, None, 0))
                 finally:
                     if not reuse:
                         shutil.rmtree(engines, ignore_errors=True)
