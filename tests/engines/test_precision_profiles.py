@@ -38,7 +38,7 @@ def test_per_component_overrides_keep_other_defaults():
     ("fp16", "text_encoder.*Gemma2 overflows fp16"),
     ("unet=fp16", "component 'unet'"),
     ("transformer=int3", "precision='int3'"),
-    ("int8", "precision='int8' is not available"),
+    ("fp8", "precision='fp8' is not available for text_encoder"),
 ])
 def test_bad_precisions(value, match):
     with pytest.raises(InvalidInputError, match=match):
