@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from sprintrt import machine
-from sprintrt.engines.precision import Precision as P
+from sprintrt.engines.precision import Precision as P, components_in
 from sprintrt.engines.profiles import full_profile
 from sprintrt.engines.registry import BuildResult, refuse_target_request
 from sprintrt.errors import MissingDependencyError
@@ -54,7 +54,7 @@ def auto_preference() -> int:
 
 
 def capabilities(target: Mapping) -> str:
-    int8 = "int8 (Q/DQ: text encoder, transformer, VAE decoder)"
+    int8 = f"int8 (Q/DQ: {components_in(ALLOWED, P.INT8)})"
     if not machine.cpu_has_int8_dot(dict(target)):
         int8 += " with 7-bit weights (no VNNI: 8-bit int8 kernels saturate)"
     return f"fp32, fp16 (typed variants), {int8} (CPU, {PROVIDER})"

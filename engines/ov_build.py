@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from sprintrt import machine
-from sprintrt.engines.precision import Precision
+from sprintrt.engines.precision import Precision, components_in
 from sprintrt.engines.profiles import full_profile
 from sprintrt.engines.registry import BuildResult, refuse_target_request
 from sprintrt.errors import MissingDependencyError
@@ -84,7 +84,7 @@ def auto_preference() -> int:
 def capabilities(target: Mapping) -> str:
     bf16 = ("bf16 (this CPU has bf16 instructions; the default)" if machine.cpu_has_bf16(dict(target))
             else "bf16 emulated, slow (no AVX512-BF16/AMX here; fp32 is the default)")
-    int8w = ("int8w (int8 weights, NNCF: text encoder, transformer)" if machine.library_version("nncf")
+    int8w = (f"int8w (int8 weights, NNCF: {components_in(ALLOWED, P.INT8W)})" if machine.library_version("nncf")
              else "int8w needs nncf (pip install nncf)")
     return f"fp32, {bf16}, int8 (the same Q/DQ graphs), {int8w} (CPU)"
 

@@ -113,6 +113,12 @@ def resolve_precisions(value, backend: str, components=COMPONENTS, defaults=None
     return {c: chosen[c] for c in components}
 
 
+def components_in(allowed: Mapping[str, tuple], precision: Precision) -> str:
+    """The components a backend's ALLOWED table builds in `precision`, for people: "every component" or names."""
+    names = [c for c, ps in allowed.items() if precision in ps]
+    return "every component" if len(names) == len(allowed) else ", ".join(c.replace("_", " ") for c in names)
+
+
 def quantized_precisions(value, backend: str) -> dict[str, Precision]:
     """Precisions for a quantized build: "int8" / "fp8" alone means every component with a Q/DQ recipe
     that `backend` builds in it (the others keep the backend's defaults); a per-component request is
