@@ -180,20 +180,35 @@ def _same_shapes(a: dict, b: dict) -> bool:
 
 
 class _Eta:
-    """Progress with an estimate of the time left: each step's expected cost is the mean of those done."""
+    """Progress with an estimate of the time left. Steps are of two kinds with very different costs: those that
+    quantize a component (the first int8 candidate of each: calibration and the Q/DQ graph, minutes at real size)
+    and the others (a build and a timing). Each kind's expected cost is the mean of its own steps done so far
+    (a kind with none done yet is left out: the estimate says "at least")."""
 
-    def __init__(self, total: int, say):
-        self.total, self.done, self.say, self.t0 = total, 0, say, time.perf_counter()
+    def __init__(self, kinds: list[str], say):
+        self.kinds, self.say, self.t0 = kinds, say, time.perf_counter()
+        self.took: dict[str, list[float]] = {}
+
+    @property
+    def done(self) -> int:
+        return sum(len(t) for t in self.took.values())
 
     def __call__(self, msg: str) -> None:
-        left = ""
-        if self.done:
-            seconds = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
-            left = f", about {seconds / 60:.0f} min left" if seconds >= 60 else f", about {seconds:.0f} s left"
-        self.say(f"[{self.done + 1}/{self.total}{left}] {msg}")
+        left, unknown = 0.0, False
+        for kind in self.kinds[self.done:]:
+            seen = self.took.get(kind)
+            left += sum(seen) / len(seen) if seen else 0.0
+            unknown = unknown or not seen
+        text = ""
+        if self.done and left:
+            about = "at least" if unknown else "about"
+            text = f", {about} {left / 60:.0f} min left" if left >= 60 else f", {about} {left:.0f} s left"
+        self.say(f"[{self.done + 1}/{len(self.kinds)}{text}] {msg}")
 
     def step(self) -> None:
-        self.done += 1
+        now = time.perf_counter()
+        self.took.setdefault(self.kinds[self.done], []).append(now - self.t0)
+        self.t0 = now
 
 
 def gate(component: str, outputs: dict, reference: dict) -> dict:
@@ -336,7 +351,13 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     for comp in todo:
         for cand in plan[comp][0]:
             by_candidate.setdefault(cand, []).append(comp)
-    eta = _Eta(sum(len(comps) for comps in by_candidate.values()), say)
+    kinds, quantizing = [], set()  # each step's kind (see _Eta): the first quantized candidate of a component
+    for cand, comps in by_candidate.items():
+        for comp in comps:
+            first = cand.precision in QUANTIZED and comp not in quantizing
+            quantizing |= {comp} if first else set()
+            kinds.append("quantize" if first else "run")
+    eta = _Eta(kinds, say)
     for cand, comps in by_candidate.items():  # the reference first: the others are compared with it
         for comp in comps:
             # One directory per candidate and component, deleted as soon as it loses: at real size every
