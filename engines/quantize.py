@@ -40,8 +40,8 @@ from sprintrt.specs import CONTROLLED_TRANSFORMER, CONTROLNET, TEXT_ENCODER, TRA
 # As NVIDIA ModelOpt's diffusion recipes keep them: the time/guidance and patch embeddings (a timestep error
 # shifts every token), the caption projection and norm (their input is the text encoder's unnormalised output),
 # the final norm and projection (they write the velocity the scheduler integrates).
-_TRANSFORMER_EDGES = (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".proj_out",
-                      ".norm_out")
+_TRANSFORMER_EMBEDDINGS = (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm")
+_TRANSFORMER_EDGES = (*_TRANSFORMER_EMBEDDINGS, ".proj_out", ".norm_out")
 # Per component with an int8/fp8 recipe: the weight layers kept in higher precision (module-path parts).
 KEEP_HIGH_PRECISION = {
     TRANSFORMER: _TRANSFORMER_EDGES,
@@ -50,8 +50,7 @@ KEEP_HIGH_PRECISION = {
     # The ControlNet's own edges too: its embeddings as the transformer's, the input projection of the
     # control latent (added to every token) and the per-block output projections (they write the residuals
     # the transformer adds to its stream, as proj_out writes the velocity): 15 of a 7-block ControlNet's 92.
-    CONTROLNET: (".time_embed.", ".patch_embed.", ".caption_projection.", ".caption_norm", ".input_block.",
-                 ".controlnet_blocks."),
+    CONTROLNET: (*_TRANSFORMER_EMBEDDINGS, ".input_block.", ".controlnet_blocks."),
     # The decoder's first and last convolutions (not the blocks' own conv_out): conv_in reads the latent
     # (32 channels, every value matters) and conv_out writes the pixels; 2 of the real decoder's 106 weight layers.
     VAE_DECODER: (".decoder.conv_in.", ".decoder.conv_out."),
@@ -75,15 +74,15 @@ def _stride(n: int, component: str) -> int:
     return max(d for d in range(1, min(n, CALIBRATION_CHUNK[component]) + 1) if n % d == 0)
 
 
-def quantizable_nodes(model, component: str, keep_lists=KEEP_HIGH_PRECISION) -> tuple[list[str], list[str]]:
+def quantizable_nodes(model, component: str) -> tuple[list[str], list[str]]:
     """(nodes to quantize, weight-bearing nodes kept in higher precision) of a component's exported graph;
-    `keep_lists` names the module paths each component keeps (the int8/fp8 recipes' by default)."""
+    KEEP_HIGH_PRECISION names the module paths each component keeps."""
     import onnx
 
-    if component not in keep_lists:
+    if component not in KEEP_HIGH_PRECISION:
         raise InvalidInputError(f"component={component!r} has no int8/fp8 recipe: expected one of "
-                                f"{list(keep_lists)}. Fix: keep it in a float precision")
-    kept_scopes = keep_lists[component]
+                                f"{list(KEEP_HIGH_PRECISION)}. Fix: keep it in a float precision")
+    kept_scopes = KEEP_HIGH_PRECISION[component]
 
     from sprintrt.onnx_scopes import module_scopes
 

@@ -87,7 +87,10 @@ class SprintControlNetPipeline(SprintPipeline):
         """A SprintPipeline over this pipeline's loaded engines, for plain text-to-image calls (nothing loads
         twice): calibration and the tuner run both kinds of call on one set of engines."""
         engines = {c: self.engine(c) for c in S.COMPONENTS if self.engine(c) is not None}
-        return SprintPipeline(engines, self.tokenizer, self.manifest)
+        view = SprintPipeline(engines, self.tokenizer, self.manifest)
+        for setting in ("trim_padding", "reuse_instruction_prefix", "prompt_cache", "vae_slicing", "vae_tiling"):
+            setattr(view, setting, getattr(self, setting))
+        return view
 
     @property
     def controlnet_blocks(self) -> int:

@@ -53,8 +53,8 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
                                 "SprintControlNetPipeline. Fix: load one (SprintControlNetPipeline.from_engines)")
 
     @contextlib.contextmanager
-    def given(needed, controlnet: bool):
-        yield pipe if controlnet or not controlled else pipe.text_to_image()
+    def given(needed, controlnet: bool):  # text-to-image stages run on a ControlNet pipeline's plain view
+        yield pipe if controlnet or not hasattr(pipe, "text_to_image") else pipe.text_to_image()
 
     return _record(given, components, prompts, height, width, steps, count, seed)
 
@@ -97,11 +97,13 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
     pictures: list[np.ndarray] = []  # decoded images, NHWC in [0, 1]: the VAE encoder's img2img inputs
     if _text_to_image_engines(components):
         with stage(_text_to_image_engines(components), False) as pipe, recording(pipe, recorded) as recorders:
-            for _, call in schedules():
-                decode = ((VAE_DECODER in recorders and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES)
-                          or (VAE_ENCODER in components and len(pictures) < VAE_CALIBRATION_SAMPLES))
+            for i, call in schedules():
+                # a picture per prompt (its schedules give nearly the same one), up to the cap
+                picture = VAE_ENCODER in components and len(pictures) < min(i + 1, VAE_CALIBRATION_SAMPLES)
+                decode = picture or (VAE_DECODER in recorders
+                                     and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES)
                 out = pipe(**call, output_type="np" if decode else "latent")
-                if decode and VAE_ENCODER in components:
+                if picture:
                     pictures.append(out.images)
         feeds.update({c: r.feeds for c, r in recorders.items()})
     if VAE_DECODER in feeds:
@@ -118,10 +120,12 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
         feeds.update({c: r.feeds for c, r in recorders.items()})
     if VAE_ENCODER in components:  # its inputs are made, not recorded: no encoder runs for them
         side = VAE_CALIBRATION_LATENT_SIDE * factor
-        scribbles = [control_picture(height, width, seed=seed + i) for i in range(len(pictures))]
-        feeds[VAE_ENCODER] = [{"sample": _centre_crop(preprocess_image(kind, images, height, width), side)}
-                              for kind, images in [*(("array", p.transpose(0, 3, 1, 2)) for p in pictures),
-                                                   *(("pil", [s]) for s in scribbles)]]
+        pixels = [_centre_crop(preprocess_image("array", p.transpose(0, 3, 1, 2), height, width), side)
+                  for p in pictures]
+        # scribbles drawn at the crop's size: a crop of a larger one may miss every stroke
+        pixels += [preprocess_image("pil", [control_picture(side, side, seed=seed + i)], side, side)
+                   for i in range(len(pictures))]
+        feeds[VAE_ENCODER] = [{"sample": p} for p in pixels]
     return {c: feeds[c] for c in components}
 
 
@@ -249,7 +253,7 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
     components' inputs are recorded while they generate from the calibration prompts, and the Q/DQ
     graphs are built from them. Returns engine_dir."""
     from sprintrt.engines.build import build_engines
-    from sprintrt.engines.precision import QUANTIZED, quantized_precisions
+    from sprintrt.engines.precision import QUANTIZED, PrecisionRequest, quantized_precisions
     from sprintrt.engines.quantize import quantizable_nodes
     from sprintrt.export_info import read_export_info
 
@@ -258,9 +262,10 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
     precisions = quantized_precisions(precision, backend)  # fp8 on a CPU backend and the like fail before any work
     exported = read_export_info(onnx_dir)["components"]  # "int8" alone: those of them this export holds
     quantized = [c for c, p in precisions.items() if p in QUANTIZED and c in exported]
-    if not quantized:
-        asked = [c for c, p in precisions.items() if p in QUANTIZED]
-        raise InvalidInputError(f"precision={precision!r} quantizes {asked}, which {onnx_dir} has no export of "
+    named = [c for c in PrecisionRequest.parse(precision).components if c not in exported]
+    if not quantized or named:
+        asked = named or [c for c, p in precisions.items() if p in QUANTIZED]
+        raise InvalidInputError(f"precision={precision!r} names {asked}, which {onnx_dir} has no export of "
                                 f"(it holds {list(exported)}). Fix: quantize components of this export, or export "
                                 "the model with them (a ControlNet: `sprintrt export --controlnet ...`)")
     for comp in quantized:  # fail before any work on an export without module paths

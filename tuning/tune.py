@@ -7,7 +7,7 @@ winner can differ per network. So:
 
 1. An fp32 ONNX Runtime reference is built (the quality reference and the calibration engines) and
    one pipeline call at `size`² records every component's inputs (the VAE encoder, which a text-to-image
-   call does not run, gets the spec's sample inputs at that size).
+   call does not run, gets that call's picture, prepared as img2img prepares it).
 2. Each candidate is built (engines/build.py, so the usual keys, checks and atomic writes apply; the
    int8 Q/DQ graph is calibrated once and shared by ONNX Runtime and OpenVINO), loaded alone, run once
    to warm up, then timed (median of TUNE_MIN_RUNS or more calls), and its outputs are compared with
@@ -122,7 +122,7 @@ def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
     """{component: the inputs it gets in one {size}² call of the default prompt (1 step)}; the ControlNet's two
     components in one ControlNet call of the same size (control_picture), sharing the loaded engines."""
     from sprintrt.runtime.controlnet import SprintControlNetPipeline
-    from sprintrt.runtime.image import control_picture
+    from sprintrt.runtime.image import control_picture, preprocess_image
     from sprintrt.runtime.pipeline import SprintPipeline
 
     built = read_manifest(engine_dir).components
@@ -139,7 +139,7 @@ def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
     call = dict(num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
                 use_resolution_binning=False, generator=0)
     with recording(pipe, S.TEXT_TO_IMAGE) as recorders:
-        pipe(DEFAULT_PROMPT, **call, output_type="np")
+        picture = pipe(DEFAULT_PROMPT, **call, output_type="np").images
     # The last call of each: the text encoder's first call runs the instruction alone (computed once, then
     # reused), its last the prompt's own tokens after it, as every later image does.
     feeds = {c: r.feeds[-1] for c, r in recorders.items()}
@@ -149,10 +149,8 @@ def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
         feeds.update({c: r.feeds[-1] for c, r in recorders.items()})
     for c in {*S.TEXT_TO_IMAGE, *(S.CONTROLNET_TO_IMAGE if controlled else ())}:
         (cn if controlled else pipe).engine(c).release()
-    if S.VAE_ENCODER in components:
-        spec = S.vae_encoder_spec(S.ModelDims.from_json(pipe.manifest.data["model_dims"]))
-        side = size // pipe.manifest.data["model_dims"]["vae_scale_factor"]
-        feeds[S.VAE_ENCODER] = spec.sample_inputs(spec.sizes("opt", batch=1, latent_height=side, latent_width=side))
+    if S.VAE_ENCODER in components:  # what img2img would encode: that call's picture, prepared as img2img does
+        feeds[S.VAE_ENCODER] = {"sample": preprocess_image("array", picture.transpose(0, 3, 1, 2), size, size)}
     return feeds
 
 

@@ -129,6 +129,7 @@ def test_int8_of_a_controlnet_the_export_lacks_is_a_typed_error_before_any_work(
     info = json.loads((plain / "export_info.json").read_text())
     info["components"] = {c: r for c, r in info["components"].items() if c not in CONTROLLED}
     (plain / "export_info.json").write_text(json.dumps(info))
-    with pytest.raises(InvalidInputError, match="has no export of.*--controlnet"):
-        build_quantized_engines(plain, tmp_path / "e", precision="controlnet=int8", count=1, size=128)
+    for precision in ("controlnet=int8", "transformer=int8,controlnet=int8"):  # named: never dropped silently
+        with pytest.raises(InvalidInputError, match=r"names \['controlnet'\].*has no export of.*--controlnet"):
+            build_quantized_engines(plain, tmp_path / "e", precision=precision, count=1, size=128)
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e*"))
