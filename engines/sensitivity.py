@@ -266,7 +266,8 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
     for g, row in table.items():
         row["quantized"] = g in chosen
     report = {"method": "per-group sensitivity, greedy by error per multiply-add, verified",
-              "gate": {"min_psnr_db": gate.min_psnr_db if peak else None, "min_cosine": gate.min_cosine}, "budget_mse": budget,
+              "gate": {"min_psnr_db": gate.min_psnr_db if peak else None, "min_cosine": gate.min_cosine},
+              "budget_mse": budget,
               "samples": {"per_group": len(reference[few]), "verified": len(feeds)}, "verified": verified,
               "quantized_macs_share": round(sum(table[g]["macs"] for g in chosen) / total_macs, 4),
               "groups": table}

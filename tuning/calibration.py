@@ -20,12 +20,14 @@ from sprintrt.errors import InvalidInputError
 from sprintrt.prompts import read_prompts
 from sprintrt.runtime.image import control_picture, preprocess_image
 from sprintrt.runtime.recording import recording
-from sprintrt.specs import (COMPONENTS, CONTROLLED_TRANSFORMER, CONTROLNET, TEXT_ENCODER, TEXT_TO_IMAGE,
-                            TRANSFORMER, VAE_DECODER, VAE_ENCODER)
+from sprintrt.specs import (COMPONENTS, CONTROLLED_TRANSFORMER, CONTROLNET, CONTROLNET_TO_IMAGE, TEXT_ENCODER,
+                            TEXT_TO_IMAGE, TRANSFORMER, VAE_DECODER, VAE_ENCODER)
 
 CONTROLLED = (CONTROLNET, CONTROLLED_TRANSFORMER)  # recorded in ControlNet calls
 CALIBRATED = (*TEXT_TO_IMAGE, VAE_ENCODER, *CONTROLLED)  # the components whose inputs a calibration run records
-CONTROLNET_CALLS = (CONTROLNET, CONTROLLED_TRANSFORMER, VAE_ENCODER)  # the engines of the ControlNet-call stage
+# The engines of the ControlNet-call stage: a ControlNet call's, but the text encoder (prompts are encoded in the first
+# stage) and the decoder (the calls stop at the latent).
+CONTROLNET_CALLS = tuple(c for c in CONTROLNET_TO_IMAGE if c not in (TEXT_ENCODER, VAE_DECODER))
 
 
 def _check_count(count) -> None:
@@ -41,9 +43,10 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
     for the ControlNet's components) over the prompts: the text encoder once per prompt, the transformer
     at every step of every schedule, the VAE decoder on the final latents of the first
     VAE_CALIBRATION_SAMPLES calls (each sample is a full decode), centre-cropped to
-    VAE_CALIBRATION_LATENT_SIDE (see sprintrt/defaults.py); the VAE encoder on what it encodes in use, the
-    same number of each: pictures (img2img's input; those the calibration calls decode) and scribbles
-    (ControlNet's), prepared as the pipelines prepare them and centre-cropped to the same side; the
+    VAE_CALIBRATION_LATENT_SIDE (see sprintrt/defaults.py); the VAE encoder on what it encodes in use, as
+    many of each: pictures (img2img's input: one decoded per prompt, up to VAE_CALIBRATION_SAMPLES) centre-cropped
+    to the decoder's side in pixels, and scribbles (ControlNet's) drawn at that size, prepared as the
+    pipelines prepare them; the
     ControlNet and the controlled transformer at every step of ControlNet calls with the same prompts, seeds
     and schedules, each prompt with its own random scribble (`control_picture(seed=...)`) at the default
     conditioning scale."""

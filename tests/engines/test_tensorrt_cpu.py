@@ -53,29 +53,34 @@ print('ok')
 
 @pytest.fixture(scope="module")
 def qdq_graphs(typed_onnx_dir, tmp_path_factory):
-    """The transformer-family's int8 (W8A8) and fp8 Q/DQ graphs for an H100, calibrated on two sample inputs."""
+    """The Q/DQ graphs TensorRT gets for an H100, calibrated on two sample inputs: int8 (W8A8) and fp8 for the
+    transformer family, int8 for the VAE encoder (its blocks chosen by measured sensitivity)."""
     from sprintrt.engines.quantize import quantize_qdq
     from sprintrt.export_info import read_export_info
-    from sprintrt.specs import SPEC_BUILDERS, TRANSFORMER_FAMILY, ModelDims
+    from sprintrt.specs import SPEC_BUILDERS, ModelDims
 
     out = tmp_path_factory.mktemp("qdq")
-    for component in TRANSFORMER_FAMILY:
+    for component, precisions in QDQ_GRAPHS.items():
         spec = SPEC_BUILDERS[component](ModelDims.from_json(read_export_info(typed_onnx_dir)["model_dims"]))
         feeds = [spec.sample_inputs(spec.sizes("sample"), seed=s) for s in (0, 1)]
-        for precision in ("int8", "fp8"):
+        for precision in precisions:
             quantize_qdq(typed_onnx_dir / f"{component}.onnx", out / f"{component}.{precision}.qdq.onnx", feeds,
                          precision, target=H100, component=component)
     return out
 
 
+QDQ_GRAPHS = {"transformer": ("int8", "fp8"), "controlnet": ("int8", "fp8"), "controlled_transformer": ("int8", "fp8"),
+              "vae_encoder": ("int8",)}
+
+
 @pytest.mark.rtx
-@pytest.mark.parametrize("component", ["controlnet", "controlled_transformer"])
-def test_the_controlnets_qdq_graphs_parse_in_tensorrt(component, qdq_graphs):
-    """The ControlNet's int8 and fp8 Q/DQ graphs for a GPU are taken by a real TensorRT parser (TensorRT-RTX's;
-    the transformer's build real engines below)."""
+@pytest.mark.parametrize("component", ["controlnet", "controlled_transformer", "vae_encoder"])
+def test_the_newer_qdq_graphs_parse_in_tensorrt(component, qdq_graphs):
+    """The ControlNet's int8 and fp8 and the VAE encoder's int8 Q/DQ graphs for a GPU are taken by a real TensorRT
+    parser (TensorRT-RTX's; the transformer's build real engines below)."""
     from sprintrt.trt_parser import parse_problems
 
-    for precision in ("int8", "fp8"):
+    for precision in QDQ_GRAPHS[component]:
         assert parse_problems(qdq_graphs / f"{component}.{precision}.qdq.onnx") == [], precision
 
 
