@@ -198,6 +198,26 @@ def _settings(precision: str, n_feeds: int, target: Mapping | None, component: s
     raise InvalidInputError(f"precision={precision!r} has no Q/DQ recipe: expected 'int8' or 'fp8'. Fix: pass one of them")
 
 
+FP8_OPSET = 19  # QuantizeLinear/DequantizeLinear take float8 from opset 19
+
+
+def check_quantizable(source: Path, precision: str, component: str) -> None:
+    """Refuse, before any work, a Q/DQ graph ONNX Runtime's quantizer cannot write: for fp8 it converts a graph
+    below opset 19 with onnx's version converter, which serialises the whole model in memory, and protobuf cannot
+    past 2 GB (measured: the real 0.6B controlled transformer, opset 18, failed with "Failed to serialize proto")."""
+    import onnx
+
+    if precision != "fp8" or not source.with_name(source.name + ".data").exists():
+        return
+    model = onnx.load(str(source), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < FP8_OPSET:
+        raise InvalidInputError(f"fp8 for {component}: its graph is over 2 GB at opset {opset}, and ONNX Runtime's "
+                                f"quantizer converts it to opset {FP8_OPSET} in memory, which protobuf cannot hold "
+                                f"past 2 GB. Fix: build the {component} in int8 or bf16/fp16 (fp8 works for graphs "
+                                "under 2 GB)")
+
+
 def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8",
                  target: Mapping | None = None, *, component: str, say=lambda msg: None) -> dict:
     """Write the int8 or fp8 Q/DQ version of `component`'s graph `source` to `out` (temp name, then
@@ -214,6 +234,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     settings = _settings(precision, max(len(feeds), 1), target, component)  # an unknown precision fails before any work
+    check_quantizable(source, precision, component)
     if not feeds:
         raise InvalidInputError("calibration produced no samples: expected at least one prompt. Fix: pass a "
                                 "non-empty calibration prompt file")

@@ -563,3 +563,20 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path
         expected, got = _run(tmp_path / "one.onnx", feeds), _run(variants(members), feeds)
         for e, g, f in zip(expected, got, fp32):
             assert np.abs(g - e).max() <= 1e-6 * np.abs(e).max() and np.abs(e - f).max() > 1e-4, chosen
+
+
+def test_fp8_of_a_graph_over_2_gb_below_opset_19_is_refused_before_any_work(onnx_dir, tmp_path):
+    """ONNX Runtime's quantizer converts such a graph to opset 19 in memory for fp8, which protobuf cannot past 2 GB
+    (the real controlled transformer: "Failed to serialize proto"); a graph with external weights stands in."""
+    from sprintrt.engines.quantize import check_quantizable
+
+    model = onnx.load(str(onnx_dir / "transformer.onnx"))
+    big = tmp_path / "transformer.onnx"
+    onnx.save_model(model, str(big), save_as_external_data=True, location="transformer.onnx.data")
+    with pytest.raises(InvalidInputError, match="over 2 GB at opset 18.*Fix: build the transformer in int8"):
+        check_quantizable(big, "fp8", "transformer")
+    check_quantizable(big, "int8", "transformer")  # int8 needs no opset conversion
+    check_quantizable(onnx_dir / "transformer.onnx", "fp8", "transformer")  # under 2 GB: fine
+    with pytest.raises(InvalidInputError, match="over 2 GB"):
+        quantize_qdq(big, tmp_path / "never.onnx", [{}], "fp8", component="transformer")
+    assert not (tmp_path / "never.onnx").exists()
