@@ -78,11 +78,13 @@ class BuildPlan:
     components: tuple[ComponentPlan, ...]
     calibration: dict
     qdq_cache: Path | None = None  # where Q/DQ graphs are kept for other builds of the same run (the tuner's)
+    uniform_int8: bool = False  # int8 without measured sensitivity (quantize.measured): the tuner's speed probes
 
 
 def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFAULT_BACKEND, precision=None,
                components=None, profile: ProfileOptions | None = None,
-               calibration: dict | None = None, qdq_cache: Path | None = None, target: str | None = None) -> BuildPlan:
+               calibration: dict | None = None, qdq_cache: Path | None = None, target: str | None = None,
+               uniform_int8: bool = False) -> BuildPlan:
     """Check everything that can fail without building and derive each component's key. Writes nothing.
     `components` None means every component the export holds; `target` names what an ahead-of-time backend
     builds for (TensorRT-RTX's compute capabilities)."""
@@ -122,12 +124,12 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFA
         if prec in QUANTIZED:  # the recipe and the calibration set are part of what the engine computes
             from sprintrt.engines.quantize import recipe_label
 
-            label = quant_label = recipe_label(prec.value, target_info, comp, calibration[comp][0])
+            label = quant_label = recipe_label(prec.value, target_info, comp, calibration[comp][0], uniform_int8)
         key = cache_key(target_info, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
         plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record, dtype, fp32_source,
                                    quant_label))
     return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target_info, versions, tuple(plans), calibration,
-                     Path(qdq_cache) if qdq_cache else None)
+                     Path(qdq_cache) if qdq_cache else None, uniform_int8)
 
 
 def _source_dtype(comp: str, prec: Precision, mod: BuildBackend, target: dict, record: dict) -> str:
@@ -222,7 +224,8 @@ def _calibrated_qdq(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[P
             return qdq, json.loads(record.read_text())
         plan.qdq_cache.mkdir(parents=True, exist_ok=True)
     feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
-    info = quantize_qdq(comp.fp32_source, qdq, feeds, comp.precision.value, target=plan.target, component=comp.name)
+    info = quantize_qdq(comp.fp32_source, qdq, feeds, comp.precision.value, target=plan.target, component=comp.name,
+                        uniform=plan.uniform_int8)
     info["calibration"] = description
     if record is not None:
         record.write_text(json.dumps(info))
@@ -233,7 +236,7 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
                   precision=None, components=None, rebuild: bool = False,
                   profile: ProfileOptions | None = None, calibration: dict | None = None,
                   progress: Callable[[str, str], None] | None = None, qdq_cache: Path | None = None,
-                  target: str | None = None) -> Path:
+                  target: str | None = None, uniform_int8: bool = False) -> Path:
     """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
 
     Args:
@@ -249,6 +252,9 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
             graph for ONNX Runtime and OpenVINO); None: quantize into a temporary file.
         target: what a backend that builds ahead of time builds for (TensorRT-RTX: compute capabilities,
             "8.6,8.9,12.0"; None: its default); the other backends build for this machine and refuse one.
+        uniform_int8: quantize every int8 layer a recipe allows, without measuring which cost the picture
+            (engines/sensitivity.py): the fastest an int8 engine of the component can be, whatever its
+            ranges; what the tuner screens int8 speed with before calibrating (never a shipped engine).
 
     An engine whose key (target, library version, precision, profile, source ONNX hash) matches and
     whose files are intact is reused unless `rebuild`. Files are written under new names and the
@@ -257,7 +263,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
     """
     from filelock import FileLock
 
-    plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration, qdq_cache, target)
+    plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration, qdq_cache, target,
+                      uniform_int8)
     plan.engine_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(plan.engine_dir / ".build.lock")):
         old = read_existing(plan.engine_dir, plan.info)

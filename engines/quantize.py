@@ -139,12 +139,13 @@ def for_tensorrt(target: Mapping | None) -> bool:
     return target is not None and target.get("kind") != "cpu"
 
 
-def measured(precision: str, component: str | None) -> bool:
-    """Whether `component`'s int8 layers are chosen by measured sensitivity (engines/sensitivity.py)."""
-    return precision == "int8" and component in GROUPS
+def measured(precision: str, component: str | None, uniform: bool = False) -> bool:
+    """Whether `component`'s int8 layers are chosen by measured sensitivity (engines/sensitivity.py); never
+    for a `uniform` graph (every quantizable layer outside KEEP_HIGH_PRECISION in int8: the tuner's speed probe)."""
+    return precision == "int8" and component in GROUPS and not uniform
 
 
-def recipe(precision: str, target: Mapping | None = None, component: str | None = None) -> str:
+def recipe(precision: str, target: Mapping | None = None, component: str | None = None, uniform: bool = False) -> str:
     """The name of the Q/DQ recipe used for `precision` on `target` (for `component`): part of the engine key.
     "-mixed": the layers in int8 were chosen by measurement, the others stay in float."""
     name = precision
@@ -152,7 +153,7 @@ def recipe(precision: str, target: Mapping | None = None, component: str | None 
         name = "int8-w7"
     elif precision == "int8" and for_tensorrt(target):
         name = "int8-fbias"
-    return name + ("-mixed" if measured(precision, component) else "")
+    return name + ("-mixed" if measured(precision, component, uniform) else "")
 
 
 # Op types whose output ONNX Runtime's quantizer must leave in float. It quantizes a quantized MatMul's output too
@@ -165,13 +166,14 @@ def recipe(precision: str, target: Mapping | None = None, component: str | None 
 UNQUANTIZED_OUTPUTS = ("MatMul", "Gemm")
 
 
-def recipe_label(precision: str, target: Mapping | None, component: str, calibration: str) -> str:
+def recipe_label(precision: str, target: Mapping | None, component: str, calibration: str,
+                 uniform: bool = False) -> str:
     """The precision part of a quantized engine's key: the recipe, and a hash of what else decides the
     Q/DQ graph (the layers kept in higher precision, the outputs left in float, the calibration set), so no
     engine quantized by other rules or data is ever reused."""
     rules = repr((KEEP_HIGH_PRECISION[component], calibration) + ((UNQUANTIZED_OUTPUTS,) if precision == "int8" else ())
-                 + ((sensitivity.rules(component),) if measured(precision, component) else ()))
-    return recipe(precision, target, component) + "-" + hashlib.sha256(rules.encode()).hexdigest()[:8]
+                 + ((sensitivity.rules(component),) if measured(precision, component, uniform) else ()))
+    return recipe(precision, target, component, uniform) + "-" + hashlib.sha256(rules.encode()).hexdigest()[:8]
 
 
 def _settings(precision: str, n_feeds: int, target: Mapping | None, component: str) -> dict:
@@ -219,9 +221,11 @@ def check_quantizable(source: Path, precision: str, component: str) -> None:
 
 
 def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8",
-                 target: Mapping | None = None, *, component: str, say=lambda msg: None) -> dict:
+                 target: Mapping | None = None, *, component: str, uniform: bool = False,
+                 say=lambda msg: None) -> dict:
     """Write the int8 or fp8 Q/DQ version of `component`'s graph `source` to `out` (temp name, then
-    rename) for the engines' `target` (None: this machine's CPU). Returns what was done.
+    rename) for the engines' `target` (None: this machine's CPU). Returns what was done. `uniform`: every
+    quantizable layer outside KEEP_HIGH_PRECISION in int8, no sensitivity measurement (see `measured`).
 
     Calibration and quantization are two passes so that one copy of the weights is in memory at a time:
     the ranges are computed first (calibrated_ranges) and handed to quantize_static through its
@@ -259,7 +263,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
                 quantize_static(str(source), str(path), None, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
                                 use_external_data_format=external, calibration_cache_path=str(cache), **settings)
 
-            if measured(precision, component):
+            if measured(precision, component, uniform):
                 import onnx
 
                 from sprintrt.onnx_scopes import module_scopes
@@ -281,8 +285,8 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
         tmp.unlink(missing_ok=True)
         tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
     return {"quantized_nodes": len(quantize), "kept_high_precision": keep, "calibration_samples": len(feeds),
-            "quantization_recipe": recipe(precision, target, component),
-            **({"int8_sensitivity": measurement} if measured(precision, component) else {})}
+            "quantization_recipe": recipe(precision, target, component, uniform),
+            **({"int8_sensitivity": measurement} if measured(precision, component, uniform) else {})}
 
 
 def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external: bool, work: Path, cache: Path):

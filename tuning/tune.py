@@ -13,6 +13,9 @@ winner can differ per network. So:
    to warm up, then timed (median of TUNE_MIN_RUNS or more calls), and its outputs are compared with
    the reference's: cosine >= TUNE_MIN_COSINE (sprintrt/defaults.py), and for the VAE decoder, whose output is
    the picture, PSNR >= IMAGE_MIN_PSNR_DB too, or it is never chosen (`gate`).
+   Unless exhaustive, float candidates go first and each int8 candidate is first screened as an uncalibrated
+   uniform-int8 probe (as fast as its calibrated engine can be: `_Trials.probe`); only those that could lead
+   are calibrated, so a machine where int8 loses pays for no calibration at all.
 3. The fastest passing candidate's files are moved into the engine directory; its manifest entry carries
    the whole table under "tuning" (candidates, seconds, cosine, pass/fail, the choice) and a tuning key
    (machine, library versions, source graphs, candidates, calibration, size, gate). A later build with
@@ -54,6 +57,8 @@ from sprintrt import specs as S
 
 # What every candidate's outputs are compared with (and the engines that record the calibration inputs).
 QUALITY_REFERENCE = EngineChoice(DEFAULT_BACKEND, Precision.FP32)
+# The calibration description of the int8 speed probes' Q/DQ graphs (a separate engine key; never shipped).
+PROBE_CALIBRATION = "speed probe: ranges of the screening call's own inputs"
 
 
 def parse_candidate(text: str) -> EngineChoice:
@@ -113,7 +118,8 @@ def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: 
     sources = {"fp32": record["sha256"], **{d: v["sha256"] for d, v in record.get("variants", {}).items()}}
     text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, size,
                        TUNE_MIN_COSINE, IMAGE_MIN_PSNR_DB if component in S.PICTURE_OUTPUT_RANGE else None,
-                       None if exhaustive else [TUNE_SCREEN_DIVISOR, TUNE_LEADER_RATIO, TUNE_DROP_RATIO]],
+                       None if exhaustive else [TUNE_SCREEN_DIVISOR, TUNE_LEADER_RATIO, TUNE_DROP_RATIO,
+                                                PROBE_CALIBRATION]],
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -178,14 +184,19 @@ def _same_shapes(a: dict, b: dict) -> bool:
 
 
 class _Eta:
-    """Progress with an estimate of the time left. Steps are of two kinds with very different costs: those that
-    quantize a component (the first int8 candidate of each: calibration and the Q/DQ graph, minutes at real size)
-    and the others (a build and a timing). Each kind's expected cost is the mean of its own steps done so far
+    """Progress with an estimate of the time left. Steps are of kinds with very different costs: those that
+    quantize a component (the first int8 candidate of each: calibration and the Q/DQ graph, minutes at real size),
+    those that write its uniform speed-probe graph (one sample's ranges, no measurement), and the others (a build
+    and a timing). Each kind's expected cost is the mean of its own steps done so far
     (a kind with none done yet is left out: the estimate says "at least")."""
 
     def __init__(self, kinds: list[str], say):
-        self.kinds, self.say, self.t0 = kinds, say, time.perf_counter()
+        self.kinds, self.say, self.t0 = list(kinds), say, time.perf_counter()
         self.took: dict[str, list[float]] = {}
+
+    def expect(self, kinds: list[str]) -> None:
+        """The steps still to come are now these (a screen dropped some)."""
+        self.kinds = self.kinds[:self.done] + list(kinds)
 
     @property
     def done(self) -> int:
@@ -328,6 +339,9 @@ def _reusable(engine_dir: Path, entry: dict | None, key: str) -> bool:
 
 def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict, prompts: list[str],
           description: str, size: int, exhaustive: bool, say) -> dict:
+    """Float candidates first (the best of them is what int8 must beat), then, unless `exhaustive`, one
+    uncalibrated speed probe per int8 candidate (`_Trials.probe`), then calibration, for the components whose
+    int8 survived, and the int8 candidates."""
     from sprintrt.tuning.calibration import lazy_calibration
 
     ref_dir = _candidate_dir(scratch, QUALITY_REFERENCE)
@@ -339,65 +353,130 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     feeds = timing_feeds(ref_dir, todo, size)
     screen = size if exhaustive else screening_size(size, info["model_dims"]["vae_scale_factor"])
     screen_feeds = timing_feeds(ref_dir, todo, screen) if screen < size else feeds
-    quantized = sorted({c for c in todo for cand in plan[c][0] if cand.precision in QUANTIZED})
-    feeds_of = lazy_calibration(onnx_dir, ref_dir, quantized, prompts,
-                                DEFAULT_CALIBRATION_SIZE, say=say, reuse=True)
-    tables: dict[str, list[dict]] = {c: [] for c in todo}
-    references: dict[str, dict] = {}
-    best: dict[str, dict] = {}  # per component, the fastest passing row so far; its files are the only ones kept
-    by_candidate: dict[EngineChoice, list[str]] = {}
+    by_candidate: dict[EngineChoice, list[str]] = {}  # the reference first: the others are compared with it
     for comp in todo:
-        for cand in plan[comp][0]:
+        for cand in sorted(plan[comp][0], key=lambda c: (c != QUALITY_REFERENCE, c.precision in QUANTIZED)):
             by_candidate.setdefault(cand, []).append(comp)
-    kinds, quantizing = [], set()  # each step's kind (see _Eta): the first quantized candidate of a component
-    for cand, comps in by_candidate.items():
-        for comp in comps:
-            first = cand.precision in QUANTIZED and comp not in quantizing
-            quantizing |= {comp} if first else set()
-            kinds.append("quantize" if first else "run")
-    eta = _Eta(kinds, say)
-    for cand, comps in by_candidate.items():  # the reference first: the others are compared with it
-        for comp in comps:
-            # One directory per candidate and component, deleted as soon as it loses: at real size every
-            # engine is 1-16 GB, and keeping them all until the end filled a 50 GB disk (measured).
-            is_reference = cand == QUALITY_REFERENCE
-            cand_dir = ref_dir if is_reference else _candidate_dir(scratch, cand) / comp
-            row = {"candidate": cand.name}
-            try:
-                if not is_reference:
-                    eta(f"building {cand.name} for {comp}")
-                    calibration = {comp: (description, feeds_of(comp))} if cand.precision in QUANTIZED else None
-                    build_engines(onnx_dir, cand_dir, backend=cand.backend, precision={comp: cand.precision},
-                                  components=(comp,), calibration=calibration, qdq_cache=scratch / "qdq")
-                manifest = read_manifest(cand_dir)
-            except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded
-                tables[comp].append({**row, "error": f"build failed: {e}"[:300], "passed": False})
-                shutil.rmtree(cand_dir, ignore_errors=True)
-                eta.step()
-                continue
-            try:
-                row.update(_time_and_gate(load_engine(manifest, comp), comp, feeds[comp], screen_feeds[comp],
-                                          screen, size, best.get(comp), references, eta))
-            except (SprintError, RuntimeError, ValueError) as e:
-                row.update(error=f"run failed: {e}"[:300], passed=False)
-            eta.step()
-            tables[comp].append(row)
-            if row["passed"] and (comp not in best or row["seconds"] < best[comp]["seconds"]):
-                loser, best[comp] = best.get(comp), dict(row, _entry=dict(manifest.components[comp]), _dir=cand_dir)
-            else:
-                loser = dict(row, _dir=cand_dir)
-            if loser is not None and loser["_dir"] != ref_dir:  # the reference serves calibration until the end
-                shutil.rmtree(loser["_dir"], ignore_errors=True)
+    steps = [(cand, comp) for cand, comps in by_candidate.items() for comp in comps]
+    floats = [(cand, comp) for cand, comp in steps if cand.precision not in QUANTIZED]
+    quantized = [(cand, comp) for cand, comp in steps if cand.precision in QUANTIZED]
+    probing = not exhaustive
+    eta = _Eta([*_kinds(floats), *(_kinds(quantized, "probe") if probing else ()), *_kinds(quantized)], say)
+    trials = _Trials(onnx_dir, scratch, ref_dir, feeds, screen_feeds, screen, size, eta)
+    for cand, comp in floats:
+        trials.run(cand, comp)
+    if probing and quantized:
+        quantized = [(cand, comp) for cand, comp in quantized if trials.probe(cand, comp)]
+        shutil.rmtree(scratch / "probe", ignore_errors=True)
+        eta.expect(_kinds(quantized))
+    feeds_of = lazy_calibration(onnx_dir, ref_dir, sorted({comp for _, comp in quantized}), prompts,
+                                DEFAULT_CALIBRATION_SIZE, say=say, reuse=True)
+    for cand, comp in quantized:
+        trials.run(cand, comp, {comp: (description, feeds_of(comp))})
     entries = {}
     for comp in todo:
-        choice = best[comp]  # the reference always passes against itself
+        choice = trials.best[comp]  # the reference always passes against itself
         entry = dict(choice["_entry"], _dir=choice["_dir"])
         entry["tuning"] = {"key": plan[comp][1], "size": size, "screen_size": screen, "min_cosine": TUNE_MIN_COSINE,
                            **({"min_psnr_db": IMAGE_MIN_PSNR_DB} if comp in S.PICTURE_OUTPUT_RANGE else {}),
-                           "chosen": choice["candidate"], "candidates": tables[comp]}
+                           "chosen": choice["candidate"], "candidates": trials.tables[comp]}
         say(f"{comp}: {choice['candidate']} ({choice['seconds']:.3f} s)")
         entries[comp] = entry
     return entries
+
+
+def _kinds(steps: list[tuple[EngineChoice, str]], first: str = "quantize") -> list[str]:
+    """Each step's kind for the ETA (_Eta): a quantized candidate's first step for its component writes its Q/DQ
+    graph (`first`: "quantize" calibrated, "probe" uniform), minutes at real size; every other step is a run."""
+    seen: set[str] = set()
+    kinds = []
+    for cand, comp in steps:
+        writes = cand.precision in QUANTIZED and comp not in seen
+        seen |= {comp} if writes else set()
+        kinds.append(first if writes else "run")
+    return kinds
+
+
+class _Trials:
+    """The candidates tried so far: a table of rows per component, the fastest passing one (`best`: its files
+    are the only ones kept) and the reference's outputs every other candidate is gated on."""
+
+    def __init__(self, onnx_dir: Path, scratch: Path, ref_dir: Path, feeds: dict, screen_feeds: dict, screen: int,
+                 size: int, eta: "_Eta"):
+        self.onnx_dir, self.scratch, self.ref_dir, self.eta = onnx_dir, scratch, ref_dir, eta
+        self.feeds, self.screen_feeds, self.screen, self.size = feeds, screen_feeds, screen, size
+        self.tables: dict[str, list[dict]] = {c: [] for c in feeds}
+        self.references: dict[str, dict] = {}
+        self.best: dict[str, dict] = {}
+
+    def run(self, cand: EngineChoice, comp: str, calibration: dict | None = None) -> None:
+        """Build `cand` for `comp`, time and gate it, keep it if it is the fastest passing one so far."""
+        # One directory per candidate and component, deleted as soon as it loses: at real size every
+        # engine is 1-16 GB, and keeping them all until the end filled a 50 GB disk (measured).
+        is_reference = cand == QUALITY_REFERENCE
+        cand_dir = self.ref_dir if is_reference else _candidate_dir(self.scratch, cand) / comp
+        row = {"candidate": cand.name}
+        try:
+            if not is_reference:
+                self.eta(f"building {cand.name} for {comp}")
+                build_engines(self.onnx_dir, cand_dir, backend=cand.backend, precision={comp: cand.precision},
+                              components=(comp,), calibration=calibration, qdq_cache=self.scratch / "qdq")
+            manifest = read_manifest(cand_dir)
+        except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded
+            self.tables[comp].append({**row, "error": f"build failed: {e}"[:300], "passed": False})
+            shutil.rmtree(cand_dir, ignore_errors=True)
+            self.eta.step()
+            return
+        try:
+            row.update(_time_and_gate(load_engine(manifest, comp), comp, self.feeds[comp], self.screen_feeds[comp],
+                                      self.screen, self.size, self.best.get(comp), self.references, self.eta))
+        except (SprintError, RuntimeError, ValueError) as e:
+            row.update(error=f"run failed: {e}"[:300], passed=False)
+        self.eta.step()
+        self.tables[comp].append(row)
+        best = self.best.get(comp)
+        if row["passed"] and (best is None or row["seconds"] < best["seconds"]):
+            loser, self.best[comp] = best, dict(row, _entry=dict(manifest.components[comp]), _dir=cand_dir)
+        else:
+            loser = dict(row, _dir=cand_dir)
+        if loser is not None and loser["_dir"] != self.ref_dir:  # the reference serves calibration until the end
+            shutil.rmtree(loser["_dir"], ignore_errors=True)
+
+    def probe(self, cand: EngineChoice, comp: str) -> bool:
+        """Whether `cand`'s int8 engine of `comp` can be a leader, asked before calibrating anything.
+
+        An int8 engine's speed does not depend on its ranges, and the calibrated graph quantizes at most the
+        layers the uniform recipe does (a measured recipe keeps some in float), so the uniform Q/DQ graph with
+        ranges from the screening call's own inputs is as fast as the calibrated one can be. It is screened
+        like any candidate; more than TUNE_LEADER_RATIO slower than the best float one, the candidate is
+        dropped without the calibration and quantization that cost minutes at real size (measured on the
+        AMX Xeon: 4 int8 quantizations were 16 of a 32 min run, and all four lost). A probe that fails to
+        build or run proves nothing: the candidate is then built and timed as usual."""
+        best = self.best[comp]  # the reference's at least: floats are tried first
+        probe_dir = _candidate_dir(self.scratch / "probe", cand) / comp
+        self.eta(f"probing the speed of {cand.name} for {comp} (uniform int8, not calibrated)")
+        try:
+            build_engines(self.onnx_dir, probe_dir, backend=cand.backend, precision={comp: cand.precision},
+                          components=(comp,), calibration={comp: (PROBE_CALIBRATION, [self.screen_feeds[comp]])},
+                          qdq_cache=self.scratch / "probe" / "qdq", uniform_int8=True)
+            engine = load_engine(read_manifest(probe_dir), comp)
+            try:
+                seconds, _ = measure(engine, self.screen_feeds[comp],
+                                     give_up_after=TUNE_DROP_RATIO * best["screen_seconds"])
+            finally:
+                engine.release()
+        except (SprintError, RuntimeError, OSError, ValueError):
+            return True
+        finally:
+            shutil.rmtree(probe_dir, ignore_errors=True)
+            self.eta.step()
+        ratio = seconds / best["screen_seconds"]
+        if ratio <= TUNE_LEADER_RATIO:
+            return True
+        self.tables[comp].append({"candidate": cand.name, "screen_seconds": round(seconds, 4), "passed": False,
+                                  "dropped": f"its uncalibrated uniform-int8 probe was {ratio:.2f}x the best "
+                                             f"at {self.screen}x{self.screen}; not calibrated"})
+        return False
 
 
 def _time_and_gate(engine, comp: str, feeds: dict, screen_feeds: dict, screen: int, size: int, best: dict | None,

@@ -403,6 +403,23 @@ def test_the_measured_choice_is_reproducible_and_an_unreachable_gate_is_a_typed_
     assert not (tmp_path / "never.onnx").exists()  # nothing half-written
 
 
+def test_the_uniform_recipe_quantizes_every_allowed_layer_without_measuring(onnx_dir, engine_dir, tmp_path,
+                                                                              monkeypatch):
+    """The tuner's speed probe (tuning/tune.py `_Trials.probe`): every layer the recipe allows in int8, no
+    sensitivity run, a recipe name and engine key of its own (it is never reused as a calibrated engine)."""
+    from sprintrt.engines import quantize, sensitivity
+
+    feed = {"latent": np.random.default_rng(0).standard_normal((1, 32, 4, 4)).astype(np.float32)}
+    monkeypatch.setattr(sensitivity, "choose_quantized", lambda *a, **k: pytest.fail("measured a uniform graph"))
+    source = onnx_dir / "vae_decoder.onnx"
+    info = quantize_qdq(source, tmp_path / "uniform.onnx", [feed], component="vae_decoder", uniform=True)
+    allowed, kept = quantizable_nodes(source, "vae_decoder")
+    assert info["quantized_nodes"] == len(allowed) and info["kept_high_precision"] == kept
+    assert "int8_sensitivity" not in info and not info["quantization_recipe"].endswith("-mixed")
+    labels = {quantize.recipe_label("int8", None, "vae_decoder", "same", uniform) for uniform in (False, True)}
+    assert len(labels) == 2
+
+
 def test_drift_of_every_int8_component(engine_dir, all_int8_dir):
     from sprintrt.benchmarks import drift as D
 

@@ -246,7 +246,7 @@ def test_an_over_quantized_decoder_is_never_chosen_even_when_fastest(onnx_dir, t
     real size) timed as the fastest candidate: the image gate refuses it and the tuning table says why."""
     from sprintrt.engines import quantize
 
-    monkeypatch.setattr(quantize, "measured", lambda precision, component: False)
+    monkeypatch.setattr(quantize, "measured", lambda precision, component, uniform=False: False)
     real_measure, real_load, int8_engines = T.measure, T.load_engine, []
 
     def load(manifest, comp, *a, **k):
@@ -271,12 +271,20 @@ def test_an_over_quantized_decoder_is_never_chosen_even_when_fastest(onnx_dir, t
     assert any("below the gate" in line and "dB" in line for line in tuning_table(_manifest(out)))
 
 
-def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_picks(onnx_dir, tmp_path, monkeypatch):
-    """A clock that makes OpenVINO 10% slower than the reference at the screening size but the fastest at the
-    tuning size (a leader: confirmed, chosen), and int8 3x slower when screened (dropped, never timed at the
-    tuning size; exhaustive timing shows it would have lost). Both modes choose the same candidate."""
-    seconds = {"onnxruntime:fp32": (1.0, 4.0), "openvino:fp32": (1.1, 3.0), "onnxruntime:int8": (3.0, 3.5)}
-    real_measure, real_load, names = T.measure, T.load_engine, {}
+@pytest.mark.parametrize("int8_seconds, winner", [((3.0, 3.5), "openvino:fp32"), ((0.9, 2.5), "onnxruntime:int8")],
+                         ids=["int8-slow", "int8-fast"])
+def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_picks(onnx_dir, tmp_path, monkeypatch,
+                                                                                   int8_seconds, winner):
+    """A clock that makes OpenVINO 10% slower than the reference at the screening size but faster at the tuning
+    size (a leader: confirmed). int8-slow: int8 3x slower when screened: its uncalibrated speed probe is dropped,
+    so nothing is calibrated (exhaustive timing shows it would have lost). int8-fast: the probe leads, so it is
+    calibrated, timed and chosen. Both modes choose the same candidate."""
+    from sprintrt.engines import quantize
+    from sprintrt.tuning import calibration
+
+    seconds = {"onnxruntime:fp32": (1.0, 4.0), "openvino:fp32": (1.1, 3.0), "onnxruntime:int8": int8_seconds}
+    real_measure, real_load, real_quantize, real_record, names = (T.measure, T.load_engine, quantize.quantize_qdq,
+                                                                  calibration._record, {})
 
     def load(manifest, comp, *a, **k):
         engine = real_load(manifest, comp, *a, **k)
@@ -291,11 +299,21 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
         timed.append((names[id(engine)], full, give_up_after))
         return seconds[names[id(engine)]][full], outputs
 
+    def quantize_qdq(*a, uniform=False, **k):
+        quantized.append("uniform" if uniform else "calibrated")
+        return real_quantize(*a, uniform=uniform, **k)
+
+    def record(*a, **k):
+        recorded.append(a)
+        return real_record(*a, **k)
+
     monkeypatch.setattr(T, "load_engine", load)
     monkeypatch.setattr(T, "measure", measure)
+    monkeypatch.setattr(quantize, "quantize_qdq", quantize_qdq)
+    monkeypatch.setattr(calibration, "_record", record)
     chosen = {}
     for exhaustive in (True, False):
-        timed, said = [], []
+        timed, said, quantized, recorded = [], [], [], []
         out = T.tune_engines(onnx_dir, tmp_path / f"e{exhaustive}", components=[TRANSFORMER], count=2, size=SIZE,
                              candidate_names=["ort:fp32", "ov:fp32", "ort:int8"], exhaustive=exhaustive,
                              progress=said.append)
@@ -303,19 +321,28 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
         chosen[exhaustive] = tuning["chosen"]
         rows = {r["candidate"]: r for r in tuning["candidates"]}
         timed_full = [name for name, full, _ in timed if full]
-        if exhaustive:
+        if exhaustive:  # no probe: every candidate calibrated, timed and gated at the tuning size
             assert tuning["screen_size"] == SIZE and all(full for _, full, _ in timed)
-            assert sorted(timed_full) == sorted(seconds) and rows["onnxruntime:int8"]["seconds"] == 3.5
-        else:
-            assert tuning["screen_size"] == SIZE // 2
-            assert "onnxruntime:int8" not in timed_full and "dropped" in rows["onnxruntime:int8"]
+            assert sorted(timed_full) == sorted(seconds) and rows["onnxruntime:int8"]["seconds"] == int8_seconds[1]
+            assert quantized == ["calibrated"] and recorded
+            continue
+        assert tuning["screen_size"] == SIZE // 2
+        assert rows["openvino:fp32"]["seconds"] == 3.0 and rows["openvino:fp32"]["passed"]
+        # the float candidates first; then the int8 probe, which gives up after one call past TUNE_DROP_RATIO x
+        # the best float's time at the screening size
+        assert [name for name, _, _ in timed][:4] == ["onnxruntime:fp32"] * 2 + ["openvino:fp32"] * 2
+        assert timed[4] == ("onnxruntime:int8", False, T.TUNE_DROP_RATIO * 1.1)
+        if winner == "openvino:fp32":
+            assert quantized == ["uniform"] and not recorded  # nothing calibrated, nothing quantized for real
+            assert "onnxruntime:int8" not in timed_full and "not calibrated" in rows["onnxruntime:int8"]["dropped"]
             assert rows["onnxruntime:int8"]["screen_seconds"] == 3.0 and not rows["onnxruntime:int8"]["passed"]
-            assert rows["openvino:fp32"]["seconds"] == 3.0 and rows["openvino:fp32"]["passed"]
-            # the screen gives up on a candidate after one call past TUNE_DROP_RATIO x the best's time there
-            assert ("onnxruntime:int8", False, T.TUNE_DROP_RATIO * 1.0) in timed
             assert any("dropped" in line for line in tuning_table(_manifest(out)))
-        assert any(msg.startswith("[2/3, at least") and "left]" in msg for msg in said), said  # progress with an ETA
-    assert chosen[True] == chosen[False] == "openvino:fp32"
+            assert any(msg.startswith("[2/4, at least") and "left]" in msg for msg in said), said  # an ETA
+        else:
+            assert quantized == ["uniform", "calibrated"] and recorded
+            assert rows["onnxruntime:int8"]["seconds"] == 2.5 and rows["onnxruntime:int8"]["passed"]
+            assert not list(tmp_path.glob(".eFalse.tune"))  # the probe's engine and graph went with the scratch
+    assert chosen[True] == chosen[False] == winner
 
 
 def test_the_eta_weighs_quantizing_steps_apart(monkeypatch):
