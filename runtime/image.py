@@ -146,7 +146,8 @@ def preprocess_image(kind: str, images, height: int, width: int) -> np.ndarray:
 
 def control_picture(height: int, width: int, seed: int | None = None) -> "object":
     """A scribble (white strokes on black, SANA's ControlNet format): with no seed the fixed one the ControlNet
-    benchmark and the tuner run with; with a seed, random strokes (the int8 calibration's control images)."""
+    benchmark and the tuner run with; with a seed, random strokes (the int8 calibration's control images: a change
+    to how they are drawn bumps tuning/calibration.py's CALIBRATION_SAMPLING, part of the int8 engines' keys)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height))

@@ -166,11 +166,20 @@ def transformer_calibration(pipe, prompts: list[str], height: int = DEFAULT_CALI
     return record_calibration(pipe, (TRANSFORMER,), prompts, height, width, steps, count, seed)[TRANSFORMER]
 
 
+# How record_calibration draws samples beyond the prompts, size and schedules (the VAE crops, the encoder's
+# picture/scribble mix, the scribble generator runtime.image.control_picture). It is part of every quantized
+# engine's key through calibration_description: bump it when any of those changes, so no engine calibrated
+# the old way is reused.
+CALIBRATION_SAMPLING = 2
+
+
 def calibration_description(prompts_file, prompts: list[str], size: int, precision: str) -> str:
     """What the calibration set is (part of the quantized engines' keys)."""
     method = "minmax" if precision == "int8" else "distribution"
     steps = ",".join(map(str, CALIBRATION_STEPS))
-    return f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps {steps}; {method}"
+    return (f"{prompts_file or 'shipped prompts'}; {len(prompts)} prompts; {size}px; steps {steps}; {method}; "
+            f"sampling v{CALIBRATION_SAMPLING}, VAE crops {VAE_CALIBRATION_LATENT_SIDE} latent px x "
+            f"{VAE_CALIBRATION_SAMPLES}")
 
 
 def _text_to_image_engines(components) -> tuple[str, ...]:
