@@ -407,6 +407,7 @@ class _Trials:
         self.feeds, self.screen_feeds, self.screen, self.size = feeds, screen_feeds, screen, size
         self.tables: dict[str, list[dict]] = {c: [] for c in feeds}
         self.references: dict[str, dict] = {}
+        self.screen_references: dict[str, dict] = {}  # the reference's outputs at the screening size
         self.best: dict[str, dict] = {}
 
     def run(self, cand: EngineChoice, comp: str, calibration: dict | None = None) -> None:
@@ -429,7 +430,8 @@ class _Trials:
             return
         try:
             row.update(_time_and_gate(load_engine(manifest, comp), comp, self.feeds[comp], self.screen_feeds[comp],
-                                      self.screen, self.size, self.best.get(comp), self.references, self.eta))
+                                      self.screen, self.size, self.best.get(comp), self.references,
+                                      self.screen_references, self.eta))
         except (SprintError, RuntimeError, ValueError) as e:
             row.update(error=f"run failed: {e}"[:300], passed=False)
         self.eta.step()
@@ -445,13 +447,19 @@ class _Trials:
     def probe(self, cand: EngineChoice, comp: str) -> bool:
         """Whether `cand`'s int8 engine of `comp` can be a leader, asked before calibrating anything.
 
-        An int8 engine's speed does not depend on its ranges, and the calibrated graph quantizes at most the
-        layers the uniform recipe does (a measured recipe keeps some in float), so the uniform Q/DQ graph with
-        ranges from the screening call's own inputs is as fast as the calibrated one can be. It is screened
-        like any candidate; more than TUNE_LEADER_RATIO slower than the best float one, the candidate is
-        dropped without the calibration and quantization that cost minutes at real size (measured on the
-        AMX Xeon: 4 int8 quantizations were 16 of a 32 min run, and all four lost). A probe that fails to
-        build or run proves nothing: the candidate is then built and timed as usual."""
+        Speed: an int8 engine's speed does not depend on its ranges, and the calibrated graph quantizes at most
+        the layers the uniform recipe does (a measured recipe keeps some in float), so the uniform Q/DQ graph
+        with ranges from the screening call's own inputs is as fast as the calibrated one can be. It is
+        screened like any candidate; more than TUNE_LEADER_RATIO slower than the best float one, the candidate
+        is dropped without the calibration and quantization that cost minutes at real size (measured on the
+        AMX Xeon: 4 int8 quantizations were 16 of a 32 min run, and all four lost).
+
+        Quality, where the recipe is not measured (every component but the VAEs, whose calibrated recipe keeps
+        the sensitive blocks in float): the probe is then the calibrated recipe itself, its weights quantized
+        the same way, its activation ranges the smallest that cover this very input, so its steps are the
+        finest any min/max calibration can give here; missing the gate on it, the calibrated engine would
+        too (it did at real size: text encoder 0.9967, transformer 0.9989). A probe that fails to build or run
+        proves nothing: the candidate is then built and timed as usual."""
         best = self.best[comp]  # the reference's at least: floats are tried first
         probe_dir = _candidate_dir(self.scratch / "probe", cand) / comp
         self.eta(f"probing the speed of {cand.name} for {comp} (uniform int8, not calibrated)")
@@ -461,8 +469,8 @@ class _Trials:
                           qdq_cache=self.scratch / "probe" / "qdq", uniform_int8=True)
             engine = load_engine(read_manifest(probe_dir), comp)
             try:
-                seconds, _ = measure(engine, self.screen_feeds[comp],
-                                     give_up_after=TUNE_DROP_RATIO * best["screen_seconds"])
+                seconds, outputs = measure(engine, self.screen_feeds[comp],
+                                           give_up_after=TUNE_DROP_RATIO * best["screen_seconds"])
             finally:
                 engine.release()
         except (SprintError, RuntimeError, OSError, ValueError):
@@ -470,17 +478,26 @@ class _Trials:
         finally:
             shutil.rmtree(probe_dir, ignore_errors=True)
             self.eta.step()
+        from sprintrt.engines.quantize import measured
+
+        row = {"candidate": cand.name, "screen_seconds": round(seconds, 4), "passed": False}
         ratio = seconds / best["screen_seconds"]
-        if ratio <= TUNE_LEADER_RATIO:
+        quality = None if measured(cand.precision.value, comp) else gate(comp, outputs, self.screen_references[comp])
+        if ratio > TUNE_LEADER_RATIO:
+            row["dropped"] = (f"its uncalibrated uniform-int8 probe was {ratio:.2f}x the best at "
+                              f"{self.screen}x{self.screen}; not calibrated")
+        elif quality and not quality["passed"]:
+            row.update({k: v for k, v in quality.items() if k != "passed"},
+                       dropped="its uniform-int8 probe, its ranges taken from this very input, already misses the "
+                               "quality gate; calibrated ranges are no finer: not calibrated")
+        else:
             return True
-        self.tables[comp].append({"candidate": cand.name, "screen_seconds": round(seconds, 4), "passed": False,
-                                  "dropped": f"its uncalibrated uniform-int8 probe was {ratio:.2f}x the best "
-                                             f"at {self.screen}x{self.screen}; not calibrated"})
+        self.tables[comp].append(row)
         return False
 
 
 def _time_and_gate(engine, comp: str, feeds: dict, screen_feeds: dict, screen: int, size: int, best: dict | None,
-                   references: dict, say) -> dict:
+                   references: dict, screen_references: dict, say) -> dict:
     """One candidate's row: screened at `screen`² first where that changes the inputs' shapes (a candidate
     more than TUNE_LEADER_RATIO slower there than the best passing one is dropped), then timed and gated on
     the `size`² inputs (the first candidate of each component is the reference the others are gated on)."""
@@ -497,11 +514,14 @@ def _time_and_gate(engine, comp: str, feeds: dict, screen_feeds: dict, screen: i
         give_up = TUNE_DROP_RATIO * best["seconds"] if best and screen < size else None  # not when exhaustive
         seconds, outputs = measure(engine, feeds, give_up_after=give_up)
         if best is None and not _same_shapes(feeds, screen_feeds):  # the first passing row sets the screen's pace
-            row["screen_seconds"] = round(measure(engine, screen_feeds)[0], 4)
+            screen_seconds, screen_outputs = measure(engine, screen_feeds)
+            row["screen_seconds"] = round(screen_seconds, 4)
+            screen_references.setdefault(comp, screen_outputs)
         row.setdefault("screen_seconds", round(seconds, 4))  # the inputs do not depend on the size
     finally:
         engine.release()
     references.setdefault(comp, outputs)  # the reference candidate comes first
+    screen_references.setdefault(comp, outputs)  # the same inputs where their shapes do not change
     return {**row, "seconds": round(seconds, 4), **gate(comp, outputs, references[comp])}
 
 

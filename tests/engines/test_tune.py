@@ -262,7 +262,7 @@ def test_an_over_quantized_decoder_is_never_chosen_even_when_fastest(onnx_dir, t
     monkeypatch.setattr(T, "load_engine", load)
     monkeypatch.setattr(T, "measure", measure)
     out = T.tune_engines(onnx_dir, tmp_path / "e", components=[VAE_DECODER], candidate_names=["ort:fp32", "ort:int8"],
-                         count=2, size=SIZE)
+                         count=2, size=SIZE, exhaustive=True)  # (screened, its uniform probe is dropped first)
     entry = _manifest(out)["components"][VAE_DECODER]
     rows = {r["candidate"]: r for r in entry["tuning"]["candidates"]}
     int8 = rows["onnxruntime:int8"]
@@ -271,14 +271,18 @@ def test_an_over_quantized_decoder_is_never_chosen_even_when_fastest(onnx_dir, t
     assert any("below the gate" in line and "dB" in line for line in tuning_table(_manifest(out)))
 
 
-@pytest.mark.parametrize("int8_seconds, winner", [((3.0, 3.5), "openvino:fp32"), ((0.9, 2.5), "onnxruntime:int8")],
-                         ids=["int8-slow", "int8-fast"])
+@pytest.mark.parametrize("int8_seconds, wrong, winner", [((3.0, 3.5), False, "openvino:fp32"),
+                                                        ((0.9, 2.5), False, "onnxruntime:int8"),
+                                                        ((0.9, 2.5), True, "openvino:fp32")],
+                         ids=["int8-slow", "int8-fast", "int8-fast-but-wrong"])
 def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_picks(onnx_dir, tmp_path, monkeypatch,
-                                                                                   int8_seconds, winner):
+                                                                                   int8_seconds, wrong, winner):
     """A clock that makes OpenVINO 10% slower than the reference at the screening size but faster at the tuning
     size (a leader: confirmed). int8-slow: int8 3x slower when screened: its uncalibrated speed probe is dropped,
     so nothing is calibrated (exhaustive timing shows it would have lost). int8-fast: the probe leads, so it is
-    calibrated, timed and chosen. Both modes choose the same candidate."""
+    calibrated, timed and chosen. int8-fast-but-wrong: every int8 engine's outputs are off by 10%: the probe
+    misses the quality gate, so nothing is calibrated (exhaustive: calibrated, then refused by the gate). Both
+    modes choose the same candidate."""
     from sprintrt.engines import quantize
     from sprintrt.tuning import calibration
 
@@ -294,6 +298,8 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
 
     def measure(engine, feeds, give_up_after=None):
         _, outputs = real_measure(engine, feeds)
+        if wrong and names[id(engine)] == "onnxruntime:int8":
+            outputs = {k: v * np.linspace(0.8, 1.2, v.size, dtype=v.dtype).reshape(v.shape) for k, v in outputs.items()}
         side = max(v.shape[-1] for v in feeds.values() if getattr(v, "ndim", 0) == 4)
         full = side == SIZE // 32
         timed.append((names[id(engine)], full, give_up_after))
@@ -324,7 +330,7 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
         if exhaustive:  # no probe: every candidate calibrated, timed and gated at the tuning size
             assert tuning["screen_size"] == SIZE and all(full for _, full, _ in timed)
             assert sorted(timed_full) == sorted(seconds) and rows["onnxruntime:int8"]["seconds"] == int8_seconds[1]
-            assert quantized == ["calibrated"] and recorded
+            assert quantized == ["calibrated"] and recorded and rows["onnxruntime:int8"]["passed"] != wrong
             continue
         assert tuning["screen_size"] == SIZE // 2
         assert rows["openvino:fp32"]["seconds"] == 3.0 and rows["openvino:fp32"]["passed"]
@@ -335,7 +341,10 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
         if winner == "openvino:fp32":
             assert quantized == ["uniform"] and not recorded  # nothing calibrated, nothing quantized for real
             assert "onnxruntime:int8" not in timed_full and "not calibrated" in rows["onnxruntime:int8"]["dropped"]
-            assert rows["onnxruntime:int8"]["screen_seconds"] == 3.0 and not rows["onnxruntime:int8"]["passed"]
+            assert rows["onnxruntime:int8"]["screen_seconds"] == int8_seconds[0]
+            assert not rows["onnxruntime:int8"]["passed"]
+            assert ("quality gate" in rows["onnxruntime:int8"]["dropped"]) == wrong
+            assert (rows["onnxruntime:int8"].get("cosine", 1.0) < TUNE_MIN_COSINE) == wrong
             assert any("dropped" in line for line in tuning_table(_manifest(out)))
             assert any(msg.startswith("[2/4, at least") and "left]" in msg for msg in said), said  # an ETA
         else:
