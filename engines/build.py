@@ -125,6 +125,8 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFA
             from sprintrt.engines.quantize import recipe_label
 
             label = quant_label = recipe_label(prec.value, target_info, comp, calibration[comp][0], uniform_int8)
+        revision = mod.KEY_REVISIONS.get(prec)  # how the backend builds it changed (see there)
+        label += f"-{revision}" if revision else ""
         key = cache_key(target_info, backend, versions[mod.LIBRARY], label, dims, source_record["sha256"])
         plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record, dtype, fp32_source,
                                    quant_label))

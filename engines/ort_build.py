@@ -33,6 +33,7 @@ ALLOWED = {TEXT_ENCODER: (P.FP32, P.INT8), TRANSFORMER: (P.FP32, P.FP16, P.INT8)
 TYPED_PRECISIONS = frozenset({P.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # fp16 needs the typed graph
 PRECISION_LIBRARIES: dict = {}
+KEY_REVISIONS: dict = {}
 
 
 def build_target(requested: str | None = None) -> dict:

@@ -53,6 +53,9 @@ class BuildBackend(Protocol):
     # precision → the libraries besides LIBRARY that decide what its engines compute at build time (their
     # versions go into the engine key; running the engine does not need them), e.g. NNCF for OpenVINO's int8w
     PRECISION_LIBRARIES: Mapping
+    # precision → a revision tag in its engines' keys, bumped when how the backend builds that precision
+    # changes in a way nothing else in the key shows (OpenVINO's int8 float layers moving to bf16)
+    KEY_REVISIONS: Mapping
 
     def build_target(self, requested: str | None = None) -> dict:
         """The device engines are built for: this machine's (CPU ISA, or GPU name and compute capability; raises

@@ -44,6 +44,7 @@ ALLOWED = {TEXT_ENCODER: (P.BF16, P.FP32, P.INT8W, P.FP8),
 TYPED_PRECISIONS = frozenset({P.BF16, P.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # strongly typed: the precision must be in the graph
 PRECISION_LIBRARIES: dict = {}
+KEY_REVISIONS: dict = {}
 # TensorRT-RTX's portable default (its docs: "8.0, 8.6, 8.9, 12.0, and later"), what an engine built without
 # named targets runs on.
 DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")

@@ -85,6 +85,7 @@ def capabilities(target: Mapping) -> str:
 TYPED_PRECISIONS = frozenset({Precision.BF16, Precision.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # strongly typed: the precision must be in the graph
 PRECISION_LIBRARIES: dict = {}
+KEY_REVISIONS: dict = {}
 BF16_MIN_COMPUTE_CAPABILITY = (8, 0)  # Ampere and later
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper
 

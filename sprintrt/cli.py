@@ -183,8 +183,9 @@ def add_build(sub) -> None:
     s.add_argument("--tune-size", type=int, default=D.DEFAULT_CALIBRATION_SIZE,
                    help="with --backend auto: time candidates on the inputs of one SIZExSIZE call (default %(default)s)")
     s.add_argument("--exhaustive", action="store_true",
-                   help="with --backend auto: time every candidate at --tune-size (default: screen them at half the "
-                        "side first and time only the leaders there; slower, for checking the screened choice)")
+                   help="with --backend auto: calibrate and time every candidate at --tune-size (default: screen "
+                        "them at half the side first, int8 ones as uncalibrated probes, and calibrate and time only "
+                        "the leaders; slower, for checking the screened choice)")
     s.add_argument("--precision", default=None,
                    help="one precision for all (fp32, tf32, bf16, fp16; int8/fp8 quantize every component with a "
                         "recipe) or per component, e.g. transformer=fp16,vae_decoder=int8 (OpenVINO also "

@@ -14,8 +14,9 @@ winner can differ per network. So:
    the reference's: cosine >= TUNE_MIN_COSINE (sprintrt/defaults.py), and for the VAE decoder, whose output is
    the picture, PSNR >= IMAGE_MIN_PSNR_DB too, or it is never chosen (`gate`).
    Unless exhaustive, float candidates go first and each int8 candidate is first screened as an uncalibrated
-   uniform-int8 probe (as fast as its calibrated engine can be: `_Trials.probe`); only those that could lead
-   are calibrated, so a machine where int8 loses pays for no calibration at all.
+   uniform-int8 probe (`_Trials.probe`, a heuristic like the reduced-size screen: `--exhaustive` checks it);
+   only the components whose int8 could lead are calibrated, so where every int8 candidate is dropped no
+   calibration runs (the probes still write one uniform Q/DQ graph per component).
 3. The fastest passing candidate's files are moved into the engine directory; its manifest entry carries
    the whole table under "tuning" (candidates, seconds, cosine, pass/fail, the choice) and a tuning key
    (machine, library versions, source graphs, candidates, calibration, size, gate). A later build with
@@ -39,15 +40,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from sprintrt import machine
 from sprintrt.defaults import (CALIBRATION_MEMORY_FACTOR, DEFAULT_BACKEND, DEFAULT_CALIBRATION_COUNT,
                                DEFAULT_CALIBRATION_SIZE, DEFAULT_PROMPT, IMAGE_MIN_PSNR_DB, TUNE_MAX_RUNS,
                                TUNE_DROP_RATIO, TUNE_LEADER_RATIO, TUNE_MIN_COSINE, TUNE_MIN_RUNS,
-                               TUNE_MIN_SECONDS, TUNE_SCREEN_DIVISOR)
+                               TUNE_MIN_SECONDS, TUNE_PROBE_MIN_COSINE, TUNE_PROBE_RULES, TUNE_SCREEN_DIVISOR)
 from sprintrt.engines.build import build_engines, intact, read_existing, write_manifest
 from sprintrt.engines.precision import QUANTIZED, EngineChoice, Precision
 from sprintrt.engines.registry import backend_module, cpu_backends
-from sprintrt.errors import InvalidInputError, SprintError
+from sprintrt.errors import EngineBuildError, InvalidInputError, SprintError
 from sprintrt.export_info import read_export_info, weights_bytes
 from sprintrt.manifest import engine_files, read_manifest
 from sprintrt.metrics import cosine, psnr
@@ -119,7 +122,7 @@ def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: 
     text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, size,
                        TUNE_MIN_COSINE, IMAGE_MIN_PSNR_DB if component in S.PICTURE_OUTPUT_RANGE else None,
                        None if exhaustive else [TUNE_SCREEN_DIVISOR, TUNE_LEADER_RATIO, TUNE_DROP_RATIO,
-                                                PROBE_CALIBRATION]],
+                                                TUNE_PROBE_MIN_COSINE, TUNE_PROBE_RULES]],
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -181,6 +184,10 @@ def screening_size(size: int, vae_scale_factor: int) -> int:
 
 def _same_shapes(a: dict, b: dict) -> bool:
     return all(getattr(a[k], "shape", None) == getattr(b[k], "shape", None) for k in a)
+
+
+def _same_inputs(a: dict, b: dict) -> bool:
+    return a is b or all(np.array_equal(a[k], b[k]) for k in a)
 
 
 class _Eta:
@@ -246,8 +253,9 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
         calibrate: include int8 candidates (calibrated on `count` prompts of `prompts_file`, as
             `sprintrt build --precision int8` does).
         size: the square image size whose pipeline inputs the candidates are timed on.
-        exhaustive: time and gate every candidate at `size` (default: screen them at a quarter of the pixels
-            first and time only the leaders at `size`; see TUNE_LEADER_RATIO).
+        exhaustive: time and gate every candidate at `size` and calibrate every int8 one (default: screen them
+            at a quarter of the pixels first and time only the leaders at `size`, and screen int8 candidates
+            as uncalibrated probes before calibrating; see TUNE_LEADER_RATIO, TUNE_PROBE_MIN_COSINE).
     """
     from filelock import FileLock
 
@@ -362,7 +370,8 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     quantized = [(cand, comp) for cand, comp in steps if cand.precision in QUANTIZED]
     probing = not exhaustive
     eta = _Eta([*_kinds(floats), *(_kinds(quantized, "probe") if probing else ()), *_kinds(quantized)], say)
-    trials = _Trials(onnx_dir, scratch, ref_dir, feeds, screen_feeds, screen, size, eta)
+    trials = _Trials(onnx_dir, scratch, ref_dir, feeds, screen_feeds, screen, size, eta, todo,
+                     info["model_dims"]["vae_scale_factor"])
     for cand, comp in floats:
         trials.run(cand, comp)
     if probing and quantized:
@@ -402,10 +411,11 @@ class _Trials:
     are the only ones kept) and the reference's outputs every other candidate is gated on."""
 
     def __init__(self, onnx_dir: Path, scratch: Path, ref_dir: Path, feeds: dict, screen_feeds: dict, screen: int,
-                 size: int, eta: "_Eta"):
+                 size: int, eta: "_Eta", components, vae_scale_factor: int):
         self.onnx_dir, self.scratch, self.ref_dir, self.eta = onnx_dir, scratch, ref_dir, eta
         self.feeds, self.screen_feeds, self.screen, self.size = feeds, screen_feeds, screen, size
-        self.tables: dict[str, list[dict]] = {c: [] for c in feeds}
+        self.vae_scale_factor = vae_scale_factor
+        self.tables: dict[str, list[dict]] = {c: [] for c in components}
         self.references: dict[str, dict] = {}
         self.screen_references: dict[str, dict] = {}  # the reference's outputs at the screening size
         self.best: dict[str, dict] = {}
@@ -433,6 +443,10 @@ class _Trials:
                                       self.screen, self.size, self.best.get(comp), self.references,
                                       self.screen_references, self.eta))
         except (SprintError, RuntimeError, ValueError) as e:
+            if is_reference:  # every other candidate is gated on its outputs
+                raise EngineBuildError(f"the fp32 ONNX Runtime reference engine of {comp} failed to run ({e}), so no "
+                                       "candidate can be gated. Fix: check the export with `sprintrt doctor`, or "
+                                       "re-export the component") from e
             row.update(error=f"run failed: {e}"[:300], passed=False)
         self.eta.step()
         self.tables[comp].append(row)
@@ -454,18 +468,27 @@ class _Trials:
         is dropped without the calibration and quantization that cost minutes at real size (measured on the
         AMX Xeon: 4 int8 quantizations were 16 of a 32 min run, and all four lost).
 
-        Quality, where the recipe is not measured (every component but the VAEs, whose calibrated recipe keeps
-        the sensitive blocks in float): the probe is then the calibrated recipe itself, its weights quantized
-        the same way, its activation ranges the smallest that cover this very input, so its steps are the
-        finest any min/max calibration can give here; missing the gate on it, the calibrated engine would
-        too (it did at real size: text encoder 0.9967, transformer 0.9989). A probe that fails to build or run
-        proves nothing: the candidate is then built and timed as usual."""
-        best = self.best[comp]  # the reference's at least: floats are tried first
+        Both are heuristics, as the reduced-size screen is (`--exhaustive` checks them). Speed: the probe is a
+        lower bound where a measured recipe's float blocks are no faster than their int8 versions. Quality,
+        where the recipe is not measured (every component but the VAEs, whose calibrated recipe keeps the
+        sensitive blocks in float): the probe is then the calibrated recipe itself, its weights quantized the
+        same way, its activation ranges the smallest that cover this very input, so its steps are as fine as a
+        min/max calibration that covers this input can give (calibrated ranges may clip it instead, and the
+        probe is gated at the screening size): a probe below TUNE_PROBE_MIN_COSINE is dropped (at real size
+        the text encoder's probe scored 0.99845, its calibrated engine 0.99670; see sprintrt/defaults.py). A probe
+        that fails to build or run proves nothing: the candidate is then built and timed as usual."""
+        from sprintrt.engines.quantize import measured
+        from sprintrt.tuning.calibration import cropped_like_calibration
+
+        best = self.best.get(comp)
+        if best is None:  # no float candidate passed: nothing to screen against
+            return True
         probe_dir = _candidate_dir(self.scratch / "probe", cand) / comp
-        self.eta(f"probing the speed of {cand.name} for {comp} (uniform int8, not calibrated)")
+        self.eta(f"probing {cand.name} for {comp} (uniform int8, not calibrated)")
+        feed = cropped_like_calibration(comp, self.screen_feeds[comp], self.vae_scale_factor)
         try:
             build_engines(self.onnx_dir, probe_dir, backend=cand.backend, precision={comp: cand.precision},
-                          components=(comp,), calibration={comp: (PROBE_CALIBRATION, [self.screen_feeds[comp]])},
+                          components=(comp,), calibration={comp: (PROBE_CALIBRATION, [feed])},
                           qdq_cache=self.scratch / "probe" / "qdq", uniform_int8=True)
             engine = load_engine(read_manifest(probe_dir), comp)
             try:
@@ -473,23 +496,22 @@ class _Trials:
                                            give_up_after=TUNE_DROP_RATIO * best["screen_seconds"])
             finally:
                 engine.release()
-        except (SprintError, RuntimeError, OSError, ValueError):
+            cos = None if measured(cand.precision.value, comp) else \
+                gate(comp, outputs, self.screen_references[comp])["cosine"]
+        except (SprintError, RuntimeError, OSError, ValueError) as e:
+            self.eta.say(f"the probe of {cand.name} for {comp} failed ({str(e)[:200]}): calibrating it anyway")
             return True
         finally:
             shutil.rmtree(probe_dir, ignore_errors=True)
             self.eta.step()
-        from sprintrt.engines.quantize import measured
-
         row = {"candidate": cand.name, "screen_seconds": round(seconds, 4), "passed": False}
         ratio = seconds / best["screen_seconds"]
-        quality = None if measured(cand.precision.value, comp) else gate(comp, outputs, self.screen_references[comp])
         if ratio > TUNE_LEADER_RATIO:
             row["dropped"] = (f"its uncalibrated uniform-int8 probe was {ratio:.2f}x the best at "
                               f"{self.screen}x{self.screen}; not calibrated")
-        elif quality and not quality["passed"]:
-            row.update({k: v for k, v in quality.items() if k != "passed"},
-                       dropped="its uniform-int8 probe, its ranges taken from this very input, already misses the "
-                               "quality gate; calibrated ranges are no finer: not calibrated")
+        elif cos is not None and cos < TUNE_PROBE_MIN_COSINE:
+            row.update(cosine=cos, dropped=f"its uniform-int8 probe, its ranges taken from this very input, had "
+                                           f"cosine {cos:.6f} < {TUNE_PROBE_MIN_COSINE:g}; not calibrated")
         else:
             return True
         self.tables[comp].append(row)
@@ -517,11 +539,13 @@ def _time_and_gate(engine, comp: str, feeds: dict, screen_feeds: dict, screen: i
             screen_seconds, screen_outputs = measure(engine, screen_feeds)
             row["screen_seconds"] = round(screen_seconds, 4)
             screen_references.setdefault(comp, screen_outputs)
+        elif best is None and not _same_inputs(feeds, screen_feeds):
+            screen_references.setdefault(comp, engine(**screen_feeds))
         row.setdefault("screen_seconds", round(seconds, 4))  # the inputs do not depend on the size
     finally:
         engine.release()
     references.setdefault(comp, outputs)  # the reference candidate comes first
-    screen_references.setdefault(comp, outputs)  # the same inputs where their shapes do not change
+    screen_references.setdefault(comp, outputs)  # (where the screening inputs are these same inputs)
     return {**row, "seconds": round(seconds, 4), **gate(comp, outputs, references[comp])}
 
 

@@ -403,8 +403,7 @@ def test_the_measured_choice_is_reproducible_and_an_unreachable_gate_is_a_typed_
     assert not (tmp_path / "never.onnx").exists()  # nothing half-written
 
 
-def test_the_uniform_recipe_quantizes_every_allowed_layer_without_measuring(onnx_dir, engine_dir, tmp_path,
-                                                                              monkeypatch):
+def test_the_uniform_recipe_quantizes_every_allowed_layer_without_measuring(onnx_dir, tmp_path, monkeypatch):
     """The tuner's speed probe (tuning/tune.py `_Trials.probe`): every layer the recipe allows in int8, no
     sensitivity run, a recipe name and engine key of its own (it is never reused as a calibrated engine)."""
     from sprintrt.engines import quantize, sensitivity
