@@ -110,8 +110,7 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
                     pictures.append(out.images)
         feeds.update({c: r.feeds for c, r in recorders.items()})
     if VAE_DECODER in feeds:
-        feeds[VAE_DECODER] = [{k: _centre_crop(v, VAE_CALIBRATION_LATENT_SIDE) for k, v in f.items()}
-                              for f in feeds[VAE_DECODER]]
+        feeds[VAE_DECODER] = [cropped_like_calibration(VAE_DECODER, f, factor) for f in feeds[VAE_DECODER]]
     # 3. ControlNet calls, each prompt with its own scribble (encoded once for all its schedules).
     recorded = [c for c in components if c in CONTROLLED]
     if recorded:
@@ -122,7 +121,7 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
                      controlnet_conditioning_scale=DEFAULT_CONTROLNET_SCALE, output_type="latent")
         feeds.update({c: r.feeds for c, r in recorders.items()})
     if VAE_ENCODER in components:  # its inputs are made, not recorded: no encoder runs for them
-        side = VAE_CALIBRATION_LATENT_SIDE * factor
+        side = _crop_side(VAE_ENCODER, factor)
         pixels = [_centre_crop(preprocess_image("array", p.transpose(0, 3, 1, 2), height, width), side)
                   for p in pictures]
         # scribbles drawn at the crop's size: a crop of a larger one may miss every stroke
@@ -163,10 +162,14 @@ def cropped_like_calibration(component: str, feed: dict, vae_scale_factor: int) 
     """`feed` cropped as calibration crops a VAE's samples (VAE_CALIBRATION_LATENT_SIDE latent pixels, that
     many times the scale factor in picture pixels): one whole real-size sample at 512² took more than 24 GB to
     calibrate. Other components' feeds are returned as they are."""
-    side = {VAE_DECODER: VAE_CALIBRATION_LATENT_SIDE, VAE_ENCODER: VAE_CALIBRATION_LATENT_SIDE * vae_scale_factor}
-    if component not in side:
-        return feed
-    return {k: _centre_crop(v, side[component]) for k, v in feed.items()}
+    side = _crop_side(component, vae_scale_factor)
+    return feed if side is None else {k: _centre_crop(v, side) for k, v in feed.items()}
+
+
+def _crop_side(component: str, vae_scale_factor: int) -> int | None:
+    """The side of a VAE's calibration crops (the decoder's in latent pixels, the encoder's in picture pixels)."""
+    return {VAE_DECODER: VAE_CALIBRATION_LATENT_SIDE,
+            VAE_ENCODER: VAE_CALIBRATION_LATENT_SIDE * vae_scale_factor}.get(component)
 
 
 def transformer_calibration(pipe, prompts: list[str], height: int = DEFAULT_CALIBRATION_SIZE,

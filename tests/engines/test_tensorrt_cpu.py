@@ -63,21 +63,21 @@ def qdq_graphs(typed_onnx_dir, tmp_path_factory):
     for component, precisions in QDQ_GRAPHS.items():
         spec = SPEC_BUILDERS[component](ModelDims.from_json(read_export_info(typed_onnx_dir)["model_dims"]))
         feeds = [spec.sample_inputs(spec.sizes("sample"), seed=s) for s in (0, 1)]
-        for precision in precisions:
+        for precision in precisions:  # "int8-uniform": every allowed layer, no measurement (the tuner's probe)
             quantize_qdq(typed_onnx_dir / f"{component}.onnx", out / f"{component}.{precision}.qdq.onnx", feeds,
-                         precision, target=H100, component=component)
+                         precision.split("-")[0], target=H100, component=component, uniform="uniform" in precision)
     return out
 
 
 QDQ_GRAPHS = {"transformer": ("int8", "fp8"), "controlnet": ("int8", "fp8"), "controlled_transformer": ("int8", "fp8"),
-              "vae_encoder": ("int8",)}
+              "vae_encoder": ("int8", "int8-uniform"), "vae_decoder": ("int8-uniform",)}
 
 
 @pytest.mark.rtx
-@pytest.mark.parametrize("component", ["controlnet", "controlled_transformer", "vae_encoder"])
+@pytest.mark.parametrize("component", ["controlnet", "controlled_transformer", "vae_encoder", "vae_decoder"])
 def test_the_newer_qdq_graphs_parse_in_tensorrt(component, qdq_graphs):
-    """The ControlNet's int8 and fp8 and the VAE encoder's int8 Q/DQ graphs for a GPU are taken by a real TensorRT
-    parser (TensorRT-RTX's; the transformer's build real engines below)."""
+    """The ControlNet's int8 and fp8 and the VAE encoder's int8 Q/DQ graphs for a GPU, and the VAEs' uniform int8
+    ones, are taken by a real TensorRT parser (TensorRT-RTX's; the transformer's build real engines below)."""
     from sprintrt.trt_parser import parse_problems
 
     for precision in QDQ_GRAPHS[component]:
