@@ -71,6 +71,9 @@ def tuning_table(manifest: dict) -> list[str]:
             if "error" in row:
                 lines.append(f"{comp:13s} {row['candidate']:18s} {row['error']}")
                 continue
+            if "skipped" in row:  # not built: a rule made it unnecessary
+                lines.append(f"{comp:13s} {row['candidate']:18s} not built ({row['skipped']})")
+                continue
             if "dropped" in row:  # screened out at the smaller size, never timed at the tuning size
                 lines.append(f"{comp:13s} {row['candidate']:18s} {row['screen_seconds']:9.3f} s at "
                              f"{tuning.get('screen_size')}x{tuning.get('screen_size')}: dropped ({row['dropped']})")

@@ -16,7 +16,8 @@ winner can differ per network. So:
    Unless exhaustive, float candidates go first and each int8 candidate is first screened as an uncalibrated
    uniform-int8 probe (`_Trials.probe`, a heuristic like the reduced-size screen: `--exhaustive` checks it);
    only the components whose int8 could lead are calibrated, so where every int8 candidate is dropped no
-   calibration runs (the probes still write one uniform Q/DQ graph per component).
+   calibration runs (the probes still write one uniform Q/DQ graph per component). A backend's 16-bit
+   candidate goes before its fp32 one, which is then not built where the 16-bit one passed (`_Trials.dominated`).
 3. The fastest passing candidate's files are moved into the engine directory; its manifest entry carries
    the whole table under "tuning" (candidates, seconds, cosine, pass/fail, the choice) and a tuning key
    (machine, library versions, source graphs, candidates, calibration, size, gate). A later build with
@@ -46,7 +47,7 @@ from sprintrt import machine
 from sprintrt.defaults import (CALIBRATION_MEMORY_FACTOR, DEFAULT_BACKEND, DEFAULT_CALIBRATION_COUNT,
                                DEFAULT_CALIBRATION_SIZE, DEFAULT_PROMPT, IMAGE_MIN_PSNR_DB, TUNE_MAX_RUNS,
                                TUNE_DROP_RATIO, TUNE_LEADER_RATIO, TUNE_MIN_COSINE, TUNE_MIN_RUNS,
-                               TUNE_MIN_SECONDS, TUNE_PROBE_MIN_COSINE, TUNE_PROBE_RULES, TUNE_SCREEN_DIVISOR)
+                               TUNE_MIN_SECONDS, TUNE_PROBE_MIN_COSINE, TUNE_SCREEN_RULES, TUNE_SCREEN_DIVISOR)
 from sprintrt.engines.build import build_engines, intact, read_existing, write_manifest
 from sprintrt.engines.precision import QUANTIZED, EngineChoice, Precision
 from sprintrt.engines.registry import backend_module, cpu_backends
@@ -122,7 +123,7 @@ def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: 
     text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, size,
                        TUNE_MIN_COSINE, IMAGE_MIN_PSNR_DB if component in S.PICTURE_OUTPUT_RANGE else None,
                        None if exhaustive else [TUNE_SCREEN_DIVISOR, TUNE_LEADER_RATIO, TUNE_DROP_RATIO,
-                                                TUNE_PROBE_MIN_COSINE, TUNE_PROBE_RULES]],
+                                                TUNE_PROBE_MIN_COSINE, TUNE_SCREEN_RULES]],
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -220,6 +221,10 @@ class _Eta:
             about = "at least" if unknown else "about"
             text = f", {about} {left / 60:.0f} min left" if left >= 60 else f", {about} {left:.0f} s left"
         self.say(f"[{self.done + 1}/{len(self.kinds)}{text}] {msg}")
+
+    def skip(self) -> None:
+        """The next step will not run (a rule made it unnecessary)."""
+        del self.kinds[self.done]
 
     def step(self) -> None:
         now = time.perf_counter()
@@ -366,13 +371,18 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
         for cand in sorted(plan[comp][0], key=lambda c: (c != QUALITY_REFERENCE, c.precision in QUANTIZED)):
             by_candidate.setdefault(cand, []).append(comp)
     steps = [(cand, comp) for cand, comps in by_candidate.items() for comp in comps]
-    floats = [(cand, comp) for cand, comp in steps if cand.precision not in QUANTIZED]
+    # A backend's 16-bit candidates before its fp32 one, which they can make unnecessary (`_Trials.dominated`).
+    floats = sorted([(cand, comp) for cand, comp in steps if cand.precision not in QUANTIZED],
+                    key=lambda step: (step[0] != QUALITY_REFERENCE, step[0].precision == Precision.FP32))
     quantized = [(cand, comp) for cand, comp in steps if cand.precision in QUANTIZED]
     probing = not exhaustive
     eta = _Eta([*_kinds(floats), *(_kinds(quantized, "probe") if probing else ()), *_kinds(quantized)], say)
     trials = _Trials(onnx_dir, scratch, ref_dir, feeds, screen_feeds, screen, size, eta, todo,
                      info["model_dims"]["vae_scale_factor"])
     for cand, comp in floats:
+        if probing and trials.dominated(cand, comp):
+            eta.skip()
+            continue
         trials.run(cand, comp)
     if probing and quantized:
         quantized = [(cand, comp) for cand, comp in quantized if trials.probe(cand, comp)]
@@ -419,6 +429,7 @@ class _Trials:
         self.references: dict[str, dict] = {}
         self.screen_references: dict[str, dict] = {}  # the reference's outputs at the screening size
         self.best: dict[str, dict] = {}
+        self.probes: dict[tuple[EngineChoice, str], dict] = {}  # the int8 probes that kept their candidate
 
     def run(self, cand: EngineChoice, comp: str, calibration: dict | None = None) -> None:
         """Build `cand` for `comp`, time and gate it, keep it if it is the fastest passing one so far."""
@@ -426,7 +437,7 @@ class _Trials:
         # engine is 1-16 GB, and keeping them all until the end filled a 50 GB disk (measured).
         is_reference = cand == QUALITY_REFERENCE
         cand_dir = self.ref_dir if is_reference else _candidate_dir(self.scratch, cand) / comp
-        row = {"candidate": cand.name}
+        row = {"candidate": cand.name, **({"probe": self.probes[cand, comp]} if (cand, comp) in self.probes else {})}
         try:
             if not is_reference:
                 self.eta(f"building {cand.name} for {comp}")
@@ -457,6 +468,26 @@ class _Trials:
             loser = dict(row, _dir=cand_dir)
         if loser is not None and loser["_dir"] != self.ref_dir:  # the reference serves calibration until the end
             shutil.rmtree(loser["_dir"], ignore_errors=True)
+
+    def dominated(self, cand: EngineChoice, comp: str) -> bool:
+        """Whether `cand`, an fp32 engine, need not be built because a 16-bit engine of the same backend passed
+        the gate for `comp` (recorded as a row that says so). The tuner offers a 16-bit candidate only on a CPU
+        that computes in that type (`typed_dtypes_here`), and there, at the real sizes, the same backend's 16-bit
+        engine has been faster than its fp32 one in every measurement: OpenVINO bf16 vs fp32 at 512², 1.6-2.6x
+        on a Zen 5 EPYC (text encoder, transformer, decoder) and 2.8-3.6x on an AMX Xeon (VAE encoder, ControlNet,
+        controlled transformer), seconds in the README. A heuristic like the screens (`--exhaustive` checks it);
+        the fp32 reference is always built."""
+        if cand.precision != Precision.FP32 or cand == QUALITY_REFERENCE:
+            return False
+        typed = next((row["candidate"] for row in self.tables[comp] if row["passed"]
+                      and EngineChoice.parse(row["candidate"]) in (EngineChoice(cand.backend, Precision.BF16),
+                                                                   EngineChoice(cand.backend, Precision.FP16))), None)
+        if typed is None:
+            return False
+        self.tables[comp].append({"candidate": cand.name, "passed": False,
+                                  "skipped": f"{typed} passed the gate, and on this CPU a backend's 16-bit engine "
+                                             "is faster than its fp32 one"})
+        return True
 
     def probe(self, cand: EngineChoice, comp: str) -> bool:
         """Whether `cand`'s int8 engine of `comp` can be a leader, asked before calibrating anything.
@@ -512,7 +543,8 @@ class _Trials:
         elif cos is not None and cos < TUNE_PROBE_MIN_COSINE:
             row.update(cosine=cos, dropped=f"its uniform-int8 probe, its ranges taken from this very input, had "
                                            f"cosine {cos:.6f} < {TUNE_PROBE_MIN_COSINE:g}; not calibrated")
-        else:
+        else:  # kept with the candidate's row: how the probe compared with the calibrated engine
+            self.probes[(cand, comp)] = {"screen_seconds": round(seconds, 4), **({"cosine": cos} if cos is not None else {})}
             return True
         self.tables[comp].append(row)
         return False

@@ -434,3 +434,52 @@ def test_the_eta_weighs_quantizing_steps_apart(monkeypatch):
     assert said[1].startswith("[2/6, at least 30 s left]")  # 3 runs x 10 s; the quantizing steps not seen yet
     # left: one quantize (300 s) + 2 runs (mean 15 s) = 330 s
     assert said[3].startswith("[4/6, about 6 min left]"), said
+
+
+@pytest.mark.parametrize("bf16_wrong", [False, True], ids=["bf16-passes", "bf16-fails-the-gate"])
+def test_a_backends_fp32_candidate_is_not_built_where_its_bf16_one_passed(onnx_dir, tmp_path, monkeypatch, bf16_wrong):
+    """OpenVINO bf16 is timed before OpenVINO fp32; where it passes the gate, the fp32 engine is not built (unless
+    exhaustive) and its row says why; where it fails, fp32 is built and timed as usual. A clock where OpenVINO bf16
+    is fastest, and fp32 second: both modes choose the same candidate."""
+    monkeypatch.setattr(T, "typed_dtypes_here", lambda target=None: ["bf16"])  # any CPU: the rule, not the kernels
+    seconds = {"onnxruntime:fp32": 4.0, "openvino:fp32": 3.0, "openvino:bf16": 2.0}
+    real_measure, real_load, real_build, names = T.measure, T.load_engine, T.build_engines, {}
+
+    def load(manifest, comp, *a, **k):
+        engine = real_load(manifest, comp, *a, **k)
+        names[id(engine)] = f"{manifest.components[comp]['backend']}:{manifest.components[comp]['precision']}"
+        return engine
+
+    def measure(engine, feeds, give_up_after=None):
+        _, outputs = real_measure(engine, feeds)
+        if bf16_wrong and names[id(engine)] == "openvino:bf16":
+            outputs = {k: v * np.linspace(0.8, 1.2, v.size, dtype=v.dtype).reshape(v.shape) for k, v in outputs.items()}
+        return seconds[names[id(engine)]], outputs
+
+    def build(onnx, engine_dir, **kw):
+        built.append(f"{kw['backend']}:{next(iter(kw['precision'].values())).value}"
+                     if isinstance(kw["precision"], dict) else kw["backend"])
+        return real_build(onnx, engine_dir, **kw)
+
+    monkeypatch.setattr(T, "load_engine", load)
+    monkeypatch.setattr(T, "measure", measure)
+    monkeypatch.setattr(T, "build_engines", build)
+    chosen = {}
+    for exhaustive in (True, False):
+        built, said = [], []
+        out = T.tune_engines(onnx_dir, tmp_path / f"e{exhaustive}", components=[TRANSFORMER], size=SIZE,
+                             candidate_names=["ort:fp32", "ov:fp32", "ov:bf16"], exhaustive=exhaustive,
+                             progress=said.append)
+        tuning = _manifest(out)["components"][TRANSFORMER]["tuning"]
+        chosen[exhaustive] = tuning["chosen"]
+        rows = {r["candidate"]: r for r in tuning["candidates"]}
+        assert list(rows)[:2] == ["onnxruntime:fp32", "openvino:bf16"]  # the 16-bit candidate first
+        assert rows["openvino:bf16"]["passed"] != bf16_wrong
+        if exhaustive or bf16_wrong:
+            assert "openvino:fp32" in built and rows["openvino:fp32"]["seconds"] == 3.0
+        else:
+            assert "openvino:fp32" not in built and not rows["openvino:fp32"]["passed"]
+            assert "openvino:bf16 passed the gate" in rows["openvino:fp32"]["skipped"]
+            assert any("openvino:fp32" in line and "not built" in line for line in tuning_table(_manifest(out)))
+            assert not any(m.startswith("[3/") for m in said), said  # the ETA's plan lost the step
+    assert chosen[True] == chosen[False] == ("openvino:fp32" if bf16_wrong else "openvino:bf16")
