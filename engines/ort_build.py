@@ -33,7 +33,7 @@ ALLOWED = {TEXT_ENCODER: (P.FP32, P.INT8), TRANSFORMER: (P.FP32, P.FP16, P.INT8)
 TYPED_PRECISIONS = frozenset({P.FP16})
 VARIANT_OPTIONAL: frozenset = frozenset()  # fp16 needs the typed graph
 PRECISION_LIBRARIES: dict = {}
-KEY_REVISIONS: dict = {}
+KEY_REVISIONS = {P.INT8: "u8act"}  # int8: activations' Q/DQ pairs made uint8 before optimising (u8_activations)
 
 
 def build_target(requested: str | None = None) -> dict:
@@ -79,6 +79,53 @@ def profile(spec, model, options) -> dict:
     return full_profile(spec)  # ORT sessions take any shape in the spec's ranges
 
 
+def u8_activations(source: Path) -> Path | None:
+    """A copy of the Q/DQ graph `source` whose int8 activation pairs (QuantizeLinear and the DequantizeLinears
+    reading it) are uint8 with the zero point moved by 128: the same numbers (q + 128, dequantized minus 128), which
+    ONNX Runtime's CPU kernels take (VNNI's dot product is u8 x s8 too). ORT rewrites s8 pairs itself, but not one
+    QuantizeLinear read by several layers (Gemma2's q/k/v and gate/up projections, the transformer's q/k/v): those
+    MatMuls stayed float, on weights dequantized at every call. Measured at real size (0.6B, random weights, ORT
+    1.31.1, 2-vCPU AMX Xeon): text encoder int8 3.45 s with s8 pairs (52 of 182 weight MatMuls fused) vs 0.12 s
+    with u8 (182 of 182; fp32 0.42 s); transformer at 512² 1.61 s vs 0.51 s (fp32 1.16 s). The shared graph
+    keeps s8 pairs: OpenVINO's int8 kernels are faster with them (real DC-AE decoder, uniform int8 at 512²: 0.90 s
+    s8, 1.18 s u8) and TensorRT takes signed int8 only. Graphs quantized for AVX2 CPUs already have u8
+    activations. None where nothing changes; else the copy, beside `source` (its weights file is found relative
+    to it), which the caller removes."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source), load_external_data=False)
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    moved: dict[str, str] = {}  # int8 zero point -> its uint8 copy
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]:
+        zero = initializers.get(q.input[2])
+        dequantizers = readers.get(q.output[0], [])
+        if zero is None or zero.data_type != onnx.TensorProto.INT8 or \
+                not all(d.op_type == "DequantizeLinear" and d.input[2] == zero.name for d in dequantizers):
+            continue
+        if zero.name not in moved:
+            moved[zero.name] = f"{zero.name}_u8"
+            shifted = (numpy_helper.to_array(zero).astype(np.int16) + 128).astype(np.uint8)
+            graph.initializer.append(numpy_helper.from_array(shifted, moved[zero.name]))
+        for node in (q, *dequantizers):
+            node.input[2] = moved[zero.name]
+    if not moved:
+        return None
+    still_read = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name not in moved or i.name in still_read]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    copy = source.with_name(f".{source.stem}.u8.{os.getpid()}.onnx")
+    onnx.save_model(model, str(copy))
+    return copy
+
+
 def build_component(source: Path, out: Path, component: str, precision: P, shapes: dict, target: Mapping,
                     versions: Mapping) -> BuildResult:
     """Optimise `source` for this CPU into `out` (written under a temporary name, then renamed).
@@ -102,13 +149,16 @@ def build_component(source: Path, out: Path, component: str, precision: P, shape
     if external:
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights.name)
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    converted = u8_activations(source) if precision == P.INT8 else None
     try:
         # External weights go straight to their final name (the model file refers to it by that
         # name); the model file itself appears only by the rename, so it is never seen half-written.
-        ort.InferenceSession(str(source), opts, providers=[PROVIDER])
+        ort.InferenceSession(str(converted or source), opts, providers=[PROVIDER])
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        if converted is not None:
+            converted.unlink(missing_ok=True)
         if not out.exists():  # failed (e.g. disk full): drop the half-written weights file too
             weights.unlink(missing_ok=True)
     return BuildResult(

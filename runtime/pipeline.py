@@ -308,6 +308,18 @@ class SprintPipeline:
             embeds = self._check_latents(out["prompt_embeds"], embeds.shape, "callback_on_step_end's prompt_embeds")
         return latents, embeds
 
+    def decode_latents(self, latents: np.ndarray, output_type: str = "np"):
+        """The images of latents a call gave with output_type="latent" (diffusers: `pipe.vae.decode(latents /
+        scaling_factor)` and its image processor), through this pipeline's VAE decoder, slicing and tiling."""
+        if output_type not in OUTPUT_TYPES[:2]:
+            raise invalid("output_type", output_type, f"one of {OUTPUT_TYPES[:2]}", "pass output_type='pil' or 'np'")
+        channels = self.model_dims.latent_channels
+        shape = getattr(latents, "shape", None)
+        if shape is None or len(shape) != 4 or shape[1] != channels:
+            raise invalid("latents", shape, f"an array (batch, {channels}, height, width)",
+                          "pass the latents of a call with output_type='latent'")
+        return self._decode(np.asarray(latents, dtype=np.float32), None, output_type, Clock())
+
     def _decode(self, latents: np.ndarray, resize_to: tuple[int, int] | None, output_type: str, clock: Clock):
         if self.vae_decoder is None:
             raise InvalidInputError("output_type needs the VAE decoder, which was not loaded. Fix: load the "

@@ -41,12 +41,11 @@ def record_calibration(pipe, components, prompts: list[str], height: int = DEFAU
                        seed: int = 0) -> dict[str, list[dict]]:
     """{component: input feeds} recorded from `pipe` (an fp32 SprintPipeline; a SprintControlNetPipeline
     for the ControlNet's components) over the prompts: the text encoder once per prompt, the transformer
-    at every step of every schedule, the VAE decoder on the final latents of the first
-    VAE_CALIBRATION_SAMPLES calls (each sample is a full decode), centre-cropped to
-    VAE_CALIBRATION_LATENT_SIDE (see sprintrt/defaults.py); the VAE encoder on what it encodes in use, as
-    many of each: pictures (img2img's input: one decoded per prompt, up to VAE_CALIBRATION_SAMPLES) centre-cropped
-    to the decoder's side in pixels, and scribbles (ControlNet's) drawn at that size, prepared as the
-    pipelines prepare them; the
+    at every step of every schedule, the VAE decoder on centre crops (VAE_CALIBRATION_LATENT_SIDE, see
+    sprintrt/defaults.py) of the final latents of the first VAE_CALIBRATION_SAMPLES calls, each crop decoded
+    alone; the VAE encoder on what it encodes in use, as many of each: pictures (img2img's input: those
+    decoded crops, one per prompt, up to VAE_CALIBRATION_SAMPLES) and scribbles (ControlNet's) drawn at
+    their size, prepared as the pipelines prepare them; the
     ControlNet and the controlled transformer at every step of ControlNet calls with the same prompts, seeds
     and schedules, each prompt with its own random scribble (`control_picture(seed=...)`) at the default
     conditioning scale."""
@@ -105,12 +104,12 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
                 picture = VAE_ENCODER in components and len(pictures) < min(i + 1, VAE_CALIBRATION_SAMPLES)
                 decode = picture or (VAE_DECODER in recorders
                                      and len(recorders[VAE_DECODER].calls) < VAE_CALIBRATION_SAMPLES)
-                out = pipe(**call, output_type="np" if decode else "latent")
-                if picture:
-                    pictures.append(out.images)
+                latents = pipe(**call, output_type="latent").images
+                if decode:  # only the crop calibration keeps (a quarter of a 512² decode: real fp32 decoder 6.5 s)
+                    decoded = pipe.decode_latents(_centre_crop(latents, _crop_side(VAE_DECODER, factor)))
+                    if picture:
+                        pictures.append(decoded)
         feeds.update({c: r.feeds for c, r in recorders.items()})
-    if VAE_DECODER in feeds:
-        feeds[VAE_DECODER] = [cropped_like_calibration(VAE_DECODER, f, factor) for f in feeds[VAE_DECODER]]
     # 3. ControlNet calls, each prompt with its own scribble (encoded once for all its schedules).
     recorded = [c for c in components if c in CONTROLLED]
     if recorded:
@@ -121,9 +120,8 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
                      controlnet_conditioning_scale=DEFAULT_CONTROLNET_SCALE, output_type="latent")
         feeds.update({c: r.feeds for c, r in recorders.items()})
     if VAE_ENCODER in components:  # its inputs are made, not recorded: no encoder runs for them
-        side = _crop_side(VAE_ENCODER, factor)
-        pixels = [_centre_crop(preprocess_image("array", p.transpose(0, 3, 1, 2), height, width), side)
-                  for p in pictures]
+        side = _crop_side(VAE_ENCODER, factor)  # the decoded crops' side in pixels (where the latents had it)
+        pixels = [preprocess_image("array", p.transpose(0, 3, 1, 2), *p.shape[1:3]) for p in pictures]
         # scribbles drawn at the crop's size: a crop of a larger one may miss every stroke
         pixels += [preprocess_image("pil", [control_picture(side, side, seed=seed + i)], side, side)
                    for i in range(len(pictures))]
@@ -183,7 +181,7 @@ def transformer_calibration(pipe, prompts: list[str], height: int = DEFAULT_CALI
 # picture/scribble mix, the scribble generator runtime.image.control_picture). It is part of every quantized
 # engine's key through calibration_description: bump it when any of those changes, so no engine calibrated
 # the old way is reused.
-CALIBRATION_SAMPLING = 2
+CALIBRATION_SAMPLING = 3  # 3: the encoder's pictures decoded from the decoder's latent crops (were crops of pictures)
 
 
 def calibration_description(prompts_file, prompts: list[str], size: int, precision: str) -> str:

@@ -112,15 +112,19 @@ def candidates(component: str, record: dict, target: dict, calibrate: bool,
 
 def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: dict, calibration: str | None,
                size: int, exhaustive: bool = False) -> str:
-    """Everything that changes the measurement: machine, libraries, source graphs, candidates, calibration,
+    """Everything that changes the measurement: machine, libraries, source graphs, candidates, calibration, int8 recipe,
     size, gate and screening."""
     libraries = {}
     for backend in cpu_backends():  # each backend's library and those that decide some of its engines (int8w: NNCF)
         mod = backend_module(backend)
         for lib in (mod.LIBRARY, *(lib for libs in mod.PRECISION_LIBRARIES.values() for lib in libs)):
             libraries[lib] = machine.library_version(lib)
+    from sprintrt.engines.quantize import QUANTIZABLE, recipe_label
+
     sources = {"fp32": record["sha256"], **{d: v["sha256"] for d, v in record.get("variants", {}).items()}}
-    text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, size,
+    # the int8 recipe too (its rules, e.g. the activation type, are hashed into its label)
+    recipe = recipe_label("int8", target, component, calibration) if calibration and component in QUANTIZABLE else None
+    text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, recipe, size,
                        TUNE_MIN_COSINE, IMAGE_MIN_PSNR_DB if component in S.PICTURE_OUTPUT_RANGE else None,
                        None if exhaustive else [TUNE_SCREEN_DIVISOR, TUNE_LEADER_RATIO, TUNE_DROP_RATIO,
                                                 TUNE_PROBE_MIN_COSINE, TUNE_SCREEN_RULES]],
@@ -128,9 +132,10 @@ def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
-    """{component: the inputs it gets in one {size}² call of the default prompt (1 step)}; the ControlNet's two
-    components in one ControlNet call of the same size (control_picture), sharing the loaded engines."""
+def timing_feeds(engine_dir: Path, components, sizes: list[int]) -> dict[int, dict[str, dict]]:
+    """{size: {component: the inputs it gets in one {size}² call of the default prompt (1 step)}}; the ControlNet's
+    two components in one ControlNet call of the same size (control_picture). The engines are loaded once for
+    every size (at real size the text encoder's alone is 8 GB)."""
     from sprintrt.runtime.controlnet import SprintControlNetPipeline
     from sprintrt.runtime.image import control_picture, preprocess_image
     from sprintrt.runtime.pipeline import SprintPipeline
@@ -146,22 +151,25 @@ def timing_feeds(engine_dir: Path, components, size: int) -> dict[str, dict]:
         pipe = cn.text_to_image()
     else:
         pipe = SprintPipeline.from_engines(engine_dir)
-    call = dict(num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
-                use_resolution_binning=False, generator=0)
-    with recording(pipe, S.TEXT_TO_IMAGE) as recorders:
-        picture = pipe(DEFAULT_PROMPT, **call, output_type="np").images
-    # The last call of each: the text encoder's first call runs the instruction alone (computed once, then
-    # reused), its last the prompt's own tokens after it, as every later image does.
-    feeds = {c: r.feeds[-1] for c, r in recorders.items()}
-    if controlled:
-        with recording(cn, controlled) as recorders:
-            cn(DEFAULT_PROMPT, control_image=control_picture(size, size), **call, output_type="latent")
-        feeds.update({c: r.feeds[-1] for c, r in recorders.items()})
+    by_size = {}
+    for size in dict.fromkeys(sizes):
+        call = dict(num_inference_steps=1, intermediate_timesteps=None, height=size, width=size,
+                    use_resolution_binning=False, generator=0)
+        with recording(pipe, S.TEXT_TO_IMAGE) as recorders:
+            picture = pipe(DEFAULT_PROMPT, **call, output_type="np").images
+        # The last call of each: the text encoder's first call runs the instruction alone (computed once, then
+        # reused), its last the prompt's own tokens after it, as every later image does.
+        feeds = {c: r.feeds[-1] for c, r in recorders.items()}
+        if controlled:
+            with recording(cn, controlled) as recorders:
+                cn(DEFAULT_PROMPT, control_image=control_picture(size, size), **call, output_type="latent")
+            feeds.update({c: r.feeds[-1] for c, r in recorders.items()})
+        if S.VAE_ENCODER in components:  # what img2img would encode: that call's picture, prepared as img2img does
+            feeds[S.VAE_ENCODER] = {"sample": preprocess_image("array", picture.transpose(0, 3, 1, 2), size, size)}
+        by_size[size] = feeds
     for c in {*S.TEXT_TO_IMAGE, *(S.CONTROLNET_TO_IMAGE if controlled else ())}:
         (cn if controlled else pipe).engine(c).release()
-    if S.VAE_ENCODER in components:  # what img2img would encode: that call's picture, prepared as img2img does
-        feeds[S.VAE_ENCODER] = {"sample": preprocess_image("array", picture.transpose(0, 3, 1, 2), size, size)}
-    return feeds
+    return by_size
 
 
 def measure(engine, feeds: dict, give_up_after: float | None = None) -> tuple[float, dict]:
@@ -362,10 +370,11 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     say("fp32 ONNX Runtime reference engines")
     build_engines(onnx_dir, ref_dir, backend=QUALITY_REFERENCE.backend, precision=QUALITY_REFERENCE.precision,
                   components=reference)
-    say(f"recording each component's inputs in one {size}x{size} call")
-    feeds = timing_feeds(ref_dir, todo, size)
     screen = size if exhaustive else screening_size(size, info["model_dims"]["vae_scale_factor"])
-    screen_feeds = timing_feeds(ref_dir, todo, screen) if screen < size else feeds
+    say(f"recording each component's inputs in one {size}x{size} call"
+        + (f" and one {screen}x{screen} call" if screen < size else ""))
+    by_size = timing_feeds(ref_dir, todo, [size, screen])
+    feeds, screen_feeds = by_size[size], by_size[screen]
     by_candidate: dict[EngineChoice, list[str]] = {}  # the reference first: the others are compared with it
     for comp in todo:
         for cand in sorted(plan[comp][0], key=lambda c: (c != QUALITY_REFERENCE, c.precision in QUANTIZED)):

@@ -69,3 +69,21 @@ def test_bad_tiling_is_a_typed_error(sprint_pipe, kw, name):
     with pytest.raises(InvalidInputError, match=name):
         sprint_pipe.enable_vae_tiling(**kw)
     assert sprint_pipe.vae_tiling is None  # nothing half-applied
+
+
+def test_decode_latents_gives_the_calls_own_images_as_diffusers_decodes_them(reference_pipe, sprint_pipe):
+    """Latents kept with output_type="latent" and decoded later: the same images as the call that decodes them,
+    and as diffusers' `vae.decode(latents / scaling_factor)` + its image processor, within the parity tolerance."""
+    latents = _run(sprint_pipe, height=192, width=256, output_type="latent")
+    images = sprint_pipe.decode_latents(latents)
+    assert np.array_equal(images, _run(sprint_pipe, height=192, width=256))
+    vae = reference_pipe.vae
+    with torch.no_grad():
+        decoded = vae.decode(torch.from_numpy(latents) / vae.config.scaling_factor).sample
+    ref = reference_pipe.image_processor.postprocess(decoded, output_type="np")
+    assert np.abs(images - ref).max() <= TOL
+    assert sprint_pipe.decode_latents(latents, output_type="pil")[0].size == (256, 192)
+    with pytest.raises(InvalidInputError, match="latents="):
+        sprint_pipe.decode_latents(latents[:, :2])
+    with pytest.raises(InvalidInputError, match="output_type="):
+        sprint_pipe.decode_latents(latents, output_type="latent")
