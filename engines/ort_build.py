@@ -102,13 +102,16 @@ def u8_activations(source: Path) -> Path | None:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
     moved: dict[str, str] = {}  # int8 zero point -> its uint8 copy
+    converted = set()  # the QuantizeLinear outputs now uint8
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]:
         zero = initializers.get(q.input[2])
         dequantizers = readers.get(q.output[0], [])
-        if zero is None or zero.data_type != onnx.TensorProto.INT8 or \
-                not all(d.op_type == "DequantizeLinear" and d.input[2] == zero.name for d in dequantizers):
-            continue
+        if zero is None or zero.data_type != onnx.TensorProto.INT8 or q.output[0] in outputs or not all(
+                d.op_type == "DequantizeLinear" and len(d.input) > 2 and d.input[2] == zero.name for d in dequantizers):
+            continue  # only pairs whose every reader can follow (a graph output keeps its declared type)
+        converted.add(q.output[0])
         if zero.name not in moved:
             moved[zero.name] = f"{zero.name}_u8"
             shifted = (numpy_helper.to_array(zero).astype(np.int16) + 128).astype(np.uint8)
@@ -121,8 +124,15 @@ def u8_activations(source: Path) -> Path | None:
     kept = [i for i in graph.initializer if i.name not in moved or i.name in still_read]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
+    declared = [v for v in graph.value_info if v.name not in converted]  # int8 declarations would now be wrong
+    graph.ClearField("value_info")
+    graph.value_info.extend(declared)
     copy = source.with_name(f".{source.stem}.u8.{os.getpid()}.onnx")
-    onnx.save_model(model, str(copy))
+    try:
+        onnx.save_model(model, str(copy))
+    except BaseException:
+        copy.unlink(missing_ok=True)
+        raise
     return copy
 
 

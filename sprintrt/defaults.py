@@ -64,9 +64,9 @@ DEFAULT_CALIBRATION_COUNT = 16
 DEFAULT_CALIBRATION_SIZE = 512
 # Each prompt is run at these step counts, so the ranges cover every timestep a 1- or 2-step call feeds.
 CALIBRATION_STEPS = (1, 2)
-# The VAE decoder is calibrated on the final latents of the first calls only: each sample is a full
-# decode (14 s at 512² for the real decoder on a 2-core AVX2 CPU) plus ORT's calibration pass over it. The VAE
-# encoder on as many pictures (one per prompt) and as many scribbles.
+# The VAE decoder is calibrated on the final latents of the first calls only: each sample is a decode of its
+# crop (below) plus ORT's calibration pass over it. The VAE encoder on as many pictures (those decoded crops, one
+# per prompt) and as many scribbles.
 VAE_CALIBRATION_SAMPLES = 8
 # ... and on their centre crop of at most this many latent pixels a side (256² pixels with the f32 DC-AE):
 # ORT's calibration holds every intermediate output of a sample at once, and one real-decoder sample at

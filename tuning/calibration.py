@@ -110,6 +110,8 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
                     if picture:
                         pictures.append(decoded)
         feeds.update({c: r.feeds for c, r in recorders.items()})
+    if VAE_DECODER in feeds:  # the encoder's pictures may have decoded more (a picture per prompt, two schedules each)
+        feeds[VAE_DECODER] = feeds[VAE_DECODER][:VAE_CALIBRATION_SAMPLES]
     # 3. ControlNet calls, each prompt with its own scribble (encoded once for all its schedules).
     recorded = [c for c in components if c in CONTROLLED]
     if recorded:

@@ -122,10 +122,12 @@ def tuning_key(component: str, record: dict, cands: list[EngineChoice], target: 
     from sprintrt.engines.quantize import QUANTIZABLE, recipe_label
 
     sources = {"fp32": record["sha256"], **{d: v["sha256"] for d, v in record.get("variants", {}).items()}}
-    # the int8 recipe too (its rules, e.g. the activation type, are hashed into its label)
+    # the int8 recipe (its rules are hashed into its label) and each backend's build revisions (e.g. ONNX Runtime's
+    # int8 activations made uint8 at its build): both change what a candidate measures
     recipe = recipe_label("int8", target, component, calibration) if calibration and component in QUANTIZABLE else None
-    text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, recipe, size,
-                       TUNE_MIN_COSINE, IMAGE_MIN_PSNR_DB if component in S.PICTURE_OUTPUT_RANGE else None,
+    revisions = {b: sorted((p.value, r) for p, r in backend_module(b).KEY_REVISIONS.items()) for b in cpu_backends()}
+    text = json.dumps([component, target, libraries, sources, [c.name for c in cands], calibration, recipe, revisions,
+                       size, TUNE_MIN_COSINE, IMAGE_MIN_PSNR_DB if component in S.PICTURE_OUTPUT_RANGE else None,
                        None if exhaustive else [TUNE_SCREEN_DIVISOR, TUNE_LEADER_RATIO, TUNE_DROP_RATIO,
                                                 TUNE_PROBE_MIN_COSINE, TUNE_SCREEN_RULES]],
                       sort_keys=True)
@@ -480,17 +482,18 @@ class _Trials:
 
     def dominated(self, cand: EngineChoice, comp: str) -> bool:
         """Whether `cand`, an fp32 engine, need not be built because a 16-bit engine of the same backend passed
-        the gate for `comp` (recorded as a row that says so). The tuner offers a 16-bit candidate only on a CPU
-        that computes in that type (`typed_dtypes_here`), and there, at the real sizes, the same backend's 16-bit
-        engine has been faster than its fp32 one in every measurement: OpenVINO bf16 vs fp32 at 512², 1.6-2.6x
+        the gate for `comp` (recorded as a row that says so). In practice OpenVINO fp32 after OpenVINO bf16 (ONNX
+        Runtime's fp32 is the reference, always built). The tuner offers a 16-bit candidate only on a CPU that
+        computes in that type (`typed_dtypes_here`), and there, at the real sizes, OpenVINO's bf16 engine has been
+        faster than its fp32 one in every measurement: at 512², 1.6-2.6x
         on a Zen 5 EPYC (text encoder, transformer, decoder) and 2.8-3.6x on an AMX Xeon (VAE encoder, ControlNet,
         controlled transformer), seconds in the README. A heuristic like the screens (`--exhaustive` checks it);
         the fp32 reference is always built."""
         if cand.precision != Precision.FP32 or cand == QUALITY_REFERENCE:
             return False
-        typed = next((row["candidate"] for row in self.tables[comp] if row["passed"]
-                      and EngineChoice.parse(row["candidate"]) in (EngineChoice(cand.backend, Precision.BF16),
-                                                                   EngineChoice(cand.backend, Precision.FP16))), None)
+        typed_names = {EngineChoice(cand.backend, p).name for p in (Precision.BF16, Precision.FP16)}
+        typed = next((row["candidate"] for row in self.tables[comp] if row["passed"] and row["candidate"] in typed_names),
+                     None)
         if typed is None:
             return False
         self.tables[comp].append({"candidate": cand.name, "passed": False,

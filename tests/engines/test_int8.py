@@ -449,8 +449,8 @@ def test_vae_calibration_uses_capped_centre_crops(engine_dir):
 
 
 def test_vae_encoder_calibration_is_pictures_and_scribbles_cropped_alike(engine_dir):
-    """What the VAE encoder encodes in use: pictures (img2img; here the calibration calls' own decoded images)
-    and scribbles (ControlNet), as many of each, prepared as the pipelines do and centre-cropped."""
+    """What the VAE encoder encodes in use: pictures (img2img; here the calibration calls' latent crops, decoded)
+    and scribbles (ControlNet), as many of each, prepared as the pipelines do, at the crop's size."""
     from sprintrt.defaults import VAE_CALIBRATION_LATENT_SIDE
     from sprintrt.tuning.calibration import record_calibration
 
@@ -520,8 +520,9 @@ def test_every_quantized_matmul_runs_as_an_int8_kernel(onnx_dir, all_int8_dir, c
     (74 DequantizeLinear kept, every weight dequantized on every call; the real 0.6B int8 text encoder ran 10x
     slower than fp32). Two causes: quantized MatMul outputs (a Q after the MatMul rules out MatMulIntegerToFloat)
     and s8 activations shared by several layers (q/k/v, gate/up), which ONNX Runtime's S8->U8 rewrite skips, so
-    its u8 kernels could not take them (on an AMX Xeon with VNNI too, where activations were s8: 4 of the tiny text
-    encoder's 14 fused). The recipe now leaves MatMul outputs in float and quantizes activations as u8 on every CPU.
+    its u8 kernels could not take them (on an AMX Xeon with VNNI too, whose graphs keep s8 activations: 4 of the tiny
+    text encoder's 14 fused). The recipe now leaves MatMul outputs in float, quantizes activations as u8 where int8
+    saturates, and the ONNX Runtime build makes the others u8 (engines/ort_build.py u8_activations).
     Checked on the built engine, which is ONNX Runtime's own optimized graph: every quantized MatMul is a
     MatMulIntegerToFloat and no weight is dequantized."""
     from collections import Counter
