@@ -485,9 +485,9 @@ class _Trials:
         the gate for `comp` (recorded as a row that says so). In practice OpenVINO fp32 after OpenVINO bf16 (ONNX
         Runtime's fp32 is the reference, always built). The tuner offers a 16-bit candidate only on a CPU that
         computes in that type (`typed_dtypes_here`), and there, at the real sizes, OpenVINO's bf16 engine has been
-        faster than its fp32 one in every measurement: at 512², 1.6-2.6x
-        on a Zen 5 EPYC (text encoder, transformer, decoder) and 2.8-3.6x on an AMX Xeon (VAE encoder, ControlNet,
-        controlled transformer), seconds in the README. A heuristic like the screens (`--exhaustive` checks it);
+        faster than its fp32 one in every measurement: at 512², 1.6-2.6x on a Zen 5 EPYC (text encoder,
+        transformer, decoder) and 2.8-3.6x on an AMX Xeon (VAE encoder, ControlNet, controlled transformer),
+        seconds in the README. A heuristic like the screens (`--exhaustive` checks it);
         the fp32 reference is always built."""
         if cand.precision != Precision.FP32 or cand == QUALITY_REFERENCE:
             return False

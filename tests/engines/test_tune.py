@@ -29,6 +29,25 @@ def _manifest(engine_dir) -> dict:
     return json.loads((engine_dir / "manifest.json").read_text())
 
 
+def _naming_loads(monkeypatch) -> dict:
+    """Make the tuner's engine loads remember each engine's candidate: {id(engine): "backend:precision"}."""
+    names, real_load = {}, T.load_engine
+
+    def load(manifest, comp, *a, **k):
+        engine = real_load(manifest, comp, *a, **k)
+        entry = manifest.components[comp]
+        names[id(engine)] = f"{entry['backend']}:{entry['precision']}"
+        return engine
+
+    monkeypatch.setattr(T, "load_engine", load)
+    return names
+
+
+def _off_by_up_to_20_percent(outputs: dict) -> dict:
+    """Outputs scaled from 0.8x to 1.2x along their elements: a cosine well below the gate."""
+    return {k: v * np.linspace(0.8, 1.2, v.size, dtype=v.dtype).reshape(v.shape) for k, v in outputs.items()}
+
+
 @pytest.fixture(scope="module")
 def tuned(onnx_dir, tmp_path_factory):
     """Tuned over ORT fp32, OpenVINO fp32 and ORT int8 (calibrated on 2 prompts)."""
@@ -291,19 +310,13 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
     from sprintrt.tuning import calibration
 
     seconds = {"onnxruntime:fp32": (1.0, 4.0), "openvino:fp32": (1.1, 3.0), "onnxruntime:int8": int8_seconds}
-    real_measure, real_load, real_quantize, real_record, names = (T.measure, T.load_engine, quantize.quantize_qdq,
-                                                                  calibration._record, {})
-
-    def load(manifest, comp, *a, **k):
-        engine = real_load(manifest, comp, *a, **k)
-        entry = manifest.components[comp]
-        names[id(engine)] = f"{entry['backend']}:{entry['precision']}"
-        return engine
+    real_measure, real_quantize, real_record = T.measure, quantize.quantize_qdq, calibration._record
+    names = _naming_loads(monkeypatch)
 
     def measure(engine, feeds, give_up_after=None):
         _, outputs = real_measure(engine, feeds)
         if wrong and names[id(engine)] == "onnxruntime:int8":
-            outputs = {k: v * np.linspace(0.8, 1.2, v.size, dtype=v.dtype).reshape(v.shape) for k, v in outputs.items()}
+            outputs = _off_by_up_to_20_percent(outputs)
         side = max(v.shape[-1] for v in feeds.values() if getattr(v, "ndim", 0) == 4)
         full = side == SIZE // 32
         timed.append((names[id(engine)], full, give_up_after))
@@ -319,7 +332,6 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
         recorded.append(a)
         return real_record(*a, **k)
 
-    monkeypatch.setattr(T, "load_engine", load)
     monkeypatch.setattr(T, "measure", measure)
     monkeypatch.setattr(quantize, "quantize_qdq", quantize_qdq)
     monkeypatch.setattr(calibration, "_record", record)
@@ -454,17 +466,13 @@ def test_a_backends_fp32_candidate_is_not_built_where_its_bf16_one_passed(onnx_d
     is fastest, and fp32 second: both modes choose the same candidate."""
     monkeypatch.setattr(T, "typed_dtypes_here", lambda target=None: ["bf16"])  # any CPU: the rule, not the kernels
     seconds = {"onnxruntime:fp32": 4.0, "openvino:fp32": 3.0, "openvino:bf16": 2.0}
-    real_measure, real_load, real_build, names = T.measure, T.load_engine, T.build_engines, {}
-
-    def load(manifest, comp, *a, **k):
-        engine = real_load(manifest, comp, *a, **k)
-        names[id(engine)] = f"{manifest.components[comp]['backend']}:{manifest.components[comp]['precision']}"
-        return engine
+    real_measure, real_build = T.measure, T.build_engines
+    names = _naming_loads(monkeypatch)
 
     def measure(engine, feeds, give_up_after=None):
         _, outputs = real_measure(engine, feeds)
         if bf16_wrong and names[id(engine)] == "openvino:bf16":
-            outputs = {k: v * np.linspace(0.8, 1.2, v.size, dtype=v.dtype).reshape(v.shape) for k, v in outputs.items()}
+            outputs = _off_by_up_to_20_percent(outputs)
         return seconds[names[id(engine)]], outputs
 
     def build(onnx, engine_dir, **kw):
@@ -472,7 +480,6 @@ def test_a_backends_fp32_candidate_is_not_built_where_its_bf16_one_passed(onnx_d
                      if isinstance(kw["precision"], dict) else kw["backend"])
         return real_build(onnx, engine_dir, **kw)
 
-    monkeypatch.setattr(T, "load_engine", load)
     monkeypatch.setattr(T, "measure", measure)
     monkeypatch.setattr(T, "build_engines", build)
     chosen = {}
