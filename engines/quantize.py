@@ -108,23 +108,6 @@ def quantizable_nodes(model, component: str) -> tuple[list[str], list[str]]:
     return quantize, keep
 
 
-class _Feeds:
-    """ONNX Runtime's CalibrationDataReader over a list of feed dicts, readable in strides (ORT's
-    CalibStridedMinMax folds each stride into running min/max ranges, which bounds memory)."""
-
-    def __init__(self, feeds: list[dict]):
-        self._feeds, self._it = feeds, iter(feeds)
-
-    def __len__(self):
-        return len(self._feeds)
-
-    def set_range(self, start_index: int, end_index: int):
-        self._it = iter(self._feeds[start_index:end_index])
-
-    def get_next(self):
-        return next(self._it, None)
-
-
 def int8_saturates(target: Mapping | None) -> bool:
     """Whether the target's int8 kernels add u8 x s8 pairs in a saturating int16 (x86 CPUs without VNNI /
     AMX-INT8). None means this machine's CPU."""
@@ -237,6 +220,8 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
 
     from onnxruntime.quantization import QuantFormat, quantize_static
 
+    from sprintrt.engines.calibrator import calibrated_ranges
+
     settings = _settings(precision, max(len(feeds), 1), target, component)  # an unknown precision fails before any work
     check_quantizable(source, precision, component)
     if not feeds:
@@ -287,48 +272,6 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
     return {"quantized_nodes": len(quantize), "kept_high_precision": keep, "calibration_samples": len(feeds),
             "quantization_recipe": recipe(precision, target, component, uniform),
             **({"int8_sensitivity": measurement} if measured(precision, component, uniform) else {})}
-
-
-def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external: bool, work: Path, cache: Path):
-    """ONNX Runtime's calibrator, as quantize_static runs it for `settings`, with one copy of the weights in
-    memory; writes the ranges to `cache` (ORT's calibration cache format).
-
-    The calibrator loads the graph, adds a ReduceMin/ReduceMax (or histogram) output per tensor of the
-    op types ORT can quantize and saves that copy with external weights, then runs a session of it. Saving
-    moves the weights out of the loaded graph, but protobuf frees their memory only with the whole
-    message, so the loaded graph is dropped before the session loads the weights again (measured on 512 MB
-    of weights: peak 2.0x the weights with it kept, 1.0x dropped; neither calibrator reads it after
-    augmenting). Samples are folded into running ranges `CalibStridedMinMax` at a time (CALIBRATION_CHUNK)."""
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import DistributionCalibrater, MinMaxCalibrater, save_tensors_data
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    extra = settings.get("extra_options", {})
-    # quantize_static configures its calibrator from extra_options' Calib* keys; the recipes set none but
-    # the stride (applied here), so the calibrators' defaults are what quantize_static would use.
-    unforwarded = [k for k in extra if k.startswith("Calib") and k != "CalibStridedMinMax"]
-    if unforwarded:
-        raise ValueError(f"calibrated_ranges does not forward {unforwarded} to the calibrator")
-    # The tensors quantize_static calibrates by default (every op type it can quantize): its quantizer
-    # adjusts some of their ranges (e.g. Softmax outputs) and fails on a range it was not given.
-    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    args = (source, op_types, str(work / "augmented.onnx"))
-    if settings["calibrate_method"] == CalibrationMethod.MinMax:
-        calibrator = MinMaxCalibrater(*args, use_external_data_format=external)
-    else:  # fp8; with create_calibrator's defaults for this method (the class's own differ)
-        calibrator = DistributionCalibrater(*args, use_external_data_format=external, num_bins=2048, scenario="same")
-    try:
-        calibrator.augment_graph()
-        calibrator.model = None  # see above: its weights are in the augmented copy's files now
-        calibrator.create_inference_session()
-        reader = _Feeds(feeds)
-        stride = extra.get("CalibStridedMinMax") or len(feeds)
-        for start in range(0, len(feeds), stride):
-            reader.set_range(start, start + stride)
-            calibrator.collect_data(reader)
-        save_tensors_data(calibrator.compute_data(), cache)
-    finally:
-        del calibrator
 
 
 def _move_external_data(tmp: Path, out: Path) -> None:

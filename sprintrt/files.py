@@ -4,6 +4,7 @@ atomic replacement, output paths, the keys of the JSON file contracts, versions.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import os
 from pathlib import Path
@@ -35,6 +36,34 @@ def sha256_file(path: str | Path, h=None) -> str:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# Inside `hashes_remembered()`: {(path, device, inode, size, mtime_ns): sha256} of the files checked so far.
+_REMEMBERED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sprintrt_remembered_hashes", default=None)
+
+
+@contextlib.contextmanager
+def hashes_remembered():
+    """Within this block `file_mismatch` hashes a file once while its inode, size and modification time stay the
+    same (sprintrt's writers replace a file by renaming a new one over it: a new inode). The tuner builds dozens of candidates
+    from the same multi-GB ONNX files, and each build checks its source: measured at real size (2-vCPU Intel Xeon
+    with AMX), re-hashing them took 125 s of a 27 min `--backend auto` run. Outside it every check hashes."""
+    token = _REMEMBERED.set(_REMEMBERED.get() if _REMEMBERED.get() is not None else {})
+    try:
+        yield
+    finally:
+        _REMEMBERED.reset(token)
+
+
+def _checked_sha256(path: Path) -> str:
+    remembered = _REMEMBERED.get()
+    if remembered is None:
+        return sha256_file(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in remembered:
+        remembered[key] = sha256_file(path)
+    return remembered[key]
 
 
 def model_identity(checkpoint: str | Path, vae_dir: str | Path | None = None,
@@ -116,7 +145,7 @@ def file_mismatch(path: str | Path, size: int, sha256: str | None = None) -> str
     have = path.stat().st_size
     if have != size:
         return f"{path} has {have} bytes, the record says {size}: it is truncated or was replaced"
-    if sha256 is not None and sha256_file(path) != sha256:
+    if sha256 is not None and _checked_sha256(path) != sha256:
         return f"{path} does not match its sha256 in the record: it was modified"
     return None
 

@@ -53,6 +53,7 @@ from sprintrt.engines.precision import QUANTIZED, EngineChoice, Precision
 from sprintrt.engines.registry import backend_module, cpu_backends
 from sprintrt.errors import EngineBuildError, InvalidInputError, SprintError
 from sprintrt.export_info import read_export_info, weights_bytes
+from sprintrt.files import hashes_remembered
 from sprintrt.manifest import engine_files, read_manifest
 from sprintrt.metrics import cosine, psnr
 from sprintrt.runtime.recording import recording
@@ -301,7 +302,8 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
             return engine_dir
         shutil.rmtree(scratch, ignore_errors=True)
         try:
-            entries = _tune(onnx_dir, scratch, info, todo, plan, prompts, description, size, exhaustive, say)
+            with hashes_remembered():  # every candidate's build checks the same sources
+                entries = _tune(onnx_dir, scratch, info, todo, plan, prompts, description, size, exhaustive, say)
             for comp, note in skipped.items():
                 if comp in entries:
                     entries[comp]["tuning"]["skipped"] = note

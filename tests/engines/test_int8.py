@@ -548,6 +548,7 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     from sprintrt.engines import quantize as Q
+    from sprintrt.engines.calibrator import calibrated_ranges
     from sprintrt.engines.sensitivity import Variants, _run, layer_groups
     from sprintrt.onnx_scopes import module_scopes
 
@@ -556,7 +557,7 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path
     feeds = [{"latent": rng.standard_normal((1, 32, 4, 6)).astype(np.float32)} for _ in range(2)]
     settings = Q._settings("int8", len(feeds), None, "vae_decoder")
     cache = tmp_path / "ranges.json"
-    Q.calibrated_ranges(source, feeds, settings, False, tmp_path, cache)
+    calibrated_ranges(source, feeds, settings, False, tmp_path, cache)
     proto = onnx.load(str(source), load_external_data=False)
     nodes, _ = quantizable_nodes(proto, "vae_decoder")
     by_output = module_scopes(proto)

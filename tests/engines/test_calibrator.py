@@ -1,0 +1,49 @@
+"""engines/calibrator.py: the linear-time min/max augmentation gives exactly ONNX Runtime's own ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnxruntime.quantization.calibrate import MinMaxCalibrater
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+from sprintrt.engines.calibrator import _Feeds, _LinearMinMaxCalibrater
+from sprintrt.export_info import read_export_info
+from sprintrt.specs import SPEC_BUILDERS, ModelDims
+
+
+def _ranges(cls, source, feeds, work):
+    work.mkdir()
+    calibrator = cls(source, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), str(work / "augmented.onnx"))
+    calibrator.augment_graph()
+    augmented = onnx.load(str(work / "augmented.onnx"))
+    calibrator.create_inference_session()
+    calibrator.collect_data(_Feeds(feeds))
+    data = calibrator.compute_data()
+    return {name: tuple(np.asarray(v) for v in data[name].range_value) for name in data}, augmented
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "transformer", "vae_decoder"])
+def test_linear_augmentation_gives_onnx_runtimes_ranges(onnx_dir, tmp_path, component):
+    dims = ModelDims.from_json(read_export_info(onnx_dir)["model_dims"])
+    spec = SPEC_BUILDERS[component](dims)
+    feeds = [spec.sample_inputs(spec.sizes("sample"), seed=i) for i in range(2)]
+    source = onnx_dir / f"{component}.onnx"
+    stock, stock_graph = _ranges(MinMaxCalibrater, source, feeds, tmp_path / "stock")
+    linear, linear_graph = _ranges(_LinearMinMaxCalibrater, source, feeds, tmp_path / "linear")
+    assert len(stock) > 20 and stock.keys() == linear.keys()
+    for name, (low, high) in stock.items():
+        assert np.array_equal(low, linear[name][0]) and np.array_equal(high, linear[name][1]), name
+    # the same nodes and outputs (names and order of the outputs: compute_data pairs them by position per tensor)
+    assert sorted(n.name for n in stock_graph.graph.node) == sorted(n.name for n in linear_graph.graph.node)
+    assert {o.name for o in stock_graph.graph.output} == {o.name for o in linear_graph.graph.output}
+    model = onnx.load(str(source), load_external_data=False)
+    added = [o.name for o in linear_graph.graph.output][len(model.graph.output):]
+    assert all(a.endswith("_ReduceMin") and b == a[:-3] + "Max" for a, b in zip(added[::2], added[1::2]))
+    # every new node sits before its tensor's first reader
+    order = {n.name: i for i, n in enumerate(linear_graph.graph.node)}
+    for node in model.graph.node:
+        for tensor in node.input:
+            if f"{tensor}_ReduceMin" in order:
+                assert order[f"{tensor}_ReduceMin"] < order[node.name]
