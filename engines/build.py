@@ -165,13 +165,14 @@ def _source_record(onnx_dir: Path, comp: str, record: dict, prec: Precision, dty
     return variant
 
 
-def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
-    """Build one planned component into the engine directory. Returns its manifest entry."""
+def build_component(plan: BuildPlan, comp: ComponentPlan, say: Callable[[str], None] = lambda msg: None) -> dict:
+    """Build one planned component into the engine directory (`say`: the quantizer's progress). Returns its
+    manifest entry."""
     path = plan.engine_dir / f"{comp.name}-{hashlib.sha256(comp.key.encode()).hexdigest()[:12]}{plan.module.SUFFIX}"
     t0 = time.perf_counter()
     source, quant_info = comp.source, {}
     if comp.precision in QUANTIZED:
-        source, quant_info = _quantized_source(plan, comp, path)
+        source, quant_info = _quantized_source(plan, comp, path, say)
     try:
         result: BuildResult = plan.module.build_component(source, path, comp.name, comp.precision,
                                                           input_shapes(comp.spec, comp.profile), plan.target,
@@ -191,11 +192,11 @@ def build_component(plan: BuildPlan, comp: ComponentPlan) -> dict:
     }
 
 
-def _quantized_source(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[Path, dict]:
+def _quantized_source(plan: BuildPlan, comp: ComponentPlan, path: Path, say) -> tuple[Path, dict]:
     """The Q/DQ graph an int8/fp8 engine is built from: calibrated on the fp32 graph, then carried onto the
     16-bit base where the backend has one (engines/typed_qdq.py). A temporary file beside `path` unless
     the plan keeps Q/DQ graphs in a cache."""
-    qdq, info = _calibrated_qdq(plan, comp, path)
+    qdq, info = _calibrated_qdq(plan, comp, path, say)
     if comp.source_dtype == "fp32":
         return qdq, info
     from sprintrt.engines.typed_qdq import qdq_on_variant
@@ -210,7 +211,7 @@ def _quantized_source(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple
     return typed, info
 
 
-def _calibrated_qdq(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[Path, dict]:
+def _calibrated_qdq(plan: BuildPlan, comp: ComponentPlan, path: Path, say) -> tuple[Path, dict]:
     """(the fp32 Q/DQ graph, what quantize_qdq did), reused from the plan's cache when it holds one made
     from the same graph by the same recipe and calibration (another backend of the tuner's run)."""
     from sprintrt.engines.quantize import quantize_qdq
@@ -227,7 +228,7 @@ def _calibrated_qdq(plan: BuildPlan, comp: ComponentPlan, path: Path) -> tuple[P
         plan.qdq_cache.mkdir(parents=True, exist_ok=True)
     feeds = feeds() if callable(feeds) else feeds  # recorded only when the engine is built
     info = quantize_qdq(comp.fp32_source, qdq, feeds, comp.precision.value, target=plan.target, component=comp.name,
-                        uniform=plan.uniform_int8)
+                        uniform=plan.uniform_int8, say=say)
     info["calibration"] = description
     if record is not None:
         record.write_text(json.dumps(info))
@@ -254,6 +255,9 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
             graph for ONNX Runtime and OpenVINO); None: quantize into a temporary file.
         target: what a backend that builds ahead of time builds for (TensorRT-RTX: compute capabilities,
             "8.6,8.9,12.0"; None: its default); the other backends build for this machine and refuse one.
+        progress: called with (component, what is happening): "building" or "reused", then, while an int8/fp8
+            graph is written, the quantizer's steps (minutes at real size: its ranges, each layer group's
+            sensitivity, the graph).
         uniform_int8: quantize every int8 layer a recipe allows, without measuring which cost the picture
             (engines/sensitivity.py): the fastest an int8 engine of the component can be, whatever its
             ranges; what the tuner screens int8 speed with before calibrating (never a shipped engine).
@@ -276,7 +280,8 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
             reuse = not rebuild and prev is not None and prev["key"] == comp.key and intact(plan.engine_dir, prev)
             if progress:
                 progress(comp.name, "reused" if reuse else "building")
-            entries[comp.name] = prev if reuse else build_component(plan, comp)
+            say = (lambda msg, c=comp.name: progress(c, msg)) if progress else (lambda msg: None)
+            entries[comp.name] = prev if reuse else build_component(plan, comp, say)
         write_manifest(plan.onnx_dir, plan.engine_dir, plan.info, {**old, **entries})
     return plan.engine_dir
 

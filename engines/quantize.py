@@ -242,6 +242,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
     try:
         with tempfile.TemporaryDirectory(prefix="sprintrt-calibration-", dir=out.parent) as work:
             cache = Path(work) / "ranges.json"
+            say(f"{precision} activation ranges of {component} on {len(feeds)} calibration sample(s)")
             calibrated_ranges(source, feeds, settings, external, Path(work), cache)
 
             def write(nodes: list[str], path: Path) -> None:
@@ -261,6 +262,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
                                                                    Path(work), UNQUANTIZED_OUTPUTS, say)
                 keep = keep + [n for n in quantize if n not in set(chosen)]
                 quantize = chosen
+            say(f"writing the {precision} Q/DQ graph of {component} ({len(quantize)} quantized layers)")
             write(quantize, tmp)
         if external:  # the graph names its weights file; keep that name valid after the rename
             _move_external_data(tmp, out)

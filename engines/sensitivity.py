@@ -244,8 +244,8 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
         if total + table[g]["mse"] <= budget:
             chosen.append(g)
             total += table[g]["mse"]
-    verified = None
-    for _ in range(MAX_VERIFY_ROUNDS):
+    verified, rounds = None, 0
+    for rounds in range(1, MAX_VERIFY_ROUNDS + 1):
         if not chosen:
             break
         say(f"int8 sensitivity of {component}: verifying {len(chosen)} of {len(groups)} groups together")
@@ -269,6 +269,7 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
               "gate": {"min_psnr_db": gate.min_psnr_db if peak else None, "min_cosine": gate.min_cosine},
               "budget_mse": budget,
               "samples": {"per_group": len(reference[few]), "verified": len(feeds)}, "verified": verified,
+              "verify_rounds": rounds,
               "quantized_macs_share": round(sum(table[g]["macs"] for g in chosen) / total_macs, 4),
               "groups": table}
     return [n for g in chosen for n in groups[g]], report

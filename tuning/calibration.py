@@ -301,5 +301,6 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
     feeds_of = lazy_calibration(onnx_dir, engine_dir.with_name(f".{engine_dir.name}.calibration"), quantized,
                                 prompts, size, profile, say)
     return build_engines(onnx_dir, engine_dir, backend=backend, precision=precisions, profile=profile, target=target,
+                         progress=lambda component, what: say(f"{component}: {what}"),
                          calibration={c: (calibration_description(prompts_file, prompts, size, precisions[c].value),
                                        feeds_of(c)) for c in quantized})

@@ -455,7 +455,8 @@ class _Trials:
             if not is_reference:
                 self.eta(f"building {cand.name} for {comp}")
                 build_engines(self.onnx_dir, cand_dir, backend=cand.backend, precision={comp: cand.precision},
-                              components=(comp,), calibration=calibration, qdq_cache=self.scratch / "qdq")
+                              components=(comp,), calibration=calibration, qdq_cache=self.scratch / "qdq",
+                              progress=self._quantizer_steps)
             manifest = read_manifest(cand_dir)
         except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded
             self.tables[comp].append({**row, "error": f"build failed: {e}"[:300], "passed": False})
@@ -481,6 +482,11 @@ class _Trials:
             loser = dict(row, _dir=cand_dir)
         if loser is not None and loser["_dir"] != self.ref_dir:  # the reference serves calibration until the end
             shutil.rmtree(loser["_dir"], ignore_errors=True)
+
+    def _quantizer_steps(self, comp: str, what: str) -> None:
+        """The quantizer's steps under the step that builds the candidate (its own line says "building")."""
+        if what not in ("building", "reused"):
+            self.eta.say(f"  {what}")
 
     def dominated(self, cand: EngineChoice, comp: str) -> bool:
         """Whether `cand`, an fp32 engine, need not be built because a 16-bit engine of the same backend passed

@@ -352,7 +352,7 @@ def test_qdq_placement_beyond_the_transformer(onnx_dir, all_int8_dir, component,
 def test_the_decoders_int8_layers_are_chosen_by_measured_sensitivity(onnx_dir, all_int8_dir):
     """Issue #29: a uniform int8 decoder loses the picture (tiny: cosine 0.988, 32-34 dB); each block is
     measured alone and only the ones the gate can afford are quantized, verified together."""
-    from sprintrt.engines.sensitivity import Gate, layer_groups
+    from sprintrt.engines.sensitivity import MAX_VERIFY_ROUNDS, Gate, layer_groups
     from sprintrt.onnx_scopes import module_scopes
 
     entry = json.loads((all_int8_dir / "manifest.json").read_text())["components"]["vae_decoder"]
@@ -368,6 +368,7 @@ def test_the_decoders_int8_layers_are_chosen_by_measured_sensitivity(onnx_dir, a
     assert entry["quantized_nodes"] == sum(len(groups[g]) for g in chosen)
     assert all(row["mse"] > 0 and row["macs"] > 0 for row in report["groups"].values())
     assert Gate().passes(report["verified"]["psnr_db"], report["verified"]["cosine"])
+    assert 1 <= report["verify_rounds"] <= MAX_VERIFY_ROUNDS
     assert 0 < report["quantized_macs_share"] < 1
 
 

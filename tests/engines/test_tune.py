@@ -349,6 +349,9 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
             assert tuning["screen_size"] == SIZE and all(full for _, full, _ in timed)
             assert sorted(timed_full) == sorted(seconds) and rows["onnxruntime:int8"]["seconds"] == int8_seconds[1]
             assert quantized == ["calibrated"] and recorded and rows["onnxruntime:int8"]["passed"] != wrong
+            # the quantizer's steps, under the step that builds the candidate
+            assert any(m.startswith("  int8 activation ranges of transformer on ") for m in said), said
+            assert any(m.startswith("  writing the int8 Q/DQ graph of transformer") for m in said), said
             continue
         assert tuning["screen_size"] == SIZE // 2
         assert rows["openvino:fp32"]["seconds"] == 3.0 and rows["openvino:fp32"]["passed"]
