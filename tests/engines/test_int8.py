@@ -596,3 +596,24 @@ def test_fp8_of_a_graph_over_2_gb_below_opset_19_is_refused_before_any_work(onnx
     with pytest.raises(InvalidInputError, match="over 2 GB"):
         quantize_qdq(big, tmp_path / "never.onnx", [{}], "fp8", component="transformer")
     assert not (tmp_path / "never.onnx").exists()
+
+
+def test_a_failed_verification_leaves_out_as_many_of_the_largest_errors_as_the_miss_says():
+    from sprintrt.engines.sensitivity import Gate, _leave_out_largest
+
+    gate = Gate()
+    table = {g: {"mse": e} for g, e in zip("abcd", (4.0, 3.0, 2.0, 1.0))}
+    allowed = 1 - gate.min_cosine
+    chosen = list("dcba")
+    _leave_out_largest(chosen, table, gate, float("inf"), 1 - 2 * allowed, picture=False)  # twice the cosine allowed
+    assert chosen == ["d", "c"]  # sum 10 -> 3 <= 10 / 2 (a alone leaves 6)
+    chosen = list("abcd")
+    _leave_out_largest(chosen, table, gate, gate.min_psnr_db - 10, 1.0, picture=True)  # 10 dB short: 10x the mse
+    assert chosen == ["d"]
+    chosen = list("abcd")
+    _leave_out_largest(chosen, table, gate, float("inf"), 1 - 0.5 * allowed, picture=False)  # a miss below 1x
+    assert chosen == ["b", "c", "d"]  # still one per round
+    zero = {g: {"mse": 0.0} for g in "ab"}
+    chosen = ["a", "b"]
+    _leave_out_largest(chosen, zero, gate, float("inf"), 1 - 2 * allowed, picture=False)
+    assert len(chosen) == 1
