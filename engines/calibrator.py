@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
 
@@ -38,13 +41,8 @@ class _LinearMinMaxCalibrater(MinMaxCalibrater):
     outputs; tests/engines/test_calibrator.py checks the ranges equal the stock calibrator's."""
 
     def augment_graph(self):
-        import onnx
-        from onnx import helper, numpy_helper
-
         if self.per_channel:  # per-channel reduction axes: not used by sprintrt's recipes; ORT's own code
             return super().augment_graph()
-        import numpy as np
-
         graph = self.model.graph
         tensors, value_infos = self.select_tensors_to_calibrate(self.model)
         value_infos.update({o.name: o for o in graph.output})  # as ORT's per-tensor lookup does
