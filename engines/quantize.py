@@ -221,6 +221,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     from sprintrt.engines.calibrator import calibrated_ranges
+    from sprintrt.engines.ort_weights import vectorised_weights
 
     settings = _settings(precision, max(len(feeds), 1), target, component)  # an unknown precision fails before any work
     check_quantizable(source, precision, component)
@@ -240,7 +241,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
     level = root.level
     root.setLevel(logging.ERROR)  # ORT logs a generic "consider pre-processing" warning on the root logger
     try:
-        with tempfile.TemporaryDirectory(prefix="sprintrt-calibration-", dir=out.parent) as work:
+        with tempfile.TemporaryDirectory(prefix="sprintrt-calibration-", dir=out.parent) as work, vectorised_weights():
             cache = Path(work) / "ranges.json"
             say(f"{precision} activation ranges of {component} on {len(feeds)} calibration sample(s)")
             calibrated_ranges(source, feeds, settings, external, Path(work), cache)

@@ -1,0 +1,110 @@
+"""engines/ort_weights.py: per-channel weights quantized a tensor at a time give ONNX Runtime's own bits."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto
+from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
+
+from sprintrt.engines import ort_weights
+from sprintrt.engines.quantize import quantize_qdq
+from sprintrt.export_info import read_export_info
+from sprintrt.specs import SPEC_BUILDERS, ModelDims
+
+XEON = {"kind": "cpu", "arch": "x86_64", "name": "Xeon", "isa": ["avx2", "avx512_bf16", "avx512_vnni", "avx512f"]}
+EPYC = {"kind": "cpu", "arch": "x86_64", "name": "AMD EPYC", "isa": ["avx2", "fma"]}  # 7-bit weights, uint8 activations
+H100 = {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}  # float biases
+
+
+def _stock(data, axis, quant_type, symmetric, reduce_range, min_real_range):
+    """ONNX Runtime's loop, as qdq_quantizer runs it: params per channel, then each channel quantized."""
+    params = [compute_data_quant_params(data.take(i, axis).ravel(), quant_type, symmetric, reduce_range=reduce_range,
+                                        min_real_range=min_real_range) for i in range(data.shape[axis])]
+    zero_point, scale = np.asarray([p[0] for p in params]), np.asarray([p[1] for p in params])
+    dims = list(data.shape)
+    dims[axis] = 1
+    values = [quantize_nparray(quant_type, data.take(i, axis).ravel(), scale[i], zero_point[i])
+              for i in range(data.shape[axis])]
+    values = np.concatenate([np.asarray(v).reshape(dims) for v in values], axis)
+    return zero_point, scale, values
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(5, 7), (3, 4, 3, 3), (1, 9), (6, 1, 1, 1)]),
+       axis=st.integers(0, 1), quant_type=st.sampled_from([TensorProto.INT8, TensorProto.UINT8]),
+       symmetric=st.booleans(), reduce_range=st.booleans(), min_real_range=st.sampled_from([None, 1e-4, 0.5]),
+       special=st.sampled_from(["none", "zero channel", "negative", "positive", "tiny", "ties"]))
+def test_each_channel_gets_onnx_runtimes_scale_zero_point_and_values(seed, shape, axis, quant_type, symmetric,
+                                                                      reduce_range, min_real_range, special):
+    rng = np.random.default_rng(seed)
+    data = (rng.standard_normal(shape) * rng.choice([1e-3, 1.0, 40.0])).astype(np.float32)
+    first = (slice(None),) * axis + (0,)
+    if special == "zero channel":
+        data[first] = 0  # a scale below float32's tiny: ORT's scale 1, zero point 0
+    elif special == "negative":
+        data = -np.abs(data)
+    elif special == "positive":
+        data = np.abs(data)
+    elif special == "tiny":
+        data[first] = 1e-39
+    elif special == "ties":  # values exactly half-way between two steps: round half to even in both
+        data = (rng.integers(-60, 60, shape) + 0.5).astype(np.float32)
+    zero_point, scale, values = _stock(data, axis, quant_type, symmetric, reduce_range, min_real_range)
+    mine_zp, mine_scale = ort_weights.per_channel_params(data, axis, quant_type, symmetric, reduce_range,
+                                                         min_real_range)
+    assert mine_zp.dtype == zero_point.dtype and np.array_equal(mine_zp, zero_point)
+    assert mine_scale.dtype == scale.dtype and np.array_equal(mine_scale, scale)
+    mine_values = ort_weights.quantize_per_channel(data, axis, quant_type, mine_zp, mine_scale)
+    assert mine_values.dtype == values.dtype and np.array_equal(mine_values, values)
+
+
+@contextmanager
+def _stock_quantizer():
+    yield False
+
+
+@pytest.mark.parametrize("component,target", [
+    ("text_encoder", XEON), ("text_encoder", EPYC), ("transformer", EPYC), ("transformer", H100),
+    ("vae_decoder", XEON), ("vae_decoder", H100),
+])
+def test_the_q_dq_graph_is_the_stock_quantizers_bit_for_bit(onnx_dir, tmp_path, monkeypatch, component, target):
+    """Whole graphs (every node, every quantized weight, scale, zero point and int32/float bias) written through
+    quantize_qdq with and without the vectorised weights: identical. The CPU targets differ in weight bits
+    (7 on EPYC) and activation type; the GPU target keeps biases float (no weight-scale adjustment for them)."""
+    assert ort_weights.available(), "this onnxruntime lacks the internals engines/ort_weights.py replaces"
+    dims = ModelDims.from_json(read_export_info(onnx_dir)["model_dims"])
+    spec = SPEC_BUILDERS[component](dims)
+    feeds = [spec.sample_inputs(spec.sizes("sample"), seed=i) for i in range(2)]
+    source = onnx_dir / f"{component}.onnx"
+    calls = []
+    original = ort_weights.per_channel_params
+    monkeypatch.setattr(ort_weights, "per_channel_params", lambda *a: calls.append(a[0].shape) or original(*a))
+    fast = quantize_qdq(source, tmp_path / "fast.onnx", feeds, target=target, component=component, uniform=True)
+    assert len(calls) >= fast["quantized_nodes"] > 0  # every quantized layer's weight went the vectorised way
+    with monkeypatch.context() as m:
+        m.setattr(ort_weights, "vectorised_weights", _stock_quantizer)
+        stock = quantize_qdq(source, tmp_path / "stock.onnx", feeds, target=target, component=component, uniform=True)
+    assert fast == stock
+    a, b = onnx.load(str(tmp_path / "fast.onnx")), onnx.load(str(tmp_path / "stock.onnx"))
+    assert len(a.graph.initializer) == len(b.graph.initializer)
+    for x, y in zip(a.graph.initializer, b.graph.initializer):
+        assert x.SerializeToString() == y.SerializeToString(), x.name
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_outside_the_context_the_stock_quantizer_runs():
+    from onnxruntime.quantization import qdq_quantizer
+
+    before = (qdq_quantizer.QDQQuantizer._calc_initializer_quant_params, qdq_quantizer.quantize_onnx_initializer)
+    with ort_weights.vectorised_weights() as active:
+        assert active
+        assert qdq_quantizer.quantize_onnx_initializer is not before[1]
+    after = (qdq_quantizer.QDQQuantizer._calc_initializer_quant_params, qdq_quantizer.quantize_onnx_initializer)
+    assert after == before
