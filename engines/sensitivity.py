@@ -8,7 +8,9 @@ ModelOpt's per-layer sensitivity:
 1. The component's quantizable layers are grouped by block (GROUPS: one group per module-path match).
 2. Each group alone is quantized with the shared calibration ranges (the graph ONNX Runtime's quantizer gives
    for that group with the engine's recipe, derived from one all-groups graph: `Variants`) and run on
-   calibration inputs; its error is the mean squared difference of the
+   calibration inputs, from the first node it changes on (the fp32 values before it recorded in one run:
+   measured at real size, the decoder's 23 groups took 58 s instead of 91); its error is the mean squared
+   difference of the
    component's output from the fp32 graph's. Q/DQ run as float operators there (graph optimisation off),
    which computes the recipe's rounding exactly whatever this CPU's int8 kernels do: the 7-bit weight
    recipe makes the saturating AVX2 kernels agree with it (engines/quantize.py), and GPUs do not saturate.
@@ -75,17 +77,35 @@ def layer_groups(nodes: list[str], scopes_of: dict[str, str], component: str) ->
     return groups
 
 
-def _run(model: Path | bytes, feeds: list[dict]) -> list[np.ndarray]:
+def _session(model: Path | bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     # Q/DQ as float operators: the recipe's rounding, not this CPU's kernels (see the module docstring).
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                   providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _run(model: Path | bytes, feeds: list[dict]) -> list[np.ndarray]:
+    session = _session(model)
     first = session.get_outputs()[0].name
     return [session.run([first], feed)[0] for feed in feeds]
+
+
+def _intermediates(source: Path, names: list[str], feeds: list[dict]) -> list[dict[str, np.ndarray]]:
+    """The fp32 graph's values of the tensors `names` on each feed (run as _run runs it: the same values)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    known = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in known:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = _session(model.SerializeToString())
+    del model
+    return [dict(zip(names, session.run(names, feed))) for feed in feeds]
 
 
 class Variants:
@@ -121,6 +141,7 @@ class Variants:
         del fp32
         self.nodes = list(model.graph.node)
         self.outputs = [o.name for o in model.graph.output]
+        self.inputs = [i.name for i in model.graph.input]
         self.constants = {i.name for i in model.graph.initializer}
         self.unquantized_outputs = unquantized_outputs
         self.producer = {o: n for n in self.nodes for o in n.output}
@@ -131,7 +152,7 @@ class Variants:
         model.graph.ClearField("node")
         self.weights = model.SerializeToString()
 
-    def __call__(self, chosen) -> bytes:
+    def _nodes(self, chosen) -> list:
         import onnx
 
         chosen, producer, consumers = set(chosen), self.producer, self.consumers
@@ -161,8 +182,47 @@ class Variants:
             for k, i in enumerate(n.input):
                 n.input[k] = rename.get(i, i)
             nodes.append(n)
+        return _needed(nodes, self.outputs)
+
+    def __call__(self, chosen) -> bytes:
+        import onnx
+
         variant = onnx.ModelProto()
-        variant.graph.node.extend(_needed(nodes, self.outputs))
+        variant.graph.node.extend(self._nodes(chosen))
+        return self.weights + variant.SerializeToString()
+
+    def _split(self, chosen) -> tuple[list, list[str]]:
+        """(the nodes from the first one `chosen` changes on, the tensors they read from the nodes before)."""
+        nodes = self._nodes(chosen)
+        qdq = [n for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        constant = {id(n) for n in qdq if n.input[0] in self.constants}  # weights' DequantizeLinear: no activation
+        changed = {o for n in qdq for o in n.output}
+        first = next((i for i, n in enumerate(nodes) if id(n) not in constant
+                      and (n.op_type in ("QuantizeLinear", "DequantizeLinear") or changed.intersection(n.input))),
+                     len(nodes))
+        suffix = [n for i, n in enumerate(nodes) if i >= first or id(n) in constant]
+        made = {o for n in suffix for o in n.output}
+        outside = made | self.constants | set(self.inputs)
+        cut = sorted({i for n in suffix for i in n.input if i and i not in outside})
+        return suffix, cut
+
+    def cut(self, chosen) -> list[str]:
+        """The float tensors the graph for `chosen` reads from before its first change (unquantized layers:
+        the fp32 graph's values)."""
+        return self._split(chosen)[1]
+
+    def suffix(self, chosen, types: dict[str, int]) -> bytes:
+        """The graph for `chosen` from its first change on: its inputs are the original ones and `cut(chosen)`
+        (`types`: each one's ONNX element type), fed with the fp32 graph's values of those tensors. The same
+        operators on the same values as the whole variant, without recomputing what quantizing `chosen` cannot
+        change: the DC-AE encoder's high-resolution blocks come first, the decoder's last."""
+        import onnx
+        from onnx import helper
+
+        nodes, cut = self._split(chosen)
+        variant = onnx.ModelProto()
+        variant.graph.input.extend(helper.make_tensor_value_info(c, types[c], None) for c in cut)
+        variant.graph.node.extend(nodes)
         return self.weights + variant.SerializeToString()
 
 
@@ -249,16 +309,27 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
     finally:
         full.unlink(missing_ok=True)
 
-    def measure(chosen: list[str], part: slice = slice(None)) -> tuple[float, float, float]:
-        outputs = _run(variants(chosen), feeds[part])
+    def measure(chosen: list[str], part: slice = slice(None), cut_values: list[dict] | None = None):
+        """(mse, psnr, cosine) of the graph quantizing `chosen` against fp32 on feeds[part]; with `cut_values`
+        (the fp32 values of the tensors it reads before its first change, per feed) only the rest is run."""
+        if cut_values is None:
+            outputs = _run(variants(chosen), feeds[part])
+        else:
+            from onnx.helper import np_dtype_to_tensor_dtype
+
+            types = {k: np_dtype_to_tensor_dtype(v.dtype) for k, v in cut_values[0].items()}
+            outputs = _run(variants.suffix(chosen, types), [{**f, **c} for f, c in zip(feeds[part], cut_values)])
         both = np.concatenate([o.ravel() for o in outputs]), np.concatenate([r.ravel() for r in reference[part]])
         p = psnr(*both, peak=peak) if peak else float("inf")
         return float(np.mean(np.square(both[0] - both[1], dtype=np.float64))), p, cosine(*both)
 
+    # Each group alone runs from its first changed node on, fed the fp32 values there (one run records them).
+    cuts = {g: variants.cut(members) for g, members in groups.items()}
+    at_cuts = _intermediates(source, sorted({c for cut in cuts.values() for c in cut}), feeds[few])
     table = {}
     for i, (group, members) in enumerate(groups.items()):
         say(f"int8 sensitivity of {component}: group {i + 1}/{len(groups)} ({group})")
-        mse, _, _ = measure(members, few)
+        mse, _, _ = measure(members, few, [{c: values[c] for c in cuts[group]} for values in at_cuts])
         table[group] = {"nodes": len(members), "macs": sum(macs[n] for n in members), "mse": mse}
     order = sorted(groups, key=lambda g: table[g]["mse"] / max(table[g]["macs"], 1))
     chosen, total = [], 0.0

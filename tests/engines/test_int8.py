@@ -581,6 +581,50 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path
             assert np.abs(g - e).max() <= 1e-6 * np.abs(e).max() and np.abs(e - f).max() > 1e-4, chosen
 
 
+@pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])
+def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(onnx_dir, tmp_path, component):
+    """Each group's sensitivity run starts at the first node quantizing it changes, fed the fp32 graph's values
+    there (sensitivity.py Variants.suffix): its output must be the whole variant's, bit for bit, and the runs
+    must skip work (the encoder's first blocks and the decoder's last are the large ones)."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from sprintrt.engines import quantize as Q
+    from sprintrt.engines.calibrator import calibrated_ranges
+    from sprintrt.engines.sensitivity import Variants, _intermediates, _run, layer_groups
+    from sprintrt.onnx_scopes import module_scopes
+
+    source = onnx_dir / f"{component}.onnx"
+    rng = np.random.default_rng(1)
+    feeds = ([{"latent": rng.standard_normal((1, 32, 4, 6)).astype(np.float32)}] if component == "vae_decoder"
+             else [{"sample": rng.uniform(-1, 1, (1, 3, 64, 96)).astype(np.float32)}])
+    settings = Q._settings("int8", len(feeds), None, component)
+    cache = tmp_path / "ranges.json"
+    calibrated_ranges(source, feeds, settings, False, tmp_path, cache)
+    proto = onnx.load(str(source), load_external_data=False)
+    nodes, _ = quantizable_nodes(proto, component)
+    by_output = module_scopes(proto)
+    groups = layer_groups(nodes, {n.name: by_output[n.output[0]] for n in proto.graph.node if n.name in nodes},
+                          component)
+    quantize_static(str(source), str(tmp_path / "all.onnx"), None, quant_format=QuantFormat.QDQ,
+                    nodes_to_quantize=nodes, calibration_cache_path=str(cache), **settings)
+    variants = Variants(tmp_path / "all.onnx", source, Q.UNQUANTIZED_OUTPUTS)
+    cuts = {g: variants.cut(members) for g, members in groups.items()}
+    values = _intermediates(source, sorted({c for cut in cuts.values() for c in cut}), feeds)
+    whole_nodes = suffix_nodes = 0
+    fp32 = _run(source, feeds)[0]
+    for group, members in groups.items():
+        assert cuts[group], group  # every group starts after the input: something is skipped
+        whole = _run(variants(members), feeds)[0]
+        cut_feeds = [{**feeds[0], **{c: values[0][c] for c in cuts[group]}}]
+        types = {c: onnx.helper.np_dtype_to_tensor_dtype(values[0][c].dtype) for c in cuts[group]}
+        suffix = variants.suffix(members, types)
+        assert np.array_equal(_run(suffix, cut_feeds)[0], whole), group
+        assert not np.array_equal(whole, fp32), group  # the group's quantization shows in the output
+        whole_nodes += len(onnx.load_from_string(variants(members)).graph.node)
+        suffix_nodes += len(onnx.load_from_string(suffix).graph.node)
+    assert suffix_nodes < 0.75 * whole_nodes, (suffix_nodes, whole_nodes)
+
+
 def test_fp8_of_a_graph_over_2_gb_below_opset_19_is_refused_before_any_work(onnx_dir, tmp_path):
     """ONNX Runtime's quantizer converts such a graph to opset 19 in memory for fp8, which protobuf cannot past 2 GB
     (the real controlled transformer: "Failed to serialize proto"); a graph with external weights stands in."""

@@ -1,4 +1,4 @@
-"""engines/ort_weights.py: per-channel weights quantized a tensor at a time give ONNX Runtime's own bits."""
+"""The int8 quantizer's shortcuts (engines/ort_weights.py, quantize.external_weights_copy) give ONNX Runtime's own bits."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from onnx import TensorProto
 from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
 
 from sprintrt.engines import ort_weights
+from sprintrt.engines import quantize as Q
 from sprintrt.engines.quantize import quantize_qdq
 from sprintrt.export_info import read_export_info
 from sprintrt.specs import SPEC_BUILDERS, ModelDims
@@ -64,6 +65,15 @@ def test_each_channel_gets_onnx_runtimes_scale_zero_point_and_values(seed, shape
     assert mine_values.dtype == values.dtype and np.array_equal(mine_values, values)
 
 
+def _canonical(model):
+    """Without an explicit `data_location: DEFAULT` (onnx marks weights loaded back from a file so; the same
+    tensor)."""
+    for init in model.graph.initializer:
+        if init.HasField("data_location") and init.data_location == TensorProto.DEFAULT:
+            init.ClearField("data_location")
+    return model
+
+
 @contextmanager
 def _stock_quantizer():
     yield False
@@ -75,8 +85,10 @@ def _stock_quantizer():
 ])
 def test_the_q_dq_graph_is_the_stock_quantizers_bit_for_bit(onnx_dir, tmp_path, monkeypatch, component, target):
     """Whole graphs (every node, every quantized weight, scale, zero point and int32/float bias) written through
-    quantize_qdq with and without the vectorised weights: identical. The CPU targets differ in weight bits
-    (7 on EPYC) and activation type; the GPU target keeps biases float (no weight-scale adjustment for them)."""
+    quantize_qdq, and by ONNX Runtime's own quantizer on the source file itself (no vectorised weights, no
+    external-weights copy of a graph with its weights inside: the tiny ones are): identical. The CPU targets
+    differ in weight bits (7 on EPYC) and activation type; the GPU target keeps biases float (no weight-scale
+    adjustment for them)."""
     assert ort_weights.available(), "this onnxruntime lacks the internals engines/ort_weights.py replaces"
     dims = ModelDims.from_json(read_export_info(onnx_dir)["model_dims"])
     spec = SPEC_BUILDERS[component](dims)
@@ -85,13 +97,18 @@ def test_the_q_dq_graph_is_the_stock_quantizers_bit_for_bit(onnx_dir, tmp_path, 
     calls = []
     original = ort_weights.per_channel_params
     monkeypatch.setattr(ort_weights, "per_channel_params", lambda *a: calls.append(a[0].shape) or original(*a))
+    copies = []
+    original_copy = Q.external_weights_copy
+    monkeypatch.setattr(Q, "external_weights_copy", lambda *a: copies.append(a) or original_copy(*a))
     fast = quantize_qdq(source, tmp_path / "fast.onnx", feeds, target=target, component=component, uniform=True)
     assert len(calls) >= fast["quantized_nodes"] > 0  # every quantized layer's weight went the vectorised way
+    assert len(copies) == 1  # the tiny graphs hold their weights: ORT was given the copy
     with monkeypatch.context() as m:
         m.setattr(ort_weights, "vectorised_weights", _stock_quantizer)
+        m.setattr(Q, "external_weights_copy", lambda source, work: source)
         stock = quantize_qdq(source, tmp_path / "stock.onnx", feeds, target=target, component=component, uniform=True)
     assert fast == stock
-    a, b = onnx.load(str(tmp_path / "fast.onnx")), onnx.load(str(tmp_path / "stock.onnx"))
+    a, b = (_canonical(onnx.load(str(tmp_path / f"{name}.onnx"))) for name in ("fast", "stock"))
     assert len(a.graph.initializer) == len(b.graph.initializer)
     for x, y in zip(a.graph.initializer, b.graph.initializer):
         assert x.SerializeToString() == y.SerializeToString(), x.name
