@@ -620,8 +620,8 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
         suffix = variants.suffix(members, types)
         assert np.array_equal(_run(suffix, cut_feeds)[0], whole), group
         assert not np.array_equal(whole, fp32), group  # the group's quantization shows in the output
-        whole_nodes += len(onnx.load_from_string(variants(members)).graph.node)
-        suffix_nodes += len(onnx.load_from_string(suffix).graph.node)
+        whole_nodes += len(onnx.load_from_string(variants(members).proto).graph.node)
+        suffix_nodes += len(onnx.load_from_string(suffix.proto).graph.node)
     assert suffix_nodes < 0.75 * whole_nodes, (suffix_nodes, whole_nodes)
 
 
