@@ -47,3 +47,50 @@ def test_linear_augmentation_gives_onnx_runtimes_ranges(onnx_dir, tmp_path, comp
         for tensor in node.input:
             if f"{tensor}_ReduceMin" in order:
                 assert order[f"{tensor}_ReduceMin"] < order[node.name]
+
+
+def test_a_graph_with_its_weights_in_a_file_is_calibrated_without_copying_them(onnx_dir, tmp_path, monkeypatch):
+    """The augmented graph of a source with external weights points at the source's own file (hard-linked): the
+    same ranges as from the graph with its weights inside, nothing the size of the weights written, the source's
+    file unchanged."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from sprintrt.engines import calibrator
+    from sprintrt.engines.calibrator import calibrated_ranges
+    from sprintrt.engines.quantize import _settings, quantize_qdq
+    from sprintrt.files import sha256_file
+
+    dims = ModelDims.from_json(read_export_info(onnx_dir)["model_dims"])
+    spec = SPEC_BUILDERS["transformer"](dims)
+    feeds = [spec.sample_inputs(spec.sizes("sample"), seed=i) for i in range(2)]
+    inside = onnx_dir / "transformer.onnx"
+    outside = tmp_path / "src" / "transformer.onnx"
+    outside.parent.mkdir()
+    onnx.save_model(onnx.load(str(inside)), str(outside), save_as_external_data=True, location="transformer.onnx.data")
+    weights = outside.with_name("transformer.onnx.data")
+    before = sha256_file(weights)
+    settings = _settings("int8", len(feeds), None, "transformer")
+    links = []
+    session = calibrator._LinearMinMaxCalibrater.create_inference_session
+    monkeypatch.setattr(calibrator._LinearMinMaxCalibrater, "create_inference_session",
+                        lambda self: links.append(weights.stat().st_nlink) or session(self))
+    ranges = {}
+    for name, source, external in (("inside", inside, False), ("outside", outside, True)):
+        (tmp_path / name).mkdir()
+        calibrated_ranges(source, feeds, settings, external, tmp_path / name, tmp_path / name / "ranges.json")
+        data = load_tensors_data(tmp_path / name / "ranges.json")
+        ranges[name] = {k: [np.asarray(v) for v in data[k].range_value] for k in data}
+    assert ranges["inside"].keys() == ranges["outside"].keys() and len(ranges["inside"]) > 20
+    for k, (low, high) in ranges["inside"].items():
+        assert np.array_equal(low, ranges["outside"][k][0]) and np.array_equal(high, ranges["outside"][k][1]), k
+    work = tmp_path / "outside"
+    assert links == [1, 2]  # the second session (external weights) read the source's own file through the link
+    assert weights.stat().st_nlink == 1  # and it is gone: onnx refuses hard-linked weights (the quantizer loads next)
+    assert not list(work.glob("*.data"))  # no copy of the weights
+    stored = [i.name for i in onnx.load(str(outside), load_external_data=False).graph.initializer if i.external_data]
+    augmented = {i.name: i for i in onnx.load(str(work / "augmented.onnx"), load_external_data=False).graph.initializer}
+    assert stored and all(augmented[n].external_data and not augmented[n].raw_data for n in stored)
+    assert sha256_file(weights) == before
+    # and the quantizer, which loads the source after the calibration, takes it (onnx refuses linked weights)
+    info = quantize_qdq(outside, tmp_path / "q.onnx", feeds, "int8", component="transformer")
+    assert info["quantized_nodes"] > 0 and weights.stat().st_nlink == 1 and sha256_file(weights) == before
