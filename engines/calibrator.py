@@ -75,58 +75,7 @@ class _LinearMinMaxCalibrater(MinMaxCalibrater):
         graph.ClearField("node")
         graph.node.extend(ordered)
         graph.output.extend(outputs)
-        if not (self.use_external_data_format and _reuse_weights_file(self.model, self.source,
-                                                                     Path(self.augmented_model_path))):
-            onnx.save(self.model, self.augmented_model_path, save_as_external_data=self.use_external_data_format)
-
-    source: Path | None = None  # the graph calibrated (set by calibrated_ranges): its weights file is reused
-
-
-# The hard link to the calibrated graph's weights file: a name no writer uses (it is the source's own file,
-# which nothing may append to).
-SOURCE_WEIGHTS_LINK = "sprintrt-calibrated-source.weights"
-
-
-def _reuse_weights_file(model, source: Path | None, augmented: Path) -> bool:
-    """Save the augmented `model` pointing at `source`'s own weights file (hard-linked beside it) instead of
-    writing a copy of its weights: the calibrator changes no weight. At real size that copy was 10 GB for the
-    text encoder and 2.4 GB for the transformer per calibration, written at ~190 MB/s on this project's VMs once
-    their disk throttles (a 27 min tuner run wrote 77 GB in all). False, having saved nothing, where the source
-    keeps its weights inside, a weight is not where the source says, or no hard link can be made (another file
-    system): the caller writes the copy as before."""
-    import os
-
-    if source is None:
-        return False
-    stored = {i.name: i for i in onnx.load(str(source), load_external_data=False).graph.initializer}
-    files = {e.value for i in stored.values() for e in i.external_data if e.key == "location"}
-    if len(files) != 1:
-        return False
-    (location,) = files
-    link = augmented.parent / SOURCE_WEIGHTS_LINK
-    entries = {}
-    for init in model.graph.initializer:
-        original = stored.get(init.name)
-        if original is None or not original.external_data:
-            continue
-        if original.dims != init.dims or original.data_type != init.data_type:
-            return False
-        entries[init.name] = original
-    try:
-        os.link(source.parent / location, link)
-    except OSError:
-        return False
-    for init in model.graph.initializer:
-        original = entries.get(init.name)
-        if original is not None:
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                init.ClearField(field)
-            init.data_location = onnx.TensorProto.EXTERNAL
-            del init.external_data[:]
-            init.external_data.extend(original.external_data)
-            next(e for e in init.external_data if e.key == "location").value = link.name
-    onnx.save(model, str(augmented))
-    return True
+        onnx.save(self.model, self.augmented_model_path, save_as_external_data=self.use_external_data_format)
 
 
 def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external: bool, work: Path, cache: Path):
@@ -155,16 +104,12 @@ def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external:
     args = (source, op_types, str(work / "augmented.onnx"))
     if settings["calibrate_method"] == CalibrationMethod.MinMax:
         calibrator = _LinearMinMaxCalibrater(*args, use_external_data_format=external)
-        calibrator.source = source
     else:  # fp8; with create_calibrator's defaults for this method (the class's own differ)
         calibrator = DistributionCalibrater(*args, use_external_data_format=external, num_bins=2048, scenario="same")
     try:
         calibrator.augment_graph()
         calibrator.model = None  # see above: its weights are in the augmented copy's files now
         calibrator.create_inference_session()
-        # The session holds the weights now. onnx refuses to load a weights file with several hard links (a
-        # "hardlink attack"), and the quantizer loads the source next: its file gets its only name back.
-        (work / SOURCE_WEIGHTS_LINK).unlink(missing_ok=True)
         reader = _Feeds(feeds)
         stride = extra.get("CalibStridedMinMax") or len(feeds)
         for start in range(0, len(feeds), stride):
