@@ -220,7 +220,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
 
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    from sprintrt.engines.calibrator import calibrated_ranges
+    from sprintrt.engines.calibrator import calibrated_ranges, quantizer_tensors
     from sprintrt.engines.ort_weights import vectorised_weights
 
     settings = _settings(precision, max(len(feeds), 1), target, component)  # an unknown precision fails before any work
@@ -233,7 +233,17 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
 
         raise InvalidInputError(f"onnxruntime {onnxruntime.__version__} cannot quantize from precomputed ranges "
                                 "(quantize_static has no calibration_cache_path). Fix: pip install 'onnxruntime>=1.31'")
-    quantize, keep = quantizable_nodes(source, component)
+    import onnx
+
+    proto = onnx.load(str(source), load_external_data=False)
+    quantize, keep = quantizable_nodes(proto, component)
+    read = quantizer_tensors(proto, quantize)  # ranges for the layers any recipe may quantize, no others
+    if measured(precision, component, uniform):
+        from sprintrt.onnx_scopes import module_scopes
+
+        by_output = module_scopes(proto)
+        scopes = {n.name: by_output[n.output[0]] for n in proto.graph.node if n.output[0] in by_output}
+    del proto  # a VAE's holds its weights
     # Over 2 GB (the real transformers) the calibration graph and the result need external weights.
     external = source.with_name(source.name + ".data").exists()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -245,21 +255,13 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
             cache = Path(work) / "ranges.json"
             say(f"{precision} activation ranges of {component} on {len(feeds)} calibration sample(s)")
             given = source if external else external_weights_copy(source, Path(work))
-            calibrated_ranges(given, feeds, settings, external, Path(work), cache)
+            calibrated_ranges(given, feeds, settings, external, Path(work), cache, only=read)
 
             def write(nodes: list[str], path: Path) -> None:
                 quantize_static(str(given), str(path), None, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
                                 use_external_data_format=external, calibration_cache_path=str(cache), **settings)
 
             if measured(precision, component, uniform):
-                import onnx
-
-                from sprintrt.onnx_scopes import module_scopes
-
-                proto = onnx.load(str(source), load_external_data=False)
-                by_output = module_scopes(proto)
-                scopes = {n.name: by_output[n.output[0]] for n in proto.graph.node if n.output[0] in by_output}
-                del proto
                 chosen, measurement = sensitivity.choose_quantized(component, source, quantize, scopes, feeds, write,
                                                                    Path(work), UNQUANTIZED_OUTPUTS, say)
                 keep = keep + [n for n in quantize if n not in set(chosen)]

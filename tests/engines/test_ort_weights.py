@@ -1,8 +1,7 @@
-"""The int8 quantizer's shortcuts (engines/ort_weights.py, quantize.external_weights_copy) give ONNX Runtime's own bits."""
+"""The int8 quantizer's shortcuts (engines/ort_weights.py, quantize.external_weights_copy, the calibrator's
+quantizer_tensors) give ONNX Runtime's own bits."""
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -74,41 +73,51 @@ def _canonical(model):
     return model
 
 
-@contextmanager
-def _stock_quantizer():
-    yield False
-
-
-@pytest.mark.parametrize("component,target", [
-    ("text_encoder", XEON), ("text_encoder", EPYC), ("transformer", EPYC), ("transformer", H100),
-    ("vae_decoder", XEON), ("vae_decoder", H100),
+@pytest.mark.parametrize("component,target,precision", [
+    ("text_encoder", XEON, "int8"), ("text_encoder", EPYC, "int8"), ("transformer", EPYC, "int8"),
+    ("transformer", H100, "int8"), ("vae_decoder", XEON, "int8"), ("vae_decoder", H100, "int8"),
+    ("vae_encoder", EPYC, "int8"), ("transformer", H100, "fp8"),
 ])
-def test_the_q_dq_graph_is_the_stock_quantizers_bit_for_bit(onnx_dir, tmp_path, monkeypatch, component, target):
+def test_the_q_dq_graph_is_onnx_runtimes_own_bit_for_bit(onnx_dir, tmp_path, monkeypatch, component, target,
+                                                         precision):
     """Whole graphs (every node, every quantized weight, scale, zero point and int32/float bias) written through
-    quantize_qdq, and by ONNX Runtime's own quantizer on the source file itself (no vectorised weights, no
-    external-weights copy of a graph with its weights inside: the tiny ones are): identical. The CPU targets
-    differ in weight bits (7 on EPYC) and activation type; the GPU target keeps biases float (no weight-scale
-    adjustment for them)."""
+    quantize_qdq (vectorised weights, an external-weights copy of a graph holding its weights, ranges recorded
+    for the quantizer's tensors only), and by ONNX Runtime's own quantize_static on the source file itself, its
+    calibrator recording every tensor of every op type it can quantize and its per-channel loop writing the
+    weights: identical. The CPU targets differ in weight bits (7 on EPYC) and activation type; the GPU target
+    keeps biases float (no weight-scale adjustment for them); fp8 takes the histogram calibrator."""
+    from onnxruntime.quantization import QuantFormat, calibrate, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from sprintrt.engines.calibrator import _Feeds
+
     assert ort_weights.available(), "this onnxruntime lacks the internals engines/ort_weights.py replaces"
     dims = ModelDims.from_json(read_export_info(onnx_dir)["model_dims"])
     spec = SPEC_BUILDERS[component](dims)
     feeds = [spec.sample_inputs(spec.sizes("sample"), seed=i) for i in range(2)]
     source = onnx_dir / f"{component}.onnx"
-    calls = []
+    calls, copies, recorded = [], [], []
     original = ort_weights.per_channel_params
     monkeypatch.setattr(ort_weights, "per_channel_params", lambda *a: calls.append(a[0].shape) or original(*a))
-    copies = []
     original_copy = Q.external_weights_copy
     monkeypatch.setattr(Q, "external_weights_copy", lambda *a: copies.append(a) or original_copy(*a))
-    fast = quantize_qdq(source, tmp_path / "fast.onnx", feeds, target=target, component=component, uniform=True)
-    assert len(calls) >= fast["quantized_nodes"] > 0  # every quantized layer's weight went the vectorised way
+    original_save = calibrate.save_tensors_data
+    monkeypatch.setattr(calibrate, "save_tensors_data", lambda data, *a: recorded.append(len(data.data)) or
+                        original_save(data, *a))
+    ours = quantize_qdq(source, tmp_path / "ours.onnx", feeds, precision, target=target, component=component,
+                        uniform=True)
+    assert ours["quantized_nodes"] > 0
+    if precision == "int8":
+        assert len(calls) >= ours["quantized_nodes"]  # every quantized layer's weight went the vectorised way
     assert len(copies) == 1  # the tiny graphs hold their weights: ORT was given the copy
-    with monkeypatch.context() as m:
-        m.setattr(ort_weights, "vectorised_weights", _stock_quantizer)
-        m.setattr(Q, "external_weights_copy", lambda source, work: source)
-        stock = quantize_qdq(source, tmp_path / "stock.onnx", feeds, target=target, component=component, uniform=True)
-    assert fast == stock
-    a, b = (_canonical(onnx.load(str(tmp_path / f"{name}.onnx"))) for name in ("fast", "stock"))
+    monkeypatch.undo()
+    quantize, _ = Q.quantizable_nodes(source, component)
+    quantize_static(str(source), str(tmp_path / "stock.onnx"), _Feeds(feeds), quant_format=QuantFormat.QDQ,
+                    nodes_to_quantize=quantize, **Q._settings(precision, len(feeds), target, component))
+    every = calibrate.MinMaxCalibrater(source, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                       str(tmp_path / "augmented.onnx"))  # the op types quantize_static calibrates
+    assert recorded and recorded[0] < len(every.select_tensors_to_calibrate(every.model)[0]) / 2
+    a, b = (_canonical(onnx.load(str(tmp_path / f"{name}.onnx"))) for name in ("ours", "stock"))
     assert len(a.graph.initializer) == len(b.graph.initializer)
     for x, y in zip(a.graph.initializer, b.graph.initializer):
         assert x.SerializeToString() == y.SerializeToString(), x.name
