@@ -4,6 +4,7 @@ on the tensors the quantizer reads only, and with the min/max calibrator's graph
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,31 @@ class _OnlyDistributionCalibrater(_Only, DistributionCalibrater):
     pass
 
 
+def _graph_with_shape_infer(model_path: Path) -> onnx.ModelProto:
+    """ONNX Runtime's load_model_with_shape_infer without the weights: a graph whose weights are in a file keeps
+    referring to that file (the inferred copy is written beside `model_path`, as ORT's is, so the references stay
+    valid; under a name of this process's own, where ORT's is fixed)."""
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    inferred = model_path.with_name(f".{model_path.stem}-inferred.{os.getpid()}{model_path.suffix}")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(model_path), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
+    finally:
+        inferred.unlink(missing_ok=True)
+    add_infer_metadata(model)
+    return model
+
+
 class _LinearMinMaxCalibrater(_Only, MinMaxCalibrater):
-    """ONNX Runtime's min/max calibrator with the same augmented graph written in linear time.
+    """ONNX Runtime's min/max calibrator with the same augmented graph, written in linear time and never to disk.
+
+    The weights stay in the source's file: the graph is loaded without them (where they are in a file), and the
+    augmented graph's session is created from its serialised bytes, reading them from the source's directory.
+    ORT's own loads every weight into the graph, then saves the augmented copy with all of them (the real text
+    encoder: 10 GB read, then 10 GB written per calibration) and loads them a third time into its session.
+    Measured on the real transformer (2.4 GB, 2-vCPU Intel Xeon with AMX): loading and augmenting 20-50 s that
+    way (the disk's speed varied), 0.2 s this way; peak memory of 12 samples' calibration 9.5 -> 5.0 GB.
 
     Its augment_graph adds a ReduceMin and a ReduceMax (each followed by a Reshape to 1-D) per calibrated
     tensor, and for each of them rebuilds the name -> type map of every tensor and scans the node list for the
@@ -58,9 +82,26 @@ class _LinearMinMaxCalibrater(_Only, MinMaxCalibrater):
     outputs as ReduceMin then ReduceMax (compute_data pairs them by position). The same nodes, names and
     outputs; tests/engines/test_calibrator.py checks the ranges equal the stock calibrator's."""
 
+    def __init__(self, model_path: Path, *args, **kwargs):
+        from onnxruntime.quantization import calibrate
+
+        original, calibrate.load_model_with_shape_infer = calibrate.load_model_with_shape_infer, _graph_with_shape_infer
+        try:
+            super().__init__(Path(model_path), *args, **kwargs)
+        finally:
+            calibrate.load_model_with_shape_infer = original
+        self.weights_dir = Path(model_path).parent
+
+    def create_inference_session(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's calibrator runs
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.weights_dir))
+        self.infer_session = ort.InferenceSession(self.model.SerializeToString(), options,
+                                                  providers=self.execution_providers)
+
     def augment_graph(self):
-        if self.per_channel:  # per-channel reduction axes: not used by sprintrt's recipes; ORT's own code
-            return super().augment_graph()
         graph = self.model.graph
         tensors, value_infos = self.select_tensors_to_calibrate(self.model)
         value_infos.update({o.name: o for o in graph.output})  # as ORT's per-tensor lookup does
@@ -93,7 +134,6 @@ class _LinearMinMaxCalibrater(_Only, MinMaxCalibrater):
         graph.ClearField("node")
         graph.node.extend(ordered)
         graph.output.extend(outputs)
-        onnx.save(self.model, self.augmented_model_path, save_as_external_data=self.use_external_data_format)
 
 
 def quantizer_tensors(model: onnx.ModelProto, nodes) -> frozenset:
@@ -102,9 +142,10 @@ def quantizer_tensors(model: onnx.ModelProto, nodes) -> frozenset:
     tensor's min/max does not depend on which others are recorded, and the quantizer computes a scale for every
     range it is given but uses only these, so its graph is the same as from ORT's own calibration of every
     tensor of its op types (tests/engines/test_ort_weights.py). Measured at real size (0.6B architecture, 2-vCPU
-    Intel Xeon with AMX, ORT 1.31.1), every tensor vs these: transformer 3046 vs 505 tensors, 12 samples at 512²
-    138 vs 23 s; DC-AE decoder 586 vs 181, 8 crops of 256² 64 vs 27 s (at 512² the full set ran out of 24 GB,
-    these peaked at 12 GB); encoder 570 vs 169, 16 crops 61 vs 30 s; the same ranges for the tensors kept."""
+    Intel Xeon with AMX, ORT 1.31.1; repeated runs on this VM varied, so ranges), every tensor vs these:
+    transformer 3046 vs 505 tensors, 12 samples at 512² 83-138 s vs 23-38 s; DC-AE decoder 586 vs 181, 8 crops of
+    256² 44-64 vs 26-27 s (at 512² the full set ran out of 24 GB, these peaked at 12 GB); encoder 570 vs 169,
+    16 crops 61 vs 30 s; the same ranges for the tensors kept."""
     wanted = set(nodes)
     weights = {i.name for i in model.graph.initializer}
     return frozenset(name for node in model.graph.node if node.name in wanted
@@ -117,12 +158,14 @@ def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external:
     memory; writes the ranges to `cache` (ORT's calibration cache format). `only`: record just these tensors
     (quantizer_tensors), None: every tensor of the op types ORT can quantize.
 
-    The calibrator loads the graph, adds a ReduceMin/ReduceMax (or histogram) output per tensor of the
-    op types ORT can quantize and saves that copy with external weights, then runs a session of it. Saving
-    moves the weights out of the loaded graph, but protobuf frees their memory only with the whole
-    message, so the loaded graph is dropped before the session loads the weights again (measured on 512 MB
-    of weights: peak 2.0x the weights with it kept, 1.0x dropped; neither calibrator reads it after
-    augmenting). Samples are folded into running ranges `CalibStridedMinMax` at a time (CALIBRATION_CHUNK)."""
+    int8 (min/max): the graph is loaded without the weights in `source`'s file and augmented in memory, and its
+    session reads them from that file (_LinearMinMaxCalibrater): a graph handed over with its weights in a file
+    (quantize_qdq always does) is never copied. fp8 (histograms): ORT's calibrator loads the graph, adds the
+    outputs and saves that copy with external weights, then runs a session of it; saving moves the weights out
+    of the loaded graph, but protobuf frees their memory only with the whole message, so the loaded graph is
+    dropped before the session loads the weights again (measured on 512 MB of weights: peak 2.0x the weights
+    with it kept, 1.0x dropped). Samples are folded into running ranges `CalibStridedMinMax` at a time
+    (CALIBRATION_CHUNK)."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -144,7 +187,8 @@ def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external:
     calibrator.only = only
     try:
         calibrator.augment_graph()
-        calibrator.model = None  # see above: its weights are in the augmented copy's files now
+        if not isinstance(calibrator, _LinearMinMaxCalibrater):
+            calibrator.model = None  # see above: its weights are in the augmented copy's files now
         calibrator.create_inference_session()
         reader = _Feeds(feeds)
         stride = extra.get("CalibStridedMinMax") or len(feeds)

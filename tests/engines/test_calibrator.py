@@ -1,4 +1,4 @@
-"""engines/calibrator.py: the linear-time min/max augmentation gives exactly ONNX Runtime's own ranges."""
+"""engines/calibrator.py: the linear-time, in-memory min/max augmentation gives exactly ONNX Runtime's own ranges."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from onnxruntime.quantization.calibrate import MinMaxCalibrater
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from sprintrt.engines.calibrator import _Feeds, _LinearMinMaxCalibrater
+from sprintrt.engines.quantize import external_weights_copy
 from sprintrt.export_info import read_export_info
 from sprintrt.specs import SPEC_BUILDERS, ModelDims
 
@@ -17,19 +18,31 @@ def _ranges(cls, source, feeds, work):
     work.mkdir()
     calibrator = cls(source, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), str(work / "augmented.onnx"))
     calibrator.augment_graph()
-    augmented = onnx.load(str(work / "augmented.onnx"))
+    if cls is _LinearMinMaxCalibrater:  # augmented in memory only
+        assert not any(work.iterdir())
+        augmented = calibrator.model
+    else:
+        augmented = onnx.load(str(work / "augmented.onnx"))
     calibrator.create_inference_session()
     calibrator.collect_data(_Feeds(feeds))
     data = calibrator.compute_data()
     return {name: tuple(np.asarray(v) for v in data[name].range_value) for name in data}, augmented
 
 
-@pytest.mark.parametrize("component", ["text_encoder", "transformer", "vae_decoder"])
-def test_linear_augmentation_gives_onnx_runtimes_ranges(onnx_dir, tmp_path, component):
+@pytest.mark.parametrize("component,weights_in_a_file", [
+    ("text_encoder", False), ("transformer", False), ("vae_decoder", False), ("vae_decoder", True),
+    ("transformer", True)])
+def test_linear_augmentation_gives_onnx_runtimes_ranges(onnx_dir, tmp_path, component, weights_in_a_file):
+    """The same ranges as ORT's own calibrator, from a graph holding its weights or with them in a file (the
+    form quantize_qdq hands over; then the augmented graph is never written and names the source's file)."""
     dims = ModelDims.from_json(read_export_info(onnx_dir)["model_dims"])
     spec = SPEC_BUILDERS[component](dims)
     feeds = [spec.sample_inputs(spec.sizes("sample"), seed=i) for i in range(2)]
     source = onnx_dir / f"{component}.onnx"
+    if weights_in_a_file:
+        (tmp_path / "source").mkdir()
+        source = external_weights_copy(source, tmp_path / "source")
+        before = sorted(p.name for p in source.parent.iterdir())
     stock, stock_graph = _ranges(MinMaxCalibrater, source, feeds, tmp_path / "stock")
     linear, linear_graph = _ranges(_LinearMinMaxCalibrater, source, feeds, tmp_path / "linear")
     assert len(stock) > 20 and stock.keys() == linear.keys()
@@ -38,6 +51,9 @@ def test_linear_augmentation_gives_onnx_runtimes_ranges(onnx_dir, tmp_path, comp
     # the same nodes and outputs (names and order of the outputs: compute_data pairs them by position per tensor)
     assert sorted(n.name for n in stock_graph.graph.node) == sorted(n.name for n in linear_graph.graph.node)
     assert {o.name for o in stock_graph.graph.output} == {o.name for o in linear_graph.graph.output}
+    if weights_in_a_file:
+        assert sorted(p.name for p in source.parent.iterdir()) == before  # no copy, no leftover beside it
+        assert sum(i.data_location == onnx.TensorProto.EXTERNAL for i in linear_graph.graph.initializer) > 10
     model = onnx.load(str(source), load_external_data=False)
     added = [o.name for o in linear_graph.graph.output][len(model.graph.output):]
     assert all(a.endswith("_ReduceMin") and b == a[:-3] + "Max" for a, b in zip(added[::2], added[1::2]))
