@@ -131,20 +131,6 @@ def _run(model: Path | bytes | _Shared, feeds: list[dict]) -> list[np.ndarray]:
     return [session.run([first], feed)[0] for feed in feeds]
 
 
-def _intermediates(source: Path, names: list[str], feeds: list[dict]) -> list[dict[str, np.ndarray]]:
-    """The fp32 graph's values of the tensors `names` on each feed (run as _run runs it: the same values)."""
-    import onnx
-
-    model = onnx.load(str(source))
-    known = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in known:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = _session(model.SerializeToString())
-    del model
-    return [dict(zip(names, session.run(names, feed))) for feed in feeds]
-
-
 class Variants:
     """The Q/DQ graph that quantizing exactly some of the layers gives, derived from one graph quantizing all
     of them (`full`, ONNX Runtime's QDQ output) instead of running the quantizer per group: at the real
@@ -281,30 +267,37 @@ def _needed(nodes: list, outputs: list[str]) -> list:
     return [n for n in nodes if id(n) in needed]
 
 
-def _layer_macs(source: Path, nodes: list[str], feed: dict) -> dict[str, int]:
-    """Multiply-adds of each weight layer on `feed`: weight elements x output positions (one fp32 run that
-    returns every layer's output)."""
+def _fp32_pass(source: Path, nodes: list[str], cut: list[str], feeds: list[dict], few: int):
+    """What the measurement needs of the fp32 graph, from one session (run as _run runs it: the same values):
+    (its output on every feed: the reference; each weight layer's multiply-adds on the first feed, weight
+    elements x output positions; the values of the tensors `cut` on the first `few` feeds, where the groups'
+    runs start). One load and one run per feed, where three loads and runs were (~5 s per real VAE)."""
     import onnx
 
     model = onnx.load(str(source))
     weights = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
-    by_name = {n.name: n for n in model.graph.node}
-    outputs = {by_name[n].output[0] for n in nodes}
+    layers = {n.name: (n.op_type, n.input[1], n.output[0]) for n in model.graph.node if n.name in set(nodes)}
+    first = model.graph.output[0].name
     known = {o.name for o in model.graph.output}
-    for name in sorted(outputs - known):
+    for name in sorted(({out for _, _, out in layers.values()} | set(cut)) - known):
         model.graph.output.append(onnx.ValueInfoProto(name=name))
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = _session(model.SerializeToString())
     del model
-    names = [o.name for o in session.get_outputs()]
-    shapes = {name: value.shape for name, value in zip(names, session.run(names, feed))}
-    macs = {}
-    for n in nodes:
-        node, shape = by_name[n], shapes[by_name[n].output[0]]
-        channels = shape[1] if node.op_type == "Conv" else shape[-1]
-        macs[n] = weights.get(node.input[1], 0) * int(np.prod(shape)) // max(int(channels), 1)
-    return macs
+    reference, macs, at_cut = [], {}, []
+    for i, feed in enumerate(feeds):
+        names = list(dict.fromkeys([first, *(cut if i < few else ()),
+                                    *(out for _, _, out in layers.values() if i == 0)]))
+        values = dict(zip(names, session.run(names, feed)))
+        reference.append(values[first])
+        if i < few:
+            at_cut.append({c: values[c] for c in cut})
+        if i == 0:
+            for n in nodes:
+                op_type, weight, out = layers[n]
+                shape = values[out].shape
+                channels = shape[1] if op_type == "Conv" else shape[-1]
+                macs[n] = weights.get(weight, 0) * int(np.prod(shape)) // max(int(channels), 1)
+    return reference, macs, at_cut
 
 
 def _leave_out_largest(chosen: list[str], table: dict, gate: Gate, psnr_db: float, cos: float, picture: bool) -> None:
@@ -337,19 +330,20 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
     inputs: each group is measured on the first INT8_SENSITIVITY_SAMPLES, the chosen set verified on all."""
     gate, peak = Gate(), PICTURE_OUTPUT_RANGE.get(component)  # None: not a picture, no PSNR gate
     groups = layer_groups(nodes, scopes_of, component)
-    reference = _run(source, feeds)
-    few = slice(0, INT8_SENSITIVITY_SAMPLES)
-    scale = float(np.mean([np.mean(np.square(r, dtype=np.float64)) for r in reference[few]]))
-    # Budget in mean squared error: the PSNR gate's, and the cosine gate's (1 - cos ~ mse / (2 mean(y^2))).
-    budget = min(peak ** 2 * 10 ** (-gate.min_psnr_db / 10) if peak else np.inf, 2 * (1 - gate.min_cosine) * scale)
-    macs = _layer_macs(source, nodes, feeds[0])
-
     full = work / "all-groups.onnx"
     quantize(nodes, full)
     try:
         variants = Variants(full, source, unquantized_outputs)
     finally:
         full.unlink(missing_ok=True)
+    # Each group alone runs from its first changed node on, fed the fp32 values there (recorded in the fp32 pass).
+    cuts = {g: variants.cut(members) for g, members in groups.items()}
+    few = slice(0, INT8_SENSITIVITY_SAMPLES)
+    reference, macs, at_cuts = _fp32_pass(source, nodes, sorted({c for cut in cuts.values() for c in cut}), feeds,
+                                          INT8_SENSITIVITY_SAMPLES)
+    scale = float(np.mean([np.mean(np.square(r, dtype=np.float64)) for r in reference[few]]))
+    # Budget in mean squared error: the PSNR gate's, and the cosine gate's (1 - cos ~ mse / (2 mean(y^2))).
+    budget = min(peak ** 2 * 10 ** (-gate.min_psnr_db / 10) if peak else np.inf, 2 * (1 - gate.min_cosine) * scale)
 
     def measure(chosen: list[str], part: slice = slice(None), cut_values: list[dict] | None = None):
         """(mse, psnr, cosine) of the graph quantizing `chosen` against fp32 on feeds[part]; with `cut_values`
@@ -365,9 +359,6 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
         p = psnr(*both, peak=peak) if peak else float("inf")
         return float(np.mean(np.square(both[0] - both[1], dtype=np.float64))), p, cosine(*both)
 
-    # Each group alone runs from its first changed node on, fed the fp32 values there (one run records them).
-    cuts = {g: variants.cut(members) for g, members in groups.items()}
-    at_cuts = _intermediates(source, sorted({c for cut in cuts.values() for c in cut}), feeds[few])
     table = {}
     for i, (group, members) in enumerate(groups.items()):
         say(f"int8 sensitivity of {component}: group {i + 1}/{len(groups)} ({group})")

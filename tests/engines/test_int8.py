@@ -590,7 +590,7 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
 
     from sprintrt.engines import quantize as Q
     from sprintrt.engines.calibrator import calibrated_ranges
-    from sprintrt.engines.sensitivity import Variants, _intermediates, _run, layer_groups
+    from sprintrt.engines.sensitivity import Variants, _fp32_pass, _run, layer_groups
     from sprintrt.onnx_scopes import module_scopes
 
     source = onnx_dir / f"{component}.onnx"
@@ -609,9 +609,11 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
                     nodes_to_quantize=nodes, calibration_cache_path=str(cache), **settings)
     variants = Variants(tmp_path / "all.onnx", source, Q.UNQUANTIZED_OUTPUTS)
     cuts = {g: variants.cut(members) for g, members in groups.items()}
-    values = _intermediates(source, sorted({c for cut in cuts.values() for c in cut}), feeds)
+    reference, macs, values = _fp32_pass(source, nodes, sorted({c for cut in cuts.values() for c in cut}), feeds, 1)
     whole_nodes = suffix_nodes = 0
     fp32 = _run(source, feeds)[0]
+    assert np.array_equal(reference[0], fp32)  # the pass's extra outputs change nothing
+    assert set(macs) == set(nodes) and all(m > 0 for m in macs.values())
     for group, members in groups.items():
         assert cuts[group], group  # every group starts after the input: something is skipped
         whole = _run(variants(members), feeds)[0]
