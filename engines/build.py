@@ -25,7 +25,7 @@ from sprintrt.defaults import DEFAULT_BACKEND
 from sprintrt.engines.precision import QUANTIZED, Precision, PrecisionRequest, resolve_precisions
 from sprintrt.engines.profiles import ProfileOptions, input_shapes
 from sprintrt.engines.registry import AUTO, BuildBackend, BuildResult, auto_backend, backend_module, canonical
-from sprintrt.errors import EngineDirError, InvalidInputError, ModelLoadError
+from sprintrt.errors import EngineBuildError, EngineDirError, InvalidInputError, ModelLoadError, OutOfSpaceError, SprintError
 from sprintrt.export_info import check_onnx_file, read_export_info
 from sprintrt.files import file_mismatch, sha256_file
 from sprintrt.machine import library_version
@@ -171,17 +171,22 @@ def build_component(plan: BuildPlan, comp: ComponentPlan, say: Callable[[str], N
     path = plan.engine_dir / f"{comp.name}-{hashlib.sha256(comp.key.encode()).hexdigest()[:12]}{plan.module.SUFFIX}"
     t0 = time.perf_counter()
     source, quant_info = comp.source, {}
-    if comp.precision in QUANTIZED:
-        source, quant_info = _quantized_source(plan, comp, path, say)
     try:
-        result: BuildResult = plan.module.build_component(source, path, comp.name, comp.precision,
-                                                          input_shapes(comp.spec, comp.profile), plan.target,
-                                                          plan.versions)
-    finally:
-        temporary = source != comp.source and (plan.qdq_cache is None or source.parent != plan.qdq_cache)
-        if temporary:  # the Q/DQ graph lives on inside the built engine
-            source.unlink(missing_ok=True)
-            source.with_name(source.name + ".data").unlink(missing_ok=True)
+        if comp.precision in QUANTIZED:
+            source, quant_info = _quantized_source(plan, comp, path, say)
+        try:
+            result: BuildResult = plan.module.build_component(source, path, comp.name, comp.precision,
+                                                              input_shapes(comp.spec, comp.profile), plan.target,
+                                                              plan.versions)
+        finally:
+            temporary = source != comp.source and (plan.qdq_cache is None or source.parent != plan.qdq_cache)
+            if temporary:  # the Q/DQ graph lives on inside the built engine
+                source.unlink(missing_ok=True)
+                source.with_name(source.name + ".data").unlink(missing_ok=True)
+    except SprintError:
+        raise
+    except Exception as e:  # the engine libraries raise their own types (ONNX Runtime's Fail is no RuntimeError)
+        raise _library_failure(plan, comp, e) from e
     return {
         **_file_entry(path), "extra_files": [_file_entry(p) for p in result.extra_files],
         "backend": plan.backend, "precision": comp.precision.value, **result.info, **quant_info,
@@ -190,6 +195,22 @@ def build_component(plan: BuildPlan, comp: ComponentPlan, say: Callable[[str], N
         "model_identity": plan.info["model"]["identity"],
         "io": dict(comp.record["spec"], dims=comp.profile), "build_seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _library_failure(plan: BuildPlan, comp: ComponentPlan, error: Exception) -> EngineBuildError:
+    """A typed error for an engine library's (or the quantizer's) failure: out of disk space where the disk is
+    (nearly) full, as a failed write leaves it (ONNX Runtime's message then says only "Failed to write")."""
+    import errno
+
+    what = f"{plan.backend} {comp.precision.value} engine of {comp.name}"
+    free = shutil.disk_usage(plan.engine_dir).free
+    needed = comp.source.stat().st_size + sum(p.stat().st_size for p in comp.source.parent.glob(comp.source.name + ".data"))
+    if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
+        return OutOfSpaceError(f"building the {what} ran out of disk space in {plan.engine_dir}: {free / 2**30:.1f} GB "
+                               f"free now, and its source alone is {needed / 2**30:.1f} GB ({error}). Fix: free space "
+                               "there, or build into a directory on a disk with more room (-o)")
+    return EngineBuildError(f"{plan.module.LIBRARY} failed to build the {what}: {error}. Fix: check the export with "
+                            "`sprintrt doctor`, or build this component with another backend or precision")
 
 
 def _quantized_source(plan: BuildPlan, comp: ComponentPlan, path: Path, say) -> tuple[Path, dict]:

@@ -25,6 +25,10 @@ class EngineBuildError(SprintError):
     """An engine library refused to build an engine from a graph that passed every check before it."""
 
 
+class OutOfSpaceError(EngineBuildError, OSError):
+    """A build ran out of disk space (or would: a pre-flight estimate says it cannot fit)."""
+
+
 class DeadlineExceeded(SprintError, TimeoutError):
     """A call passed the deadline its caller set (SprintPipeline.deadline) and stopped at a stage boundary."""
 

@@ -46,12 +46,12 @@ import numpy as np
 from sprintrt import machine
 from sprintrt.defaults import (CALIBRATION_MEMORY_FACTOR, DEFAULT_BACKEND, DEFAULT_CALIBRATION_COUNT,
                                DEFAULT_CALIBRATION_SIZE, DEFAULT_PROMPT, IMAGE_MIN_PSNR_DB, TUNE_MAX_RUNS,
-                               TUNE_DROP_RATIO, TUNE_LEADER_RATIO, TUNE_MIN_COSINE, TUNE_MIN_RUNS,
+                               TUNE_DISK_FACTOR, TUNE_DROP_RATIO, TUNE_LEADER_RATIO, TUNE_MIN_COSINE, TUNE_MIN_RUNS,
                                TUNE_MIN_SECONDS, TUNE_PROBE_MIN_COSINE, TUNE_SCREEN_RULES, TUNE_SCREEN_DIVISOR)
 from sprintrt.engines.build import build_engines, intact, read_existing, write_manifest
 from sprintrt.engines.precision import QUANTIZED, EngineChoice, Precision
 from sprintrt.engines.registry import backend_module, cpu_backends
-from sprintrt.errors import EngineBuildError, InvalidInputError, SprintError
+from sprintrt.errors import EngineBuildError, InvalidInputError, OutOfSpaceError, SprintError
 from sprintrt.export_info import read_export_info, weights_bytes
 from sprintrt.files import hashes_remembered
 from sprintrt.manifest import engine_files, read_manifest
@@ -301,6 +301,7 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
         if not todo:
             return engine_dir
         shutil.rmtree(scratch, ignore_errors=True)
+        _check_disk(engine_dir, info, todo)
         try:
             with hashes_remembered():  # every candidate's build checks the same sources
                 entries = _tune(onnx_dir, scratch, info, todo, plan, prompts, description, size, exhaustive, say)
@@ -311,16 +312,30 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
                 src = entry.pop("_dir")
                 for f in engine_files(entry):
                     shutil.move(str(src / f["file"]), engine_dir / f["file"])
-                cache = entry.get("cache_dir")  # a backend's compiled-blob cache beside its engines (OpenVINO's)
-                if cache and (src / cache).is_dir():
-                    # the candidate was built alone in its directory: every blob in its cache is its own
-                    (engine_dir / cache).mkdir(exist_ok=True)
-                    for blob in (src / cache).iterdir():
-                        shutil.move(str(blob), engine_dir / cache / blob.name)
             write_manifest(onnx_dir, engine_dir, info, {**old, **entries})
+            # A backend's compiled-blob cache beside its engines (OpenVINO's) is keyed by the engine's path, so the
+            # candidate's blob would not be found here: the engine is opened once where it will be loaded from.
+            manifest = read_manifest(engine_dir)
+            for comp, entry in entries.items():
+                if entry.get("cache_dir"):
+                    say(f"{comp}: compiling the {entry['backend']} engine into its blob cache")
+                    load_engine(manifest, comp).release()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return engine_dir
+
+
+def _check_disk(engine_dir: Path, info: dict, todo: list[str]) -> None:
+    """Refuse, before any work, a run whose scratch directory would not fit on the engine directory's disk
+    (TUNE_DISK_FACTOR): the reference engines of every exported component, and the candidates of those tuned."""
+    every = sum(weights_bytes(record) for record in info["components"].values())
+    needed = every + (TUNE_DISK_FACTOR - 1) * sum(weights_bytes(info["components"][c]) for c in todo)
+    free = shutil.disk_usage(engine_dir).free
+    if free < needed:
+        raise OutOfSpaceError(f"tuning {', '.join(todo)} needs about {needed / 2**30:.1f} GB free beside "
+                              f"{engine_dir} (the candidates' engines while they are timed; {every / 2**30:.1f} GB of "
+                              f"fp32 weights exported), and its disk has {free / 2**30:.1f} GB. Fix: free space there, "
+                              "build into a directory on a larger disk (-o), or tune fewer components at a time")
 
 
 def _plan(info: dict, components, candidate_names, calibrate: bool, target: dict, description: str,
@@ -458,6 +473,8 @@ class _Trials:
                               components=(comp,), calibration=calibration, qdq_cache=self.scratch / "qdq",
                               progress=self._quantizer_steps)
             manifest = read_manifest(cand_dir)
+        except OutOfSpaceError:  # every later candidate would fail alike: stop (the scratch directory is removed)
+            raise
         except (SprintError, RuntimeError, OSError) as e:  # a candidate that cannot be built is recorded
             self.tables[comp].append({**row, "error": f"build failed: {e}"[:300], "passed": False})
             shutil.rmtree(cand_dir, ignore_errors=True)
@@ -549,6 +566,8 @@ class _Trials:
                 engine.release()
             cos = None if measured(cand.precision.value, comp) else \
                 gate(comp, outputs, self.screen_references[comp])["cosine"]
+        except OutOfSpaceError:
+            raise
         except (SprintError, RuntimeError, OSError, ValueError) as e:
             self.eta.say(f"the probe of {cand.name} for {comp} failed ({str(e)[:200]}): calibrating it anyway")
             return True

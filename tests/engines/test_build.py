@@ -113,3 +113,35 @@ def test_auto_backend_picks_what_wins_here(onnx_dir, tmp_path):
     assert auto_backend() == expected  # this CPU box has no GPU; OpenVINO is installed by the Makefile
     out = build_engines(onnx_dir, tmp_path / "auto", backend="auto", components=("transformer",))
     assert _manifest(out)["components"]["transformer"]["backend"] == expected
+
+
+@pytest.mark.parametrize("free_bytes,error,match", [
+    (1024, "OutOfSpaceError", r"ran out of disk space in .*: 0\.0 GB free now.*Fix: free space"),
+    (10**15, "EngineBuildError", r"onnxruntime failed to build the onnxruntime fp32 engine of vae_decoder: Failed"),
+])
+def test_a_library_failure_is_a_typed_error_and_leaves_nothing(onnx_dir, tmp_path, monkeypatch, capsys, free_bytes,
+                                                               error, match):
+    """ONNX Runtime's own exception (its Fail is no RuntimeError) from a build, as a full disk gives it ("Failed to
+    write external initializers"): an OutOfSpaceError where the disk has less room than the source, else an
+    EngineBuildError naming the library; no engine file, no manifest; the CLI says it in one line."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from sprintrt import cli, errors
+    from sprintrt.engines import ort_build
+
+    def fails(source, out, *a, **k):
+        out.write_bytes(b"half")  # a library's half-written file: ORT's builder removes its own on the way out
+        out.unlink()
+        raise Fail("Failed to write external initializers to file")  # ORT's words on a full disk
+
+    monkeypatch.setattr(ort_build, "build_component", fails)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**15, 10**15 - free_bytes,
+                                                                                   free_bytes))
+    out = tmp_path / "e"
+    with pytest.raises(getattr(errors, error), match=match) as caught:
+        build_engines(onnx_dir, out, components=("vae_decoder",))
+    assert (error == "OutOfSpaceError") == isinstance(caught.value, errors.OutOfSpaceError)
+    assert not (out / "manifest.json").exists() and not list(out.glob("vae_decoder-*"))
+    assert cli.main(["build", str(onnx_dir), "-o", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # its progress lines, then the error in one line
+    assert err[-1].startswith("sprintrt build: error:") and not any("Traceback" in line for line in err), err

@@ -116,8 +116,25 @@ def test_losing_candidates_are_deleted_as_they_lose_and_the_reference_is_built_o
     assert all((out / e["file"]).is_file() for e in entries)
     chosen_ov = sum(e["backend"] == "openvino" for e in entries)
     blobs = list((out / "ov_cache").glob("*.blob")) if chosen_ov else []
-    assert len(blobs) == chosen_ov, blobs  # only the chosen engines' compiled blobs came along
+    assert len(blobs) == chosen_ov, blobs  # only the chosen engines' compiled blobs, compiled here
     assert not scratch.exists()
+
+
+def test_a_chosen_openvino_engine_loads_from_a_blob_compiled_where_it_lies(mixed):
+    """OpenVINO keys a compiled blob by the IR's path, so a blob compiled in the candidate's scratch directory would
+    never be found in the engine directory (compiled again at the first load, a whole second blob written beside
+    it: the real text encoder's is 7.5 GB in OpenVINO's default cache mode): the tuner compiles each chosen
+    OpenVINO engine where it lies."""
+    from sprintrt.manifest import read_manifest
+
+    manifest = read_manifest(mixed)
+    for comp in (TEXT_ENCODER, VAE_DECODER):  # the two OpenVINO engines of the mixed directory
+        assert manifest.components[comp]["backend"] == "openvino"
+        engine = T.load_engine(manifest, comp)
+        try:
+            assert engine.compiled.get_property("LOADED_FROM_CACHE"), comp
+        finally:
+            engine.release()
 
 
 def test_a_candidate_failing_the_gate_is_never_chosen_even_when_fastest(onnx_dir, tmp_path, monkeypatch):
@@ -503,3 +520,51 @@ def test_a_backends_fp32_candidate_is_not_built_where_its_bf16_one_passed(onnx_d
             assert "openvino:bf16 passed the gate" in rows["openvino:fp32"]["skipped"]
             assert any("openvino:fp32" in line and "not built" in line for line in tuning_table(_manifest(out)))
     assert chosen[True] == chosen[False] == ("openvino:fp32" if bf16_wrong else "openvino:bf16")
+
+
+def test_running_out_of_disk_stops_the_tuner_with_a_typed_error_and_removes_its_scratch(onnx_dir, tmp_path,
+                                                                                         monkeypatch):
+    """Every later candidate would fail alike, so the first OutOfSpaceError ends the run (the reference built,
+    the next candidate's build failing): nothing of the scratch directory is left, no manifest written."""
+    from sprintrt.errors import OutOfSpaceError
+
+    real_build = T.build_engines
+
+    def build(onnx, engine_dir, **kw):
+        if kw["backend"] != "onnxruntime":
+            raise OutOfSpaceError("building ... ran out of disk space")
+        return real_build(onnx, engine_dir, **kw)
+
+    monkeypatch.setattr(T, "build_engines", build)
+    out = tmp_path / "e"
+    with pytest.raises(OutOfSpaceError, match="ran out of disk space"):
+        T.tune_engines(onnx_dir, out, components=[VAE_DECODER], candidate_names=FLOAT, size=SIZE)
+    assert not out.with_name(".e.tune").exists() and not (out / "manifest.json").exists()
+
+
+def test_a_disk_too_small_for_the_candidates_is_refused_before_any_work(onnx_dir, tmp_path, monkeypatch):
+    """The needed room (TUNE_DISK_FACTOR times the weights, the reference engines of every exported component
+    counted once) against the engine directory's disk: short of it, a typed error naming both, nothing built."""
+    import shutil
+
+    from sprintrt.defaults import TUNE_DISK_FACTOR
+    from sprintrt.errors import OutOfSpaceError
+    from sprintrt.export_info import read_export_info, weights_bytes
+
+    records = read_export_info(onnx_dir)["components"]
+    needed = sum(weights_bytes(r) for r in records.values()) + (TUNE_DISK_FACTOR - 1) * weights_bytes(records[VAE_DECODER])
+    class Built(Exception):
+        pass
+
+    def build(*a, **k):
+        raise Built
+
+    monkeypatch.setattr(T, "build_engines", build)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**15, 0, int(needed) - 1))
+    out = tmp_path / "e"
+    with pytest.raises(OutOfSpaceError, match=r"needs about .* GB free beside .*Fix: free space"):
+        T.tune_engines(onnx_dir, out, components=[VAE_DECODER], candidate_names=FLOAT, size=SIZE)
+    assert not out.with_name(".e.tune").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**15, 0, int(needed) + 1))
+    with pytest.raises(Built):  # past the check: the first build starts
+        T.tune_engines(onnx_dir, out, components=[VAE_DECODER], candidate_names=FLOAT, size=SIZE)

@@ -70,6 +70,24 @@ def test_manifest_records_ir_weights_and_rejects_a_truncated_bin(ov_engines, tmp
         SprintPipeline.from_engines(copy)
 
 
+def test_every_engine_loads_from_its_own_blob(ov_engines):
+    """The build compiles each IR into the blob cache beside it with the configuration the manifest records, so the
+    run side opens every engine from its blob (OpenVINO keys a blob by the IR's path and configuration): one blob
+    per engine, none of them recompiled."""
+    from sprintrt.manifest import read_manifest
+    from sprintrt.runtime.registry import load_engine
+
+    for precision, engine_dir in ov_engines.items():
+        manifest = read_manifest(engine_dir)
+        for comp in manifest.components:
+            engine = load_engine(manifest, comp)
+            try:
+                assert engine.compiled.get_property("LOADED_FROM_CACHE"), (precision, comp)
+            finally:
+                engine.release()
+        assert len(list((engine_dir / "ov_cache").iterdir())) == len(manifest.components), precision
+
+
 def test_missing_openvino_is_a_typed_error(ov_engines):
     code = ("import sys; sys.modules['openvino'] = None\n"
             "from sprintrt.runtime.pipeline import SprintPipeline\n"
