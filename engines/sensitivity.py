@@ -271,7 +271,8 @@ def _fp32_pass(source: Path, nodes: list[str], cut: list[str], feeds: list[dict]
     """What the measurement needs of the fp32 graph, from one session (run as _run runs it: the same values):
     (its output on every feed: the reference; each weight layer's multiply-adds on the first feed, weight
     elements x output positions; the values of the tensors `cut` on the first `few` feeds, where the groups'
-    runs start). One load and one run per feed, where three loads and runs were (~5 s per real VAE)."""
+    runs start). One load and one run per feed, where three loads and runs were: measured on the real 0.6B VAEs
+    (2-vCPU Intel Xeon with AMX, 8 latent crops / 16 pictures of 256²), decoder 28-29 -> 21 s, encoder 34-35 -> 28 s."""
     import onnx
 
     model = onnx.load(str(source))
