@@ -25,7 +25,8 @@ from sprintrt.defaults import DEFAULT_BACKEND
 from sprintrt.engines.precision import QUANTIZED, Precision, PrecisionRequest, resolve_precisions
 from sprintrt.engines.profiles import ProfileOptions, input_shapes
 from sprintrt.engines.registry import AUTO, BuildBackend, BuildResult, auto_backend, backend_module, canonical
-from sprintrt.errors import EngineBuildError, EngineDirError, InvalidInputError, ModelLoadError, OutOfSpaceError, SprintError
+from sprintrt.errors import (EngineBuildError, EngineDirError, InvalidInputError, ModelLoadError, OutOfSpaceError,
+                             SprintError)
 from sprintrt.export_info import check_onnx_file, read_export_info
 from sprintrt.files import file_mismatch, sha256_file
 from sprintrt.machine import library_version
@@ -204,7 +205,8 @@ def _library_failure(plan: BuildPlan, comp: ComponentPlan, error: Exception) -> 
 
     what = f"{plan.backend} {comp.precision.value} engine of {comp.name}"
     free = shutil.disk_usage(plan.engine_dir).free
-    needed = comp.source.stat().st_size + sum(p.stat().st_size for p in comp.source.parent.glob(comp.source.name + ".data"))
+    weights = comp.source.with_name(comp.source.name + ".data")
+    needed = comp.source.stat().st_size + (weights.stat().st_size if weights.exists() else 0)
     if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
         return OutOfSpaceError(f"building the {what} ran out of disk space in {plan.engine_dir}: {free / 2**30:.1f} GB "
                                f"free now, and its source alone is {needed / 2**30:.1f} GB ({error}). Fix: free space "
