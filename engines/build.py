@@ -199,15 +199,19 @@ def build_component(plan: BuildPlan, comp: ComponentPlan, say: Callable[[str], N
 
 
 def _library_failure(plan: BuildPlan, comp: ComponentPlan, error: Exception) -> EngineBuildError:
-    """A typed error for an engine library's (or the quantizer's) failure: out of disk space where the disk is
-    (nearly) full, as a failed write leaves it (ONNX Runtime's message then says only "Failed to write")."""
+    """A typed error for an engine library's (or the quantizer's) failure: OutOfSpaceError where it is a full disk
+    (the tuner stops on it), else EngineBuildError (the tuner records the candidate as failed and goes on)."""
     import errno
 
     what = f"{plan.backend} {comp.precision.value} engine of {comp.name}"
     free = shutil.disk_usage(plan.engine_dir).free
     weights = comp.source.with_name(comp.source.name + ".data")
     needed = comp.source.stat().st_size + (weights.stat().st_size if weights.exists() else 0)
-    if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
+    message = str(error)
+    # A library reports a full disk in its own words (ONNX Runtime: "Failed to write external initializers"): a
+    # failed write with less room left than the source's size is one; any other failure is the library's own.
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in message or (
+            free < needed and "write" in message.lower()):
         return OutOfSpaceError(f"building the {what} ran out of disk space in {plan.engine_dir}: {free / 2**30:.1f} GB "
                                f"free now, and its source alone is {needed / 2**30:.1f} GB ({error}). Fix: free space "
                                "there, or build into a directory on a disk with more room (-o)")

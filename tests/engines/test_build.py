@@ -115,15 +115,19 @@ def test_auto_backend_picks_what_wins_here(onnx_dir, tmp_path):
     assert _manifest(out)["components"]["transformer"]["backend"] == expected
 
 
-@pytest.mark.parametrize("free_bytes,error,match", [
-    (1024, "OutOfSpaceError", r"ran out of disk space in .*: 0\.0 GB free now.*Fix: free space"),
-    (10**15, "EngineBuildError", r"onnxruntime failed to build the onnxruntime fp32 engine of vae_decoder: Failed"),
+FULL_DISK = "Failed to write external initializers to file"  # ONNX Runtime's words on a full disk
+
+
+@pytest.mark.parametrize("free_bytes,said,error,match", [
+    (1024, FULL_DISK, "OutOfSpaceError", r"ran out of disk space in .*: 0\.0 GB free now.*Fix: free space"),
+    (10**15, FULL_DISK, "EngineBuildError", r"onnxruntime failed to build the onnxruntime fp32 engine of vae_decoder"),
+    (1024, "Unsupported operator Foo", "EngineBuildError", r"onnxruntime failed to build .*: Unsupported operator"),
 ])
 def test_a_library_failure_is_a_typed_error_and_leaves_nothing(onnx_dir, tmp_path, monkeypatch, capsys, free_bytes,
-                                                               error, match):
-    """ONNX Runtime's own exception (its Fail is no RuntimeError) from a build, as a full disk gives it ("Failed to
-    write external initializers"): an OutOfSpaceError where the disk has less room than the source, else an
-    EngineBuildError naming the library; no engine file, no manifest; the CLI says it in one line."""
+                                                               said, error, match):
+    """ONNX Runtime's own exception (its Fail is no RuntimeError) from a build: a failed write with less room left
+    than the source is an OutOfSpaceError (the tuner stops on it), anything else an EngineBuildError naming the
+    library (the tuner records the candidate and goes on); no engine file, no manifest; the CLI says it in a line."""
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     from sprintrt import cli, errors
@@ -132,7 +136,7 @@ def test_a_library_failure_is_a_typed_error_and_leaves_nothing(onnx_dir, tmp_pat
     def fails(source, out, *a, **k):
         out.write_bytes(b"half")  # a library's half-written file: ORT's builder removes its own on the way out
         out.unlink()
-        raise Fail("Failed to write external initializers to file")  # ORT's words on a full disk
+        raise Fail(said)
 
     monkeypatch.setattr(ort_build, "build_component", fails)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**15, 10**15 - free_bytes,
