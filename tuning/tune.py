@@ -313,6 +313,7 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
                 for f in engine_files(entry):
                     shutil.move(str(src / f["file"]), engine_dir / f["file"])
             write_manifest(onnx_dir, engine_dir, info, {**old, **entries})
+            shutil.rmtree(scratch, ignore_errors=True)  # first: at real size it holds tens of GB
             # A backend's compiled-blob cache beside its engines (OpenVINO's) is keyed by the engine's path, so the
             # candidate's blob would not be found here: the engine is opened once where it will be loaded from.
             manifest = read_manifest(engine_dir)
