@@ -54,8 +54,12 @@ print('ok')
 @pytest.fixture(scope="module")
 def qdq_graphs(typed_onnx_dir, tmp_path_factory):
     """The Q/DQ graphs TensorRT gets for an H100, calibrated on two sample inputs: int8 (W8A8) and fp8 for the
-    transformer family, int8 for the VAE encoder (its blocks chosen by measured sensitivity)."""
+    transformer family, int8 for the VAE encoder (its blocks chosen by measured sensitivity). Each calibrated
+    fp32 graph ({component}.{precision}.qdq.onnx) is also carried onto the bf16 variant as the tensorrt backend
+    builds it on Ampere and later ({component}.{precision}.qdq-bf16.onnx, engines/typed_qdq.py), and the
+    transformer's int8 onto the fp16 variant as before Ampere (transformer.int8.qdq-fp16.onnx)."""
     from sprintrt.engines.quantize import quantize_qdq
+    from sprintrt.engines.typed_qdq import qdq_on_variant
     from sprintrt.export_info import read_export_info
     from sprintrt.specs import SPEC_BUILDERS, ModelDims
 
@@ -64,8 +68,13 @@ def qdq_graphs(typed_onnx_dir, tmp_path_factory):
         spec = SPEC_BUILDERS[component](ModelDims.from_json(read_export_info(typed_onnx_dir)["model_dims"]))
         feeds = [spec.sample_inputs(spec.sizes("sample"), seed=s) for s in (0, 1)]
         for precision in precisions:  # "int8-uniform": every allowed layer, no measurement (the tuner's probe)
-            quantize_qdq(typed_onnx_dir / f"{component}.onnx", out / f"{component}.{precision}.qdq.onnx", feeds,
-                         precision.split("-")[0], target=H100, component=component, uniform="uniform" in precision)
+            qdq = out / f"{component}.{precision}.qdq.onnx"
+            fp32 = typed_onnx_dir / f"{component}.onnx"
+            quantize_qdq(fp32, qdq, feeds, precision.split("-")[0], target=H100, component=component,
+                         uniform="uniform" in precision)
+            for base in ("bf16", "fp16") if (component, precision) == ("transformer", "int8") else ("bf16",):
+                qdq_on_variant(qdq, fp32, typed_onnx_dir / f"{component}.{base}.onnx",
+                               out / f"{component}.{precision}.qdq-{base}.onnx", base)
     return out
 
 
@@ -77,23 +86,32 @@ QDQ_GRAPHS = {"transformer": ("int8", "fp8"), "controlnet": ("int8", "fp8"), "co
 @pytest.mark.parametrize("component", ["controlnet", "controlled_transformer", "vae_encoder", "vae_decoder"])
 def test_the_newer_qdq_graphs_parse_in_tensorrt(component, qdq_graphs):
     """The ControlNet's int8 and fp8 and the VAE encoder's int8 Q/DQ graphs for a GPU, and the VAEs' uniform int8
-    ones, are taken by a real TensorRT parser (TensorRT-RTX's; the transformer's build real engines below)."""
+    ones, are taken by a real TensorRT parser (TensorRT-RTX's; the transformer's build real engines below), both
+    as calibrated on the fp32 graph and as carried onto the bf16 variant TensorRT builds them from."""
     from sprintrt.trt_parser import parse_problems
 
     for precision in QDQ_GRAPHS[component]:
-        assert parse_problems(qdq_graphs / f"{component}.{precision}.qdq.onnx") == [], precision
+        for graph in (f"{component}.{precision}.qdq.onnx", f"{component}.{precision}.qdq-bf16.onnx"):
+            assert parse_problems(qdq_graphs / graph) == [], graph
 
 
 @pytest.mark.rtx
-@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16", "int8", "fp8"])
-def test_the_tensorrt_chain_builds_real_engines(precision, typed_onnx_dir, qdq_graphs, tmp_path):
+@pytest.mark.parametrize("source", ["fp32", "tf32", "bf16", "fp16", "int8", "int8-on-bf16", "int8-on-fp16",
+                                    "fp8-on-bf16"])
+def test_the_tensorrt_chain_builds_real_engines(source, typed_onnx_dir, qdq_graphs, tmp_path):
     """The tensorrt backend's own Polygraphy chain (engines/trt_build.py), run by a real TensorRT builder:
     TensorRT-RTX's, which has TensorRT's API and builds without a GPU (POLYGRAPHY_USE_TENSORRT_RTX=1). Every
     network is strongly typed; the builder config carries the profile, the optimisation level and the workspace
-    limit, and tf32 (a math mode) is the only flag; the chain writes serialized engine bytes."""
-    source = {"fp32": typed_onnx_dir / "transformer.onnx", "tf32": typed_onnx_dir / "transformer.onnx",
+    limit, and tf32 (a math mode) is the only flag; the chain writes serialized engine bytes. int8 and fp8 are
+    built from the graphs the backend builds them from: the Q/DQ pairs on the bf16 variant (fp16 before Ampere;
+    the fp32 graph where the base stays fp32, as Gemma2's before Ampere)."""
+    precision = source.split("-")[0]
+    graphs = {"fp32": typed_onnx_dir / "transformer.onnx", "tf32": typed_onnx_dir / "transformer.onnx",
               "bf16": typed_onnx_dir / "transformer.bf16.onnx", "fp16": typed_onnx_dir / "transformer.fp16.onnx",
-              "int8": qdq_graphs / "transformer.int8.qdq.onnx", "fp8": qdq_graphs / "transformer.fp8.qdq.onnx"}
+              "int8": qdq_graphs / "transformer.int8.qdq.onnx",
+              "int8-on-bf16": qdq_graphs / "transformer.int8.qdq-bf16.onnx",
+              "int8-on-fp16": qdq_graphs / "transformer.int8.qdq-fp16.onnx",
+              "fp8-on-bf16": qdq_graphs / "transformer.fp8.qdq-bf16.onnx"}
     code = f"""
 from pathlib import Path
 import tensorrt_rtx as trt
@@ -106,7 +124,7 @@ from sprintrt.specs import SPEC_BUILDERS, ModelDims
 model = ModelDims.from_json(read_export_info({str(typed_onnx_dir)!r})["model_dims"])
 spec = SPEC_BUILDERS["transformer"](model)
 shapes = input_shapes(spec, tensorrt_profile(spec, model, ProfileOptions()))
-source, precision, out = Path({str(source[precision])!r}), Precision({precision!r}), Path({str(tmp_path / "x.plan")!r})
+source, precision, out = Path({str(graphs[source])!r}), Precision({precision!r}), Path({str(tmp_path / "x.plan")!r})
 builder, network, parser = trt_build.network_loader(source)()
 assert network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 config = trt_build.config_loader(precision, shapes, None)(builder, network)
