@@ -18,6 +18,12 @@ Two of ONNX Runtime's internals are replaced for the duration (QDQQuantizer._cal
 wrapped, and the quantize_onnx_initializer its module calls). Where an installed version lacks either, the
 context does nothing (the stock quantizer runs, only slower); the test fails on such a version, so CI says
 when this needs a look.
+
+A third, for fp8: each time ONNX Runtime adds initializers (once per bias it quantizes) it checks every float8
+initializer of the graph for NaN bytes (ONNXModel._check_init), in Python, one byte at a time, so the check
+grows with the square of the graph: at real size the DC-AE decoder's fp8 graph had not been written after 20 min
+(py-spy: in that check). Within the context the same rule (a byte whose low 7 bits are all set is E4M3FN's NaN)
+runs on the whole byte string with NumPy, and raises the same error.
 """
 
 from __future__ import annotations
@@ -132,30 +138,47 @@ def _quantize_initializer(stock):
     return quantize
 
 
+def _check_init(stock):
+    def check(model, init, test=None):
+        from onnx import TensorProto
+
+        if init.data_type == TensorProto.FLOAT8E4M3FN and init.HasField("raw_data"):
+            if ((np.frombuffer(init.raw_data, np.uint8) & 127) == 127).any():
+                raise ValueError(f"Initializer {init.name!r} has nan.")
+            return init
+        return stock(model, init, test)
+    return check
+
+
 def available() -> bool:
-    """Whether this ONNX Runtime has the two internals replaced here."""
-    from onnxruntime.quantization import qdq_quantizer
+    """Whether this ONNX Runtime has the three internals replaced here."""
+    from onnxruntime.quantization import onnx_model, qdq_quantizer
 
     return (hasattr(qdq_quantizer, "quantize_onnx_initializer")
-            and hasattr(qdq_quantizer.QDQQuantizer, "_calc_initializer_quant_params"))
+            and hasattr(qdq_quantizer.QDQQuantizer, "_calc_initializer_quant_params")
+            and hasattr(onnx_model.ONNXModel, "_check_init"))
 
 
 @contextmanager
 def vectorised_weights() -> Iterator[bool]:
-    """Within it, ONNX Runtime's QDQ quantizer quantizes per-channel integer weights a tensor at a time.
+    """Within it, ONNX Runtime's QDQ quantizer quantizes per-channel integer weights a tensor at a time and
+    checks float8 initializers for NaN on whole byte strings.
     Yields whether it does (False: this ONNX Runtime lacks the internals; the stock loop runs)."""
-    from onnxruntime.quantization import qdq_quantizer
+    from onnxruntime.quantization import onnx_model, qdq_quantizer
 
     if not available():
         yield False
         return
     with _lock:  # the patch is process-wide: one quantization at a time holds it
-        cls = qdq_quantizer.QDQQuantizer
+        cls, model = qdq_quantizer.QDQQuantizer, onnx_model.ONNXModel
         stock_calc, stock_quantize = cls._calc_initializer_quant_params, qdq_quantizer.quantize_onnx_initializer
+        stock_check = model._check_init
         cls._calc_initializer_quant_params = _calc_params(stock_calc)
         qdq_quantizer.quantize_onnx_initializer = _quantize_initializer(stock_quantize)
+        model._check_init = _check_init(stock_check)
         try:
             yield True
         finally:
             cls._calc_initializer_quant_params = stock_calc
             qdq_quantizer.quantize_onnx_initializer = stock_quantize
+            model._check_init = stock_check

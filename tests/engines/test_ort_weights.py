@@ -3,6 +3,8 @@ quantizer_tensors) give ONNX Runtime's own bits."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 import pytest
@@ -126,11 +128,40 @@ def test_the_q_dq_graph_is_onnx_runtimes_own_bit_for_bit(onnx_dir, tmp_path, mon
 
 
 def test_outside_the_context_the_stock_quantizer_runs():
-    from onnxruntime.quantization import qdq_quantizer
+    from onnxruntime.quantization import onnx_model, qdq_quantizer
 
-    before = (qdq_quantizer.QDQQuantizer._calc_initializer_quant_params, qdq_quantizer.quantize_onnx_initializer)
+    def stock():
+        return (qdq_quantizer.QDQQuantizer._calc_initializer_quant_params, qdq_quantizer.quantize_onnx_initializer,
+                onnx_model.ONNXModel._check_init)
+
+    before = stock()
     with ort_weights.vectorised_weights() as active:
         assert active
-        assert qdq_quantizer.quantize_onnx_initializer is not before[1]
-    after = (qdq_quantizer.QDQQuantizer._calc_initializer_quant_params, qdq_quantizer.quantize_onnx_initializer)
-    assert after == before
+        assert all(a is not b for a, b in zip(stock(), before))
+    assert stock() == before
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.lists(st.sampled_from([0x00, 0x01, 0x7e, 0x7f, 0x80, 0xfe, 0xff]), max_size=8).map(bytes), data_type=st.sampled_from([TensorProto.FLOAT8E4M3FN, TensorProto.UINT8]),
+       raw=st.booleans())
+def test_the_fp8_nan_check_is_onnx_runtimes_own(data, data_type, raw):
+    """ONNX Runtime's check of a float8 initializer for NaN bytes (0x7f, 0xff), run byte by byte in Python on every
+    initializer each time the quantizer adds one, and the vectorised one: the same verdict and the same error."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    init = TensorProto(name="w", data_type=data_type, dims=[len(data)])
+    if raw:
+        init.raw_data = data
+    else:  # no raw_data: neither looks at it
+        init.int32_data.extend(data)
+    model = ONNXModel(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])))
+    verdicts = []
+    for patched in (False, True):
+        with ort_weights.vectorised_weights() if patched else contextlib.nullcontext():
+            try:
+                verdicts.append(model._check_init(init) is init)
+            except ValueError as e:
+                verdicts.append(str(e))
+    assert verdicts[0] == verdicts[1]
+    assert (verdicts[0] is True) == (not raw or data_type != TensorProto.FLOAT8E4M3FN
+                                     or not any(b & 127 == 127 for b in data))
