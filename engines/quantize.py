@@ -186,21 +186,22 @@ def _settings(precision: str, n_feeds: int, target: Mapping | None, component: s
 FP8_OPSET = 19  # QuantizeLinear/DequantizeLinear take float8 from opset 19
 
 
-def check_quantizable(source: Path, precision: str, component: str) -> None:
-    """Refuse, before any work, a Q/DQ graph ONNX Runtime's quantizer cannot write: for fp8 it converts a graph
-    below opset 19 with onnx's version converter, which serialises the whole model in memory, and protobuf cannot
-    past 2 GB (measured: the real 0.6B controlled transformer, opset 18, failed with "Failed to serialize proto")."""
+def at_fp8_opset(source: Path) -> Path | None:
+    """For fp8, `source` (its weights in a file beside it) converted to opset 19, written beside it and naming the
+    same weights file, or None where it is already there. ONNX Runtime's quantizer would convert the graph itself,
+    weights and all, with onnx's version converter, which serialises the whole model in memory: protobuf cannot
+    past 2 GB (measured: the real 0.6B transformer, opset 18, "Failed to serialize proto"). Converted here without
+    its weights, the graph is a few MB; the converter is the same, so is the Q/DQ graph
+    (tests/engines/test_ort_weights.py). The caller removes the file."""
     import onnx
+    from onnx import version_converter
 
-    if precision != "fp8" or not source.with_name(source.name + ".data").exists():
-        return
     model = onnx.load(str(source), load_external_data=False)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < FP8_OPSET:
-        raise InvalidInputError(f"fp8 for {component}: its graph is over 2 GB at opset {opset}, and ONNX Runtime's "
-                                f"quantizer converts it to opset {FP8_OPSET} in memory, which protobuf cannot hold "
-                                f"past 2 GB. Fix: build the {component} in int8 or bf16/fp16 (fp8 works for graphs "
-                                "under 2 GB)")
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) >= FP8_OPSET:
+        return None
+    converted = source.with_name(f".{source.stem}.opset{FP8_OPSET}.{os.getpid()}.onnx")
+    onnx.save_model(version_converter.convert_version(model, FP8_OPSET), str(converted))
+    return converted
 
 
 def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "int8",
@@ -224,7 +225,6 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
     from sprintrt.engines.ort_weights import vectorised_weights
 
     settings = _settings(precision, max(len(feeds), 1), target, component)  # an unknown precision fails before any work
-    check_quantizable(source, precision, component)
     if not feeds:
         raise InvalidInputError("calibration produced no samples: expected at least one prompt. Fix: pass a "
                                 "non-empty calibration prompt file")
@@ -247,6 +247,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
     # Over 2 GB (the real transformers) the calibration graph and the result need external weights.
     external = source.with_name(source.name + ".data").exists()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    converted = None  # fp8: the graph at opset 19, beside its weights
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # ORT logs a generic "consider pre-processing" warning on the root logger
@@ -255,6 +256,9 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
             cache = Path(work) / "ranges.json"
             say(f"{precision} activation ranges of {component} on {len(feeds)} calibration sample(s)")
             given = source if external else external_weights_copy(source, Path(work))
+            if precision == "fp8":
+                converted = at_fp8_opset(given)
+                given = converted or given
             calibrated_ranges(given, feeds, settings, external, Path(work), cache, only=read)
 
             def write(nodes: list[str], path: Path) -> None:
@@ -273,6 +277,8 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
         os.replace(tmp, out)
     finally:
         root.setLevel(level)
+        if converted is not None:
+            converted.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
         tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
     return {"quantized_nodes": len(quantize), "kept_high_precision": keep, "calibration_samples": len(feeds),

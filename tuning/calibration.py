@@ -279,7 +279,7 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
     graphs are built from them. Returns engine_dir."""
     from sprintrt.engines.build import build_engines
     from sprintrt.engines.precision import QUANTIZED, PrecisionRequest, quantized_precisions
-    from sprintrt.engines.quantize import check_quantizable, quantizable_nodes
+    from sprintrt.engines.quantize import quantizable_nodes
     from sprintrt.export_info import read_export_info
 
     say = progress or (lambda msg: None)
@@ -293,9 +293,8 @@ def build_quantized_engines(onnx_dir: str | Path, engine_dir: str | Path, prompt
         raise InvalidInputError(f"precision={precision!r} names {asked}, which {onnx_dir} has no export of "
                                 f"(it holds {list(exported)}). Fix: quantize components of this export, or export "
                                 "the model with them (a ControlNet: `sprintrt export --controlnet ...`)")
-    for comp in quantized:  # fail before any work on an export without module paths, or a graph it cannot write
+    for comp in quantized:  # fail before any work on an export without module paths
         quantizable_nodes(Path(onnx_dir) / f"{comp}.onnx", comp)
-        check_quantizable(Path(onnx_dir) / f"{comp}.onnx", precisions[comp].value, comp)
     prompts = read_prompts(prompts_file)[:count]
     engine_dir = Path(engine_dir)
     feeds_of = lazy_calibration(onnx_dir, engine_dir.with_name(f".{engine_dir.name}.calibration"), quantized,
