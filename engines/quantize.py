@@ -190,9 +190,9 @@ def at_fp8_opset(source: Path) -> Path | None:
     """For fp8, `source` (its weights in a file beside it) converted to opset 19, written beside it and naming the
     same weights file, or None where it is already there. ONNX Runtime's quantizer would convert the graph itself,
     weights and all, with onnx's version converter, which serialises the whole model in memory: protobuf cannot
-    past 2 GB (measured: the real 0.6B transformer, opset 18, "Failed to serialize proto"). Converted here without
-    its weights, the graph is a few MB; the converter is the same, so is the Q/DQ graph
-    (tests/engines/test_ort_weights.py). The caller removes the file."""
+    past 2 GB (measured: the real 0.6B controlled transformer, opset 18, "Failed to serialize proto"). Converted
+    here without its weights, the graph is a few MB; the converter is the same, so is the Q/DQ graph
+    (tests/engines/test_ort_weights.py, tests/engines/test_int8.py). The caller removes the file."""
     import onnx
     from onnx import version_converter
 

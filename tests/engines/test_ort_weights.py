@@ -142,8 +142,8 @@ def test_outside_the_context_the_stock_quantizer_runs():
 
 
 @settings(max_examples=80, deadline=None)
-@given(data=st.lists(st.sampled_from([0x00, 0x01, 0x7e, 0x7f, 0x80, 0xfe, 0xff]), max_size=8).map(bytes), data_type=st.sampled_from([TensorProto.FLOAT8E4M3FN, TensorProto.UINT8]),
-       raw=st.booleans())
+@given(data=st.lists(st.sampled_from([0x00, 0x01, 0x7e, 0x7f, 0x80, 0xfe, 0xff]), max_size=8).map(bytes),
+       data_type=st.sampled_from([TensorProto.FLOAT8E4M3FN, TensorProto.UINT8]), raw=st.booleans())
 def test_the_fp8_nan_check_is_onnx_runtimes_own(data, data_type, raw):
     """ONNX Runtime's check of a float8 initializer for NaN bytes (0x7f, 0xff), run byte by byte in Python on every
     initializer each time the quantizer adds one, and the vectorised one: the same verdict and the same error."""
