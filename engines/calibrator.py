@@ -1,6 +1,6 @@
-"""Activation ranges for the Q/DQ graphs: ONNX Runtime's calibrators, run with one copy of the weights in memory,
-on the tensors the quantizer reads only, and with the min/max calibrator's graph augmentation in linear time
-(engines/quantize.py writes the graphs)."""
+"""Activation ranges for the Q/DQ graphs: ONNX Runtime's calibrators, run with one copy of the weights in memory and
+their augmented graphs never written, on the tensors the quantizer reads only, and with the min/max calibrator's
+graph augmentation in linear time (engines/quantize.py writes the graphs)."""
 
 from __future__ import annotations
 
@@ -43,10 +43,6 @@ class _Only:
         return tensors, value_infos
 
 
-class _OnlyDistributionCalibrater(_Only, DistributionCalibrater):
-    pass
-
-
 def _graph_with_shape_infer(model_path: Path) -> onnx.ModelProto:
     """ONNX Runtime's load_model_with_shape_infer without the weights: a graph whose weights are in a file keeps
     referring to that file (the inferred copy is written beside `model_path`, as ORT's is, so the references stay
@@ -63,24 +59,15 @@ def _graph_with_shape_infer(model_path: Path) -> onnx.ModelProto:
     return model
 
 
-class _LinearMinMaxCalibrater(_Only, MinMaxCalibrater):
-    """ONNX Runtime's min/max calibrator with the same augmented graph, written in linear time and never to disk.
+class _InMemory:
+    """A calibrator whose augmented graph is never written: the weights stay in the source's file.
 
-    The weights stay in the source's file: the graph is loaded without them (where they are in a file), and the
-    augmented graph's session is created from its serialised bytes, reading them from the source's directory.
-    ORT's own loads every weight into the graph, then saves the augmented copy with all of them (the real text
-    encoder: 10 GB read, then 10 GB written per calibration) and loads them a third time into its session.
-    Measured on the real transformer (2.4 GB, 2-vCPU Intel Xeon with AMX): loading and augmenting 20-50 s that
-    way (the disk's speed varied), 0.2 s this way; peak memory of 12 samples' calibration 9.5 -> 5.0 GB.
-
-    Its augment_graph adds a ReduceMin and a ReduceMax (each followed by a Reshape to 1-D) per calibrated
-    tensor, and for each of them rebuilds the name -> type map of every tensor and scans the node list for the
-    tensor's first reader, then inserts into the middle of it: quadratic in the graph's size. Measured at real
-    size (2-vCPU Intel Xeon with AMX, ORT 1.31.1): the augmentation took 157 s of a 27 min `--backend auto` run
-    (25 s this way, most of it writing the copy). Here the map is built once and the new nodes are placed in one
-    pass, each pair just before its tensor's first reader (graph outputs nobody reads: at the end), each tensor's
-    outputs as ReduceMin then ReduceMax (compute_data pairs them by position). The same nodes, names and
-    outputs; tests/engines/test_calibrator.py checks the ranges equal the stock calibrator's."""
+    The graph is loaded without them (where they are in a file), and the augmented graph's session is created
+    from its serialised bytes, reading them from the source's directory. ORT's own calibrators load every weight
+    into the graph, then save the augmented copy with all of them (the real text encoder: 10 GB read, then 10 GB
+    written per calibration) and load them a third time into their session. Measured on the real transformer
+    (2.4 GB, 2-vCPU Intel Xeon with AMX), min/max: loading and augmenting 20-50 s that way (the disk's speed
+    varied), 0.2 s this way; peak memory of 12 samples' calibration 9.5 -> 5.0 GB."""
 
     def __init__(self, model_path: Path, *args, **kwargs):
         from onnxruntime.quantization import calibrate
@@ -100,6 +87,31 @@ class _LinearMinMaxCalibrater(_Only, MinMaxCalibrater):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.weights_dir))
         self.infer_session = ort.InferenceSession(self.model.SerializeToString(), options,
                                                   providers=self.execution_providers)
+
+
+class _OnlyDistributionCalibrater(_Only, _InMemory, DistributionCalibrater):
+    """ONNX Runtime's histogram calibrator (fp8) with the same augmented graph (every calibrated tensor made an
+    output), kept in memory (_InMemory) instead of saved."""
+
+    def augment_graph(self):
+        self.tensors_to_calibrate, value_infos = self.select_tensors_to_calibrate(self.model)
+        for tensor in self.tensors_to_calibrate:
+            if tensor not in self.model_original_outputs:
+                self.model.graph.output.append(value_infos[tensor])
+
+
+class _LinearMinMaxCalibrater(_Only, _InMemory, MinMaxCalibrater):
+    """ONNX Runtime's min/max calibrator with the same augmented graph, written in linear time and kept in memory
+    (_InMemory).
+
+    Its augment_graph adds a ReduceMin and a ReduceMax (each followed by a Reshape to 1-D) per calibrated
+    tensor, and for each of them rebuilds the name -> type map of every tensor and scans the node list for the
+    tensor's first reader, then inserts into the middle of it: quadratic in the graph's size. Measured at real
+    size (2-vCPU Intel Xeon with AMX, ORT 1.31.1): the augmentation took 157 s of a 27 min `--backend auto` run
+    (25 s this way, most of it writing the copy). Here the map is built once and the new nodes are placed in one
+    pass, each pair just before its tensor's first reader (graph outputs nobody reads: at the end), each tensor's
+    outputs as ReduceMin then ReduceMax (compute_data pairs them by position). The same nodes, names and
+    outputs; tests/engines/test_calibrator.py checks the ranges equal the stock calibrator's."""
 
     def augment_graph(self):
         graph = self.model.graph
@@ -152,20 +164,15 @@ def quantizer_tensors(model: onnx.ModelProto, nodes) -> frozenset:
                      for name in (*node.input, *node.output) if name and name not in weights)
 
 
-def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external: bool, work: Path, cache: Path,
-                      only: frozenset | None = None):
+def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, cache: Path, only: frozenset | None = None):
     """ONNX Runtime's calibrator, as quantize_static runs it for `settings`, with one copy of the weights in
     memory; writes the ranges to `cache` (ORT's calibration cache format). `only`: record just these tensors
     (quantizer_tensors), None: every tensor of the op types ORT can quantize.
 
-    int8 (min/max): the graph is loaded without the weights in `source`'s file and augmented in memory, and its
-    session reads them from that file (_LinearMinMaxCalibrater): a graph handed over with its weights in a file
-    (quantize_qdq always does) is never copied. fp8 (histograms): ORT's calibrator loads the graph, adds the
-    outputs and saves that copy with external weights, then runs a session of it; saving moves the weights out
-    of the loaded graph, but protobuf frees their memory only with the whole message, so the loaded graph is
-    dropped before the session loads the weights again (measured on 512 MB of weights: peak 2.0x the weights
-    with it kept, 1.0x dropped). Samples are folded into running ranges `CalibStridedMinMax` at a time
-    (CALIBRATION_CHUNK)."""
+    int8 (min/max) and fp8 (histograms): the graph is loaded without the weights in `source`'s file and augmented
+    in memory, and its session reads them from that file (_InMemory): a graph handed over with its weights in a
+    file (quantize_qdq always does) is never copied. Samples are folded into running ranges `CalibStridedMinMax`
+    at a time (CALIBRATION_CHUNK)."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -178,17 +185,13 @@ def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, external:
         raise ValueError(f"calibrated_ranges does not forward {unforwarded} to the calibrator")
     # The tensors quantize_static calibrates by default (every op type it can quantize), narrowed to `only`.
     op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    args = (source, op_types, str(work / "augmented.onnx"))
     if settings["calibrate_method"] == CalibrationMethod.MinMax:
-        calibrator = _LinearMinMaxCalibrater(*args, use_external_data_format=external)
+        calibrator = _LinearMinMaxCalibrater(source, op_types)
     else:  # fp8; with create_calibrator's defaults for this method (the class's own differ)
-        calibrator = _OnlyDistributionCalibrater(*args, use_external_data_format=external, num_bins=2048,
-                                                 scenario="same")
+        calibrator = _OnlyDistributionCalibrater(source, op_types, num_bins=2048, scenario="same")
     calibrator.only = only
     try:
         calibrator.augment_graph()
-        if not isinstance(calibrator, _LinearMinMaxCalibrater):
-            calibrator.model = None  # see above: its weights are in the augmented copy's files now
         calibrator.create_inference_session()
         reader = _Feeds(feeds)
         stride = extra.get("CalibStridedMinMax") or len(feeds)

@@ -259,7 +259,7 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
             if precision == "fp8":
                 converted = at_fp8_opset(given)
                 given = converted or given
-            calibrated_ranges(given, feeds, settings, external, Path(work), cache, only=read)
+            calibrated_ranges(given, feeds, settings, cache, only=read)
 
             def write(nodes: list[str], path: Path) -> None:
                 quantize_static(str(given), str(path), None, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,

@@ -1,14 +1,15 @@
-"""engines/calibrator.py: the linear-time, in-memory min/max augmentation gives exactly ONNX Runtime's own ranges."""
+"""engines/calibrator.py: the in-memory augmentation (min/max: in linear time; histograms, for fp8) gives exactly
+ONNX Runtime's own ranges."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from onnxruntime.quantization.calibrate import MinMaxCalibrater
+from onnxruntime.quantization.calibrate import DistributionCalibrater, MinMaxCalibrater
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-from sprintrt.engines.calibrator import _Feeds, _LinearMinMaxCalibrater
+from sprintrt.engines.calibrator import _Feeds, _LinearMinMaxCalibrater, _OnlyDistributionCalibrater
 from sprintrt.engines.quantize import external_weights_copy
 from sprintrt.export_info import read_export_info
 from sprintrt.specs import SPEC_BUILDERS, ModelDims
@@ -16,9 +17,11 @@ from sprintrt.specs import SPEC_BUILDERS, ModelDims
 
 def _ranges(cls, source, feeds, work):
     work.mkdir()
-    calibrator = cls(source, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), str(work / "augmented.onnx"))
+    histograms = {"num_bins": 2048, "scenario": "same"} if issubclass(cls, DistributionCalibrater) else {}  # fp8's
+    calibrator = cls(source, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), str(work / "augmented.onnx"),
+                     **histograms)
     calibrator.augment_graph()
-    if cls is _LinearMinMaxCalibrater:  # augmented in memory only
+    if cls in (_LinearMinMaxCalibrater, _OnlyDistributionCalibrater):  # augmented in memory only
         assert not any(work.iterdir())
         augmented = calibrator.model
     else:
@@ -27,6 +30,30 @@ def _ranges(cls, source, feeds, work):
     calibrator.collect_data(_Feeds(feeds))
     data = calibrator.compute_data()
     return {name: tuple(np.asarray(v) for v in data[name].range_value) for name in data}, augmented
+
+
+@pytest.mark.parametrize("component,weights_in_a_file", [("transformer", True), ("vae_decoder", False)])
+def test_the_histogram_calibrator_in_memory_gives_onnx_runtimes_ranges(onnx_dir, tmp_path, component,
+                                                                      weights_in_a_file):
+    """fp8's calibrator (histograms): the same ranges as ORT's own, which saves an augmented copy with every weight
+    (the real text encoder's 10 GB); this one writes nothing and reads the weights from the source's file."""
+    dims = ModelDims.from_json(read_export_info(onnx_dir)["model_dims"])
+    spec = SPEC_BUILDERS[component](dims)
+    feeds = [spec.sample_inputs(spec.sizes("sample"), seed=i) for i in range(2)]
+    source = onnx_dir / f"{component}.onnx"
+    if weights_in_a_file:
+        (tmp_path / "source").mkdir()
+        source = external_weights_copy(source, tmp_path / "source")
+        before = sorted(p.name for p in source.parent.iterdir())
+    stock, stock_graph = _ranges(DistributionCalibrater, source, feeds, tmp_path / "stock")
+    ours, our_graph = _ranges(_OnlyDistributionCalibrater, source, feeds, tmp_path / "ours")
+    assert len(stock) > 20 and stock.keys() == ours.keys()
+    for name, (low, high) in stock.items():
+        assert np.array_equal(low, ours[name][0]) and np.array_equal(high, ours[name][1]), name
+    assert [o.name for o in stock_graph.graph.output] == [o.name for o in our_graph.graph.output]
+    if weights_in_a_file:
+        assert sorted(p.name for p in source.parent.iterdir()) == before  # no copy, no leftover beside it
+        assert sum(i.data_location == onnx.TensorProto.EXTERNAL for i in our_graph.graph.initializer) > 10
 
 
 @pytest.mark.parametrize("component,weights_in_a_file", [

@@ -560,7 +560,7 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path
     feeds = [{"latent": rng.standard_normal((1, 32, 4, 6)).astype(np.float32)} for _ in range(2)]
     settings = Q._settings("int8", len(feeds), None, "vae_decoder")
     cache = tmp_path / "ranges.json"
-    calibrated_ranges(source, feeds, settings, False, tmp_path, cache)
+    calibrated_ranges(source, feeds, settings, cache)
     proto = onnx.load(str(source), load_external_data=False)
     nodes, _ = quantizable_nodes(proto, "vae_decoder")
     by_output = module_scopes(proto)
@@ -601,7 +601,7 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
              else [{"sample": rng.uniform(-1, 1, (1, 3, 64, 96)).astype(np.float32)}])
     settings = Q._settings("int8", len(feeds), None, component)
     cache = tmp_path / "ranges.json"
-    calibrated_ranges(source, feeds, settings, False, tmp_path, cache)
+    calibrated_ranges(source, feeds, settings, cache)
     proto = onnx.load(str(source), load_external_data=False)
     nodes, _ = quantizable_nodes(proto, component)
     by_output = module_scopes(proto)
