@@ -246,6 +246,12 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
     del proto  # a VAE's holds its weights
     # Over 2 GB (the real transformers) the calibration graph and the result need external weights.
     external = source.with_name(source.name + ".data").exists()
+    if external and not os.access(source.parent, os.W_OK):
+        # The calibrator's shape-inferred graph and fp8's opset-19 one name the weights file by a relative path,
+        # so they are written beside it (ONNX Runtime and onnx refuse a weights path outside a graph's directory).
+        raise InvalidInputError(f"{component}: quantizing {source.name} writes two small temporary graphs beside its "
+                                f"weights file, and {source.parent} is not writable. Fix: make that directory "
+                                "writable, or build from a writable copy of the export")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     converted = None  # fp8: the graph at opset 19, beside its weights
     root = logging.getLogger()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -664,6 +665,13 @@ def test_fp8_of_a_graph_over_2_gb_below_opset_19_is_converted_without_its_weight
     assert any(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in b.graph.initializer)
     assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
     assert sorted(p.name for p in big.parent.iterdir()) == ["transformer.onnx", "transformer.onnx.data"]
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != os.fspath(big.parent)
+                        and writable(path, mode))
+    for precision in ("fp8", "int8"):  # root may write anywhere: an unwritable export directory is simulated
+        with pytest.raises(InvalidInputError, match=f"{big.parent} is not writable. Fix: make that directory"):
+            quantize_qdq(big, tmp_path / "never.onnx", feeds, precision, target=H100, component="transformer")
+    assert not (tmp_path / "never.onnx").exists()
 
 
 def test_a_failed_verification_leaves_out_as_many_of_the_largest_errors_as_the_miss_says():
