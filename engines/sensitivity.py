@@ -1,9 +1,9 @@
 """Mixed-precision int8 chosen by measured sensitivity: which layer groups of a component stay in float.
 
 A uniform int8 recipe loses the DC-AE decoder's picture (real 0.6B architecture: cosine 0.917 to fp32 with
-every layer but conv_in/conv_out in int8, issue #29), and which layers cost it is a property of the
-weights, so it is measured per checkpoint, in the manner of NNCF's accuracy-aware quantization and
-ModelOpt's per-layer sensitivity:
+every layer but conv_in/conv_out in int8, issue #29) and takes the transformer just below the tuner's gate, and
+which layers cost it is a property of the weights, so it is measured per checkpoint, in the manner of NNCF's
+accuracy-aware quantization and ModelOpt's per-layer sensitivity (the components and their grouping: GROUPS):
 
 1. The component's quantizable layers are grouped by block (GROUPS: one group per module-path match).
 2. Each group alone is quantized with the shared calibration ranges (the graph ONNX Runtime's quantizer gives
@@ -38,14 +38,22 @@ import numpy as np
 from sprintrt.defaults import IMAGE_MIN_PSNR_DB, INT8_SENSITIVITY_MARGIN_DB, INT8_SENSITIVITY_SAMPLES, TUNE_MIN_COSINE
 from sprintrt.errors import InvalidInputError
 from sprintrt.metrics import cosine, psnr
-from sprintrt.specs import PICTURE_OUTPUT_RANGE, VAE_DECODER, VAE_ENCODER
+from sprintrt.specs import (CONTROLLED_TRANSFORMER, CONTROLNET, PICTURE_OUTPUT_RANGE, TRANSFORMER, VAE_DECODER,
+                             VAE_ENCODER)
 
 # Per component whose int8 layers are chosen by measurement: the module-path pattern naming a layer's group.
 # DC-AE's decoder: one group per block of each stage (the upsampling convolution is block 0), 11 groups in
 # the tiny decoder, 23 in the real one; its encoder alike (the downsampling convolution is each stage's last
 # block). conv_in / conv_out stay in float by KEEP_HIGH_PRECISION. The encoder's output is a latent, not a
 # picture: its gate is the cosine alone (PICTURE_OUTPUT_RANGE).
-GROUPS = {VAE_DECODER: r"decoder\.up_blocks\.\d+\.\d+", VAE_ENCODER: r"encoder\.down_blocks\.\d+\.\d+"}
+# The Sana transformer family (the transformer, the controlled transformer and the ControlNet's own blocks): one
+# group per part of each block, its linear self-attention (attn1), its cross-attention (attn2) and its GLUMBConv
+# feed-forward (ff), 3 x 28 groups in the real 0.6B transformer: a uniform int8 one missed the tuner's gate by
+# little (cosine 0.99886 to fp32 calibrated, 2-vCPU AMX Xeon), so a few parts in float can buy it back. The
+# embeddings and output projections stay in float by KEEP_HIGH_PRECISION; their outputs are not pictures either.
+_SANA_BLOCK_PARTS = r"transformer_blocks\.\d+\.(?:attn1|attn2|ff)\b"
+GROUPS = {VAE_DECODER: r"decoder\.up_blocks\.\d+\.\d+", VAE_ENCODER: r"encoder\.down_blocks\.\d+\.\d+",
+          TRANSFORMER: _SANA_BLOCK_PARTS, CONTROLLED_TRANSFORMER: _SANA_BLOCK_PARTS, CONTROLNET: _SANA_BLOCK_PARTS}
 # Verification rounds before giving up (each runs the chosen set on every calibration input).
 MAX_VERIFY_ROUNDS = 6
 # What a failed verification leaves in float (in the engine key through `rules`): as many as the miss says.
@@ -282,7 +290,10 @@ def _fp32_pass(source: Path, nodes: list[str], cut: list[str], feeds: list[dict]
     known = {o.name for o in model.graph.output}
     for name in sorted(({out for _, _, out in layers.values()} | set(cut)) - known):
         model.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = _session(model.SerializeToString())
+    # Weights as shared values (kept alive while the session runs): the real transformers' graphs are over
+    # protobuf's 2 GB with them inside.
+    names, values = _shared_weights(model)
+    session = _session(_Shared(model.SerializeToString(), names, values))
     del model
     reference, macs, at_cut = [], {}, []
     for i, feed in enumerate(feeds):

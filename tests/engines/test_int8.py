@@ -48,8 +48,10 @@ def test_calibration_records_the_timesteps_actually_run(calibration_feeds):
 
 
 def test_qdq_wraps_every_quantized_layer_and_none_of_the_kept_ones(onnx_dir, calibration_feeds, tmp_path):
+    """Where the recipe puts Q/DQ (its uniform form: which of these layers stay in float as well is measured, below)."""
     out = tmp_path / "t.qdq.onnx"
-    info = quantize_qdq(onnx_dir / "transformer.onnx", out, calibration_feeds, "int8", component="transformer")
+    info = quantize_qdq(onnx_dir / "transformer.onnx", out, calibration_feeds, "int8", component="transformer",
+                        uniform=True)
     quantize, keep = quantizable_nodes(onnx_dir / "transformer.onnx", "transformer")
     model = onnx.load(str(out))
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -279,7 +281,7 @@ def _int8_weights(path) -> list[np.ndarray]:
 def test_qdq_weights_use_the_recipes_range(onnx_dir, calibration_feeds, tmp_path, target, limit):
     out = tmp_path / "t.onnx"
     info = quantize_qdq(onnx_dir / "transformer.onnx", out, calibration_feeds, "int8", target=target,
-                        component="transformer")
+                        component="transformer", uniform=True)
     assert info["quantization_recipe"] == ("int8-w7" if limit == 64 else "int8")
     weights = _int8_weights(out)
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == limit
@@ -309,7 +311,8 @@ def test_int8_manifest_names_the_recipe_for_this_cpu(int8_engine_dir):
     from sprintrt.engines.quantize import recipe
 
     entry = json.loads((int8_engine_dir / "manifest.json").read_text())["components"]["transformer"]
-    expected = recipe("int8", machine.cpu_target())
+    expected = recipe("int8", machine.cpu_target(), "transformer")
+    assert expected.endswith("-mixed")  # its int8 layers are chosen by measurement (below)
     assert entry["quantization_recipe"] == expected and f"__{expected}-" in entry["key"]
 
 
@@ -494,6 +497,34 @@ def test_the_encoders_int8_layers_are_chosen_by_measured_sensitivity(all_int8_di
         assert np.abs(got - ref).max() > 0 and cosine(got, ref) >= TUNE_MIN_COSINE, cosine(got, ref)
 
 
+@pytest.mark.parametrize("component,blocks", [("transformer", 2), ("controlled_transformer", 2), ("controlnet", 1)])
+def test_the_transformer_familys_int8_layers_are_chosen_by_measured_sensitivity(onnx_dir, all_int8_dir, component,
+                                                                                 blocks):
+    """The decoder's method on the Sana transformer family (issue #29: a uniform int8 transformer missed the tuner's
+    gate at real size), one group per part of each block (self-attention, cross-attention, feed-forward), gated on
+    the output's cosine alone; what the recipe keeps in float stays there, and the groups it leaves in float too."""
+    from sprintrt.engines.sensitivity import Gate, layer_groups
+    from sprintrt.onnx_scopes import module_scopes
+
+    entry = json.loads((all_int8_dir / "manifest.json").read_text())["components"][component]
+    report = entry["int8_sensitivity"]
+    assert entry["quantization_recipe"].endswith("-mixed") and f"__{entry['quantization_recipe']}-" in entry["key"]
+    assert report["gate"]["min_psnr_db"] is None and report["verified"]["psnr_db"] is None
+    assert report["verified"]["cosine"] >= Gate().min_cosine
+    source = onnx.load(str(onnx_dir / f"{component}.onnx"), load_external_data=False)
+    quantize, keep = quantizable_nodes(source, component)
+    scopes = {n.name: module_scopes(source)[n.output[0]] for n in source.graph.node if n.name in set(quantize)}
+    groups = layer_groups(quantize, scopes, component)
+    assert list(report["groups"]) == list(groups) == [f"transformer_blocks.{b}.{part}" for b in range(blocks)
+                                                      for part in ("attn1", "attn2", "ff")]
+    assert all(row["mse"] > 0 and row["macs"] > 0 for row in report["groups"].values())
+    chosen = [g for g, row in report["groups"].items() if row["quantized"]]
+    assert chosen and entry["quantized_nodes"] == sum(len(groups[g]) for g in chosen)
+    assert entry["kept_high_precision"][:len(keep)] == keep
+    assert sorted(entry["kept_high_precision"][len(keep):]) == sorted(n for g in groups if g not in chosen
+                                                                      for n in groups[g])
+
+
 def test_a_graph_without_visible_weight_layers_is_refused(onnx_dir, tmp_path):
     """ONNX Runtime reads an empty nodes_to_quantize as "quantize every node": a graph whose weights all
     sit behind Transposes (the real-size exports before the Transposes were folded) must be refused,
@@ -546,9 +577,32 @@ def test_every_quantized_matmul_runs_as_an_int8_kernel(onnx_dir, all_int8_dir, c
     assert dequantized_weights == [], dequantized_weights
 
 
-def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path):
+def _sensitivity_feeds(component: str, calibration_feeds: list[dict], seed: int) -> list[dict]:
+    """Two inputs of `component` unlike the export's sample shapes (the transformer's: two calibration calls)."""
+    rng = np.random.default_rng(seed)
+    if component == "transformer":
+        return calibration_feeds[1:3]  # 8x8 latents, both timesteps of the 2-step schedule
+    if component == "vae_decoder":
+        return [{"latent": rng.standard_normal((1, 32, 4, 6)).astype(np.float32)} for _ in range(2)]
+    return [{"sample": rng.uniform(-1, 1, (1, 3, 64, 96)).astype(np.float32)} for _ in range(2)]
+
+
+def _source_with_weights_in_a_file(onnx_dir, component: str, tmp_path):
+    """The tiny transformer laid out as the real one is (over 2 GB its weights are in a file beside it)."""
+    if component != "transformer":
+        return onnx_dir / f"{component}.onnx"
+    src = tmp_path / "src" / "transformer.onnx"
+    src.parent.mkdir()
+    onnx.save_model(onnx.load(str(onnx_dir / "transformer.onnx")), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="transformer.onnx.data", size_threshold=1024)
+    return src
+
+
+@pytest.mark.parametrize("component", ["vae_decoder", "transformer"])
+def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, calibration_feeds, tmp_path, component):
     """The per-group graphs the sensitivity measures are derived from one all-layers Q/DQ graph (engines/
-    sensitivity.py Variants); each must compute what ONNX Runtime's quantizer gives for the same layers."""
+    sensitivity.py Variants); each must compute what ONNX Runtime's quantizer gives for the same layers. The
+    transformer's cross-attentions all read one quantized caption: a group chosen alone keeps that pair for itself."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     from sprintrt.engines import quantize as Q
@@ -556,27 +610,30 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path
     from sprintrt.engines.sensitivity import Variants, _run, layer_groups
     from sprintrt.onnx_scopes import module_scopes
 
-    source = onnx_dir / "vae_decoder.onnx"
-    rng = np.random.default_rng(0)
-    feeds = [{"latent": rng.standard_normal((1, 32, 4, 6)).astype(np.float32)} for _ in range(2)]
-    settings = Q._settings("int8", len(feeds), None, "vae_decoder")
+    source = _source_with_weights_in_a_file(onnx_dir, component, tmp_path)
+    feeds = _sensitivity_feeds(component, calibration_feeds, 0)
+    settings = Q._settings("int8", len(feeds), None, component)
     cache = tmp_path / "ranges.json"
     calibrated_ranges(source, feeds, settings, cache)
     proto = onnx.load(str(source), load_external_data=False)
-    nodes, _ = quantizable_nodes(proto, "vae_decoder")
+    nodes, _ = quantizable_nodes(proto, component)
     by_output = module_scopes(proto)
     groups = layer_groups(nodes, {n.name: by_output[n.output[0]] for n in proto.graph.node if n.name in nodes},
-                          "vae_decoder")
+                          component)
+    external = component == "transformer"
 
     def write(chosen, path):
         quantize_static(str(source), str(path), None, quant_format=QuantFormat.QDQ, nodes_to_quantize=chosen,
-                        calibration_cache_path=str(cache), **settings)
+                        calibration_cache_path=str(cache), use_external_data_format=external, **settings)
 
     write(nodes, tmp_path / "all.onnx")
     variants = Variants(tmp_path / "all.onnx", source, Q.UNQUANTIZED_OUTPUTS)
     fp32 = _run(source, feeds)
     names = list(groups)
-    for chosen in ([names[0]], [names[-1]], names[1:5], names):  # attention block, ResBlock, a mix, everything
+    # decoder: an attention block, a ResBlock, a mix, everything; transformer: a self-attention, a feed-forward,
+    # a cross-attention alone (the caption's shared pair), one with another block's self-attention, everything
+    picks = (names[1:5],) if component == "vae_decoder" else ([names[1]], names[1:5:2])
+    for chosen in ([names[0]], [names[-1]], *picks, names):
         members = [n for g in chosen for n in groups[g]]
         write(members, tmp_path / "one.onnx")
         expected, got = _run(tmp_path / "one.onnx", feeds), _run(variants(members), feeds)
@@ -584,11 +641,13 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, tmp_path
             assert np.abs(g - e).max() <= 1e-6 * np.abs(e).max() and np.abs(e - f).max() > 1e-4, chosen
 
 
-@pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])
-def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(onnx_dir, tmp_path, component):
+@pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder", "transformer"])
+def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(onnx_dir, calibration_feeds, tmp_path,
+                                                                                component):
     """Each group's sensitivity run starts at the first node quantizing it changes, fed the fp32 graph's values
     there (sensitivity.py Variants.suffix): its output must be the whole variant's, bit for bit, and the runs
-    must skip work (the encoder's first blocks and the decoder's last are the large ones)."""
+    must skip work (the encoder's first blocks and the decoder's last are the large ones, the transformer's
+    blocks alike). The transformer's weights are in a file, as the real one's (over 2 GB) are."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     from sprintrt.engines import quantize as Q
@@ -596,10 +655,8 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
     from sprintrt.engines.sensitivity import Variants, _fp32_pass, _run, layer_groups
     from sprintrt.onnx_scopes import module_scopes
 
-    source = onnx_dir / f"{component}.onnx"
-    rng = np.random.default_rng(1)
-    feeds = ([{"latent": rng.standard_normal((1, 32, 4, 6)).astype(np.float32)}] if component == "vae_decoder"
-             else [{"sample": rng.uniform(-1, 1, (1, 3, 64, 96)).astype(np.float32)}])
+    source = _source_with_weights_in_a_file(onnx_dir, component, tmp_path)
+    feeds = _sensitivity_feeds(component, calibration_feeds, 1)[:1]
     settings = Q._settings("int8", len(feeds), None, component)
     cache = tmp_path / "ranges.json"
     calibrated_ranges(source, feeds, settings, cache)
@@ -609,7 +666,8 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
     groups = layer_groups(nodes, {n.name: by_output[n.output[0]] for n in proto.graph.node if n.name in nodes},
                           component)
     quantize_static(str(source), str(tmp_path / "all.onnx"), None, quant_format=QuantFormat.QDQ,
-                    nodes_to_quantize=nodes, calibration_cache_path=str(cache), **settings)
+                    nodes_to_quantize=nodes, calibration_cache_path=str(cache),
+                    use_external_data_format=component == "transformer", **settings)
     variants = Variants(tmp_path / "all.onnx", source, Q.UNQUANTIZED_OUTPUTS)
     cuts = {g: variants.cut(members) for g, members in groups.items()}
     reference, macs, values = _fp32_pass(source, nodes, sorted({c for cut in cuts.values() for c in cut}), feeds, 1)
