@@ -539,11 +539,11 @@ class _Trials:
 
         Both are heuristics, as the reduced-size screen is (`--exhaustive` checks them). Speed: the probe is a
         lower bound where a measured recipe's float blocks are no faster than their int8 versions. Quality,
-        where the recipe is not measured (the text encoder's; the VAEs' and the transformer family's calibrated recipes
-        keep their sensitive blocks in float): the probe is then the calibrated recipe itself, its weights quantized the
-        same way, its activation ranges the smallest that cover this very input, so its steps are as fine as a
-        min/max calibration that covers this input can give (calibrated ranges may clip it instead, and the
-        probe is gated at the screening size): a probe below TUNE_PROBE_MIN_COSINE is dropped (at real size
+        where the recipe is not measured (the text encoder's; the VAEs' and the transformer family's calibrated
+        recipes keep their sensitive blocks in float): the probe is then the calibrated recipe itself, its weights
+        quantized the same way, its activation ranges the smallest that cover this very input, so its steps are as
+        fine as a min/max calibration that covers this input can give (calibrated ranges may clip it instead, and
+        the probe is gated at the screening size): a probe below TUNE_PROBE_MIN_COSINE is dropped (at real size
         the text encoder's probe scored 0.99845, its calibrated engine 0.99670; see sprintrt/defaults.py). A probe
         that fails to build or run proves nothing: the candidate is then built and timed as usual."""
         from sprintrt.engines.quantize import measured

@@ -97,7 +97,7 @@ def test_fp8_controlnet_engines_build(typed_onnx_dir, tmp_path):
     for name in ("controlnet", "controlled_transformer"):
         entry = _manifest(out)["components"][name]
         assert entry["precision"] == "fp8" and entry["qdq_base"] == "bf16" and entry["qdq_layers"] > 0
-        assert entry["calibration_samples"] == 2  # one prompt, at 1 and 2 steps (the 1-step input is the 2-step's first)
+        assert entry["calibration_samples"] == 2  # one prompt at 1 and 2 steps: the 1-step input is the 2-step's first
 
 
 def test_cli_builds_tensorrt_rtx_engines_on_a_cpu(typed_onnx_dir, tmp_path):
