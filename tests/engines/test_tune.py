@@ -452,7 +452,7 @@ def test_the_eta_re_plans_when_a_screen_drops_steps(monkeypatch):
     eta.expect(["quantize"])  # the second int8 candidate's probe dropped it
     eta("step")
     assert said[-1].startswith("[4/4]"), said  # only an unseen kind left: no estimate
-    assert eta.kinds == ["run", "probe", "run", "quantize"]
+    assert [kind for kind, _ in eta.kinds] == ["run", "probe", "run", "quantize"]
 
 
 def test_the_eta_drops_a_skipped_step_from_its_plan(monkeypatch):
@@ -463,7 +463,7 @@ def test_the_eta_drops_a_skipped_step_from_its_plan(monkeypatch):
     eta.step()
     eta.skip()  # the second will not run (e.g. an fp32 candidate whose bf16 one passed)
     eta("third")
-    assert said[-1].startswith("[2/2") and eta.kinds == ["run", "run"], said
+    assert said[-1].startswith("[2/2") and [kind for kind, _ in eta.kinds] == ["run", "run"], said
 
 
 def test_the_eta_weighs_quantizing_steps_apart(monkeypatch):
@@ -481,6 +481,32 @@ def test_the_eta_weighs_quantizing_steps_apart(monkeypatch):
     assert said[1].startswith("[2/6, at least 30 s left]")  # 3 runs x 10 s; the quantizing steps not seen yet
     # left: one quantize (300 s) + 2 runs (mean 15 s) = 330 s
     assert said[3].startswith("[4/6, about 6 min left]"), said
+
+
+def test_the_eta_sizes_a_quantizing_step_by_its_components_weights(monkeypatch):
+    """Real size (AMX Xeon): the transformer's measured int8 and the calibration took 9.1 min for 2.4 GB of weights,
+    the decoder's after it 1.9 min for 0.7 GB, where the mean per step said 9 min each. A quantizing or probing
+    step's cost is estimated per GB of its component's weights (`_kinds`)."""
+    clock = [0.0]
+    monkeypatch.setattr(T.time, "perf_counter", lambda: clock[0])
+    said = []
+    eta = T._Eta(["run", ("quantize", 2.4), ("quantize", 0.7), ("quantize", 0.6)], said.append)
+    for took in (10.0, 540.0):
+        eta("step")
+        clock[0] += took
+        eta.step()
+    eta("step")
+    # 540 s / 2.4 GB x (0.7 + 0.6) GB = 292 s (a mean per step: 2 x 540 s = 18 min)
+    assert said[-1].startswith("[3/4, about 5 min left]"), said
+
+
+def test_the_tuners_quantizing_steps_are_sized_by_weights():
+    info = {"components": {"transformer": {"bytes": 2**20, "external_data": {"bytes": 2 * 2**30 - 2**20}},
+                           "vae_decoder": {"bytes": 2**29}}}  # the transformer's weights in a file beside it
+    ov, ort = T.EngineChoice.parse("openvino:int8"), T.EngineChoice.parse("onnxruntime:int8")
+    steps = [(ort, "transformer"), (ort, "vae_decoder"), (ov, "transformer"), (ov, "vae_decoder")]
+    assert T._kinds(steps, info) == [("quantize", 2.0), ("quantize", 0.5), "run", "run"]
+    assert T._kinds(steps, info, "probe")[:2] == [("probe", 2.0), ("probe", 0.5)]
 
 
 @pytest.mark.parametrize("bf16_wrong", [False, True], ids=["bf16-passes", "bf16-fails-the-gate"])
