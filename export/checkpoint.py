@@ -13,6 +13,8 @@ embedding is a gather whose cost does not depend on the vocabulary size.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -111,6 +113,9 @@ def make_checkpoint(out: str | Path, arch: str = DEFAULT_ARCH, seed: int = DEFAU
     out = Path(out)
     if (out / "model_index.json").exists():
         raise InvalidInputError(f"out={str(out)!r} already holds a checkpoint. Fix: choose an empty directory or delete it first")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInputError(f"out={str(out)!r} exists and is not an empty directory. Fix: choose a new or empty "
+                                "directory (nothing there was touched)")
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
@@ -127,16 +132,27 @@ def make_checkpoint(out: str | Path, arch: str = DEFAULT_ARCH, seed: int = DEFAU
     scheduler = SCMScheduler(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
     pipe = SanaSprintPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                               transformer=transformer, scheduler=scheduler)
-    tmp = out.with_name(out.name + ".partial")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if controlnet:
-        from diffusers import SanaControlNetModel
+    # Written under a name of this process's own, then renamed: never a half checkpoint at `out`, and two runs
+    # for the same `out` never write into one directory (a shared ".partial" did; the loser's rename then failed
+    # with a traceback, and a crashed run's leftovers, a controlnet/ among them, went into the next checkpoint).
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if controlnet:
+            from diffusers import SanaControlNetModel
 
-        torch.manual_seed(seed + 4)
-        net = SanaControlNetModel(**cfg["controlnet"]).eval()
-        _widen_random_init((net,), seed + 5)
-        net.save_pretrained(tmp / CONTROLNET_FOLDER, safe_serialization=True)
-    tmp.rename(out)  # a crash mid-write leaves only the .partial directory, never a half checkpoint
+            torch.manual_seed(seed + 4)
+            net = SanaControlNetModel(**cfg["controlnet"]).eval()
+            _widen_random_init((net,), seed + 5)
+            net.save_pretrained(tmp / CONTROLNET_FOLDER, safe_serialization=True)
+        try:
+            tmp.rename(out)  # onto a missing or empty directory only
+        except OSError as exc:
+            raise InvalidInputError(f"out={str(out)!r} was filled by another process while this checkpoint was "
+                                    f"written ({exc.strerror}). Fix: choose a new or empty directory") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

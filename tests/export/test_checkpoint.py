@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,39 @@ def test_bad_arch_and_existing_dir(tiny_checkpoint):
 def test_missing_model_is_a_typed_error(tmp_path):
     with pytest.raises(ModelLoadError):
         load_pipeline(tmp_path / "nothing-here")
+
+
+def test_a_directory_with_other_files_is_refused_untouched(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(InvalidInputError, match="not an empty directory"):
+        make_checkpoint(out, "tiny")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert make_checkpoint(tmp_path / "empty-ok", "tiny").joinpath("model_index.json").is_file()
+
+
+def test_a_run_that_loses_the_race_or_fails_leaves_nothing_of_its_own(tmp_path, monkeypatch):
+    from diffusers import SanaSprintPipeline
+
+    out = tmp_path / "ckpt"
+    save = SanaSprintPipeline.save_pretrained
+
+    def another_process_fills_out(self, path, **kwargs):  # it finishes while this run is writing
+        save(self, path, **kwargs)
+        out.mkdir()
+        (out / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(SanaSprintPipeline, "save_pretrained", another_process_fills_out)
+    with pytest.raises(InvalidInputError, match="filled by another process"):
+        make_checkpoint(out, "tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .partial directory left behind
+
+    def crash(self, path, **kwargs):
+        (Path(path) / "half").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SanaSprintPipeline, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        make_checkpoint(tmp_path / "other", "tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
