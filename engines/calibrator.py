@@ -79,14 +79,39 @@ class _InMemory:
             calibrate.load_model_with_shape_infer = original
         self.weights_dir = Path(model_path).parent
 
+    kept: list | None = None  # a list: each run's first graph output is appended to it (_Keeping)
+
     def create_inference_session(self):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's calibrator runs
+        # As the sensitivity's sessions run (engines/sensitivity.py _session), so the kept outputs are its fp32
+        # reference bit for bit; one run per sample does not pay for packing the weights first either.
+        options.add_session_config_entry("session.disable_prepacking", "1")
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.weights_dir))
         self.infer_session = ort.InferenceSession(self.model.SerializeToString(), options,
                                                   providers=self.execution_providers)
+        if self.kept is not None:
+            self.infer_session = _Keeping(self.infer_session, self.kept)
+
+
+class _Keeping:
+    """A calibration session that also appends its first graph output of every run to `kept` (ORT's calibrators
+    run every output and discard the graph's own)."""
+
+    def __init__(self, session, kept: list):
+        self._session, self._kept = session, kept
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run(self, output_names, feed, *args, **kwargs):
+        if output_names is not None:  # the calibrators ask for every output; anything else would be new
+            raise ValueError("the calibration session keeps outputs only of runs of every output")
+        values = self._session.run(None, feed, *args, **kwargs)
+        self._kept.append(values[0])
+        return values
 
 
 class _OnlyDistributionCalibrater(_Only, _InMemory, DistributionCalibrater):
@@ -164,10 +189,13 @@ def quantizer_tensors(model: onnx.ModelProto, nodes) -> frozenset:
                      for name in (*node.input, *node.output) if name and name not in weights)
 
 
-def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, cache: Path, only: frozenset | None = None):
+def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, cache: Path, only: frozenset | None = None,
+                      outputs: list | None = None):
     """ONNX Runtime's calibrator, as quantize_static runs it for `settings`, with one copy of the weights in
     memory; writes the ranges to `cache` (ORT's calibration cache format). `only`: record just these tensors
-    (quantizer_tensors), None: every tensor of the op types ORT can quantize.
+    (quantizer_tensors), None: every tensor of the op types ORT can quantize. `outputs`: a list, given the
+    graph's first output on each feed, in order, as engines/sensitivity.py's sessions compute it (its fp32
+    reference: the calibration has run the fp32 graph on every feed already).
 
     int8 (min/max) and fp8 (histograms): the graph is loaded without the weights in `source`'s file and augmented
     in memory, and its session reads them from that file (_InMemory): a graph handed over with its weights in a
@@ -189,7 +217,7 @@ def calibrated_ranges(source: Path, feeds: list[dict], settings: dict, cache: Pa
         calibrator = _LinearMinMaxCalibrater(source, op_types)
     else:  # fp8; with create_calibrator's defaults for this method (the class's own differ)
         calibrator = _OnlyDistributionCalibrater(source, op_types, num_bins=2048, scenario="same")
-    calibrator.only = only
+    calibrator.only, calibrator.kept = only, outputs
     try:
         calibrator.augment_graph()
         calibrator.create_inference_session()

@@ -265,7 +265,8 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
             if precision == "fp8":
                 converted = at_fp8_opset(given)
                 given = converted or given
-            calibrated_ranges(given, feeds, settings, cache, only=read)
+            reference = [] if measured(precision, component, uniform) else None  # the fp32 outputs, kept
+            calibrated_ranges(given, feeds, settings, cache, only=read, outputs=reference)
 
             def write(nodes: list[str], path: Path) -> None:
                 quantize_static(str(given), str(path), None, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
@@ -273,7 +274,8 @@ def quantize_qdq(source: Path, out: Path, feeds: list[dict], precision: str = "i
 
             if measured(precision, component, uniform):
                 chosen, measurement = sensitivity.choose_quantized(component, source, quantize, scopes, feeds, write,
-                                                                   Path(work), UNQUANTIZED_OUTPUTS, say)
+                                                                   Path(work), UNQUANTIZED_OUTPUTS, say,
+                                                                   reference=reference)
                 keep = keep + [n for n in quantize if n not in set(chosen)]
                 quantize = chosen
             say(f"writing the {precision} Q/DQ graph of {component} ({len(quantize)} quantized layers)")

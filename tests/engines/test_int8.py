@@ -659,8 +659,8 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
     source = _source_with_weights_in_a_file(onnx_dir, component, tmp_path)
     feeds = _sensitivity_feeds(component, calibration_feeds, 1)[:1]
     settings = Q._settings("int8", len(feeds), None, component)
-    cache = tmp_path / "ranges.json"
-    calibrated_ranges(source, feeds, settings, cache)
+    cache, kept = tmp_path / "ranges.json", []
+    calibrated_ranges(source, feeds, settings, cache, outputs=kept)
     proto = onnx.load(str(source), load_external_data=False)
     nodes, _ = quantizable_nodes(proto, component)
     by_output = module_scopes(proto)
@@ -675,6 +675,7 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
     whole_nodes = suffix_nodes = 0
     fp32 = _run(source, feeds)[0]
     assert np.array_equal(reference[0], fp32)  # the pass's extra outputs change nothing
+    assert len(kept) == 1 and np.array_equal(kept[0], fp32)  # nor do the calibration's (its kept reference)
     assert set(macs) == set(nodes) and all(m > 0 for m in macs.values())
     for group, members in groups.items():
         assert cuts[group], group  # every group starts after the input: something is skipped
@@ -753,6 +754,34 @@ def test_the_sensitivity_never_serialises_a_graph_with_its_weights(onnx_dir, cal
     source = _source_with_weights_in_a_file(onnx_dir, "transformer", tmp_path)
     info = quantize_qdq(source, tmp_path / "t.onnx", calibration_feeds[:4], component="transformer")
     assert info["int8_sensitivity"]["groups"] and len(sessions) > len(info["int8_sensitivity"]["groups"])
+
+
+def test_the_measurement_takes_its_fp32_reference_from_the_calibration_run(onnx_dir, calibration_feeds, tmp_path,
+                                                                        monkeypatch):
+    """The calibration has run the fp32 graph on every input already: the sensitivity keeps those outputs as its
+    reference and runs its own fp32 pass on the per-group samples alone. The report must be the one a full fp32
+    pass gives, every error equal bit for bit (so the calibration's session computes the graph as the
+    measurement's sessions do)."""
+    from sprintrt.defaults import INT8_SENSITIVITY_SAMPLES
+    from sprintrt.engines import sensitivity
+
+    real_pass, passed = sensitivity._fp32_pass, []
+
+    def fp32_pass(source, nodes, cut, feeds, few):
+        passed.append(len(feeds))
+        return real_pass(source, nodes, cut, feeds, few)
+
+    monkeypatch.setattr(sensitivity, "_fp32_pass", fp32_pass)
+    source = _source_with_weights_in_a_file(onnx_dir, "transformer", tmp_path)
+    feeds = calibration_feeds[:4]
+    kept = quantize_qdq(source, tmp_path / "kept.onnx", feeds, component="transformer")["int8_sensitivity"]
+    real_choice = sensitivity.choose_quantized
+    monkeypatch.setattr(sensitivity, "choose_quantized",  # given no reference: its fp32 pass runs on every feed
+                        lambda *args, reference=None, **kwargs: real_choice(*args, **kwargs))
+    whole = quantize_qdq(source, tmp_path / "whole.onnx", feeds, component="transformer")["int8_sensitivity"]
+    assert passed == [INT8_SENSITIVITY_SAMPLES, len(feeds)]
+    assert kept == whole and kept["samples"]["verified"] == len(feeds)
+    assert onnx.load(str(tmp_path / "kept.onnx")).graph == onnx.load(str(tmp_path / "whole.onnx")).graph
 
 
 def test_a_failed_verification_leaves_out_as_many_of_the_largest_errors_as_the_miss_says():
