@@ -99,7 +99,8 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
     recorded = [c for c in (TRANSFORMER, VAE_DECODER) if c in components]
     pictures: list[np.ndarray] = []  # decoded images, NHWC in [0, 1]: the VAE encoder's img2img inputs
     if _text_to_image_engines(components):
-        with stage(_text_to_image_engines(components), False) as pipe, recording(pipe, recorded) as recorders:
+        with stage(_text_to_image_engines(components), False) as pipe, _repeats_run_once(pipe, (TRANSFORMER,)), \
+                recording(pipe, recorded) as recorders:
             for i, call in schedules():
                 # a picture per prompt (its schedules give nearly the same one), up to the cap
                 picture = VAE_ENCODER in components and len(pictures) < min(i + 1, VAE_CALIBRATION_SAMPLES)
@@ -116,8 +117,8 @@ def _record(stage, components, prompts: list[str], height: int, width: int, step
     # 3. ControlNet calls, each prompt with its own scribble (encoded once for all its schedules).
     recorded = [c for c in components if c in CONTROLLED]
     if recorded:
-        with stage(CONTROLNET_CALLS, True) as pipe, \
-                recording(pipe, recorded) as recorders, _encode_repeats_once(pipe):
+        with stage(CONTROLNET_CALLS, True) as pipe, _repeats_run_once(pipe, (VAE_ENCODER, *CONTROLLED)), \
+                recording(pipe, recorded) as recorders:
             for i, call in schedules():
                 pipe(**call, control_image=control_picture(height, width, seed=seed + i),
                      controlnet_conditioning_scale=DEFAULT_CONTROLNET_SCALE, output_type="latent")
@@ -151,23 +152,32 @@ def _distinct(feeds: list[dict]) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _encode_repeats_once(pipe):
-    """While active, `pipe`'s VAE encoder runs again only when its input changes (the previous result is
-    reused for a repeated control image)."""
-    engine = pipe.engine(VAE_ENCODER)
-    last: dict = {}
+def _repeats_run_once(pipe, components):
+    """While active, each of `components`' engines of `pipe` runs again only when its input differs from its
+    previous call's (the previous outputs are given back, as copies). A prompt's 2-step call starts with its
+    1-step call's transformer input (same noise, same timestep), and a ControlNet call encodes the same control
+    image at every step: at real size one fp32 transformer run per prompt saved (0.6B, ONNX Runtime fp32, 1.4 s on
+    a 2-vCPU Intel Xeon with AMX, 2.6 s on an AMD EPYC Zen 3), two per prompt of ControlNet calls. Engines are
+    deterministic, so what is recorded is unchanged."""
+    engines = {c: pipe.engine(c) for c in components}
 
-    def encode(**feeds):
-        if last and all(np.array_equal(feeds[k], v) for k, v in last["feeds"].items()):
-            return last["out"]
-        last.update(feeds={k: v.copy() for k, v in feeds.items()}, out=engine(**feeds))
-        return last["out"]
+    def once(engine):
+        last: dict = {}
 
-    pipe.set_engine(VAE_ENCODER, encode)
+        def run(**feeds):
+            if not (last and last["feeds"].keys() == feeds.keys()
+                    and all(np.array_equal(feeds[k], v) for k, v in last["feeds"].items())):
+                last.update(feeds={k: np.array(v, copy=True) for k, v in feeds.items()}, out=engine(**feeds))
+            return {k: np.array(v, copy=True) for k, v in last["out"].items()}
+        return run
+
+    for c, engine in engines.items():
+        pipe.set_engine(c, once(engine))
     try:
         yield
     finally:
-        pipe.set_engine(VAE_ENCODER, engine)
+        for c, engine in engines.items():
+            pipe.set_engine(c, engine)
 
 
 def _centre_crop(latent, side: int):

@@ -43,8 +43,14 @@ def calibration(engine_dir):
         return encoder(**feeds)
 
     pipe.set_engine(VAE_ENCODER, counting)
+    runs = {c: [] for c in CONTROLLED}
+    for comp in CONTROLLED:
+        def run(engine=pipe.engine(comp), seen=runs[comp], **feeds):
+            seen.append(1)
+            return engine(**feeds)
+        pipe.set_engine(comp, run)
     feeds = record_calibration(pipe, CONTROLLED, read_prompts(None)[:PROMPTS], 128, 160)
-    return feeds, encoded
+    return feeds, encoded, runs
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +61,12 @@ def reference(tiny_checkpoint):
 
 
 def test_calibration_records_controlnet_calls_with_one_scribble_per_prompt(calibration):
-    feeds, encoded = calibration
+    feeds, encoded, runs = calibration
     assert set(feeds) == set(CONTROLLED)
     for comp in CONTROLLED:
-        # each prompt at 1 step and at 2 steps, the 1-step call's input being the 2-step call's first: kept once
-        assert len(feeds[comp]) == PROMPTS * 2, comp
+        # each prompt at 1 step and at 2 steps, the 1-step call's input being the 2-step call's first: kept once,
+        # and run once
+        assert len(feeds[comp]) == PROMPTS * 2 == len(runs[comp]), comp
         assert feeds[comp][0]["hidden_states"].shape == (1, 32, 4, 5), comp  # 128x160 / 32
     timesteps = sorted({round(float(f["timestep"][0]), 6) for f in feeds[CONTROLNET]})
     assert timesteps == [0.782708, 1.000004]  # as the transformer's calibration (docs/SANA_SPRINT_SPEC.md §4.5)

@@ -48,6 +48,35 @@ def test_calibration_records_the_timesteps_actually_run(calibration_feeds):
     assert calibration_feeds[0]["hidden_states"].shape == (1, 32, 8, 8)
 
 
+def test_calibration_runs_a_repeated_transformer_input_once(engine_dir, monkeypatch):
+    """A prompt's 2-step call starts with its 1-step call's transformer input: the engine runs it once, and what
+    is recorded (the transformer's inputs, the decoder's latents made from its outputs) is what running it again
+    records."""
+    import contextlib
+
+    from sprintrt.tuning import calibration
+    from sprintrt.tuning.calibration import record_calibration
+
+    pipe = SprintPipeline.from_engines(engine_dir)
+    transformer, runs = pipe.engine("transformer"), []
+
+    def counting(**feeds):
+        runs.append(feeds["timestep"].copy())
+        return transformer(**feeds)
+
+    pipe.set_engine("transformer", counting)
+    prompts = read_prompts(None)[:2]
+    once = record_calibration(pipe, ("transformer", "vae_decoder"), prompts, 128, 160)
+    assert len(runs) == 2 * len(prompts)  # per prompt the 2-step call's two steps (the first is the 1-step call's)
+    monkeypatch.setattr(calibration, "_repeats_run_once", lambda pipe, components: contextlib.nullcontext())
+    again = record_calibration(pipe, ("transformer", "vae_decoder"), prompts, 128, 160)
+    assert len(runs) == 2 * len(prompts) + 3 * len(prompts)
+    for component in once:
+        assert len(once[component]) == len(again[component]) > 0
+        for a, b in zip(once[component], again[component]):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), component
+
+
 def test_qdq_wraps_every_quantized_layer_and_none_of_the_kept_ones(onnx_dir, calibration_feeds, tmp_path):
     """Where the recipe puts Q/DQ (its uniform form: which of these layers stay in float as well is measured, below)."""
     out = tmp_path / "t.qdq.onnx"
