@@ -187,6 +187,7 @@ class Variants:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         model.graph.ClearField("node")
+        self.elements = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
         self.names, self.values = _shared_weights(model)
         self.stub = model.SerializeToString()
 
@@ -225,11 +226,12 @@ class Variants:
     def __call__(self, chosen) -> _Shared:
         return self._shared(self._nodes(chosen))
 
-    def _shared(self, nodes: list, inputs: list | None = None) -> _Shared:
+    def _shared(self, nodes: list, inputs: list | None = None, outputs: list[str] = ()) -> _Shared:
         import onnx
 
         variant = onnx.ModelProto()
         variant.graph.input.extend(inputs or [])
+        variant.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)  # after the graph's own
         variant.graph.node.extend(nodes)
         read = {i for n in nodes for i in n.input}  # ONNX Runtime drops the others and refuses values for them
         names = [k for k, name in enumerate(self.names) if name in read]
@@ -250,6 +252,12 @@ class Variants:
         outside = made | self.constants | set(self.inputs)
         cut = sorted({i for n in suffix for i in n.input if i and i not in outside})
         return suffix, cut
+
+    def fp32(self, outputs: list[str]) -> _Shared:
+        """The fp32 graph (no layer chosen: every pair dropped, each reader back on its float tensor), its nodes
+        and weights the variants' own, with `outputs` added after the graph's own."""
+        known = set(self.outputs)
+        return self._shared(self._nodes(()), outputs=[o for o in dict.fromkeys(outputs) if o not in known])
 
     def cut(self, chosen) -> list[str]:
         """The float tensors the graph for `chosen` reads from before its first change (unquantized layers:
@@ -280,26 +288,18 @@ def _needed(nodes: list, outputs: list[str]) -> list:
     return [n for n in nodes if id(n) in needed]
 
 
-def _fp32_pass(source: Path, nodes: list[str], cut: list[str], feeds: list[dict], few: int):
+def _fp32_pass(variants: Variants, nodes: list[str], cut: list[str], feeds: list[dict], few: int):
     """What the measurement needs of the fp32 graph, from one session (run as _run runs it: the same values):
     (its output on every feed: the reference; each weight layer's multiply-adds on the first feed, weight
     elements x output positions; the values of the tensors `cut` on the first `few` feeds, where the groups'
     runs start). One load and one run per feed, where three loads and runs were: measured on the real 0.6B VAEs
-    (2-vCPU Intel Xeon with AMX, 8 latent crops / 16 pictures of 256²), decoder 28-29 -> 21 s, encoder 34-35 -> 28 s."""
-    import onnx
-
-    model = onnx.load(str(source))
-    weights = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
-    layers = {n.name: (n.op_type, n.input[1], n.output[0]) for n in model.graph.node if n.name in set(nodes)}
-    first = model.graph.output[0].name
-    known = {o.name for o in model.graph.output}
-    for name in sorted(({out for _, _, out in layers.values()} | set(cut)) - known):
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    # Weights as shared values (kept alive while the session runs): the real transformers' graphs are over
-    # protobuf's 2 GB with them inside.
-    names, values = _shared_weights(model)
-    session = _session(_Shared(model.SerializeToString(), names, values))
-    del model
+    (2-vCPU Intel Xeon with AMX, 8 latent crops / 16 pictures of 256²), decoder 28-29 -> 21 s, encoder 34-35 -> 28 s.
+    The graph is `variants`' fp32 one, on the weights they already hold as shared values: loading the source's
+    again took ~15 s of a 21 s pass on the real transformer (2.4 GB) and held a second copy of them."""
+    layers = {n.name: (n.op_type, variants.source_inputs[n.name][1], n.output[0])
+              for n in variants.nodes if n.name in set(nodes)}
+    first = variants.outputs[0]
+    session = _session(variants.fp32(sorted({out for _, _, out in layers.values()} | set(cut))))
     reference, macs, at_cut = [], {}, []
     for i, feed in enumerate(feeds):
         names = list(dict.fromkeys([first, *(cut if i < few else ()),
@@ -313,7 +313,8 @@ def _fp32_pass(source: Path, nodes: list[str], cut: list[str], feeds: list[dict]
                 op_type, weight, out = layers[n]
                 shape = values[out].shape
                 channels = shape[1] if op_type == "Conv" else shape[-1]
-                macs[n] = weights.get(weight, 0) * int(np.prod(shape)) // max(int(channels), 1)
+                macs[n] = variants.elements.get(variants.float_name.get(weight, weight), 0) * int(np.prod(shape)) \
+                    // max(int(channels), 1)
     return reference, macs, at_cut
 
 
@@ -362,7 +363,7 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
     few = slice(0, INT8_SENSITIVITY_SAMPLES)
     if reference is not None and len(reference) != len(feeds):
         raise ValueError(f"{len(reference)} fp32 outputs given for {len(feeds)} calibration inputs")
-    computed, macs, at_cuts = _fp32_pass(source, nodes, sorted({c for cut in cuts.values() for c in cut}),
+    computed, macs, at_cuts = _fp32_pass(variants, nodes, sorted({c for cut in cuts.values() for c in cut}),
                                          feeds if reference is None else feeds[few], INT8_SENSITIVITY_SAMPLES)
     reference = computed if reference is None else reference
     scale = float(np.mean([np.mean(np.square(r, dtype=np.float64)) for r in reference[few]]))

@@ -700,7 +700,7 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
                     use_external_data_format=component == "transformer", **settings)
     variants = Variants(tmp_path / "all.onnx", source, Q.UNQUANTIZED_OUTPUTS)
     cuts = {g: variants.cut(members) for g, members in groups.items()}
-    reference, macs, values = _fp32_pass(source, nodes, sorted({c for cut in cuts.values() for c in cut}), feeds, 1)
+    reference, macs, values = _fp32_pass(variants, nodes, sorted({c for cut in cuts.values() for c in cut}), feeds, 1)
     whole_nodes = suffix_nodes = 0
     fp32 = _run(source, feeds)[0]
     assert np.array_equal(reference[0], fp32)  # the pass's extra outputs change nothing
@@ -796,9 +796,9 @@ def test_the_measurement_takes_its_fp32_reference_from_the_calibration_run(onnx_
 
     real_pass, passed = sensitivity._fp32_pass, []
 
-    def fp32_pass(source, nodes, cut, feeds, few):
+    def fp32_pass(variants, nodes, cut, feeds, few):
         passed.append(len(feeds))
-        return real_pass(source, nodes, cut, feeds, few)
+        return real_pass(variants, nodes, cut, feeds, few)
 
     monkeypatch.setattr(sensitivity, "_fp32_pass", fp32_pass)
     source = _source_with_weights_in_a_file(onnx_dir, "transformer", tmp_path)
