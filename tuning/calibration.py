@@ -156,9 +156,9 @@ def _repeats_run_once(pipe, components):
     """While active, each of `components`' engines of `pipe` runs again only when its input differs from its
     previous call's (the previous outputs are given back, as copies). A prompt's 2-step call starts with its
     1-step call's transformer input (same noise, same timestep), and a ControlNet call encodes the same control
-    image at every step: at real size one fp32 transformer run per prompt saved (0.6B, ONNX Runtime fp32, 1.4 s on
-    a 2-vCPU Intel Xeon with AMX, 2.6 s on an AMD EPYC Zen 3), two per prompt of ControlNet calls. Engines are
-    deterministic, so what is recorded is unchanged."""
+    image at every step: at real size one fp32 transformer run per prompt saved (0.6B at 512², ONNX Runtime fp32:
+    1.4 s on a 2-vCPU Intel Xeon with AMX), two per prompt of ControlNet calls. Engines are deterministic, so what
+    is recorded is unchanged."""
     engines = {c: pipe.engine(c) for c in components}
 
     def once(engine):
