@@ -832,3 +832,39 @@ def test_a_failed_verification_leaves_out_as_many_of_the_largest_errors_as_the_m
     chosen = ["a", "b"]
     _leave_out_largest(chosen, zero, gate, float("inf"), 1 - 2 * allowed, picture=False)
     assert len(chosen) == 1
+
+
+def test_a_verification_round_that_misses_on_its_share_of_the_inputs_is_not_run_on_the_rest(
+        onnx_dir, calibration_feeds, tmp_path, monkeypatch):
+    """Each verification round runs the chosen set on the first share of the calibration inputs, and on the rest
+    only where it passes there; the verdict that chooses the set is on every input. Stand-in for a set that misses
+    the gate: the gate's first verdict is a miss."""
+    from sprintrt.engines import sensitivity
+    from sprintrt.engines.sensitivity import VERIFY_SCREEN_SHARE
+    from sprintrt.metrics import cosine
+
+    real_run, runs = sensitivity._run, []
+    verdicts = []
+
+    def run(model, feeds, session=None):
+        runs.append(len(feeds))
+        return real_run(model, feeds, session)
+
+    class FirstVerdictMisses(sensitivity.Gate):
+        def passes(self, psnr_db, cos):
+            verdicts.append(cos)
+            return len(verdicts) > 1 and super().passes(psnr_db, cos)
+
+    monkeypatch.setattr(sensitivity, "_run", run)
+    monkeypatch.setattr(sensitivity, "Gate", FirstVerdictMisses)
+    feeds = calibration_feeds[:8]
+    share = len(feeds) // VERIFY_SCREEN_SHARE
+    source = _source_with_weights_in_a_file(onnx_dir, "transformer", tmp_path)
+    report = quantize_qdq(source, tmp_path / "t.onnx", feeds, component="transformer")["int8_sensitivity"]
+    rounds, missed = report["verify_rounds"], report["verify_rounds_missed_on_screen"]
+    assert missed >= 1 and report["samples"]["screened"] == share
+    # after one run per group: the rounds that missed on the share ran there alone, the last one on all
+    assert runs[len(report["groups"]):] == [share] * missed + [share, len(feeds) - share] and rounds == missed + 1
+    # the verdict recorded is the whole set's on every input: the written graph against fp32
+    outputs, reference = (np.concatenate([o.ravel() for o in real_run(m, feeds)]) for m in (tmp_path / "t.onnx", source))
+    assert report["verified"]["cosine"] == pytest.approx(cosine(outputs, reference), abs=2e-6)
