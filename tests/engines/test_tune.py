@@ -13,7 +13,9 @@ import sprintrt.tuning.tune as T
 from sprintrt import machine
 from sprintrt.defaults import IMAGE_MIN_PSNR_DB, TUNE_MIN_COSINE
 from sprintrt.engines.doctor import tuning_table
+from sprintrt.engines.build import build_engines
 from sprintrt.errors import InvalidInputError
+from sprintrt.manifest import read_manifest
 from sprintrt import specs as S
 from sprintrt.specs import COMPONENTS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 from sprintrt.metrics import PARITY_MAX_ABS
@@ -125,7 +127,6 @@ def test_a_chosen_openvino_engine_loads_from_a_blob_compiled_where_it_lies(mixed
     never be found in the engine directory (compiled again at the first load, a whole second blob written beside
     it: the real text encoder's is 7.5 GB in OpenVINO's default cache mode): the tuner compiles each chosen
     OpenVINO engine where it lies."""
-    from sprintrt.manifest import read_manifest
 
     manifest = read_manifest(mixed)
     for comp in (TEXT_ENCODER, VAE_DECODER):  # the two OpenVINO engines of the mixed directory
@@ -376,9 +377,13 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
             continue
         assert tuning["screen_size"] == SIZE // 2
         assert rows["openvino:fp32"]["seconds"] == 3.0 and rows["openvino:fp32"]["passed"]
-        # the float candidates first; then the int8 probe, which gives up after one call past TUNE_DROP_RATIO x
-        # the best float's time at the screening size
-        assert [name for name, _, _ in timed][:4] == ["onnxruntime:fp32"] * 2 + ["openvino:fp32"] * 2
+        # the float candidates first: the reference at the screening size alone (its outputs at the tuning size are
+        # the recording call's), timed at the tuning size once OpenVINO, a leader within TUNE_LEADER_RATIO of it
+        # there, has passed; then the int8 probe, which gives up after one call past TUNE_DROP_RATIO x the best
+        # float's time at the screening size
+        assert [(name, full) for name, full, _ in timed][:4] == [("onnxruntime:fp32", False), ("openvino:fp32", False),
+                                                                ("openvino:fp32", True), ("onnxruntime:fp32", True)]
+        assert rows["onnxruntime:fp32"]["seconds"] == 4.0
         assert timed[4] == ("onnxruntime:int8", False, T.TUNE_DROP_RATIO * 1.1)
         if winner == "openvino:fp32":
             assert quantized == ["uniform"] and not recorded  # nothing calibrated, nothing quantized for real
@@ -393,6 +398,65 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
             assert quantized == ["uniform", "calibrated"] and recorded
             assert rows["onnxruntime:int8"]["seconds"] == 2.5 and rows["onnxruntime:int8"]["passed"]
     assert chosen[True] == chosen[False] == winner
+
+
+@pytest.mark.parametrize("ov_screen, ov_wrong", [(0.5, False), (0.5, True), (0.9, False)],
+                         ids=["ov-far-ahead", "ov-far-ahead-but-wrong", "ov-close"])
+def test_the_reference_is_timed_at_the_tuning_size_only_where_the_screen_leaves_it_a_leader(
+        onnx_dir, tmp_path, monkeypatch, ov_screen, ov_wrong):
+    """The fp32 reference (1.0 s screened, 4.0 s at the tuning size) against OpenVINO (2.0 s at the tuning size):
+    2x faster screened, OpenVINO drops the reference once it passes at the tuning size, which never times the
+    reference there; where OpenVINO misses the gate the reference is the choice, timed; within TUNE_LEADER_RATIO
+    screened, the reference is timed and compared. Each mode chooses what the exhaustive tuner chooses, and the
+    outputs OpenVINO is gated on at the tuning size are the reference engine's own."""
+    seconds = {"onnxruntime:fp32": (1.0, 4.0), "openvino:fp32": (ov_screen, 2.0)}
+    real_measure, real_gate = T.measure, T.gate
+    names = _naming_loads(monkeypatch)
+    gated = []
+
+    def measure(engine, feeds, give_up_after=None):
+        _, outputs = real_measure(engine, feeds)
+        if ov_wrong and names[id(engine)] == "openvino:fp32":
+            outputs = _off_by_up_to_20_percent(outputs)
+        full = max(v.shape[-1] for v in feeds.values() if getattr(v, "ndim", 0) == 4) == SIZE // 32
+        timed.append((names[id(engine)], full))
+        return seconds[names[id(engine)]][full], outputs
+
+    def gate(comp, outputs, reference):
+        gated.append(reference)
+        return real_gate(comp, outputs, reference)
+
+    real_feeds, recorded = T.timing_feeds, []
+
+    def timing_feeds(*a, **k):
+        recorded.append(real_feeds(*a, **k))
+        return recorded[-1]
+
+    monkeypatch.setattr(T, "measure", measure)
+    monkeypatch.setattr(T, "gate", gate)
+    monkeypatch.setattr(T, "timing_feeds", timing_feeds)
+    chosen = {}
+    for exhaustive in (True, False):
+        timed, gated = [], []
+        out = T.tune_engines(onnx_dir, tmp_path / f"e{exhaustive}", components=[TRANSFORMER], size=SIZE,
+                             candidate_names=FLOAT, exhaustive=exhaustive)
+        tuning = _manifest(out)["components"][TRANSFORMER]["tuning"]
+        chosen[exhaustive] = tuning["chosen"]
+        if exhaustive:
+            continue
+        ref = next(r for r in tuning["candidates"] if r["candidate"] == "onnxruntime:fp32")
+        leads = ov_screen * T.TUNE_LEADER_RATIO >= 1.0 or ov_wrong
+        assert (("onnxruntime:fp32", True) in timed) == leads and ("seconds" in ref) == leads
+        assert ref["screen_seconds"] == 1.0 and ref["passed"] == leads and ("dropped" in ref) != leads
+        # what OpenVINO was gated on at the tuning size: the reference engine's outputs for those inputs
+        ref_dir = build_engines(onnx_dir, tmp_path / "ref", backend="onnxruntime", precision="fp32",
+                                components=(TRANSFORMER,))
+        engine = T.load_engine(read_manifest(ref_dir), TRANSFORMER)
+        fresh = engine(**recorded[-1][0][SIZE][TRANSFORMER])
+        engine.release()
+        assert fresh.keys() == gated[-1].keys() and all(np.array_equal(gated[-1][k], v) for k, v in fresh.items())
+        assert any("dropped" in line for line in tuning_table(_manifest(out))) != leads
+    assert chosen[True] == chosen[False] == ("onnxruntime:fp32" if ov_wrong else "openvino:fp32")
 
 
 def test_a_measured_recipes_probe_is_screened_for_speed_only_and_a_failed_probe_proves_nothing(onnx_dir, tmp_path,
