@@ -8,16 +8,19 @@ accuracy-aware quantization and ModelOpt's per-layer sensitivity (the components
 1. The component's quantizable layers are grouped by block (GROUPS: one group per module-path match).
 2. Each group alone is quantized with the shared calibration ranges (the graph ONNX Runtime's quantizer gives
    for that group with the engine's recipe, derived from one all-groups graph: `Variants`) and run on
-   calibration inputs, from the first node it changes on (the fp32 values before it recorded in one run), its
+   calibration inputs, only the nodes its change reaches (the fp32 values they read recorded in one run), its
    weights shared by every run's session (`_Shared`): measured at real size (2-vCPU Intel Xeon with AMX), the
-   decoder's 23 groups took 29 s so, 91 s run whole from serialised copies. Its error is the mean squared
+   decoder's 23 groups took 29 s so, 91 s run whole from serialised copies. A Q/DQ pair that several groups'
+   layers read (the transformer's caption: `Variants.shared_pairs`) is measured as its own group, and left in
+   float in theirs. Its error is the mean squared
    difference of the component's output from the fp32 graph's. Q/DQ run as float operators there (graph
    optimisation off), which computes the recipe's rounding exactly whatever this CPU's int8 kernels do: the
    7-bit weight recipe makes the saturating AVX2 kernels agree with it (engines/quantize.py), and GPUs do not
    saturate.
 3. Each group's cost is its multiply-adds (weight size x output positions, from one fp32 run).
 4. Groups are quantized in increasing error per multiply-add while the summed error (independent rounding
-   errors add in the mean square) stays under the budget the gate allows, with a margin; the chosen set is
+   errors add in the mean square; a shared pair's counted once, with the first group that reads it) stays under
+   the budget the gate allows, with a margin; the chosen set is
    then verified as a whole, and while it misses the gate the chosen group with the largest error is left
    in float again (as many of the largest as the miss says: `_leave_out_largest`). Each round runs the set on
    a share of the inputs first (VERIFY_SCREEN_SHARE) and on the rest only where it passes there: a set that
@@ -78,9 +81,14 @@ class Gate:
         return psnr_db >= self.min_psnr_db and cos >= self.min_cosine
 
 
+# How a Q/DQ pair that several groups read is counted (in the engine key through `rules`).
+SHARED_PAIR_RULE = "measured alone, counted once"
+
+
 def rules(component: str) -> tuple:
     """What decides the measured choice besides the graph and calibration (part of the engine key)."""
-    return (GROUPS[component], Gate(), INT8_SENSITIVITY_SAMPLES, PICTURE_OUTPUT_RANGE.get(component), VERIFY_RULE)
+    return (GROUPS[component], Gate(), INT8_SENSITIVITY_SAMPLES, PICTURE_OUTPUT_RANGE.get(component), VERIFY_RULE,
+            SHARED_PAIR_RULE)
 
 
 def layer_groups(nodes: list[str], scopes_of: dict[str, str], component: str) -> dict[str, list[str]]:
@@ -199,10 +207,39 @@ class Variants:
         self.names, self.values = _shared_weights(model)
         self.stub = model.SerializeToString()
 
-    def _nodes(self, chosen) -> list:
+    def _pair(self, d):
+        """The activation QuantizeLinear that DequantizeLinear `d` dequantizes, or None (a weight's, a bias's)."""
+        if d.op_type != "DequantizeLinear" or d.input[0] in self.constants:
+            return None
+        q = self.producer.get(d.input[0])
+        return q if q is not None and q.op_type == "QuantizeLinear" else None
+
+    def shared_pairs(self, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+        """{activation tensor: the groups whose layers read or make it}, for each tensor whose one Q/DQ pair more
+        than one group's layers read or make. ONNX Runtime's quantizer gives a tensor one pair, which every reader
+        reads once any of its layers is quantized: the caption, which all 28 cross-attentions of the real
+        transformer read."""
+        group_of = {n: g for g, members in groups.items() for n in members}
+        order = {g: k for k, g in enumerate(groups)}
+        shared = {}
+        for d in self.nodes:
+            q = self._pair(d)
+            if q is None:
+                continue
+            owners = {group_of[r.name] for r in self.consumers.get(d.output[0], []) if r.name in group_of}
+            made_by = self.producer.get(q.input[0])
+            if made_by is not None and made_by.name in group_of and made_by.op_type not in self.unquantized_outputs:
+                owners.add(group_of[made_by.name])
+            if len(owners) > 1:
+                shared[q.input[0]] = sorted(owners, key=order.get)
+        return shared
+
+    def _nodes(self, chosen, pairs: dict[str, bool] | None = None) -> list:
+        """The variant's nodes; `pairs` ({activation tensor: whether its Q/DQ pair is kept}) overrides the rule
+        for those tensors (the measurement's shared pairs)."""
         import onnx
 
-        chosen, producer, consumers = set(chosen), self.producer, self.consumers
+        chosen, producer, consumers, pairs = set(chosen), self.producer, self.consumers, pairs or {}
         rename = {}  # a dropped DequantizeLinear's output -> the float tensor its consumers read instead
         for d in self.nodes:
             if d.op_type != "DequantizeLinear":
@@ -214,12 +251,13 @@ class Variants:
                     original = self.source_inputs[layer.name][list(layer.input).index(d.output[0])]
                     rename[d.output[0]] = self.float_name.get(original, original)
                 continue
-            q = producer.get(d.input[0])
-            if q is None or q.op_type != "QuantizeLinear":
+            q = self._pair(d)
+            if q is None:
                 continue
             tensor = q.input[0]
             made_by = producer.get(tensor)
-            kept = (made_by is not None and made_by.name in chosen and made_by.op_type not in self.unquantized_outputs) \
+            kept = pairs[tensor] if tensor in pairs else \
+                (made_by is not None and made_by.name in chosen and made_by.op_type not in self.unquantized_outputs) \
                 or any(r.name in chosen for r in readers)
             if not kept:
                 rename[d.output[0]] = tensor
@@ -231,8 +269,8 @@ class Variants:
             nodes.append(n)
         return _needed(nodes, self.outputs)
 
-    def __call__(self, chosen) -> _Shared:
-        return self._shared(self._nodes(chosen))
+    def __call__(self, chosen, pairs: dict[str, bool] | None = None) -> _Shared:
+        return self._shared(self._nodes(chosen, pairs))
 
     def _shared(self, nodes: list, inputs: list | None = None, outputs: list[str] = ()) -> _Shared:
         import onnx
@@ -246,16 +284,19 @@ class Variants:
         return _Shared(self.stub + variant.SerializeToString(), [self.names[k] for k in names],
                        [self.values[k] for k in names])
 
-    def _split(self, chosen) -> tuple[list, list[str]]:
-        """(the nodes from the first one `chosen` changes on, the tensors they read from the nodes before)."""
-        nodes = self._nodes(chosen)
+    def _split(self, chosen, pairs: dict[str, bool] | None = None) -> tuple[list, list[str]]:
+        """(the nodes whose values quantizing `chosen` changes, the tensors they read from the other nodes)."""
+        nodes = self._nodes(chosen, pairs)
         qdq = [n for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
         constant = {id(n) for n in qdq if n.input[0] in self.constants}  # weights' DequantizeLinear: no activation
         changed = {o for n in qdq for o in n.output}
-        first = next((i for i, n in enumerate(nodes) if id(n) not in constant
-                      and (n.op_type in ("QuantizeLinear", "DequantizeLinear") or changed.intersection(n.input))),
-                     len(nodes))
-        suffix = [n for i, n in enumerate(nodes) if i >= first or id(n) in constant]
+        reached = set()  # nodes come in an order that computes each input first: one pass follows every change
+        for n in nodes:
+            if id(n) not in constant and (n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                                          or changed.intersection(n.input)):
+                reached.add(id(n))
+                changed.update(n.output)
+        suffix = [n for n in nodes if id(n) in reached or id(n) in constant]
         made = {o for n in suffix for o in n.output}
         outside = made | self.constants | set(self.inputs)
         cut = sorted({i for n in suffix for i in n.input if i and i not in outside})
@@ -267,19 +308,20 @@ class Variants:
         known = set(self.outputs)
         return self._shared(self._nodes(()), outputs=[o for o in dict.fromkeys(outputs) if o not in known])
 
-    def cut(self, chosen) -> list[str]:
-        """The float tensors the graph for `chosen` reads from before its first change (unquantized layers:
-        the fp32 graph's values)."""
-        return self._split(chosen)[1]
+    def cut(self, chosen, pairs: dict[str, bool] | None = None) -> list[str]:
+        """The float tensors the nodes that quantizing `chosen` (and `pairs`, as in _nodes) changes read from the
+        others (unquantized layers: the fp32 graph's values)."""
+        return self._split(chosen, pairs)[1]
 
-    def suffix(self, chosen, types: dict[str, int]) -> _Shared:
-        """The graph for `chosen` from its first change on: its inputs are the original ones and `cut(chosen)`
-        (`types`: each one's ONNX element type), fed with the fp32 graph's values of those tensors. The same
-        operators on the same values as the whole variant, without recomputing what quantizing `chosen` cannot
-        change: the DC-AE encoder's high-resolution blocks come first, the decoder's last."""
+    def suffix(self, chosen, types: dict[str, int], pairs: dict[str, bool] | None = None) -> _Shared:
+        """The graph for `chosen`, only the nodes its change reaches: its inputs are the original ones and
+        `cut(chosen)` (`types`: each one's ONNX element type), fed with the fp32 graph's values of those tensors.
+        The same operators on the same values as the whole variant, without recomputing what quantizing `chosen`
+        cannot change: the DC-AE encoder's high-resolution blocks come first, the decoder's last, and the
+        transformer's export computes every cross-attention's keys and values from the caption at its start."""
         from onnx import helper
 
-        nodes, cut = self._split(chosen)
+        nodes, cut = self._split(chosen, pairs)
         return self._shared(nodes, [helper.make_tensor_value_info(c, types[c], None) for c in cut])
 
 
@@ -368,8 +410,14 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
         variants = Variants(full, source, unquantized_outputs)
     finally:
         full.unlink(missing_ok=True)
-    # Each group alone runs from its first changed node on, fed the fp32 values there (recorded in the fp32 pass).
-    cuts = {g: variants.cut(members) for g, members in groups.items()}
+    # What is measured alone: each group, its layers quantized but the Q/DQ pairs it shares with other groups left
+    # in float (`shared`), and each shared pair, its readers' layers in float: a shared pair rounds every reader's
+    # input once, so its error counts once, and a group's own run is only what its own change reaches (at real
+    # size every cross-attention's reached the whole transformer through the caption).
+    shared = variants.shared_pairs(groups)
+    alone = measured_alone(groups, shared)
+    # Each runs the nodes its change reaches, fed the fp32 values they read (recorded in the fp32 pass).
+    cuts = {k: variants.cut(members, pairs) for k, (members, pairs) in alone.items()}
     few = slice(0, INT8_SENSITIVITY_SAMPLES)
     if reference is not None and len(reference) != len(feeds):
         raise ValueError(f"{len(reference)} fp32 outputs given for {len(feeds)} calibration inputs")
@@ -387,20 +435,24 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
         p = psnr(*both, peak=peak) if peak else float("inf")
         return float(np.mean(np.square(both[0] - both[1], dtype=np.float64))), p, cosine(*both)
 
-    table = {}
-    for i, (group, members) in enumerate(groups.items()):
-        say(f"int8 sensitivity of {component}: group {i + 1}/{len(groups)} ({group})")
-        # Only the rest of the graph runs, fed the fp32 values of the tensors it reads before its first change.
-        cut_values = [{c: values[c] for c in cuts[group]} for values in at_cuts]
+    errors = {}
+    for i, (name, (members, pairs)) in enumerate(alone.items()):
+        say(f"int8 sensitivity of {component}: group {i + 1}/{len(alone)} ({name})")
+        cut_values = [{c: values[c] for c in cuts[name]} for values in at_cuts]
         types = {k: np_dtype_to_tensor_dtype(v.dtype) for k, v in cut_values[0].items()}
-        mse, _, _ = score(_run(variants.suffix(members, types), [{**f, **c} for f, c in zip(feeds[few], cut_values)]))
-        table[group] = {"nodes": len(members), "macs": sum(macs[n] for n in members), "mse": mse}
+        errors[name], _, _ = score(_run(variants.suffix(members, types, pairs),
+                                        [{**f, **c} for f, c in zip(feeds[few], cut_values)]))
+    table = {g: {"nodes": len(members), "macs": sum(macs[n] for n in members), "mse": errors[g]}
+             for g, members in groups.items()}
     order = sorted(groups, key=lambda g: table[g]["mse"] / max(table[g]["macs"], 1))
-    chosen, total = [], 0.0
-    for g in order:
-        if total + table[g]["mse"] <= budget:
+    chosen, total, paid = [], 0.0, set()
+    for g in order:  # the first group chosen that reads a shared pair pays for the pair's error too
+        pairs = {t for t, owners in shared.items() if g in owners} - paid
+        cost = table[g]["mse"] + sum(errors[_pair_name(t)] for t in pairs)
+        if total + cost <= budget:
             chosen.append(g)
-            total += table[g]["mse"]
+            total += cost
+            paid |= pairs
     verified, rounds, screened = None, 0, max(1, -(-len(feeds) // VERIFY_SCREEN_SHARE))
     missed_on_share = 0
     for rounds in range(1, MAX_VERIFY_ROUNDS + 1):
@@ -433,11 +485,26 @@ def choose_quantized(component: str, source: Path, nodes: list[str], scopes_of: 
     total_macs = sum(macs.values()) or 1
     for g, row in table.items():
         row["quantized"] = g in chosen
+    pairs_report = {t: {"groups": len(owners), "mse": errors[_pair_name(t)],
+                        "quantized": any(g in chosen for g in owners)} for t, owners in shared.items()}
     report = {"method": "per-group sensitivity, greedy by error per multiply-add, verified",
               "gate": {"min_psnr_db": gate.min_psnr_db if peak else None, "min_cosine": gate.min_cosine},
               "budget_mse": budget,
               "samples": {"per_group": len(reference[few]), "verified": len(feeds), "screened": screened},
               "verified": verified, "verify_rounds": rounds, "verify_rounds_missed_on_screen": missed_on_share,
               "quantized_macs_share": round(sum(table[g]["macs"] for g in chosen) / total_macs, 4),
-              "groups": table}
+              "groups": table, "shared_pairs": pairs_report}
     return [n for g in chosen for n in groups[g]], report
+
+
+def measured_alone(groups: dict[str, list[str]], shared: dict[str, list[str]]) -> dict[str, tuple[list, dict]]:
+    """{name: (the layers, the pairs as Variants._nodes takes them)} of each thing the sensitivity measures alone:
+    each group with the shared pairs it reads left in float, and each shared pair with no layer quantized."""
+    alone = {g: (members, {t: False for t, owners in shared.items() if g in owners}) for g, members in groups.items()}
+    alone.update({_pair_name(t): ([], {t: True}) for t in shared})
+    return alone
+
+
+def _pair_name(tensor: str) -> str:
+    """A shared Q/DQ pair's name among the groups measured (see choose_quantized)."""
+    return f"the Q/DQ pair of {tensor}"

@@ -403,6 +403,7 @@ def test_the_decoders_int8_layers_are_chosen_by_measured_sensitivity(onnx_dir, a
     assert 0 < len(chosen) < len(groups)  # the random tiny decoder affords some blocks, not all
     assert entry["quantized_nodes"] == sum(len(groups[g]) for g in chosen)
     assert all(row["mse"] > 0 and row["macs"] > 0 for row in report["groups"].values())
+    assert report["shared_pairs"] == {}  # every Q/DQ pair of DC-AE's is read within one block
     assert Gate().passes(report["verified"]["psnr_db"], report["verified"]["cosine"])
     assert 1 <= report["verify_rounds"] <= MAX_VERIFY_ROUNDS
     assert 0 < report["quantized_macs_share"] < 1
@@ -672,17 +673,18 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, calibrat
 
 
 @pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder", "transformer"])
-def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(onnx_dir, calibration_feeds, tmp_path,
-                                                                                component):
-    """Each group's sensitivity run starts at the first node quantizing it changes, fed the fp32 graph's values
-    there (sensitivity.py Variants.suffix): its output must be the whole variant's, bit for bit, and the runs
+def test_sensitivity_runs_only_what_each_groups_change_reaches_with_the_same_output(onnx_dir, calibration_feeds,
+                                                                                    tmp_path, component):
+    """Each group's sensitivity run is only the nodes quantizing it changes, fed the fp32 graph's values of what
+    they read (sensitivity.py Variants.suffix): its output must be the whole variant's, bit for bit, and the runs
     must skip work (the encoder's first blocks and the decoder's last are the large ones, the transformer's
-    blocks alike). The transformer's weights are in a file, as the real one's (over 2 GB) are."""
+    blocks alike). Each is run as the measurement runs it: a shared Q/DQ pair measured alone, left in float in
+    its readers' groups. The transformer's weights are in a file, as the real one's (over 2 GB) are."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     from sprintrt.engines import quantize as Q
     from sprintrt.engines.calibrator import calibrated_ranges
-    from sprintrt.engines.sensitivity import Variants, _fp32_pass, _run, layer_groups
+    from sprintrt.engines.sensitivity import Variants, _fp32_pass, _run, layer_groups, measured_alone
     from sprintrt.onnx_scopes import module_scopes
 
     source = _source_with_weights_in_a_file(onnx_dir, component, tmp_path)
@@ -699,22 +701,24 @@ def test_sensitivity_runs_each_group_from_its_first_change_with_the_same_output(
                     nodes_to_quantize=nodes, calibration_cache_path=str(cache),
                     use_external_data_format=component == "transformer", **settings)
     variants = Variants(tmp_path / "all.onnx", source, Q.UNQUANTIZED_OUTPUTS)
-    cuts = {g: variants.cut(members) for g, members in groups.items()}
+    alone = measured_alone(groups, variants.shared_pairs(groups))
+    assert len(alone) == len(groups) + (component == "transformer")  # the caption's pair
+    cuts = {g: variants.cut(*chosen) for g, chosen in alone.items()}
     reference, macs, values = _fp32_pass(variants, nodes, sorted({c for cut in cuts.values() for c in cut}), feeds, 1)
     whole_nodes = suffix_nodes = 0
     fp32 = _run(source, feeds)[0]
     assert np.array_equal(reference[0], fp32)  # the pass's extra outputs change nothing
     assert len(kept) == 1 and np.array_equal(kept[0], fp32)  # nor do the calibration's (its kept reference)
     assert set(macs) == set(nodes) and all(m > 0 for m in macs.values())
-    for group, members in groups.items():
+    for group, (members, pairs) in alone.items():
         assert cuts[group], group  # every group starts after the input: something is skipped
-        whole = _run(variants(members), feeds)[0]
+        whole = _run(variants(members, pairs), feeds)[0]
         cut_feeds = [{**feeds[0], **{c: values[0][c] for c in cuts[group]}}]
         types = {c: onnx.helper.np_dtype_to_tensor_dtype(values[0][c].dtype) for c in cuts[group]}
-        suffix = variants.suffix(members, types)
+        suffix = variants.suffix(members, types, pairs)
         assert np.array_equal(_run(suffix, cut_feeds)[0], whole), group
         assert not np.array_equal(whole, fp32), group  # the group's quantization shows in the output
-        whole_nodes += len(onnx.load_from_string(variants(members).proto).graph.node)
+        whole_nodes += len(onnx.load_from_string(variants(members, pairs).proto).graph.node)
         suffix_nodes += len(onnx.load_from_string(suffix.proto).graph.node)
     assert suffix_nodes < 0.75 * whole_nodes, (suffix_nodes, whole_nodes)
 
@@ -863,8 +867,56 @@ def test_a_verification_round_that_misses_on_its_share_of_the_inputs_is_not_run_
     report = quantize_qdq(source, tmp_path / "t.onnx", feeds, component="transformer")["int8_sensitivity"]
     rounds, missed = report["verify_rounds"], report["verify_rounds_missed_on_screen"]
     assert missed >= 1 and report["samples"]["screened"] == share
-    # after one run per group: the rounds that missed on the share ran there alone, the last one on all
-    assert runs[len(report["groups"]):] == [share] * missed + [share, len(feeds) - share] and rounds == missed + 1
+    # after one run per group (and shared pair): the rounds that missed on the share ran there alone, the last on all
+    assert runs[len(report["groups"]) + len(report["shared_pairs"]):] == [share] * missed + [share, len(feeds) - share] and rounds == missed + 1
     # the verdict recorded is the whole set's on every input: the written graph against fp32
     outputs, reference = (np.concatenate([o.ravel() for o in real_run(m, feeds)]) for m in (tmp_path / "t.onnx", source))
     assert report["verified"]["cosine"] == pytest.approx(cosine(outputs, reference), abs=2e-6)
+
+
+def test_a_pair_several_groups_read_is_measured_alone_and_counted_once(onnx_dir, calibration_feeds, tmp_path,
+                                                                        monkeypatch):
+    """ONNX Runtime's quantizer gives the transformer's caption one Q/DQ pair, which every cross-attention reads
+    once any of them is quantized. The measurement finds that pair (and no other), measures it alone, leaves it
+    in float in each cross-attention's own run, which then starts at that cross-attention instead of at the
+    caption, and the greedy counts its error once: the chosen groups' errors and the pair's fit the budget."""
+    from sprintrt.engines import sensitivity
+    from sprintrt.onnx_scopes import module_scopes
+
+    made = []
+
+    class Kept(sensitivity.Variants):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(sensitivity, "Variants", Kept)
+    source = _source_with_weights_in_a_file(onnx_dir, "transformer", tmp_path)
+    report = quantize_qdq(source, tmp_path / "t.onnx", calibration_feeds[:4], component="transformer")["int8_sensitivity"]
+    proto = onnx.load(str(source), load_external_data=False)
+    nodes, _ = quantizable_nodes(proto, "transformer")
+    scopes = module_scopes(proto)
+    groups = sensitivity.layer_groups(nodes, {n.name: scopes[n.output[0]] for n in proto.graph.node
+                                              if n.name in nodes}, "transformer")
+    cross = [g for g in groups if g.endswith(".attn2")]
+    shared = made[0].shared_pairs(groups)
+    assert len(shared) == 1 and list(shared.values()) == [cross] and len(cross) >= 2
+    (caption,) = shared
+    alone = sensitivity.measured_alone(groups, shared)  # what is measured: the pair in float in each reader's run
+    assert alone[cross[0]] == (groups[cross[0]], {caption: False}) and alone[next(iter(groups))][1] == {}
+    assert list(alone)[len(groups):] == [f"the Q/DQ pair of {caption}"] and alone[list(alone)[-1]] == ([], {caption: True})
+    # the pair alone: one Q/DQ pair and no weight quantized
+    alone = made[0]._nodes((), {caption: True})
+    assert [n.op_type for n in alone if n.op_type in ("QuantizeLinear", "DequantizeLinear")] == \
+        ["QuantizeLinear", "DequantizeLinear"]
+    # the last cross-attention's own run is its block's keys and values and what they reach, not every block's as
+    # with the pair
+    last = groups[cross[-1]]
+    own, with_pair = (len(made[0]._split(last, pairs)[0]) for pairs in ({caption: False}, None))
+    assert own < 0.5 * with_pair, (own, with_pair)
+    assert len(report["groups"]) == len(groups)
+    pair = report["shared_pairs"][caption]
+    assert pair["groups"] == len(cross) and pair["mse"] > 0
+    chosen = [g for g, row in report["groups"].items() if row["quantized"]]
+    assert pair["quantized"] == any(g in cross for g in chosen)
+    assert sum(report["groups"][g]["mse"] for g in chosen) + pair["mse"] * pair["quantized"] <= report["budget_mse"]
