@@ -838,42 +838,6 @@ def test_a_failed_verification_leaves_out_as_many_of_the_largest_errors_as_the_m
     assert len(chosen) == 1
 
 
-def test_a_verification_round_that_misses_on_its_share_of_the_inputs_is_not_run_on_the_rest(
-        onnx_dir, calibration_feeds, tmp_path, monkeypatch):
-    """Each verification round runs the chosen set on the first share of the calibration inputs, and on the rest
-    only where it passes there; the verdict that chooses the set is on every input. Stand-in for a set that misses
-    the gate: the gate's first verdict is a miss."""
-    from sprintrt.engines import sensitivity
-    from sprintrt.engines.sensitivity import VERIFY_SCREEN_SHARE
-    from sprintrt.metrics import cosine
-
-    real_run, runs = sensitivity._run, []
-    verdicts = []
-
-    def run(model, feeds, session=None):
-        runs.append(len(feeds))
-        return real_run(model, feeds, session)
-
-    class FirstVerdictMisses(sensitivity.Gate):
-        def passes(self, psnr_db, cos):
-            verdicts.append(cos)
-            return len(verdicts) > 1 and super().passes(psnr_db, cos)
-
-    monkeypatch.setattr(sensitivity, "_run", run)
-    monkeypatch.setattr(sensitivity, "Gate", FirstVerdictMisses)
-    feeds = calibration_feeds[:8]
-    share = len(feeds) // VERIFY_SCREEN_SHARE
-    source = _source_with_weights_in_a_file(onnx_dir, "transformer", tmp_path)
-    report = quantize_qdq(source, tmp_path / "t.onnx", feeds, component="transformer")["int8_sensitivity"]
-    rounds, missed = report["verify_rounds"], report["verify_rounds_missed_on_screen"]
-    assert missed >= 1 and report["samples"]["screened"] == share
-    # after one run per group (and shared pair): the rounds that missed on the share ran there alone, the last on all
-    assert runs[len(report["groups"]) + len(report["shared_pairs"]):] == [share] * missed + [share, len(feeds) - share] and rounds == missed + 1
-    # the verdict recorded is the whole set's on every input: the written graph against fp32
-    outputs, reference = (np.concatenate([o.ravel() for o in real_run(m, feeds)]) for m in (tmp_path / "t.onnx", source))
-    assert report["verified"]["cosine"] == pytest.approx(cosine(outputs, reference), abs=2e-6)
-
-
 def test_a_pair_several_groups_read_is_measured_alone_and_counted_once(onnx_dir, calibration_feeds, tmp_path,
                                                                         monkeypatch):
     """ONNX Runtime's quantizer gives the transformer's caption one Q/DQ pair, which every cross-attention reads
@@ -920,3 +884,30 @@ def test_a_pair_several_groups_read_is_measured_alone_and_counted_once(onnx_dir,
     chosen = [g for g, row in report["groups"].items() if row["quantized"]]
     assert pair["quantized"] == any(g in cross for g in chosen)
     assert sum(report["groups"][g]["mse"] for g in chosen) + pair["mse"] * pair["quantized"] <= report["budget_mse"]
+
+
+def test_the_vae_encoders_groups_are_measured_on_a_picture_and_a_scribble(onnx_dir, tmp_path, monkeypatch):
+    """The encoder's calibration inputs are pictures, then as many scribbles (tuning/calibration.py): its groups are
+    measured on the first of each, the others' on their first input; the chosen set is verified on every input,
+    whatever their order."""
+    from sprintrt.engines import sensitivity
+    from sprintrt.engines.sensitivity import per_group_samples
+
+    assert per_group_samples("vae_encoder", 16) == [0, 8] and per_group_samples("vae_encoder", 1) == [0]
+    assert per_group_samples("vae_decoder", 8) == [0] and per_group_samples("transformer", 32) == [0]
+    real_pass, passed = sensitivity._fp32_pass, []
+
+    def fp32_pass(variants, nodes, cut, feeds, few):
+        passed.append(feeds[:few])
+        return real_pass(variants, nodes, cut, feeds, few)
+
+    monkeypatch.setattr(sensitivity, "_fp32_pass", fp32_pass)
+    rng = np.random.default_rng(3)
+    feeds = [{"sample": rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)} for _ in range(4)]
+    source = onnx_dir / "vae_encoder.onnx"
+    report = quantize_qdq(source, tmp_path / "e.onnx", feeds, component="vae_encoder")["int8_sensitivity"]
+    assert report["samples"]["per_group_inputs"] == [0, 2] and len(passed) == 1
+    assert [f["sample"] is g["sample"] for f, g in zip(passed[0], (feeds[0], feeds[2]))] == [True, True]
+    outputs, reference = (np.concatenate([o.ravel() for o in sensitivity._run(m, feeds)])
+                          for m in (tmp_path / "e.onnx", source))
+    assert report["verified"]["cosine"] == pytest.approx(cosine(outputs, reference), abs=2e-6)
