@@ -62,7 +62,7 @@ GROUPS = {VAE_DECODER: r"decoder\.up_blocks\.\d+\.\d+", VAE_ENCODER: r"encoder\.
 # scribbles: tuning/calibration.py), one of each. Measured at real size (0.6B, 2-vCPU Intel Xeon with AMX, 16
 # inputs): on the first picture alone the groups' summed errors were 1.8-3.9x below the chosen sets' joint error
 # on all 16 (the scribbles cost more), so the verification took 4 rounds to a set of 7 groups (173 s in all, 55% of
-# the multiply-adds in int8); on a picture and a scribble it passed in one (107 s, 66%).
+# the multiply-adds in int8); on a picture and a scribble it passed in one (103 s, 66%).
 SAMPLES = {VAE_ENCODER: 2}
 # Verification rounds before giving up (each runs the chosen set on every calibration input).
 MAX_VERIFY_ROUNDS = 6

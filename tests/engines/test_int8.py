@@ -856,7 +856,8 @@ def test_a_pair_several_groups_read_is_measured_alone_and_counted_once(onnx_dir,
 
     monkeypatch.setattr(sensitivity, "Variants", Kept)
     source = _source_with_weights_in_a_file(onnx_dir, "transformer", tmp_path)
-    report = quantize_qdq(source, tmp_path / "t.onnx", calibration_feeds[:4], component="transformer")["int8_sensitivity"]
+    report = quantize_qdq(source, tmp_path / "t.onnx", calibration_feeds[:4],
+                          component="transformer")["int8_sensitivity"]
     proto = onnx.load(str(source), load_external_data=False)
     nodes, _ = quantizable_nodes(proto, "transformer")
     scopes = module_scopes(proto)
@@ -868,7 +869,8 @@ def test_a_pair_several_groups_read_is_measured_alone_and_counted_once(onnx_dir,
     (caption,) = shared
     alone = sensitivity.measured_alone(groups, shared)  # what is measured: the pair in float in each reader's run
     assert alone[cross[0]] == (groups[cross[0]], {caption: False}) and alone[next(iter(groups))][1] == {}
-    assert list(alone)[len(groups):] == [f"the Q/DQ pair of {caption}"] and alone[list(alone)[-1]] == ([], {caption: True})
+    assert list(alone)[len(groups):] == [f"the Q/DQ pair of {caption}"]
+    assert alone[list(alone)[-1]] == ([], {caption: True})
     # the pair alone: one Q/DQ pair and no weight quantized
     alone = made[0]._nodes((), {caption: True})
     assert [n.op_type for n in alone if n.op_type in ("QuantizeLinear", "DequantizeLinear")] == \
