@@ -348,8 +348,8 @@ def _needed(nodes: list, outputs: list[str]) -> list:
 def _fp32_pass(variants: Variants, nodes: list[str], cut: list[str], feeds: list[dict], few: int):
     """What the measurement needs of the fp32 graph, from one session (run as _run runs it: the same values):
     (its output on every feed: the reference; each weight layer's multiply-adds on the first feed, weight
-    elements x output positions; the values of the tensors `cut` on the first `few` feeds, where the groups'
-    runs start). One load and one run per feed, where three loads and runs were: measured on the real 0.6B VAEs
+    elements x output positions; the values of the tensors `cut` on the first `few` feeds, which the groups'
+    runs read). One load and one run per feed, where three loads and runs were: measured on the real 0.6B VAEs
     (2-vCPU Intel Xeon with AMX, 8 latent crops / 16 pictures of 256²), decoder 28-29 -> 21 s, encoder 34-35 -> 28 s.
     The graph is `variants`' fp32 one, on the weights they already hold as shared values: loading the source's
     again took ~15 s of a 21 s pass on the real transformer (2.4 GB) and held a second copy of them."""

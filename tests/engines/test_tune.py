@@ -45,6 +45,14 @@ def _naming_loads(monkeypatch) -> dict:
     return names
 
 
+def _tuned_transformer(onnx_dir, tmp_path, candidate_names: list[str], exhaustive: bool, **kwargs):
+    """(the engine directory, the transformer's tuning entry) of a tuner run over `candidate_names` at SIZE, into a
+    directory of its own per mode."""
+    out = T.tune_engines(onnx_dir, tmp_path / f"e{exhaustive}", components=[TRANSFORMER], size=SIZE,
+                         candidate_names=candidate_names, exhaustive=exhaustive, **kwargs)
+    return out, _manifest(out)["components"][TRANSFORMER]["tuning"]
+
+
 def _off_by_up_to_20_percent(outputs: dict) -> dict:
     """Outputs scaled from 0.8x to 1.2x along their elements: a cosine well below the gate."""
     return {k: v * np.linspace(0.8, 1.2, v.size, dtype=v.dtype).reshape(v.shape) for k, v in outputs.items()}
@@ -360,10 +368,8 @@ def test_screening_at_a_quarter_of_the_pixels_picks_what_the_exhaustive_tuner_pi
     chosen = {}
     for exhaustive in (True, False):
         timed, said, quantized, recorded = [], [], [], []
-        out = T.tune_engines(onnx_dir, tmp_path / f"e{exhaustive}", components=[TRANSFORMER], count=2, size=SIZE,
-                             candidate_names=["ort:fp32", "ov:fp32", "ort:int8"], exhaustive=exhaustive,
-                             progress=said.append)
-        tuning = _manifest(out)["components"][TRANSFORMER]["tuning"]
+        out, tuning = _tuned_transformer(onnx_dir, tmp_path, ["ort:fp32", "ov:fp32", "ort:int8"], exhaustive, count=2,
+                                         progress=said.append)
         chosen[exhaustive] = tuning["chosen"]
         rows = {r["candidate"]: r for r in tuning["candidates"]}
         timed_full = [name for name, full, _ in timed if full]
@@ -438,9 +444,7 @@ def test_the_reference_is_timed_at_the_tuning_size_only_where_the_screen_leaves_
     chosen = {}
     for exhaustive in (True, False):
         timed, gated = [], []
-        out = T.tune_engines(onnx_dir, tmp_path / f"e{exhaustive}", components=[TRANSFORMER], size=SIZE,
-                             candidate_names=FLOAT, exhaustive=exhaustive)
-        tuning = _manifest(out)["components"][TRANSFORMER]["tuning"]
+        out, tuning = _tuned_transformer(onnx_dir, tmp_path, FLOAT, exhaustive)
         chosen[exhaustive] = tuning["chosen"]
         if exhaustive:
             continue
@@ -599,10 +603,8 @@ def test_a_backends_fp32_candidate_is_not_built_where_its_bf16_one_passed(onnx_d
     chosen = {}
     for exhaustive in (True, False):
         built, said = [], []
-        out = T.tune_engines(onnx_dir, tmp_path / f"e{exhaustive}", components=[TRANSFORMER], size=SIZE,
-                             candidate_names=["ort:fp32", "ov:fp32", "ov:bf16"], exhaustive=exhaustive,
-                             progress=said.append)
-        tuning = _manifest(out)["components"][TRANSFORMER]["tuning"]
+        out, tuning = _tuned_transformer(onnx_dir, tmp_path, ["ort:fp32", "ov:fp32", "ov:bf16"], exhaustive,
+                                         progress=said.append)
         chosen[exhaustive] = tuning["chosen"]
         rows = {r["candidate"]: r for r in tuning["candidates"]}
         assert list(rows)[:2] == ["onnxruntime:fp32", "openvino:bf16"]  # the 16-bit candidate first
