@@ -842,8 +842,8 @@ def test_a_pair_several_groups_read_is_measured_alone_and_counted_once(onnx_dir,
                                                                         monkeypatch):
     """ONNX Runtime's quantizer gives the transformer's caption one Q/DQ pair, which every cross-attention reads
     once any of them is quantized. The measurement finds that pair (and no other), measures it alone, leaves it
-    in float in each cross-attention's own run, which then starts at that cross-attention instead of at the
-    caption, and the greedy counts its error once: the chosen groups' errors and the pair's fit the budget."""
+    in float in each cross-attention's own run, which is then only what that cross-attention's keys and values
+    reach, and the greedy counts its error once: the chosen groups' errors and the pair's fit the budget."""
     from sprintrt.engines import sensitivity
     from sprintrt.onnx_scopes import module_scopes
 
