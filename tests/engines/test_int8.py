@@ -672,6 +672,65 @@ def test_sensitivity_variants_equal_the_quantizers_own_graphs(onnx_dir, calibrat
             assert np.abs(g - e).max() <= 1e-6 * np.abs(e).max() and np.abs(e - f).max() > 1e-4, chosen
 
 
+def test_the_sensitivity_maps_weights_from_their_file_and_dequantizes_each_weight_once(onnx_dir, calibration_feeds,
+                                                                                      tmp_path):
+    """The sensitivity's graphs read the weights in a file by mapping it (sensitivity._arrays: the values onnx's own
+    loader gives), and each weight's and bias's DequantizeLinear is computed once, when Variants is made: no variant
+    dequantizes a weight again, a chosen layer reads its dequantized weights, the same values the Q/DQ graph's
+    DequantizeLinear gives, and an unchosen one its fp32 weights."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from sprintrt.engines import quantize as Q
+    from sprintrt.engines.calibrator import calibrated_ranges
+    from sprintrt.engines.sensitivity import Variants, _arrays
+
+    source = _source_with_weights_in_a_file(onnx_dir, "transformer", tmp_path)
+    proto = onnx.load(str(source), load_external_data=False)
+    arrays, loaded = _arrays(proto, source.parent), onnx.load(str(source))
+    external = {i.name for i in proto.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+    assert external and all(isinstance(arrays[name], np.memmap) for name in external)
+    assert all(np.array_equal(arrays[i.name], numpy_helper.to_array(i)) for i in loaded.graph.initializer)
+    feeds = _sensitivity_feeds("transformer", calibration_feeds, 0)
+    settings = Q._settings("int8", len(feeds), None, "transformer")
+    calibrated_ranges(source, feeds, settings, tmp_path / "ranges.json")
+    nodes, _ = quantizable_nodes(proto, "transformer")
+    quantize_static(str(source), str(tmp_path / "all.onnx"), None, quant_format=QuantFormat.QDQ,
+                    nodes_to_quantize=nodes, calibration_cache_path=str(tmp_path / "ranges.json"),
+                    use_external_data_format=True, **settings)
+    variants = Variants(tmp_path / "all.onnx", source, Q.UNQUANTIZED_OUTPUTS)
+    full = onnx.load(str(tmp_path / "all.onnx"))
+    weight_dq = [n for n in full.graph.node if n.op_type == "DequantizeLinear"
+                 and n.input[0] in {i.name for i in full.graph.initializer}]
+    assert set(variants.dequantized) == {n.output[0] for n in weight_dq}
+    chosen = nodes[: len(nodes) // 2]
+    variant = variants._nodes(chosen)
+    assert not [n for n in variant if n.op_type == "DequantizeLinear" and n.input[0] in variants.constants]
+    reads = {n.name: set(n.input) for n in variant}
+    for layer in nodes:
+        weight = set(variants.source_inputs[layer][1:])
+        dequantized = reads[layer] & set(variants.dequantized)
+        assert dequantized if layer in chosen else not dequantized and reads[layer] & {
+            variants.float_name.get(w, w) for w in weight}, layer
+    # the values: what the Q/DQ graph's own DequantizeLinear gives, bit for bit
+    probe = onnx.ModelProto()
+    probe.CopyFrom(full)
+    probe.graph.ClearField("output")
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n.output[0]) for n in weight_dq[:8])
+    onnx.save_model(probe, str(tmp_path / "probe.onnx"))
+    got = dict(zip(variants.names, variants.values))
+    for n, value in zip(weight_dq[:8], _run_all(tmp_path / "probe.onnx", feeds[0])):
+        assert np.array_equal(got[n.output[0]].numpy(), value), n.name
+
+
+def _run_all(path, feed) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
 @pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder", "transformer"])
 def test_sensitivity_runs_only_what_each_groups_change_reaches_with_the_same_output(onnx_dir, calibration_feeds,
                                                                                     tmp_path, component):
