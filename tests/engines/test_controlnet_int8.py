@@ -65,8 +65,10 @@ def test_calibration_records_controlnet_calls_with_one_scribble_per_prompt(calib
     assert set(feeds) == set(CONTROLLED)
     for comp in CONTROLLED:
         # each prompt at 1 step and at 2 steps, the 1-step call's input being the 2-step call's first: kept once,
-        # and run once
-        assert len(feeds[comp]) == PROMPTS * 2 == len(runs[comp]), comp
+        # and run once; the controlled transformer's last step of a 2-step call is recorded, not run (the latents
+        # of calibration's ControlNet calls are not decoded: nothing reads its output)
+        assert len(feeds[comp]) == PROMPTS * 2, comp
+        assert len(runs[comp]) == PROMPTS * (2 if comp == CONTROLNET else 1), comp
         assert feeds[comp][0]["hidden_states"].shape == (1, 32, 4, 5), comp  # 128x160 / 32
     timesteps = sorted({round(float(f["timestep"][0]), 6) for f in feeds[CONTROLNET]})
     assert timesteps == [0.782708, 1.000004]  # as the transformer's calibration (docs/SANA_SPRINT_SPEC.md §4.5)

@@ -48,9 +48,14 @@ def test_calibration_records_the_timesteps_actually_run(calibration_feeds):
     assert calibration_feeds[0]["hidden_states"].shape == (1, 32, 8, 8)
 
 
-def test_calibration_runs_a_repeated_transformer_input_once(engine_dir, monkeypatch):
-    """A prompt's 2-step call starts with its 1-step call's transformer input: the engine runs it once, and what
-    is recorded (the transformer's inputs, the decoder's latents made from its outputs) is what running it again
+@pytest.mark.parametrize("components, prompts, made", [
+    (("transformer", "vae_decoder"), 2, 2 * 2),  # every call decoded: per prompt the 2-step call's two steps
+    (("transformer", "vae_decoder"), 6, 2 * 4 + 6 - 4),  # 8 calls decoded: prompts 4 and 5's 2-step calls are not
+    (("transformer",), 2, 2)])  # nothing decoded: per prompt its 1-step call's run
+def test_calibration_runs_a_repeated_transformer_input_once(engine_dir, monkeypatch, components, prompts, made):
+    """A prompt's 2-step call starts with its 1-step call's transformer input: the engine runs it once. The last
+    step of a 2-step call whose latents are not decoded is recorded, not run (nothing reads its output). What is
+    recorded (the transformer's inputs, the decoder's latents made from its outputs) is what running every step
     records."""
     import contextlib
 
@@ -65,12 +70,13 @@ def test_calibration_runs_a_repeated_transformer_input_once(engine_dir, monkeypa
         return transformer(**feeds)
 
     pipe.set_engine("transformer", counting)
-    prompts = read_prompts(None)[:2]
-    once = record_calibration(pipe, ("transformer", "vae_decoder"), prompts, 128, 160)
-    assert len(runs) == 2 * len(prompts)  # per prompt the 2-step call's two steps (the first is the 1-step call's)
-    monkeypatch.setattr(calibration, "_repeats_run_once", lambda pipe, components: contextlib.nullcontext())
-    again = record_calibration(pipe, ("transformer", "vae_decoder"), prompts, 128, 160)
-    assert len(runs) == 2 * len(prompts) + 3 * len(prompts)
+    prompts = read_prompts(None)[:prompts]
+    once = record_calibration(pipe, components, prompts, 128, 160)
+    assert len(runs) == made
+    monkeypatch.setattr(calibration, "_repeats_run_once",
+                        lambda pipe, components: contextlib.nullcontext(calibration._Runs()))
+    again = record_calibration(pipe, components, prompts, 128, 160)
+    assert len(runs) == made + 3 * len(prompts)
     for component in once:
         assert len(once[component]) == len(again[component]) > 0
         for a, b in zip(once[component], again[component]):
