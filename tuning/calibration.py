@@ -155,7 +155,8 @@ def _distinct(feeds: list[dict]) -> list[dict]:
 
 
 class _Runs:
-    """What `_repeats_run_once` yields: the engines it wraps, and which call's last step nobody reads."""
+    """What `_repeats_run_once` yields: per engine it wraps, whether the next pipeline call's last step is read, and
+    the engine's calls so far in that pipeline call."""
 
     def __init__(self):
         self.unread: dict[str, int] = {}  # component -> the number of its calls in the next pipeline call
