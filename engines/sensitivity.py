@@ -154,12 +154,15 @@ def _arrays(model, base: Path) -> dict[str, np.ndarray]:
             arrays[init.name] = numpy_helper.to_array(init)
             continue
         where = {e.key: e.value for e in init.external_data}
+        location = Path(where["location"])
+        if location.is_absolute() or ".." in location.parts:  # as onnx's own loader: only files beside the graph
+            raise ValueError(f"{init.name}: its weights file {where['location']!r} is not beside the graph")
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
         shape, offset = tuple(init.dims), int(where.get("offset", 0))
         size = int(np.prod(shape)) * dtype.itemsize
         if int(where.get("length", size)) != size:
             raise ValueError(f"{init.name}: {where.get('length')} bytes in {where['location']}, its shape needs {size}")
-        array = (np.memmap(base / where["location"], dtype=dtype, mode="r", offset=offset, shape=shape) if size
+        array = (np.memmap(base / location, dtype=dtype, mode="r", offset=offset, shape=shape) if size
                  else np.zeros(shape, dtype))
         arrays[init.name] = array if array.flags.aligned else np.array(array)
     return arrays

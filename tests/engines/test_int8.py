@@ -697,6 +697,14 @@ def test_the_sensitivity_maps_weights_from_their_file_and_dequantizes_each_weigh
     external = {i.name for i in proto.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
     assert external and all(isinstance(arrays[name], np.memmap) for name in external)
     assert all(np.array_equal(arrays[i.name], numpy_helper.to_array(i)) for i in loaded.graph.initializer)
+    outside = onnx.ModelProto()
+    outside.CopyFrom(proto)
+    for init in outside.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../" + entry.value
+    with pytest.raises(ValueError, match="not beside the graph"):  # as onnx's own loader refuses it
+        _arrays(outside, source.parent)
     feeds = _sensitivity_feeds("transformer", calibration_feeds, 0)
     settings = Q._settings("int8", len(feeds), None, "transformer")
     calibrated_ranges(source, feeds, settings, tmp_path / "ranges.json")
