@@ -168,6 +168,16 @@ def _arrays(model, base: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _stub(name: str, dims, data_type: int):
+    """An initializer whose values ONNX Runtime takes from a shared value (see _Shared): the file it names is never
+    read."""
+    import onnx
+
+    stub = onnx.TensorProto(name=name, dims=dims, data_type=data_type, data_location=onnx.TensorProto.EXTERNAL)
+    stub.external_data.add(key="location", value="sprintrt-shared-weights.bin")
+    return stub
+
+
 def _shared_weights(model, arrays: dict[str, np.ndarray]) -> tuple[list[str], list]:
     """Move `model`'s large initializers (their values: `arrays`) out into ONNX Runtime values (see _Shared); its
     initializers become external-data stubs ONNX Runtime fills from those values (the file they name is never
@@ -183,10 +193,7 @@ def _shared_weights(model, arrays: dict[str, np.ndarray]) -> tuple[list[str], li
             if init.data_location == onnx.TensorProto.EXTERNAL:
                 model.graph.initializer[k].CopyFrom(numpy_helper.from_array(np.asarray(array), init.name))
             continue
-        stub = onnx.TensorProto(name=init.name, dims=init.dims, data_type=init.data_type,
-                                data_location=onnx.TensorProto.EXTERNAL)
-        stub.external_data.add(key="location", value="sprintrt-shared-weights.bin")
-        model.graph.initializer[k].CopyFrom(stub)
+        model.graph.initializer[k].CopyFrom(_stub(init.name, init.dims, init.data_type))
         names.append(init.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))  # keeps the array alive
     return names, values
@@ -226,12 +233,15 @@ class Variants:
         have = {i.name for i in model.graph.initializer}
         made = {o for n in model.graph.node for o in n.output}  # a bias's DequantizeLinear keeps the bias's name
         self.float_name: dict[str, str] = {}
-        for init, array in zip(fp32.graph.initializer, _arrays(fp32, source.parent).values()):
+        fp32_arrays = _arrays(fp32, source.parent)
+        for init in fp32.graph.initializer:
+            array = fp32_arrays[init.name]
             if init.name in made:
                 self.float_name[init.name] = init.name = init.name + ".fp32"
             if init.name not in have:
                 model.graph.initializer.append(init)
                 arrays[init.name] = array
+        del fp32_arrays
         del fp32
         self.outputs = [o.name for o in model.graph.output]
         self.inputs = [i.name for i in model.graph.input]
@@ -284,10 +294,7 @@ class Variants:
         kept = [k for k, name in enumerate(self.names) if name not in quantized]  # nothing reads them any more
         self.names, self.values = [self.names[k] for k in kept], [self.values[k] for k in kept]
         for name, value in zip(outputs, values):
-            stub = onnx.TensorProto(name=name, dims=value.shape, data_location=onnx.TensorProto.EXTERNAL,
-                                    data_type=onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
-            stub.external_data.add(key="location", value="sprintrt-shared-weights.bin")
-            model.graph.initializer.append(stub)
+            model.graph.initializer.append(_stub(name, value.shape, onnx.helper.np_dtype_to_tensor_dtype(value.dtype)))
             self.names.append(name)
             self.values.append(ort.OrtValue.ortvalue_from_numpy(value))
         return {d.output[0]: layer[d.output[0]] for d in weights}
