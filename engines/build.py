@@ -80,12 +80,13 @@ class BuildPlan:
     calibration: dict
     qdq_cache: Path | None = None  # where Q/DQ graphs are kept for other builds of the same run (the tuner's)
     uniform_int8: bool = False  # int8 without measured sensitivity (quantize.measured): the tuner's speed probes
+    compiled_cache: bool = True  # fill a backend's compiled-model cache at build (BuildBackend.build_component)
 
 
 def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFAULT_BACKEND, precision=None,
                components=None, profile: ProfileOptions | None = None,
                calibration: dict | None = None, qdq_cache: Path | None = None, target: str | None = None,
-               uniform_int8: bool = False) -> BuildPlan:
+               uniform_int8: bool = False, compiled_cache: bool = True) -> BuildPlan:
     """Check everything that can fail without building and derive each component's key. Writes nothing.
     `components` None means every component the export holds; `target` names what an ahead-of-time backend
     builds for (TensorRT-RTX's compute capabilities)."""
@@ -132,7 +133,7 @@ def plan_build(onnx_dir: str | Path, engine_dir: str | Path, backend: str = DEFA
         plans.append(ComponentPlan(comp, source, prec, dims, spec, key, record, source_record, dtype, fp32_source,
                                    quant_label))
     return BuildPlan(onnx_dir, engine_dir, backend, mod, info, target_info, versions, tuple(plans), calibration,
-                     Path(qdq_cache) if qdq_cache else None, uniform_int8)
+                     Path(qdq_cache) if qdq_cache else None, uniform_int8, compiled_cache)
 
 
 def _source_dtype(comp: str, prec: Precision, mod: BuildBackend, target: dict, record: dict) -> str:
@@ -178,7 +179,7 @@ def build_component(plan: BuildPlan, comp: ComponentPlan, say: Callable[[str], N
         try:
             result: BuildResult = plan.module.build_component(source, path, comp.name, comp.precision,
                                                               input_shapes(comp.spec, comp.profile), plan.target,
-                                                              plan.versions)
+                                                              plan.versions, compiled_cache=plan.compiled_cache)
         finally:
             temporary = source != comp.source and (plan.qdq_cache is None or source.parent != plan.qdq_cache)
             if temporary:  # the Q/DQ graph lives on inside the built engine
@@ -266,7 +267,7 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
                   precision=None, components=None, rebuild: bool = False,
                   profile: ProfileOptions | None = None, calibration: dict | None = None,
                   progress: Callable[[str, str], None] | None = None, qdq_cache: Path | None = None,
-                  target: str | None = None, uniform_int8: bool = False) -> Path:
+                  target: str | None = None, uniform_int8: bool = False, compiled_cache: bool = True) -> Path:
     """Build (or reuse) one engine per component and write engine_dir/manifest.json. Returns engine_dir.
 
     Args:
@@ -288,6 +289,9 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
         uniform_int8: quantize every int8 layer a recipe allows, without measuring which cost the picture
             (engines/sensitivity.py): the fastest an int8 engine of the component can be, whatever its
             ranges; what the tuner screens int8 speed with before calibrating (never a shipped engine).
+        compiled_cache: fill the compiled-model cache a backend keeps beside its engines (OpenVINO's blobs) now, so
+            the first load is fast; False leaves it to the first load that reads the cache (the tuner's
+            candidates: most are deleted minutes later, and the chosen one is compiled again where it moves).
 
     An engine whose key (target, library version, precision, profile, source ONNX hash) matches and
     whose files are intact is reused unless `rebuild`. Files are written under new names and the
@@ -297,7 +301,7 @@ def build_engines(onnx_dir: str | Path, engine_dir: str | Path, backend: str = D
     from filelock import FileLock
 
     plan = plan_build(onnx_dir, engine_dir, backend, precision, components, profile, calibration, qdq_cache, target,
-                      uniform_int8)
+                      uniform_int8, compiled_cache)
     plan.engine_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(plan.engine_dir / ".build.lock")):
         old = read_existing(plan.engine_dir, plan.info)

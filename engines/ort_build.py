@@ -137,7 +137,7 @@ def u8_activations(source: Path) -> Path | None:
 
 
 def build_component(source: Path, out: Path, component: str, precision: P, shapes: dict, target: Mapping,
-                    versions: Mapping) -> BuildResult:
+                    versions: Mapping, compiled_cache: bool = True) -> BuildResult:
     """Optimise `source` for this CPU into `out` (written under a temporary name, then renamed).
 
     ORT sessions take any shape in the spec's ranges, so `shapes` only goes into the manifest."""

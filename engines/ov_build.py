@@ -134,8 +134,9 @@ def compile_config(precision: Precision, target: Mapping | None = None) -> dict:
 
 
 def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict, target: Mapping,
-                    versions: Mapping) -> BuildResult:
-    """Convert `source` to IR at `out` (+ .bin) and compile it once to fill the blob cache."""
+                    versions: Mapping, compiled_cache: bool = True) -> BuildResult:
+    """Convert `source` to IR at `out` (+ .bin) and compile it once to fill the blob cache (unless not
+    `compiled_cache`: the tuner's candidates, whose blobs would be written only to be deleted)."""
     ov = openvino()
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
     try:
@@ -156,11 +157,13 @@ def build_component(source: Path, out: Path, component: str, precision: Precisio
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".bin").unlink(missing_ok=True)
     config = compile_config(precision, target)
-    # The whole compiled graph: OpenVINO's weightless blob (CACHE_MODE OPTIMIZE_SIZE, the weights read from the
-    # .bin) was tried, 0.00 instead of 7.55 GB for the real Gemma2, but the tiny Gemma2's present_key_values came
-    # back from it one position short (OpenVINO 2026.4): a different graph. OpenVINO keys the blob by the IR's
-    # path, so an engine moved elsewhere is compiled again where it is loaded (the tuner compiles in place).
-    ov.Core().compile_model(str(out), "CPU", dict(config, CACHE_DIR=str(out.parent / CACHE)))
+    if compiled_cache:
+        # The whole compiled graph: OpenVINO's weightless blob (CACHE_MODE OPTIMIZE_SIZE, the weights read from
+        # the .bin) was tried, 0.00 instead of 7.55 GB for the real Gemma2, but the tiny Gemma2's present_key_values
+        # came back from it one position short (OpenVINO 2026.4): a different graph. OpenVINO keys the blob by the
+        # IR's path, so an engine moved elsewhere is compiled again where it is loaded (the tuner compiles its choice
+        # where it moves it).
+        ov.Core().compile_model(str(out), "CPU", dict(config, CACHE_DIR=str(out.parent / CACHE)))
     info = {"execution_provider": "OpenVINO CPU", "inference_precision": hint(precision, target),
             "compile_config": config, "cache_dir": CACHE}
     if precision == Precision.INT8W:

@@ -88,8 +88,10 @@ class BuildBackend(Protocol):
         """{dim name: {min, opt, max}}: the shapes the engine will accept."""
 
     def build_component(self, source: Path, out: Path, component: str, precision, shapes: dict, target: Mapping,
-                        versions: Mapping) -> BuildResult:
-        """Build `out` from `source` (written under a temporary name, then renamed)."""
+                        versions: Mapping, compiled_cache: bool = True) -> BuildResult:
+        """Build `out` from `source` (written under a temporary name, then renamed). `compiled_cache`: where the
+        backend keeps a compiled-model cache beside its engines (OpenVINO's blobs; the others have none), fill it
+        now, so the first load is fast; False leaves it to the first load that asks for it."""
 
 
 def refuse_target_request(backend: str, requested: str | None) -> None:

@@ -155,7 +155,7 @@ def profile(spec, model, options) -> dict:
 
 
 def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict, target: Mapping,
-                    versions: Mapping) -> BuildResult:
+                    versions: Mapping, compiled_cache: bool = True) -> BuildResult:
     """Build one engine into `out` with the TensorRT backend's loader chain and TensorRT-RTX's config loader
     (its target compute capabilities); serialized bytes only, so no GPU or driver is needed. int8w builds from
     the 16-bit variant with its weights made int8 (engines/weight_only.py), in a temporary graph."""

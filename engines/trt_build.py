@@ -237,7 +237,7 @@ def build_serialized(source: Path, out: Path, precision: Precision, shapes: dict
 
 
 def build_component(source: Path, out: Path, component: str, precision: Precision, shapes: dict, target: Mapping,
-                    versions: Mapping) -> BuildResult:
+                    versions: Mapping, compiled_cache: bool = True) -> BuildResult:
     """Build one engine into `out` (written under a temporary name, then renamed).
 
     `shapes` maps each input to its min/opt/max shapes (engines.profiles.input_shapes)."""

@@ -31,10 +31,13 @@ from sprintrt.manifest import Manifest
 @dataclass(frozen=True)
 class RunOptions:
     """How engines are opened: intra-op threads (None: the backend's own choice, one per core, unless
-    $SPRINTRT_THREADS says otherwise) and, for GPU engines with static shapes, CUDA-graph replay."""
+    $SPRINTRT_THREADS says otherwise), for GPU engines with static shapes, CUDA-graph replay, and whether an
+    engine with a compiled-model cache beside it (OpenVINO's blobs) is loaded through it, reading the compiled
+    model or compiling and writing it (False: compiled in memory only, the tuner's candidates)."""
 
     threads: int | None = None
     cuda_graph: bool = False
+    compiled_cache: bool = True
 
     def __post_init__(self):
         threads = self.threads if self.threads is not None else _env_threads()

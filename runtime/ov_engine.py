@@ -20,7 +20,9 @@ class OvEngine(Engine):
             raise MissingDependencyError(f"the openvino backend needs the 'openvino' package ({e}). Fix: pip install "
                                          "openvino, or rebuild with --backend onnxruntime") from e
         # The configuration the build compiled with, so the compiled blob in the cache is found, not recompiled.
-        config = dict(entry["compile_config"], CACHE_DIR=str(self.path.parent / entry["cache_dir"]))
+        config = dict(entry["compile_config"])
+        if options.compiled_cache:
+            config["CACHE_DIR"] = str(self.path.parent / entry["cache_dir"])
         if options.threads:
             config["INFERENCE_NUM_THREADS"] = options.threads
         try:

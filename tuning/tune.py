@@ -59,6 +59,7 @@ from sprintrt.files import hashes_remembered
 from sprintrt.manifest import engine_files, read_manifest
 from sprintrt.metrics import cosine, psnr
 from sprintrt.runtime.recording import recording
+from sprintrt.runtime.engine import RunOptions
 from sprintrt.runtime.registry import load_engine
 from sprintrt import specs as S
 
@@ -66,6 +67,12 @@ from sprintrt import specs as S
 QUALITY_REFERENCE = EngineChoice(DEFAULT_BACKEND, Precision.FP32)
 # The calibration description of the int8 speed probes' Q/DQ graphs (a separate engine key; never shipped).
 PROBE_CALIBRATION = "speed probe: ranges of the screening call's own inputs"
+# Candidates are built and loaded without a compiled-model cache (build_engines' compiled_cache): OpenVINO keys its
+# blob by the engine's path, so even the chosen candidate's blob is not found where the engine moves (it is compiled
+# again there, at the end), and the others are deleted. Measured on the real 0.6B text encoder's bf16 IR (2-vCPU
+# Intel Xeon with AMX, OpenVINO 2026.4): compiling into the cache 3.1-55 s (a 4.1 GB blob written; this VM's disk
+# varied), then loading from it 0.2 s, against 1.3 s compiled in memory; the first call took 4.1-4.5 s either way.
+CANDIDATE_LOAD = RunOptions(compiled_cache=False)
 
 
 def parse_candidate(text: str) -> EngineChoice:
@@ -327,8 +334,8 @@ def tune_engines(onnx_dir: str | Path, engine_dir: str | Path, components=None, 
                     shutil.move(str(src / f["file"]), engine_dir / f["file"])
             write_manifest(onnx_dir, engine_dir, info, {**old, **entries})
             shutil.rmtree(scratch, ignore_errors=True)  # first: at real size it holds tens of GB
-            # A backend's compiled-blob cache beside its engines (OpenVINO's) is keyed by the engine's path, so the
-            # candidate's blob would not be found here: the engine is opened once where it will be loaded from.
+            # The chosen engines fill their compiled-model cache (OpenVINO's blobs) where they will be loaded from:
+            # the candidates had none (CANDIDATE_LOAD).
             manifest = read_manifest(engine_dir)
             for comp, entry in entries.items():
                 if entry.get("cache_dir"):
@@ -402,7 +409,7 @@ def _tune(onnx_dir: Path, scratch: Path, info: dict, todo: list[str], plan: dict
     reference = tuple(c for c in S.COMPONENTS if c in info["components"])
     say("fp32 ONNX Runtime reference engines")
     build_engines(onnx_dir, ref_dir, backend=QUALITY_REFERENCE.backend, precision=QUALITY_REFERENCE.precision,
-                  components=reference)
+                  components=reference, compiled_cache=CANDIDATE_LOAD.compiled_cache)
     screen = size if exhaustive else screening_size(size, info["model_dims"]["vae_scale_factor"])
     say(f"recording each component's inputs in one {size}x{size} call"
         + (f" and one {screen}x{screen} call" if screen < size else ""))
@@ -489,7 +496,7 @@ class _Trials:
                 self.eta(f"building {cand.name} for {comp}")
                 build_engines(self.onnx_dir, cand_dir, backend=cand.backend, precision={comp: cand.precision},
                               components=(comp,), calibration=calibration, qdq_cache=self.scratch / "qdq",
-                              progress=self._quantizer_steps)
+                              progress=self._quantizer_steps, compiled_cache=CANDIDATE_LOAD.compiled_cache)
             manifest = read_manifest(cand_dir)
         except OutOfSpaceError:  # every later candidate would fail alike: stop (the scratch directory is removed)
             raise
@@ -499,9 +506,10 @@ class _Trials:
             self.eta.step()
             return
         try:
-            row.update(_time_and_gate(load_engine(manifest, comp), comp, self.feeds[comp], self.screen_feeds[comp],
-                                      self.screen, self.size, self.best.get(comp), self.references,
-                                      self.screen_references, self.eta))
+            engine = load_engine(manifest, comp, CANDIDATE_LOAD)
+            row.update(_time_and_gate(engine, comp, self.feeds[comp], self.screen_feeds[comp], self.screen,
+                                      self.size, self.best.get(comp), self.references, self.screen_references,
+                                      self.eta))
         except (SprintError, RuntimeError, ValueError) as e:
             if is_reference:  # every other candidate is gated on its outputs
                 raise EngineBuildError(f"the fp32 ONNX Runtime reference engine of {comp} failed to run ({e}), so no "
@@ -537,7 +545,7 @@ class _Trials:
             del self.best[comp]  # its directory stays: the reference serves calibration until the end
             return
         self.eta.say(f"timing the reference {QUALITY_REFERENCE.name} for {comp} at {self.size}x{self.size}")
-        engine = load_engine(read_manifest(self.ref_dir), comp)
+        engine = load_engine(read_manifest(self.ref_dir), comp, CANDIDATE_LOAD)
         try:
             seconds, _ = measure(engine, self.feeds[comp])
         finally:
@@ -601,8 +609,9 @@ class _Trials:
         try:
             build_engines(self.onnx_dir, probe_dir, backend=cand.backend, precision={comp: cand.precision},
                           components=(comp,), calibration={comp: (PROBE_CALIBRATION, [feed])},
-                          qdq_cache=self.scratch / "probe" / "qdq", uniform_int8=True)
-            engine = load_engine(read_manifest(probe_dir), comp)
+                          qdq_cache=self.scratch / "probe" / "qdq", uniform_int8=True,
+                          compiled_cache=CANDIDATE_LOAD.compiled_cache)
+            engine = load_engine(read_manifest(probe_dir), comp, CANDIDATE_LOAD)
             try:
                 seconds, outputs = measure(engine, self.screen_feeds[comp],
                                            give_up_after=TUNE_DROP_RATIO * best["screen_seconds"])

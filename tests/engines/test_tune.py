@@ -106,10 +106,11 @@ def test_losing_candidates_are_deleted_as_they_lose_and_the_reference_is_built_o
     out = tmp_path / "e"
     scratch = out.with_name(".e.tune")
     real_measure, real_build = T.measure, T.build_engines
-    seen, builds = [], []
+    seen, builds, blobs = [], [], []
 
     def measure(engine, feeds, **kw):  # what is on disk while each candidate is timed
         seen.append({c: sorted(d.parent.name for d in scratch.glob(f"*/{c}")) for c in (TRANSFORMER, VAE_DECODER)})
+        blobs.extend(scratch.rglob("*.blob"))
         return real_measure(engine, feeds, **kw)
 
     def build(onnx, engine_dir, **kw):
@@ -121,6 +122,8 @@ def test_losing_candidates_are_deleted_as_they_lose_and_the_reference_is_built_o
     T.tune_engines(onnx_dir, out, components=[TRANSFORMER, VAE_DECODER], candidate_names=[*FLOAT, "ov:bf16"]
                    if T.machine.cpu_has_bf16() else FLOAT, size=SIZE)
     assert all(len(dirs) <= 2 for call in seen for dirs in call.values()), seen  # the best so far + the one timed
+    assert any("openvino" in d for call in seen for dirs in call.values() for d in dirs)  # OpenVINO ones were timed
+    assert not blobs  # candidates are compiled in memory: none writes a blob that would be deleted (CANDIDATE_LOAD)
     assert [b for b in builds if b[:2] == ("onnxruntime", "fp32")] == [("onnxruntime", "fp32", builds[0][2])]
     entries = _manifest(out)["components"].values()
     assert all((out / e["file"]).is_file() for e in entries)

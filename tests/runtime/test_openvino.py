@@ -88,6 +88,50 @@ def test_every_engine_loads_from_its_own_blob(ov_engines):
         assert len(list((engine_dir / "ov_cache").iterdir())) == len(manifest.components), precision
 
 
+def test_an_engine_built_without_its_blob_is_compiled_in_memory_until_a_load_asks_for_the_cache(onnx_dir, ov_engines,
+                                                                                                   tmp_path):
+    """build_engines(compiled_cache=False) (the tuner's candidates) writes the IR alone; a load with
+    RunOptions(compiled_cache=False) compiles it in memory and writes nothing; a default load compiles it into the
+    cache, from which the next load reads it. The outputs are the blob-built engine's."""
+    from sprintrt.engines.build import build_engines
+    from sprintrt.manifest import read_manifest
+    from sprintrt.runtime.engine import RunOptions
+    from sprintrt.runtime.registry import load_engine
+
+    engine_dir = build_engines(onnx_dir, tmp_path / "e", backend="openvino", precision="fp32",
+                               components=["transformer"], compiled_cache=False)
+    manifest = read_manifest(engine_dir)
+    cache = engine_dir / manifest.components["transformer"]["cache_dir"]
+    assert not cache.exists()
+    feeds = _transformer_feeds(manifest)
+    built = read_manifest(ov_engines["fp32"])
+    assert built.components["transformer"]["key"] == manifest.components["transformer"]["key"]  # the same engine
+    reference = _run(load_engine(built, "transformer"), feeds)
+    for options, from_cache in ((RunOptions(compiled_cache=False), False), (RunOptions(), False), (RunOptions(), True)):
+        engine = load_engine(manifest, "transformer", options)
+        try:
+            assert engine.compiled.get_property("LOADED_FROM_CACHE") == from_cache, options
+            outputs = engine(**feeds)
+        finally:
+            engine.release()
+        assert all(np.array_equal(outputs[k], reference[k]) for k in reference)
+        assert len(list(cache.glob("*.blob"))) == (0 if options == RunOptions(compiled_cache=False) else 1)
+
+
+def _transformer_feeds(manifest) -> dict:
+    from sprintrt.specs import SPEC_BUILDERS, ModelDims
+
+    spec = SPEC_BUILDERS["transformer"](ModelDims.from_json(manifest.data["model_dims"]))
+    return spec.sample_inputs(spec.sizes("opt"), seed=0)
+
+
+def _run(engine, feeds) -> dict:
+    try:
+        return engine(**feeds)
+    finally:
+        engine.release()
+
+
 def test_missing_openvino_is_a_typed_error(ov_engines):
     code = ("import sys; sys.modules['openvino'] = None\n"
             "from sprintrt.runtime.pipeline import SprintPipeline\n"
