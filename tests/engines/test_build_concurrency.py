@@ -43,7 +43,7 @@ def test_interrupted_build_leaves_previous_directory_intact(onnx_dir, tmp_path, 
     files_before = sorted(p.name for p in out.iterdir())
     real = ort_build.build_component
 
-    def interrupted(source, path, *args):
+    def interrupted(source, path, *args, **kwargs):
         tmp = path.with_name(f".{path.name}.partial.tmp")
         tmp.write_bytes(b"half an engine")  # what a crash mid-write leaves, if the builder is careless
         try:

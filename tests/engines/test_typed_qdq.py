@@ -107,7 +107,7 @@ def _fake_tensorrt(monkeypatch, gpu, built: dict):
     monkeypatch.setattr(trt_build, "build_target", lambda requested=None: dict(gpu))
     monkeypatch.setattr(trt_build, "library_versions", lambda: {"tensorrt": "11.4.0"})
 
-    def build_component(source, out, component, precision, shapes, target, versions):
+    def build_component(source, out, component, precision, shapes, target, versions, compiled_cache=True):
         model = onnx.load(str(source))
         built[component] = {i.data_type for i in model.graph.initializer}, [n.op_type for n in model.graph.node]
         out.write_bytes(b"plan")
