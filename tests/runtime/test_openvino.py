@@ -97,16 +97,22 @@ def test_an_engine_built_without_its_blob_is_compiled_in_memory_until_a_load_ask
     from sprintrt.manifest import read_manifest
     from sprintrt.runtime.engine import RunOptions
     from sprintrt.runtime.registry import load_engine
+    from sprintrt.specs import SPEC_BUILDERS, ModelDims
 
     engine_dir = build_engines(onnx_dir, tmp_path / "e", backend="openvino", precision="fp32",
                                components=["transformer"], compiled_cache=False)
     manifest = read_manifest(engine_dir)
     cache = engine_dir / manifest.components["transformer"]["cache_dir"]
     assert not cache.exists()
-    feeds = _transformer_feeds(manifest)
+    spec = SPEC_BUILDERS["transformer"](ModelDims.from_json(manifest.data["model_dims"]))
+    feeds = spec.sample_inputs(spec.sizes("opt"), seed=0)
     built = read_manifest(ov_engines["fp32"])
     assert built.components["transformer"]["key"] == manifest.components["transformer"]["key"]  # the same engine
-    reference = _run(load_engine(built, "transformer"), feeds)
+    engine = load_engine(built, "transformer")
+    try:
+        reference = engine(**feeds)
+    finally:
+        engine.release()
     for options, from_cache in ((RunOptions(compiled_cache=False), False), (RunOptions(), False), (RunOptions(), True)):
         engine = load_engine(manifest, "transformer", options)
         try:
@@ -116,20 +122,6 @@ def test_an_engine_built_without_its_blob_is_compiled_in_memory_until_a_load_ask
             engine.release()
         assert all(np.array_equal(outputs[k], reference[k]) for k in reference)
         assert len(list(cache.glob("*.blob"))) == (0 if options == RunOptions(compiled_cache=False) else 1)
-
-
-def _transformer_feeds(manifest) -> dict:
-    from sprintrt.specs import SPEC_BUILDERS, ModelDims
-
-    spec = SPEC_BUILDERS["transformer"](ModelDims.from_json(manifest.data["model_dims"]))
-    return spec.sample_inputs(spec.sizes("opt"), seed=0)
-
-
-def _run(engine, feeds) -> dict:
-    try:
-        return engine(**feeds)
-    finally:
-        engine.release()
 
 
 def test_missing_openvino_is_a_typed_error(ov_engines):
